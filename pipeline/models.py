@@ -1,0 +1,91 @@
+"""Loading tokenizers and causal LMs by local path or hub id, with one-line errors.
+
+The same code path serves a hub id (`Qwen/Qwen2.5-7B`) and a local directory; tests exercise it on
+local directories because this project's CI has no model hub.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import KdError
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` -> cuda when available else cpu; `cuda` without a GPU is a `KdError`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise KdError(f"--device {device} requested but no CUDA GPU is available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise KdError(f"unknown device {device!r} (use auto, cpu or cuda)") from None
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on GPU, float32 on CPU (CPU bf16 matmuls are slow and less exact)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise KdError(f"unknown dtype {dtype!r} (use auto, float32 or bfloat16)")
+    return table[dtype]
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """AutoTokenizer from a local directory or a hub id; a failure is a one-line `KdError`."""
+    from transformers import AutoTokenizer
+
+    if not name_or_path:
+        raise KdError("no tokenizer given (--tokenizer PATH_OR_ID)")
+    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise KdError(f"tokenizer directory not found: {name_or_path}")
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser())
+                                             if _looks_local(name_or_path) else name_or_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise KdError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """AutoModelForCausalLM in eval mode on `device` with `dtype`; errors are one line."""
+    from transformers import AutoModelForCausalLM
+
+    if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise KdError(f"model directory not found: {name_or_path}")
+    path = str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise KdError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def model_vocab_size(model: Any) -> int:
+    """Rows of the output head: the model's (possibly padded) vocabulary size."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def context_length(model: Any) -> int | None:
+    """Longest sequence the model accepts, from its config (None when it states none)."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None

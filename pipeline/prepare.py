@@ -1,0 +1,277 @@
+"""Stage 0: tokenize a corpus into `input_ids` + `loss_mask`, the rows every later stage indexes.
+
+    kdcache prepare --data data/demo/train.jsonl --tokenizer data/demo/tokenizer --out runs/demo/prepared
+
+Position t (t >= 1) of an example is a *target* when `loss_mask[t] == 1`: it is predicted from
+`input_ids[:t]`. The teacher caches one row per target, in dataset order then position order, so
+the row range of every example is known from `loss_mask` alone before any model runs.
+
+Output: a `datasets.load_from_disk` directory plus `kdcache_prepare.json` recording the tokenizer
+identity, a fingerprint of the produced columns, counts and the resolved config. The directory is
+built under a temporary name and renamed into place, so a killed run leaves nothing to mistake
+for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.config import save_config, to_dict
+from pipeline.errors import KdError
+from pipeline.identity import read_json, tokenizer_identity, write_json
+from pipeline.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+META_FILENAME = "kdcache_prepare.json"
+FORMATS = ("auto", "text", "prompt-response", "chat")
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of `kdcache prepare`."""
+
+    data: str = ""  # file, directory of files, `load_from_disk` directory, or a datasets hub name
+    tokenizer: str = ""  # local directory or hub id
+    out: str = ""
+    max_length: int = 2048  # longer examples are truncated (counted in the summary)
+    format: str = "auto"  # auto | text | prompt-response | chat
+    split: str = "train"
+    text_field: str = "text"
+    add_eos: bool = True  # append EOS to text and prompt-response examples (it is a target)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise KdError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.max_length < 2:
+            raise KdError(f"max_length must be at least 2, got {self.max_length}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change the output (not where it goes or whether to overwrite)."""
+        d = to_dict(self)
+        d.pop("out")
+        d.pop("overwrite")
+        return d
+
+
+def load_records(data: str, split: str) -> Any:
+    """Open `data` as a `datasets.Dataset`: local files, a saved dataset, or a hub dataset name."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    p = Path(data).expanduser()
+    try:
+        if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise KdError(f"split {split!r} not in {p} (has {', '.join(ds)})")
+                ds = ds[split]
+            return ds
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix in FILE_TYPES)
+            if not files:
+                raise KdError(f"no data files (.jsonl .json .parquet .csv .txt) in {p}")
+        elif p.is_file():
+            files = [p]
+        elif data.startswith((".", "/", "~")) or p.suffix in FILE_TYPES:
+            raise KdError(f"data not found: {data}")
+        else:
+            return datasets.load_dataset(data, split=split)
+        kinds = {FILE_TYPES.get(f.suffix) for f in files}
+        if None in kinds or len(kinds) != 1:
+            raise KdError(f"cannot read {files[0]}: use one of .jsonl .json .parquet .csv .txt")
+        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    except KdError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable input; the user needs one line
+        raise KdError(f"cannot read data {data!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def detect_format(columns: list[str], text_field: str) -> str:
+    """Pick the format from the dataset's fields: messages -> chat, prompt+response, else text."""
+    if "messages" in columns:
+        return "chat"
+    if "prompt" in columns and "response" in columns:
+        return "prompt-response"
+    if text_field in columns:
+        return "text"
+    raise KdError(f"cannot tell the data format from fields {columns}: expected 'messages', "
+                  f"'prompt'+'response' or '{text_field}' (or pass --format)")
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_text(tokenizer: Any, text: str, add_eos: bool) -> tuple[list[int], list[int]]:
+    """Every token after the first is a target; a BOS is prepended when the tokenizer has one."""
+    ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, text)
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids, [0] + [1] * (len(ids) - 1)
+
+
+def encode_prompt_response(tokenizer: Any, prompt: str, response: str, add_eos: bool) -> tuple[list[int], list[int]]:
+    """Only response tokens and the final EOS are targets."""
+    head = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, prompt)
+    tail = _encode(tokenizer, response)
+    if add_eos and tokenizer.eos_token_id is not None:
+        tail.append(tokenizer.eos_token_id)
+    return head + tail, [0] * len(head) + [1] * len(tail)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Render with the tokenizer's chat template; only assistant turns (their content and the
+    template's closing tokens up to the next turn) are targets.
+
+    Assistant spans are found as character ranges by rendering growing prefixes of the
+    conversation (prefix + generation prompt vs prefix including the turn), then mapped to tokens
+    with the fast tokenizer's offsets, so any template works without knowing its markup.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise KdError("format 'chat' needs a tokenizer with a chat_template")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        spans.append((start, end))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = [0] * len(ids)
+    for t, (a, b) in enumerate(offsets):
+        if t > 0 and any(s <= a and b <= e and b > a for s, e in spans):
+            mask[t] = 1
+    return ids, mask
+
+
+def tokenize_records(ds: Any, tokenizer: Any, fmt: str, cfg: PrepareConfig) -> Iterator[tuple[list[int], list[int], bool]]:
+    """Yield (input_ids, loss_mask, truncated) per record."""
+    for rec in ds:
+        if fmt == "text":
+            ids, mask = encode_text(tokenizer, str(rec[cfg.text_field] or ""), cfg.add_eos)
+        elif fmt == "prompt-response":
+            ids, mask = encode_prompt_response(tokenizer, str(rec["prompt"] or ""), str(rec["response"] or ""), cfg.add_eos)
+        else:
+            ids, mask = encode_chat(tokenizer, rec["messages"])
+        truncated = len(ids) > cfg.max_length
+        yield ids[: cfg.max_length], mask[: cfg.max_length], truncated
+
+
+def prepared_meta(path: str | Path) -> dict[str, Any]:
+    """The `kdcache_prepare.json` of a prepared directory (a `KdError` if it is not one)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise KdError(f"prepared data not found: {p} (run `kdcache prepare` first)")
+    return read_json(p / META_FILENAME, "prepared-data record (kdcache_prepare.json)")
+
+
+def load_prepared(path: str | Path) -> Any:
+    """The prepared `datasets.Dataset` at `path`, checked to be one that `prepare` finished."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    prepared_meta(path)
+    return datasets.load_from_disk(str(path))
+
+
+def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
+    """Tokenize `cfg.data` into `cfg.out`; returns the record written to `kdcache_prepare.json`.
+
+    Re-running with the same settings on a finished output does nothing; different settings on an
+    existing output are refused unless `cfg.overwrite`.
+    """
+    import datasets
+
+    if not cfg.out:
+        raise KdError("no output directory given (--out DIR)")
+    out = Path(cfg.out)
+    if out.exists():
+        meta_path = out / META_FILENAME
+        if meta_path.exists():
+            meta = read_json(meta_path, "prepared-data record")
+            if meta.get("config_identity") == cfg.identity() and not cfg.overwrite:
+                meta["skipped"] = True
+                return meta
+            if not cfg.overwrite:
+                raise KdError(f"{out} holds data prepared with other settings; pass --overwrite to replace it")
+        elif any(out.iterdir()) and not cfg.overwrite:
+            raise KdError(f"{out} exists and is not a prepared dataset; choose another --out or pass --overwrite")
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    ds = load_records(cfg.data, cfg.split)
+    fmt = cfg.format if cfg.format != "auto" else detect_format(list(ds.column_names), cfg.text_field)
+    need = {"text": [cfg.text_field], "prompt-response": ["prompt", "response"], "chat": ["messages"]}[fmt]
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise KdError(f"format {fmt!r} needs field(s) {missing}; the data has {list(ds.column_names)}")
+    if len(ds) == 0:
+        raise KdError(f"the dataset {cfg.data} is empty")
+
+    all_ids, all_masks = [], []
+    fp = hashlib.sha256()
+    n_tokens = n_targets = n_truncated = 0
+    records = tokenize_records(ds, tokenizer, fmt, cfg)
+    if progress:
+        from tqdm import tqdm
+
+        records = tqdm(records, total=len(ds), desc="prepare", unit="ex", leave=False)
+    for ids, mask, truncated in records:
+        all_ids.append(ids)
+        all_masks.append(mask)
+        a, m = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8)
+        fp.update(np.int64(len(a)).tobytes() + a.tobytes() + m.tobytes())
+        n_tokens += len(ids)
+        n_targets += int(m.sum())
+        n_truncated += truncated
+    if n_targets == 0:
+        raise KdError(f"no target positions in {cfg.data} (format {fmt}): nothing to distill")
+
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "loss_mask": datasets.Sequence(datasets.Value("int8"))})
+    out_ds = datasets.Dataset.from_dict({"input_ids": all_ids, "loss_mask": all_masks}, features=features)
+    tmp = out.with_name(out.name + ".tmp-prepare")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out_ds.save_to_disk(str(tmp))
+    meta = {
+        "kind": "kdcache-prepared",
+        "format": fmt,
+        "data": str(cfg.data),
+        "tokenizer": tokenizer_identity(tokenizer, cfg.tokenizer),
+        "fingerprint": fp.hexdigest(),
+        "examples": len(all_ids),
+        "tokens": n_tokens,
+        "targets": n_targets,
+        "truncated": n_truncated,
+        "max_length": cfg.max_length,
+        "config_identity": cfg.identity(),
+    }
+    write_json(tmp / META_FILENAME, meta)
+    save_config(cfg, tmp / "config.yaml")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return meta
+
+
+def summary_line(meta: dict[str, Any], out: str) -> str:
+    """One-line human summary of a prepare run."""
+    if meta.get("skipped"):
+        return f"prepare: {out} already up to date ({meta['examples']} examples, {meta['targets']} targets); nothing to do"
+    trunc = f", {meta['truncated']} truncated to {meta['max_length']}" if meta["truncated"] else ""
+    return (f"prepare: {meta['examples']} examples, {meta['tokens']} tokens, {meta['targets']} targets "
+            f"({meta['format']}{trunc}) -> {out}")
+
+

@@ -1,0 +1,291 @@
+"""Stage 1: run a teacher once over prepared data and write the cache, shard by shard.
+
+    kdcache teacher --data runs/demo/prepared --model runs/demo/teacher/final --out runs/demo/cache
+
+The work is planned up front: the prepared data's `loss_mask` gives every example's row count, so
+shards (contiguous example ranges of about `shard_rows` rows) and their row ranges are fixed
+before the model loads. A shard is committed by an atomic rename; a re-run skips committed shards
+and redoes the rest, so `kill -9` at any moment is recovered by running the same command again.
+Execution modes: one process; `workers=N` local Dask processes; `scheduler=ADDRESS` an existing
+Dask cluster (e.g. dask-jobqueue on Slurm); under `torchrun`, ranks take shards round-robin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.cache import format as fmt
+from pipeline.cache.writer import clean_tmp, is_committed, write_shard
+from pipeline.config import save_config, to_dict
+from pipeline.errors import KdError
+from pipeline.identity import read_json, weights_hash, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherConfig:
+    """Settings of `kdcache teacher`."""
+
+    data: str = ""  # a `kdcache prepare` output directory
+    model: str = ""  # local directory or hub id of any causal LM
+    out: str = ""
+    revision: str = ""  # hub revision to pin (recorded in the cache)
+    top_k: int = 32
+    temperatures: list[float] = field(default_factory=lambda: [0.5, 0.7, 1.4, 2.0])
+    tail_samples: int = 0  # S draws outside the top-K per row (methods.md §2); 0 = off
+    batch_tokens: int = 8192  # padded tokens per forward pass
+    shard_rows: int = 65536  # target rows per shard: the unit of work and restart
+    chunk_rows: int = 8192  # rows per Zarr chunk (the student reads whole chunks)
+    head_chunk_rows: int = 0  # rows per output-head chunk; 0 = auto from the vocabulary size
+    device: str = "auto"
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    workers: int = 0  # >0: a local Dask cluster of that many worker processes
+    scheduler: str = ""  # address of an existing Dask scheduler
+    seed: int = 0
+    clevel: int = 5
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise KdError(f"top_k must be at least 1, got {self.top_k}")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise KdError(f"temperatures must be positive, got {self.temperatures}")
+        self.temperatures = [float(t) for t in self.temperatures]
+        for name in ("batch_tokens", "shard_rows", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise KdError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.tail_samples < 0 or self.tail_samples > 65535:
+            raise KdError(f"tail_samples must be in [0, 65535], got {self.tail_samples}")
+        if self.workers and self.scheduler:
+            raise KdError("give either workers or scheduler, not both")
+
+    def identity(self) -> dict[str, Any]:
+        """Settings that change the cache's bytes (not where or how many processes compute it)."""
+        d = to_dict(self)
+        for k in ("out", "workers", "scheduler", "overwrite", "device", "head_chunk_rows"):
+            d.pop(k)
+        return d
+
+
+def plan_shards(row_counts: np.ndarray, shard_rows: int) -> list[dict[str, int]]:
+    """Split examples into contiguous shards of about `shard_rows` target rows each."""
+    shards, start, rows, row0 = [], 0, 0, 0
+    for e, c in enumerate(row_counts.tolist()):
+        rows += c
+        if rows >= shard_rows:
+            shards.append({"index": len(shards), "example_start": start, "example_stop": e + 1,
+                           "row_start": row0, "row_stop": row0 + rows})
+            start, row0, rows = e + 1, row0 + rows, 0
+    if start < len(row_counts):
+        shards.append({"index": len(shards), "example_start": start, "example_stop": len(row_counts),
+                       "row_start": row0, "row_stop": row0 + rows})
+    return shards
+
+
+def target_counts(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(targets per example, length per example) from a prepared dataset, via Arrow (no Python loop)."""
+    import pyarrow as pa
+
+    col = ds.data.column("loss_mask").combine_chunks()
+    if isinstance(col, pa.ChunkedArray):
+        col = col.chunk(0) if col.num_chunks else pa.array([], pa.list_(pa.int8()))
+    offsets = np.asarray(col.offsets, dtype=np.int64)
+    flat = np.asarray(col.flatten(), dtype=np.int64)
+    lengths = np.diff(offsets)
+    cs = np.concatenate([[0], np.cumsum(flat != 0)])
+    first = np.where(lengths > 0, (flat[np.minimum(offsets[:-1], max(len(flat) - 1, 0))] != 0) if len(flat) else 0, 0)
+    return (cs[offsets[1:]] - cs[offsets[:-1]] - first).astype(np.int64), lengths
+
+
+def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
+    """Model id/path, revision, weights hash, dtype and vocabulary of the teacher (config only: no weights loaded)."""
+    from transformers import AutoConfig
+
+    local = Path(cfg.model).expanduser()
+    try:
+        mc = AutoConfig.from_pretrained(str(local) if local.exists() else cfg.model, revision=cfg.revision or None)
+    except (OSError, ValueError, KeyError) as e:
+        raise KdError(f"cannot load model config {cfg.model!r}: {str(e).splitlines()[0]}") from None
+    from pipeline.models import context_length
+
+    class _M:  # context_length reads .config only
+        config = mc
+
+    return {"model": cfg.model, "revision": cfg.revision or getattr(mc, "_commit_hash", None),
+            "weights_sha256": weights_hash(local) if local.is_dir() else None, "dtype": cfg.dtype,
+            "architectures": getattr(mc, "architectures", None), "model_vocab_size": int(mc.vocab_size),
+            "context_length": context_length(_M)}
+
+
+def build_meta(cfg: TeacherConfig) -> tuple[dict[str, Any], np.ndarray, Any]:
+    """Check inputs and plan the cache. Returns (metadata, row counts per example, dataset)."""
+    from pipeline.prepare import load_prepared, prepared_meta
+
+    pmeta = prepared_meta(cfg.data)
+    ds = load_prepared(cfg.data)
+    counts, lengths = target_counts(ds)
+    if len(counts) == 0 or counts.sum() == 0:
+        raise KdError(f"{cfg.data} has no target positions: nothing to cache")
+    tid = teacher_identity(cfg)
+    tok_vocab = int(pmeta["tokenizer"]["vocab_size"])
+    if tid["model_vocab_size"] < tok_vocab:
+        raise KdError(f"model {cfg.model} has {tid['model_vocab_size']} output ids but the tokenizer has {tok_vocab}: "
+                      "the model cannot score every token (wrong tokenizer?)")
+    ctx = tid["context_length"]
+    if ctx is not None and lengths.max() > ctx:
+        e = int(np.argmax(lengths > ctx))
+        raise KdError(f"example {e} has {int(lengths[e])} tokens, longer than the model's context of {ctx}; "
+                      f"re-run `kdcache prepare` with --max-length {ctx}")
+    if cfg.top_k > tok_vocab:
+        raise KdError(f"top_k {cfg.top_k} exceeds the vocabulary size {tok_vocab}")
+    shards = plan_shards(counts, cfg.shard_rows)
+    meta = {
+        "kind": "kdcache-teacher-cache", "format_version": fmt.FORMAT_VERSION,
+        "top_k": cfg.top_k, "vocab_size": tok_vocab, "temperatures": cfg.temperatures,
+        "tail_samples": cfg.tail_samples, "num_rows": int(counts.sum()), "num_examples": len(counts),
+        "codecs": fmt.codec_description(tok_vocab, cfg.clevel),
+        "teacher": tid, "tokenizer": pmeta["tokenizer"],
+        "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": pmeta["fingerprint"]},
+        "config_identity": cfg.identity(), "shards": shards,
+    }
+    return meta, counts, ds
+
+
+def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -> None:
+    """index.parquet: sequence_id, row_start, row_count, shard — one row per example."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    shard_of = np.zeros(len(counts), np.int32)
+    for s in shards:
+        shard_of[s["example_start"]: s["example_stop"]] = s["index"]
+    table = pa.table({"sequence_id": np.arange(len(counts), dtype=np.int64), "row_start": starts,
+                      "row_count": counts.astype(np.int64), "shard": shard_of})
+    tmp = cache / (fmt.INDEX_FILENAME + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(cache / fmt.INDEX_FILENAME)
+
+
+def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
+    """Create (or reopen, checking its config) the cache directory; returns (path, metadata)."""
+    cache = Path(cfg.out)
+    meta, counts, _ = build_meta(cfg)
+    meta_path = cache / fmt.META_FILENAME
+    if cache.exists() and any(cache.iterdir()):
+        if not meta_path.exists():
+            if not cfg.overwrite:
+                raise KdError(f"{cache} exists and is not a kdcache cache; choose another --out or pass --overwrite")
+            shutil.rmtree(cache)
+        else:
+            old = read_json(meta_path, "cache metadata")
+            same = (old.get("config_identity") == meta["config_identity"] and old.get("teacher") == meta["teacher"]
+                    and old.get("data", {}).get("fingerprint") == meta["data"]["fingerprint"])
+            if not same and not cfg.overwrite:
+                raise KdError(f"{cache} holds a cache made with other settings, teacher or data; "
+                              "pass --overwrite to replace it")
+            if not same:
+                shutil.rmtree(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    if not meta_path.exists():
+        write_index(cache, counts, meta["shards"])
+        save_config(cfg, cache / "config.yaml")
+        write_json(meta_path, meta)  # written last: its presence means the plan is complete
+    return cache, meta
+
+
+def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict[str, int]) -> dict[str, Any]:
+    """Everything a worker needs for one shard (plain data: it crosses process boundaries)."""
+    return {"cache": str(cache), "data": cfg.data, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
+            "shard": shard, "top_k": cfg.top_k, "vocab_size": meta["vocab_size"], "temperatures": cfg.temperatures,
+            "tail_samples": cfg.tail_samples, "batch_tokens": cfg.batch_tokens, "head_chunk_rows": cfg.head_chunk_rows,
+            "chunk_rows": cfg.chunk_rows, "clevel": cfg.clevel, "seed": cfg.seed}
+
+
+def _torchrun_rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Fill the cache at `cfg.out`; returns a summary (shards done now, skipped, rows, seconds)."""
+    from pipeline.teacher_worker import compute_shard, run_shard_job
+
+    rank, world = _torchrun_rank()
+    if world > 1:
+        cache, meta = _torchrun_init(cfg)
+    else:
+        cache, meta = init_cache(cfg)
+    todo = [s for s in meta["shards"] if not is_committed(cache, s["index"])]
+    if world > 1:
+        todo = [s for s in todo if s["index"] % world == rank]
+    summary = {"cache": str(cache), "shards": len(meta["shards"]), "skipped": len(meta["shards"]) - len(todo),
+               "done": 0, "rows": sum(s["row_stop"] - s["row_start"] for s in todo), "seconds": 0.0}
+    t0 = time.perf_counter()
+    jobs = [shard_job(cfg, meta, cache, s) for s in todo]
+    if world == 1 and not todo:
+        clean_tmp(cache)
+    elif cfg.workers or cfg.scheduler:
+        from pipeline.dask_runner import run_on_dask
+
+        for rec in run_on_dask(jobs, run_shard_job, cfg.workers, cfg.scheduler):
+            summary["done"] += 1
+            if on_shard:
+                on_shard(rec)
+    else:
+        if world == 1:
+            clean_tmp(cache)
+        # Writing shard i (compression, checksums, fsync) overlaps computing shard i + 1.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending = None
+            for job in jobs:
+                clean_tmp(cache, job["shard"]["index"])
+                arrays = compute_shard(job)
+                if pending is not None:
+                    rec = pending.result()
+                    summary["done"] += 1
+                    if on_shard:
+                        on_shard(rec)
+                s = job["shard"]
+                info = {k: s[k] for k in ("index", "example_start", "example_stop", "row_start", "row_stop")}
+                pending = writer.submit(write_shard, cache, s["index"], arrays, info, job["chunk_rows"], job["clevel"])
+            if pending is not None:
+                rec = pending.result()
+                summary["done"] += 1
+                if on_shard:
+                    on_shard(rec)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def _torchrun_init(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
+    """Under torchrun: rank 0 creates or checks the cache, the others wait, then all proceed."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    rank = dist.get_rank()
+    err = [None]
+    if rank == 0:
+        try:
+            init_cache(cfg)
+        except KdError as e:
+            err = [str(e)]
+    dist.broadcast_object_list(err, src=0)
+    if err[0]:
+        raise KdError(err[0])
+    cache = Path(cfg.out)
+    return cache, read_json(cache / fmt.META_FILENAME, "cache metadata")

@@ -1,0 +1,1 @@
+"""Thin Click commands over `pipeline`: parse options and config, call one library function, print a summary."""

@@ -1,0 +1,51 @@
+"""What every command shares: `--config`/`--set`, one-line errors, logging set-up."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from pipeline.errors import KdError
+
+
+def config_options(fn: Callable) -> Callable:
+    """Add `--config FILE.yaml` and repeatable `--set key=value` to a command."""
+    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                      help="Override one config key (repeatable); beats --config, loses to explicit options.")(fn)
+    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                      help="YAML file with this command's settings.")(fn)
+    return fn
+
+
+def user_errors(name: str) -> Callable:
+    """Turn user errors into one line on stderr and exit code 1 (2 for bad usage), never a traceback."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+            for noisy in ("distributed", "urllib3", "httpx", "huggingface_hub", "datasets", "filelock"):
+                logging.getLogger(noisy).setLevel(logging.WARNING)
+            try:
+                return fn(*args, **kwargs)
+            except KdError as e:
+                click.echo(f"kdcache {name}: error: {e}", err=True)
+                sys.exit(1)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    click.echo(f"kdcache {name}: error: no space left on device ({e.filename or 'output'}); "
+                               "committed shards are kept, free space and re-run the same command", err=True)
+                    sys.exit(1)
+                raise
+            except KeyboardInterrupt:
+                click.echo(f"kdcache {name}: interrupted; re-run the same command to continue", err=True)
+                sys.exit(130)
+
+        return wrapper
+
+    return deco

@@ -1,0 +1,105 @@
+"""Fixtures: a tokenizer trained here, tiny teachers built from transformers configs, prepared data.
+
+Nothing is downloaded: every model is random-initialised from a config and saved to a local
+directory, which exercises the same `from_pretrained` path a hub id takes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = ("the cat dog bird sat ran on a mat log tree red blue green big small one two three four five "
+         "what is plus minus answer question reverse sort hello world").split()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Small prompt-response records over a fixed word list."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
+        r = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
+        out.append({"prompt": p + " ?", "response": r})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from pipeline.tokenizer_train import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tokenizer")
+    texts = [f"{r['prompt']} {r['response']}" for r in make_pairs(400, seed=1)]
+    train_tokenizer(texts, d, vocab_size=300)
+    return d
+
+
+def save_tiny_model(kind: str, vocab_size: int, out: Path, seed: int = 0, **over) -> Path:
+    """A random-initialised tiny causal LM of one family, saved with `save_pretrained`."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          tie_word_embeddings=False, **over)
+    elif kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, **over)
+    elif kind == "qwen2":
+        cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          tie_word_embeddings=True, **over)
+    else:
+        raise ValueError(kind)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # Random init gives near-uniform distributions; larger logits make the top-K informative.
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head.mul_(8.0)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vocab_size(tokenizer_dir) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, vocab_size) -> Path:
+    return save_tiny_model("llama", vocab_size, tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(60, seed=2)))
+    return p
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, data_file, tokenizer_dir) -> Path:
+    from pipeline.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("prep") / "prepared"
+    prepare(PrepareConfig(data=str(data_file), tokenizer=str(tokenizer_dir), out=str(out), max_length=64))
+    return out
