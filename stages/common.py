@@ -29,6 +29,13 @@ def user_errors(name: str) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+            try:  # per-file "Writing model shards" / "Loading weights" bars drown our own progress bars
+                from transformers.utils import logging as hf_logging
+
+                hf_logging.disable_progress_bar()
+                hf_logging.set_verbosity_error()
+            except ImportError:
+                pass
             for noisy in ("distributed", "urllib3", "httpx", "huggingface_hub", "datasets", "filelock"):
                 logging.getLogger(noisy).setLevel(logging.WARNING)
             try:

@@ -1,0 +1,97 @@
+"""The distillation objective per micro-batch (methods.md §5), composed from the small pieces:
+
+    target positions -> SpecKD gate (weights) -> LATF among positions with weight > 0
+    -> IDTS temperatures -> divergence per position on K + 1 buckets
+    -> numerator  = sum_t w_t * T_t^2 * D_t,   denominator = sum_t w_t
+
+The caller divides the numerator by the denominator summed over the *whole optimizer step*
+(`pipeline.train`), so splitting a step into micro-batches does not change the gradient.
+Gate, difficulty and temperatures are computed without gradient, at temperature 1 for the gate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.adakd import LATF, idts_temperatures
+from pipeline.divergences import hellinger, kd_divergence, student_log_buckets, teacher_log_buckets
+from pipeline.gate import speckd_gate
+from pipeline.temperature import log_partition_at
+
+
+@dataclass
+class KdSettings:
+    """The KD options of a training run (a view of `TrainConfig`)."""
+
+    loss: str = "fkl"
+    tail: str = "bucket"
+    gate: str = "none"
+    proposal: str = "greedy"
+    gate_k: int = 1
+    gate_threshold: float = 0.1
+    reject_weight: float = 0.0
+    latf: bool = False
+    idts: bool = False
+    idts_c: float = 0.5
+    temperature: float = 1.0
+
+
+@dataclass
+class KdTerms:
+    """Sums over one micro-batch: numerator (differentiable), denominator, and counts for logging."""
+
+    numerator: torch.Tensor
+    denominator: float
+    targets: int
+    accepted: int
+    kept: int
+    temps: torch.Tensor  # [kept] temperatures used
+
+
+def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdSettings, vocab_size: int,
+             grid_betas: torch.Tensor, latf: LATF | None, generator: torch.Generator | None) -> KdTerms:
+    """KD sums of N target positions.
+
+    logits [N, Vs] (student, at the targets, with gradient); cache: topk_ids [N, K] int64,
+    topk_logprobs [N, K], entropy [N], log_partition [N, G], optional tail_ids/tail_counts [N, S];
+    grid_betas [G] = 1 / cache temperatures; vocab_size: the teacher's V.
+    """
+    n = logits.shape[0]
+    dev = logits.device
+    ids, lps = cache["topk_ids"], cache["topk_logprobs"].float()
+    with torch.no_grad():
+        detached = logits.detach().float()
+        if s.gate != "none":
+            g = speckd_gate(detached, ids, lps, vocab_size, rule=s.gate, proposal=s.proposal, gate_k=s.gate_k,
+                            threshold=s.gate_threshold, reject_weight=s.reject_weight, generator=generator)
+            weight, accepted = g.weight.float(), int(g.accepted.sum())
+        else:
+            weight, accepted = torch.ones(n, device=dev), n
+        eligible = weight > 0
+        if s.latf or s.idts:
+            ones = torch.ones(n, device=dev)
+            log_p1 = teacher_log_buckets(lps, torch.zeros(n, device=dev), ones)
+            log_q1 = student_log_buckets(detached, ids, ones)
+            difficulty = hellinger(log_p1, log_q1)
+        keep = latf.select(difficulty, eligible) if (s.latf and latf is not None) else eligible
+        if s.idts:
+            temps = idts_temperatures(difficulty, keep, t_base=s.temperature, c=s.idts_c)
+        else:
+            temps = torch.full((n,), float(s.temperature), device=dev)
+    rows = keep.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return KdTerms(logits.sum() * 0.0, 0.0, n, accepted, 0, temps[:0])
+    t = temps[rows]
+    beta = 1.0 / t
+    lp_beta = log_partition_at(beta, grid_betas.to(dev), cache["log_partition"][rows].float(),
+                               cache["entropy"][rows].float())
+    # "sampled" = the K + 1 buckets with the tail bucket split over the cached tail draws.
+    tail_ids = cache.get("tail_ids") if s.tail == "sampled" else None
+    d = kd_divergence(s.loss, logits[rows], ids[rows], lps[rows], lp_beta, beta, t,
+                      tail="bucket" if s.tail == "sampled" else s.tail,
+                      tail_ids=tail_ids[rows] if tail_ids is not None else None,
+                      tail_counts=cache["tail_counts"][rows] if tail_ids is not None else None)
+    w = weight[rows]
+    return KdTerms((w * t * t * d).sum(), float(w.sum()), n, accepted, int(rows.numel()), t)

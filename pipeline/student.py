@@ -1,0 +1,84 @@
+"""Building the student and the checks that must pass before training starts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import KdError
+from pipeline.identity import same_tokenizer
+from pipeline.models import load_causal_lm, model_vocab_size
+
+log = logging.getLogger(__name__)
+
+
+def build_student(student: str, student_config: str, device: torch.device, seed: int) -> Any:
+    """Load `student` (directory or hub id) or build one from scratch from a transformers config file."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if student:
+        model = load_causal_lm(student, device, torch.float32)
+    elif student_config:
+        p = Path(student_config)
+        if not p.exists():
+            raise KdError(f"student config not found: {p}")
+        try:
+            cfg = AutoConfig.from_pretrained(str(p))
+        except (OSError, ValueError, KeyError) as e:
+            raise KdError(f"cannot read student config {p}: {str(e).splitlines()[0]}") from None
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg).to(device)
+    else:
+        raise KdError("no student given: pass --student PATH_OR_ID or --student-config CONFIG.json")
+    return model.train()
+
+
+class TargetLogits(torch.nn.Module):
+    """Student forward that applies the output head only at target positions.
+
+    forward(input_ids [B, L], attention_mask [B, L], tgt_b [N], tgt_t [N]) -> logits [N, Vs], the
+    prediction of token t from the prefix before it. Skipping the head elsewhere saves B*L*Vs
+    memory; wrapping this module (not the bare model) in DDP keeps gradient sync on its forward.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tgt_b: torch.Tensor,
+                tgt_t: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = hidden[tgt_b, tgt_t - 1]
+        logits = self.model.get_output_embeddings()(h)
+        cfg = self.model.config
+        if getattr(cfg, "logit_scale", None):
+            logits = logits * cfg.logit_scale
+        if getattr(cfg, "final_logit_softcapping", None):
+            cap = cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+
+def check_inputs(model: Any, prepared_meta: dict[str, Any], cache: Any | None) -> None:
+    """Refuse mismatched student/cache/data before any step (each a one-line `KdError`)."""
+    vs = model_vocab_size(model)
+    tok = prepared_meta["tokenizer"]
+    if vs < int(tok["vocab_size"]):
+        raise KdError(f"the student has {vs} output ids but the tokenizer has {tok['vocab_size']}")
+    if cache is None:
+        return
+    if not cache.complete:
+        missing = sum(1 for ok in cache.committed() if not ok)
+        raise KdError(f"cache {cache.path} is incomplete ({missing} shard(s) not committed); finish `kdcache teacher` first")
+    if vs < cache.vocab_size:
+        raise KdError(f"the student has {vs} output ids but the cache holds ids up to {cache.vocab_size - 1}")
+    if not same_tokenizer(cache.meta["tokenizer"], tok):
+        raise KdError(f"tokenizer mismatch: the cache was made with {cache.meta['tokenizer']['name']} "
+                      f"(sha256 {cache.meta['tokenizer']['vocab_sha256'][:12]}), the data with {tok['name']} "
+                      f"(sha256 {tok['vocab_sha256'][:12]})")
+    if cache.meta["data"]["fingerprint"] != prepared_meta["fingerprint"]:
+        raise KdError(f"the cache was made from other data than {prepared_meta.get('data', 'this dataset')} "
+                      "(fingerprints differ); pass the prepared data the cache was made from")

@@ -1,0 +1,349 @@
+"""Stage 2: train a student against the cache (or plain cross-entropy without one).
+
+    kdcache train --cache runs/demo/cache --student-config configs/students/tiny.json --out runs/demo/kd
+
+The teacher is never loaded: everything the losses need streams from the cache
+(`pipeline.stream`). Loss per optimizer step (methods.md §5):
+
+    loss = alpha * ce + (1 - alpha) * kd_loss,   kd_loss = sum w T^2 D / sum w,   ce = sum ce_t / N
+
+with both sums over the whole step, so micro-batching never changes the gradient. The KD
+denominator is known only after every micro-batch's forward pass; it is handled exactly:
+one micro-batch -> direct; pure KD (alpha = 0) -> backpropagate unnormalised sums and divide the
+accumulated gradients once; mixed alpha with accumulation -> a no-grad pre-pass (same RNG
+streams) computes the denominator first, costing one extra forward per micro-batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline.adakd import LATF
+from pipeline.cache import open_cache
+from pipeline.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from pipeline.config import save_config
+from pipeline.errors import KdError
+from pipeline.kd_loss import kd_terms
+from pipeline.metrics import MetricsLog
+from pipeline.models import load_tokenizer, pick_device
+from pipeline.prepare import load_prepared, prepared_meta
+from pipeline.stream import CacheStream, MicroBatch
+from pipeline.student import TargetLogits, build_student, check_inputs
+from pipeline.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of cfg.lr at step s: linear warm-up, then constant / linear / cosine to min_lr_ratio."""
+
+    def f(step: int) -> float:
+        if cfg.warmup and step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+        decay = 1.0 - frac if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+    return f
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world) under torchrun, initialising the process group once."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _all_sum(values: list[float], world: int, device: torch.device) -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class Trainer:
+    """One training run; `run()` trains to the end (or `stop_after`) and returns a summary."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        if not cfg.out:
+            raise KdError("no output directory given (--out DIR)")
+        self.out = Path(cfg.out)
+        self.rank, self.world = _dist()
+        self.cache = open_cache(cfg.cache) if cfg.cache else None
+        data = cfg.data or (self.cache.meta["data"]["path"] if self.cache else "")
+        if not data:
+            raise KdError("no training data: pass --data DIR (a `kdcache prepare` output)")
+        if not cfg.data and not Path(data).is_dir():
+            raise KdError(f"the cache's prepared data {data} is gone; pass --data DIR with the same prepared data")
+        self.data_path = data
+        self.pmeta = prepared_meta(data)
+        self.ds = load_prepared(data)
+        self.device = pick_device(cfg.device)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else nullcontext())
+        self.model = build_student(cfg.student, cfg.student_config, self.device, cfg.seed)
+        check_inputs(self.model, self.pmeta, self.cache)
+        self.stream = CacheStream(self.ds, self.cache if cfg.distills else None, cfg.batch_size, seed=cfg.seed,
+                                  shuffle=cfg.shuffle, threads=cfg.read_threads, rank=self.rank, world=self.world)
+        if cfg.max_steps:
+            self.total = cfg.max_steps
+        else:
+            epochs = cfg.epochs or 1.0
+            per_epoch = [self.stream.batches_in_epoch(e) for e in range(math.ceil(epochs))]
+            micro = sum(per_epoch[:-1]) + per_epoch[-1] * (epochs - (len(per_epoch) - 1))
+            self.total = max(1, int(micro // cfg.grad_accum))
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total))
+        self.latf = (LATF(self.total, warmup_fraction=cfg.latf_warmup, ema_decay=cfg.latf_ema_decay,
+                          epsilon=cfg.latf_epsilon, sigma=cfg.latf_sigma, min_ratio=cfg.latf_min_ratio)
+                     if cfg.distills and cfg.latf else None)
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(cfg.seed + 7919)
+        self.kd = cfg.kd_settings()
+        if self.cache is not None:
+            from pipeline.temperature import check_temperature_range
+
+            self.grid_betas = torch.tensor([1.0 / t for t in self.cache.temperatures], dtype=torch.float32)
+            lo, hi = (cfg.temperature * math.exp(-cfg.idts_c), cfg.temperature * math.exp(cfg.idts_c)) \
+                if cfg.idts else (cfg.temperature, cfg.temperature)
+            if cfg.distills and not (lo == hi == 1.0):
+                try:
+                    check_temperature_range([lo, hi], self.cache.temperatures)
+                except ValueError as e:
+                    raise KdError(f"{e}; cache the teacher with a wider --temperatures grid") from None
+        self.step = 0
+        self.net: torch.nn.Module = TargetLogits(self.model)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ---- one optimizer step ---------------------------------------------------------------
+    def _forward(self, mb: MicroBatch, grad: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        ctx = nullcontext() if grad else torch.no_grad()
+        with ctx, self.autocast:
+            logits = self.net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
+        ce = torch.nn.functional.cross_entropy(logits, mb.target_ids, reduction="sum")
+        terms = None
+        if self.cfg.distills:
+            terms = kd_terms(logits, mb.cache, self.kd, self.cache.vocab_size, self.grid_betas, self.latf, self.gen)
+        return logits, ce, terms
+
+    def train_step(self, mbs: list[MicroBatch]) -> dict[str, Any]:
+        cfg, world = self.cfg, self.world
+        alpha = cfg.ce_weight if cfg.distills else 1.0
+        n_total = _all_sum([float(sum(mb.num_targets for mb in mbs))], world, self.device)[0]
+        w_total = None
+        if cfg.distills and 0.0 < alpha < 1.0 and len(mbs) > 1:
+            w_total = self._prepass_weight(mbs)
+        ce_sum = num_sum = w_sum = 0.0
+        accepted = kept = 0
+        temps = []
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, mb in enumerate(mbs):
+            sync = i == len(mbs) - 1 or world == 1
+            ctx = nullcontext() if sync or not hasattr(self.net, "no_sync") else self.net.no_sync()
+            with ctx:
+                _, ce, terms = self._forward(mb, grad=True)
+                # DDP averages gradients over ranks; losses are scaled by `world` so the result is
+                # the global sum divided by the global normaliser.
+                loss = (alpha * world / n_total) * ce
+                if terms is not None:
+                    if len(mbs) == 1:
+                        w_total = _all_sum([terms.denominator], world, self.device)[0]
+                    if alpha < 1.0 and w_total is not None:
+                        if w_total > 0:
+                            loss = loss + ((1 - alpha) * world / w_total) * terms.numerator
+                    elif alpha == 0.0:  # accumulation: unnormalised now, divided once after the loop
+                        loss = loss + terms.numerator
+                    num_sum += float(terms.numerator.detach())
+                    w_sum += terms.denominator
+                    accepted += terms.accepted
+                    kept += terms.kept
+                    temps.append(terms.temps.detach().float().cpu())
+                if loss.requires_grad:
+                    loss.backward()
+            ce_sum += float(ce.detach())
+        ce_sum, num_sum, w_sum, acc_sum, kept_sum = _all_sum([ce_sum, num_sum, w_sum, accepted, kept], world, self.device)
+        if cfg.distills and w_total is None and alpha == 0.0:
+            scale = (world / w_sum) if w_sum > 0 else 0.0
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        ce_loss = ce_sum / n_total
+        kd_loss = num_sum / w_sum if w_sum > 0 else 0.0
+        row = {"loss": alpha * ce_loss + (1 - alpha) * kd_loss if cfg.distills else ce_loss,
+               "kd_loss": kd_loss, "ce_loss": ce_loss, "lr": lr}
+        if cfg.distills:
+            t = torch.cat(temps) if temps else torch.zeros(0)
+            row.update({"tar": acc_sum / n_total, "focus_ratio": self.latf.ratio if self.latf else 1.0,
+                        "temp_mean": float(t.mean()) if t.numel() else None,
+                        "temp_min": float(t.min()) if t.numel() else None,
+                        "temp_max": float(t.max()) if t.numel() else None, "kept_fraction": kept_sum / n_total})
+            if self.latf is not None:
+                self.latf.update(kd_loss)
+        return row
+
+    def _prepass_weight(self, mbs: list[MicroBatch]) -> float:
+        """Sum of KD weights over the step, from no-grad forwards that replay the same RNG draws."""
+        cpu, gate = torch.get_rng_state(), self.gen.get_state()
+        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        total = 0.0
+        for mb in mbs:
+            total += self._forward(mb, grad=False)[2].denominator
+        torch.set_rng_state(cpu)
+        self.gen.set_state(gate)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        return _all_sum([total], self.world, self.device)[0]
+
+    # ---- the run --------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(self.gen), "reader": self.stream.state_dict(),
+                "latf": self.latf.state_dict() if self.latf else None, "total_steps": self.total}
+
+    def resume_from(self, path: Path) -> None:
+        from pipeline.models import load_causal_lm
+
+        st = load_state(path)
+        if st["total_steps"] != self.total:
+            raise KdError(f"checkpoint {path.name} plans {st['total_steps']} steps, this run {self.total}: "
+                          "resume with the same --max-steps/--epochs")
+        weights = load_causal_lm(str(path), self.device, torch.float32).state_dict()
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.stream.load_state_dict(st["reader"])
+        if self.latf and st["latf"]:
+            self.latf.load_state_dict(st["latf"])
+        set_rng_state(st["rng"], self.gen)
+        self.step = st["step"]
+
+    def run(self, progress: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        resume_step = None
+        if self.rank == 0:
+            self._prepare_out()
+        ckpt = latest_checkpoint(self.out) if cfg.resume else None
+        if ckpt is not None:
+            self.resume_from(ckpt)
+            resume_step = self.step
+        elif cfg.resume:
+            log.info("no checkpoint in %s: starting from step 0", self.out)
+        metrics = MetricsLog(self.out, resume_step if cfg.resume else None, cfg.tensorboard) if self.rank == 0 else None
+        if self.rank == 0:
+            save_config(cfg, self.out / "config.yaml")
+        stop_at = min(self.total, self.step + cfg.stop_after) if cfg.stop_after else self.total
+        bar = None
+        if progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", leave=False)
+        it = iter(self.stream)
+        t_start, tokens_seen, last = time.perf_counter(), 0, {}
+        try:
+            while self.step < stop_at:
+                t0 = time.perf_counter()
+                mbs = [next(it).to(self.device) for _ in range(cfg.grad_accum)]
+                row = self.train_step(mbs)
+                self.step += 1
+                ntok = sum(int(mb.attention_mask.sum()) for mb in mbs) * self.world
+                tokens_seen += ntok
+                row = {"step": self.step, **row, "tokens_per_s": ntok / max(time.perf_counter() - t0, 1e-9)}
+                last = row
+                if metrics:
+                    metrics.write(row)
+                if bar is not None:
+                    post = {"loss": f"{row['loss']:.3f}"}
+                    if "tar" in row:
+                        post["tar"] = f"{row['tar']:.2f}"
+                    post["tok/s"] = f"{row['tokens_per_s']:.0f}"
+                    bar.set_postfix(post)
+                    bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop_at and self.rank == 0:
+                    save_checkpoint(self.out, self.step, self.model, self.state())
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics:
+                metrics.close()
+        if self.rank == 0:
+            save_checkpoint(self.out, self.step, self.model, self.state())
+            if self.step >= self.total:
+                self._save_final()
+        elapsed = time.perf_counter() - t_start
+        return {"out": str(self.out), "steps": self.step, "total_steps": self.total, "finished": self.step >= self.total,
+                "last": last, "seconds": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+
+    def _prepare_out(self) -> None:
+        cfg = self.cfg
+        if self.out.exists() and any(self.out.iterdir()) and not cfg.resume:
+            if not cfg.overwrite:
+                raise KdError(f"{self.out} already holds a training run; pass --resume to continue it "
+                              "or --overwrite to start over")
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _save_final(self) -> None:
+        """OUT/final: a Hugging Face model directory with the tokenizer, written then renamed."""
+        final = self.out / "final"
+        tmp = self.out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        try:
+            load_tokenizer(self.pmeta["tokenizer"]["name"]).save_pretrained(tmp)
+        except KdError as e:
+            log.warning("final model saved without tokenizer: %s", e)
+        (tmp / "kdcache_train.json").write_text(json.dumps(
+            {"steps": self.step, "data": self.data_path, "cache": self.cfg.cache,
+             "tokenizer": self.pmeta["tokenizer"]}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+
+def train(cfg: TrainConfig, progress: bool = False) -> dict[str, Any]:
+    """Train a student per `cfg`; returns a summary dict."""
+    return Trainer(cfg).run(progress=progress)
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    """One line for the end of `kdcache train`."""
+    last = s["last"]
+    parts = [f"train: {s['steps']}/{s['total_steps']} steps in {s['seconds']:.1f}s ({s['tokens_per_s']:,.0f} tok/s)"]
+    if last:
+        parts.append(f"loss {last['loss']:.4f}")
+        if "tar" in last:
+            parts.append(f"TAR {last['tar']:.3f}")
+    parts.append(f"-> {s['out']}/{'final' if s['finished'] else 'checkpoints'}")
+    return ", ".join(parts)

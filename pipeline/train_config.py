@@ -1,0 +1,93 @@
+"""The typed settings of `kdcache train` (one dataclass, validated on construction)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.errors import KdError
+from pipeline.kd_loss import KdSettings
+
+LOSSES = ("none", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
+TAILS = ("bucket", "renorm", "ignore", "sampled")
+GATES = ("none", "topk", "spec", "threshold")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `kdcache train`. Without `cache` this is plain causal-LM training on the targets."""
+
+    data: str = ""  # prepared data; may be omitted when the cache records where it lives
+    cache: str = ""
+    student: str = ""  # model directory or hub id to start from
+    student_config: str = ""  # transformers config.json: a student built from scratch
+    out: str = ""
+    # --- distillation (methods.md §2-5) ---
+    loss: str = "fkl"
+    tail: str = "bucket"  # bucket | renorm | ignore | sampled (tail bucket split over cached draws)
+    gate: str = "none"  # SpecKD verification rule: none | topk | spec | threshold
+    proposal: str = "greedy"  # greedy | sample
+    gate_k: int = 5  # topk rule: accept when the proposal is among the teacher's top gate_k
+    gate_threshold: float = 0.1  # threshold rule: accept when p(proposal) >= this
+    reject_weight: float = 0.0  # weight of rejected positions (0 = masked)
+    latf: bool = False
+    latf_warmup: float = 0.05  # fraction of the run before the reference EMA is taken
+    latf_ema_decay: float = 0.99
+    latf_epsilon: float = 0.05
+    latf_sigma: float = 0.05
+    latf_min_ratio: float = 0.1
+    idts: bool = False
+    idts_c: float = 0.5
+    temperature: float = 1.0  # T_base
+    ce_weight: float = 0.0  # alpha: loss = alpha * ce + (1 - alpha) * kd_loss
+    # --- optimisation ---
+    lr: float = 3e-4
+    warmup: int = 0  # warm-up steps (linear from 0)
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1  # floor of linear/cosine decay, as a fraction of lr
+    weight_decay: float = 0.0
+    max_steps: int = 0  # optimizer steps; 0 = derive from epochs
+    epochs: float = 0.0  # used when max_steps is 0 (default 1 epoch)
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    shuffle: bool = True
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    stop_after: int = 0  # train N steps of the planned run, checkpoint, exit (time-limited jobs)
+    resume: bool = False
+    device: str = "auto"
+    dtype: str = "auto"  # auto = bfloat16 autocast on GPU, float32 on CPU
+    read_threads: int = 2
+    tensorboard: bool = True
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("loss", LOSSES), ("tail", TAILS), ("gate", GATES), ("schedule", SCHEDULES),
+                              ("proposal", ("greedy", "sample"))):
+            if getattr(self, name) not in allowed:
+                raise KdError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.student and self.student_config:
+            raise KdError("give either --student or --student-config, not both")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise KdError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
+        if not 0.0 <= self.reject_weight <= 1.0:
+            raise KdError(f"reject_weight must be in [0, 1], got {self.reject_weight}")
+        if self.temperature <= 0:
+            raise KdError(f"temperature must be positive, got {self.temperature}")
+        for name in ("batch_size", "grad_accum", "gate_k"):
+            if getattr(self, name) < 1:
+                raise KdError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.epochs < 0 or self.lr <= 0:
+            raise KdError("max_steps and epochs must be >= 0 and lr > 0")
+        if self.tail == "sampled" and self.loss != "fkl":
+            raise KdError("tail 'sampled' is defined for loss fkl only (its gradient is the unbiased one)")
+
+    @property
+    def distills(self) -> bool:
+        return bool(self.cache) and self.loss != "none"
+
+    def kd_settings(self) -> KdSettings:
+        return KdSettings(loss=self.loss, tail=self.tail, gate=self.gate, proposal=self.proposal, gate_k=self.gate_k,
+                          gate_threshold=self.gate_threshold, reject_weight=self.reject_weight, latf=self.latf,
+                          idts=self.idts, idts_c=self.idts_c, temperature=self.temperature)
