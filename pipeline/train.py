@@ -154,7 +154,12 @@ class Trainer:
             terms = kd_terms(logits, mb.cache, self.kd, self.cache.vocab_size, self.grid_betas, self.latf, self.gen)
         return logits, ce, terms
 
-    def train_step(self, mbs: list[MicroBatch]) -> dict[str, Any]:
+    def train_step(self, mbs: list[MicroBatch], apply: bool = True) -> dict[str, Any]:
+        """One optimizer step over micro-batches `mbs`; returns its metrics (computed before the update).
+
+        With apply=False the normalised, unclipped gradients are left in `.grad` and nothing is
+        updated (used by the micro-batch split test).
+        """
         cfg, world = self.cfg, self.world
         alpha = cfg.ce_weight if cfg.distills else 1.0
         n_total = _all_sum([float(sum(mb.num_targets for mb in mbs))], world, self.device)[0]
@@ -195,6 +200,8 @@ class Trainer:
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
+        if not apply:
+            return {}
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]

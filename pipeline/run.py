@@ -1,0 +1,203 @@
+"""`kdcache run CONFIG`: the stages a config lists, in dependency order, on one directory layout.
+
+    kdcache run configs/demo.yaml
+
+Layout under `out` (the run owns every path, so sections only hold settings):
+
+    prepared/<split>/     one `kdcache prepare` output per entry of `prepare` (train, heldout, ...)
+    teacher/              the teacher trained with `kdcache train` (only when `teacher.train` is given)
+    cache/                the teacher cache, made from prepared/train
+    students/<name>/      one `kdcache train` run per entry of `students`, all from the same cache
+    students/<name>/eval/ `kdcache eval` on prepared/<eval.split> (+ teacher/eval for the teacher)
+    report/               `kdcache report` over all students
+
+Every stage is idempotent for the same resolved config (prepare and teacher skip finished work,
+train resumes from its newest checkpoint or is skipped when final, eval is skipped when its
+eval.json was made with the same settings), so re-running after an interruption continues.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from pipeline.config import from_dict, load_yaml, merge, parse_sets, to_dict
+from pipeline.errors import KdError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "teacher", "train", "eval", "report")
+
+
+@dataclass
+class RunConfig:
+    """Settings of `kdcache run`: shared layout plus one section per stage."""
+
+    out: str = "runs/demo"
+    stages: list[str] = field(default_factory=lambda: list(STAGES))
+    prepare: dict[str, Any] = field(default_factory=dict)  # split name -> PrepareConfig keys
+    teacher: dict[str, Any] = field(default_factory=dict)  # model, train (optional TrainConfig keys), cache keys
+    train_defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys shared by every student
+    students: dict[str, Any] = field(default_factory=dict)  # name -> TrainConfig keys
+    eval: dict[str, Any] = field(default_factory=dict)  # split + EvalConfig keys
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.stages if s not in STAGES]
+        if bad:
+            raise KdError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+        if "train" not in self.prepare and ("teacher" in self.stages or "train" in self.stages):
+            raise KdError("the prepare section needs a 'train' entry (the data the teacher caches)")
+
+
+def load_run_config(path: str, sets: tuple[str, ...] = ()) -> RunConfig:
+    """Read a run config; `--set section.key=value` overrides nested keys."""
+    return from_dict(RunConfig, merge(load_yaml(path), parse_sets(sets)))
+
+
+def select_stages(cfg: RunConfig, only: str | None, start: str | None) -> list[str]:
+    """The stages to run: the config's, restricted by --only or --from, in dependency order."""
+    chosen = [s for s in STAGES if s in cfg.stages]
+    for opt, name in (("--only", only), ("--from", start)):
+        if name and name not in STAGES:
+            raise KdError(f"{opt} {name}: stages are {', '.join(STAGES)}")
+    if only:
+        return [only]
+    if start:
+        return [s for s in chosen if STAGES.index(s) >= STAGES.index(start)]
+    return chosen
+
+
+class Pipeline:
+    """Runs the stages of a `RunConfig`; `echo` receives one summary line per stage."""
+
+    def __init__(self, cfg: RunConfig, echo: Callable[[str], None] = print, progress: bool = True):
+        self.cfg, self.echo, self.progress = cfg, echo, progress
+        self.out = Path(cfg.out)
+
+    # ---- paths ----------------------------------------------------------------------------
+    def prepared(self, split: str) -> Path:
+        return self.out / "prepared" / split
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache"
+
+    @property
+    def teacher_model(self) -> str:
+        if self.cfg.teacher.get("train"):
+            return str(self.out / "teacher" / "final")
+        model = self.cfg.teacher.get("model")
+        if not model:
+            raise KdError("the teacher section needs 'model' (a path or hub id) or a 'train' section")
+        return str(model)
+
+    def student_dir(self, name: str) -> Path:
+        return self.out / "students" / name
+
+    # ---- stages ---------------------------------------------------------------------------
+    def run(self, stages: list[str]) -> None:
+        for s in stages:
+            getattr(self, f"stage_{s}")()
+
+    def stage_prepare(self) -> None:
+        from pipeline.prepare import PrepareConfig, prepare, summary_line
+
+        for split, section in self.cfg.prepare.items():
+            pc = from_dict(PrepareConfig, {**section, "out": str(self.prepared(split))})
+            self.echo(summary_line(prepare(pc, progress=self.progress), pc.out))
+
+    def stage_teacher(self) -> None:
+        from pipeline.teacher import TeacherConfig, run_teacher
+
+        section = dict(self.cfg.teacher)
+        train_section = section.pop("train", None)
+        section.pop("model", None)
+        if train_section:
+            self._train_one("teacher", self.out / "teacher", train_section, with_cache=False)
+        tc = from_dict(TeacherConfig, {**section, "data": str(self.prepared("train")), "model": self.teacher_model,
+                                       "out": str(self.cache)})
+        s = run_teacher(tc)
+        if s["done"] == 0 and s["skipped"] == s["shards"]:
+            self.echo(f"teacher: cache {self.cache} already complete; skipped")
+        else:
+            self.echo(f"teacher: cached {s['rows']} rows in {s['done']} shard(s), {s['seconds']:.1f}s -> {self.cache}")
+
+    def stage_train(self) -> None:
+        if not self.cfg.students:
+            raise KdError("the students section is empty: nothing to train")
+        for name, section in self.cfg.students.items():
+            self._train_one(name, self.student_dir(name), merge(self.cfg.train_defaults, section or {}),
+                            with_cache=True)
+
+    def _train_one(self, name: str, out: Path, section: dict[str, Any], with_cache: bool) -> None:
+        from pipeline.train import summary_line, train
+        from pipeline.train_config import TrainConfig
+
+        keys = {**section, "data": str(self.prepared("train")), "out": str(out)}
+        if with_cache and section.get("loss", "fkl") != "none" and section.get("cache", True) is not False:
+            keys["cache"] = str(self.cache)
+        keys.pop("cache", None) if keys.get("cache") is False else None
+        tc = from_dict(TrainConfig, keys)
+        state = train_state(out, tc)
+        if state == "final":
+            self.echo(f"train[{name}]: {out}/final is complete for this config; skipped")
+            return
+        if state == "other":
+            tc.overwrite = True
+        tc.resume = state == "partial"
+        self.echo(f"train[{name}]: " + summary_line(train(tc, progress=self.progress)).removeprefix("train: "))
+
+    def stage_eval(self) -> None:
+        from pipeline.evaluate import EvalConfig, evaluate
+
+        section = dict(self.cfg.eval)
+        split = section.pop("split", "heldout")
+        data = self.prepared(split)
+        models = [(name, self.student_dir(name)) for name in self.cfg.students]
+        if self.cfg.teacher.get("train") or self.cfg.teacher.get("model"):
+            models.insert(0, ("teacher", self.out / "teacher"))
+        for name, run_dir in models:
+            model = self.teacher_model if name == "teacher" else str(run_dir / "final")
+            ec = from_dict(EvalConfig, {**section, "model": model, "data": str(data), "out": str(run_dir / "eval")})
+            if eval_done(ec):
+                self.echo(f"eval[{name}]: {ec.out}/eval.json is up to date; skipped")
+                continue
+            res = evaluate(ec, progress=self.progress)
+            self.echo(f"eval[{name}]: ce {res['ce']:.4f}, ppl {res['ppl']:.2f}"
+                      + (f", exact match {res['exact_match']:.3f}" if "exact_match" in res else "") + f" -> {ec.out}")
+
+    def stage_report(self) -> None:
+        from pipeline.report import ReportConfig, report
+
+        runs = [str(self.student_dir(n)) for n in self.cfg.students]
+        extra = [str(self.out / "teacher")] if (self.out / "teacher" / "eval").exists() else []
+        rc = from_dict(ReportConfig, {**self.cfg.report, "runs": extra + runs, "out": str(self.out / "report"),
+                                      "cache": str(self.cache)})
+        path = report(rc)
+        self.echo(f"report: {path}")
+
+
+def train_state(out: Path, tc: Any) -> str:
+    """'final' (done with this config), 'partial' (same config, resumable), 'other' or 'new'."""
+    cfg_file = out / "config.yaml"
+    if not out.exists() or not cfg_file.exists():
+        return "new" if not out.exists() or not any(out.iterdir()) else "other"
+    saved = yaml.safe_load(cfg_file.read_text()) or {}
+    ignore = ("resume", "overwrite", "stop_after")
+    same = {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in to_dict(tc).items() if k not in ignore}
+    if not same:
+        return "other"
+    return "final" if (out / "final").is_dir() else "partial"
+
+
+def eval_done(ec: Any) -> bool:
+    """True when `ec.out` holds an eval.json made with the same resolved settings."""
+    out = Path(ec.out)
+    if not (out / "eval.json").is_file() or not (out / "config.yaml").is_file():
+        return False
+    return (yaml.safe_load((out / "config.yaml").read_text()) or {}) == to_dict(ec)

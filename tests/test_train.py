@@ -1,0 +1,211 @@
+"""Student stage: normalisation over the step, exact resume, several students from one cache, checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.errors import KdError
+from pipeline.train import Trainer, train
+from pipeline.train_config import TrainConfig
+from stages.cli import main
+
+STUDENT_LLAMA = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                 "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128,
+                 "tie_word_embeddings": True}
+STUDENT_GPT2 = {"model_type": "gpt2", "n_embd": 24, "n_layer": 2, "n_head": 2, "n_positions": 128,
+                "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, prepared_dir, llama_dir) -> Path:
+    from pipeline.teacher import TeacherConfig, run_teacher
+
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    run_teacher(TeacherConfig(data=str(prepared_dir), model=str(llama_dir), out=str(out), shard_rows=200,
+                              chunk_rows=64, tail_samples=4))
+    return out
+
+
+def student_config(tmp_path: Path, vocab_size: int, base: dict, name: str = "student.json", **over) -> str:
+    p = tmp_path / name
+    p.write_text(json.dumps({**base, "vocab_size": vocab_size, **over}))
+    return str(p)
+
+
+def grads(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            for p in trainer.model.parameters()]
+
+
+@pytest.mark.parametrize("settings", [
+    {"loss": "fkl"},  # pure KD, unnormalised sums then one division
+    {"loss": "rkl", "gate": "topk", "gate_k": 3, "ce_weight": 0.3},  # mixed alpha: the pre-pass path
+    {"loss": "jsd", "gate": "threshold", "gate_threshold": 0.02, "reject_weight": 0.25},
+    {"loss": "none"},  # plain cross-entropy
+])
+def test_microbatch_split_does_not_change_the_gradient(tmp_path, prepared_dir, cache_dir, vocab_size, settings):
+    """One micro-batch of 8 sequences and two of 4 give the same gradient (gate weights are per position;
+    LATF and IDTS are per-micro-batch statistics by definition, so they are left out here)."""
+    scfg = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    common = dict(data=str(prepared_dir), cache=str(cache_dir), student_config=scfg, shuffle=False, seed=3,
+                  max_steps=4, **settings)
+    one = Trainer(TrainConfig(out=str(tmp_path / "a"), batch_size=8, grad_accum=1, **common))
+    two = Trainer(TrainConfig(out=str(tmp_path / "b"), batch_size=4, grad_accum=2, **common))
+    two.model.load_state_dict(one.model.state_dict())
+    mb8 = next(iter(one.stream))
+    it = iter(two.stream)
+    mb4 = [next(it), next(it)]
+    assert mb8.examples == mb4[0].examples + mb4[1].examples
+    one.train_step([mb8], apply=False)
+    two.train_step(mb4, apply=False)
+    g1, g2 = grads(one), grads(two)
+    assert sum(float(g.abs().sum()) for g in g1) > 0
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7)
+
+
+def test_resume_gives_the_same_weights(tmp_path, prepared_dir, cache_dir, vocab_size):
+    """2N steps straight == N steps, stop, resume, N steps (sampled gate, LATF, IDTS, dropout, shuffle)."""
+    scfg = student_config(tmp_path, vocab_size, STUDENT_GPT2)
+    common = dict(data=str(prepared_dir), cache=str(cache_dir), student_config=scfg, max_steps=8, batch_size=4,
+                  gate="spec", proposal="sample", latf=True, latf_warmup=0.25, idts=True, seed=5, lr=3e-3,
+                  tensorboard=False)
+    straight = train(TrainConfig(out=str(tmp_path / "straight"), **common))
+    assert straight["finished"]
+    half = train(TrainConfig(out=str(tmp_path / "resumed"), stop_after=4, **common))
+    assert not half["finished"] and half["steps"] == 4
+    assert not (tmp_path / "resumed" / "final").exists()
+    rest = train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **common))
+    assert rest["finished"] and rest["steps"] == 8
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = lambda p: [{k: v for k, v in json.loads(ln).items() if k != "tokens_per_s"}  # noqa: E731
+                      for ln in (p / "metrics.jsonl").read_text().splitlines()]
+    assert rows(tmp_path / "straight") == rows(tmp_path / "resumed")
+
+
+def test_two_students_of_different_architecture_from_one_cache(tmp_path, prepared_dir, cache_dir, vocab_size):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    runner = CliRunner()
+    for name, base in (("llama", STUDENT_LLAMA), ("gpt2", STUDENT_GPT2)):
+        scfg = student_config(tmp_path, vocab_size + 7, base, name=f"{name}.json")  # padded vocabulary is fine
+        res = runner.invoke(main, ["train", "--cache", str(cache_dir), "--student-config", scfg,
+                                   "--out", str(tmp_path / name), "--max-steps", "3", "--batch-size", "4",
+                                   "--gate", "topk", "--latf", "--idts", "--tail", "sampled"])
+        assert res.exit_code == 0, res.output
+        assert "train: 3/3 steps" in res.output
+        final = tmp_path / name / "final"
+        model = AutoModelForCausalLM.from_pretrained(final)
+        tok = AutoTokenizer.from_pretrained(final)
+        assert model.config.model_type == name and len(tok) == vocab_size
+        metrics = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2, 3]
+        for key in ("loss", "kd_loss", "ce_loss", "tar", "focus_ratio", "temp_mean", "temp_min", "temp_max",
+                    "kept_fraction", "tokens_per_s", "lr"):
+            assert key in metrics[0], key
+        assert all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_kd_terms_match_dense_kl_when_k_equals_v():
+    """Plain sparse KD (no gate/LATF/IDTS, T = 1) with K = V is the mean full-vocabulary forward KL."""
+    from pipeline.kd_loss import KdSettings, kd_terms
+
+    torch.manual_seed(0)
+    n, v = 6, 11
+    t_logits = torch.randn(n, v, dtype=torch.float64) * 2
+    s_logits = torch.randn(n, v, dtype=torch.float64, requires_grad=True)
+    logp = torch.log_softmax(t_logits, -1)
+    lp, ids = torch.topk(logp, v, dim=-1)
+    temps = torch.tensor([0.5, 2.0])
+    cache = {"topk_ids": ids, "topk_logprobs": lp.float(), "entropy": -(logp.exp() * logp).sum(-1).float(),
+             "log_partition": torch.stack([torch.logsumexp(logp / t, -1) for t in temps.tolist()], -1).float()}
+    terms = kd_terms(s_logits.float(), cache, KdSettings(loss="fkl"), v, 1.0 / temps, None, None)
+    dense = (logp.exp() * (logp - torch.log_softmax(s_logits, -1))).sum(-1)
+    assert terms.denominator == n and terms.kept == n
+    torch.testing.assert_close(terms.numerator.double() / n, dense.mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_all_masked_step_is_zero_and_finite(tmp_path, prepared_dir, cache_dir, vocab_size):
+    """A gate that rejects everything (threshold 1.0, reject weight 0) gives kd_loss 0 and no NaN."""
+    scfg = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    t = Trainer(TrainConfig(data=str(prepared_dir), cache=str(cache_dir), student_config=scfg, out=str(tmp_path / "m"),
+                            gate="threshold", gate_threshold=1.0, max_steps=2, batch_size=4, grad_accum=2))
+    it = iter(t.stream)
+    row = t.train_step([next(it), next(it)])
+    assert row["kd_loss"] == 0.0 and row["tar"] == 0.0 and row["kept_fraction"] == 0.0
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_checks_before_training(tmp_path, prepared_dir, cache_dir, vocab_size):
+    runner = CliRunner()
+    small = student_config(tmp_path, vocab_size - 5, STUDENT_LLAMA, name="small.json")
+    res = runner.invoke(main, ["train", "--cache", str(cache_dir), "--student-config", small, "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "output ids" in res.output and "Traceback" not in res.output
+    # A cache whose tokenizer differs from the data's.
+    bad = tmp_path / "bad_cache"
+    shutil.copytree(cache_dir, bad)
+    meta = json.loads((bad / "kdcache.json").read_text())
+    meta["tokenizer"]["vocab_sha256"] = "0" * 64
+    (bad / "kdcache.json").write_text(json.dumps(meta))
+    ok = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    res = runner.invoke(main, ["train", "--cache", str(bad), "--data", str(prepared_dir), "--student-config", ok,
+                               "--out", str(tmp_path / "y")])
+    assert res.exit_code == 1 and "tokenizer mismatch" in res.output
+    # An incomplete cache.
+    inc = tmp_path / "inc_cache"
+    shutil.copytree(cache_dir, inc)
+    (inc / "shards" / "shard_00001" / "_COMMIT.json").unlink()
+    res = runner.invoke(main, ["train", "--cache", str(inc), "--data", str(prepared_dir), "--student-config", ok,
+                               "--out", str(tmp_path / "z")])
+    assert res.exit_code == 1 and "incomplete" in res.output
+    # The cache's recorded data path is gone.
+    moved = tmp_path / "moved_cache"
+    shutil.copytree(cache_dir, moved)
+    meta = json.loads((moved / "kdcache.json").read_text())
+    meta["data"]["path"] = str(tmp_path / "nowhere")
+    (moved / "kdcache.json").write_text(json.dumps(meta))
+    res = runner.invoke(main, ["train", "--cache", str(moved), "--student-config", ok, "--out", str(tmp_path / "w")])
+    assert res.exit_code == 1 and "is gone" in res.output and "--data" in res.output
+
+
+def test_corrupted_chunk_stops_training_naming_the_shard(tmp_path, prepared_dir, cache_dir, vocab_size):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(cache_dir, bad)
+    chunk = next(p for p in sorted((bad / "shards" / "shard_00000" / "topk_logprobs").rglob("*"))
+                 if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    ok = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    res = CliRunner().invoke(main, ["train", "--cache", str(bad), "--data", str(prepared_dir), "--student-config", ok,
+                                    "--out", str(tmp_path / "run"), "--max-steps", "40", "--batch-size", "8",
+                                    "--save-every", "1000"])
+    assert res.exit_code == 1, res.output
+    assert "shard_00000" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run" / "final").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_plain_ce_training_without_cache(tmp_path, prepared_dir, vocab_size):
+    scfg = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    s = train(TrainConfig(data=str(prepared_dir), student_config=scfg, out=str(tmp_path / "ce"), epochs=1,
+                          batch_size=16, lr=1e-2, tensorboard=False))
+    assert s["finished"] and s["steps"] == 4  # 60 examples / 16 per step, last one partial
+    rows = [json.loads(ln) for ln in (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["ce_loss"] < rows[0]["ce_loss"]
+    assert "tar" not in rows[0]
+    with pytest.raises(KdError, match="already holds a training run"):
+        train(TrainConfig(data=str(prepared_dir), student_config=scfg, out=str(tmp_path / "ce"), max_steps=1))
