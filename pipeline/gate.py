@@ -1,0 +1,121 @@
+"""SpecKD gate: the student proposes a token, the cached teacher verifies it (methods.md §3).
+
+Per target position, without gradient, at temperature 1 (before any per-token temperature):
+propose ŷ from the student (greedy argmax or a seeded sample), accept it by one of three rules, and
+weight the position 1 if accepted, `reject_weight` (default 0: masked out) if not.
+
+Rules the paper leaves open, fixed here (methods.md §3):
+- p(ŷ) outside the cached top-K is the tail spread evenly, r/(V-K) (0 when V = K). A proposal id >= V
+  (a padded student id) is outside the support and gets the same estimate.
+- `spec` draws u ~ U(0,1) per position and accepts iff u < min(1, p(ŷ)/q(ŷ)). With proposal="sample"
+  the generator is used first for the N proposals (torch.multinomial), then for the N uniforms.
+- `topk` uses the first gate_k cached ids (default all K); `threshold` has no default τ and must be given.
+- The token acceptance rate of an empty mask is 0.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PROPOSALS = ("greedy", "sample")
+RULES = ("topk", "spec", "threshold")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Outcome of the gate: accepted bool [N], weight float32 [N], proposal int64 [N]."""
+
+    accepted: Tensor
+    weight: Tensor
+    proposal: Tensor
+
+
+@torch.no_grad()
+def propose(logits: Tensor, mode: str = "greedy", generator: torch.Generator | None = None) -> Tensor:
+    """Student proposal ŷ at T = 1: logits [N,Vs] -> ids [N] int64.
+
+    greedy: argmax (first index on ties); sample: one draw from softmax(logits) with `generator`.
+    """
+    if mode == "greedy":
+        return logits.argmax(dim=-1)
+    if mode == "sample":
+        probs = torch.softmax(logits.float(), dim=-1)
+        if probs.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.long, device=logits.device)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    raise ValueError(f"unknown proposal mode {mode!r}; choose one of {PROPOSALS}")
+
+
+@torch.no_grad()
+def teacher_prob_of(proposal: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, vocab_size: int) -> Tensor:
+    """Teacher probability p(ŷ) at T = 1: proposal [N], topk_ids [N,K], topk_logprobs [N,K] -> [N] float32.
+
+    p(ŷ) from the cache if ŷ is in the top-K, else r/(V-K) with r = 1 - Σ_K p_i (0 if V = K).
+    """
+    k = topk_ids.shape[1]
+    p = topk_logprobs.float().exp()  # [N,K]
+    match = topk_ids == proposal[:, None]
+    head = torch.where(match, p, torch.zeros_like(p)).sum(-1)
+    r = (1.0 - p.sum(-1)).clamp_min(0.0)
+    tail = r / (vocab_size - k) if vocab_size > k else torch.zeros_like(r)
+    return torch.where(match.any(-1), head, tail)
+
+
+@torch.no_grad()
+def speckd_gate(
+    logits: Tensor,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    vocab_size: int,
+    rule: str = "topk",
+    proposal: str = "greedy",
+    gate_k: int | None = None,
+    threshold: float | None = None,
+    reject_weight: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> GateResult:
+    """Propose-and-verify gate per position.
+
+    logits [N,Vs] student logits (T = 1), topk_ids [N,K], topk_logprobs [N,K], vocab_size V of the teacher.
+    rule: topk (ŷ among the first gate_k cached ids), spec (u < min(1, p(ŷ)/q(ŷ)), u ~ U(0,1) from
+    `generator`), threshold (p(ŷ) >= threshold). Weight: 1 if accepted else reject_weight.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown gate rule {rule!r}; choose one of {RULES}")
+    if not 0.0 <= reject_weight <= 1.0:
+        raise ValueError(f"reject_weight must lie in [0, 1], got {reject_weight}")
+    k = topk_ids.shape[1]
+    y = propose(logits, proposal, generator)
+    if rule == "topk":
+        kv = k if gate_k is None else gate_k
+        if not 1 <= kv <= k:
+            raise ValueError(f"gate_k must lie in [1, K={k}], got {gate_k}")
+        accepted = (topk_ids[:, :kv] == y[:, None]).any(-1)
+    else:
+        p = teacher_prob_of(y, topk_ids, topk_logprobs, vocab_size)
+        if rule == "threshold":
+            if threshold is None:
+                raise ValueError("rule 'threshold' needs a threshold τ (accept iff p(ŷ) >= τ)")
+            accepted = p >= threshold
+        else:
+            logq = torch.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).squeeze(1)
+            q = logq.exp()
+            ratio = torch.where(q > 0, p / q.clamp_min(torch.finfo(q.dtype).tiny), torch.ones_like(p))
+            u = torch.rand(y.shape[0], generator=generator, device=logits.device)
+            accepted = u < ratio.clamp(max=1.0)
+    weight = torch.where(accepted, 1.0, reject_weight).to(torch.float32)
+    return GateResult(accepted=accepted, weight=weight, proposal=y)
+
+
+def token_acceptance_rate(accepted: Tensor, mask: Tensor | None = None) -> float:
+    """TAR = accepted target positions / target positions: accepted bool [N], mask bool [N] (None = all).
+
+    Returns 0.0 when there are no target positions.
+    """
+    if mask is None:
+        mask = torch.ones_like(accepted, dtype=torch.bool)
+    n = int(mask.sum())
+    return float((accepted & mask).sum()) / n if n else 0.0

@@ -1,0 +1,131 @@
+"""Tests for pipeline.gate (SpecKD propose-and-verify) on small hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline.gate import GateResult, propose, speckd_gate, teacher_prob_of, token_acceptance_rate
+
+V = 5  # teacher vocabulary; the student has Vs = 6 (id 5 is padding)
+
+
+def _case():
+    logits = torch.tensor(
+        [
+            [0.0, 3.0, 0.0, 1.0, 0.0, 0.0],  # greedy 1: in the top-K
+            [1.0, 0.0, 0.0, 0.0, 2.0, 0.0],  # greedy 4: outside the top-K
+            [0.0, 0.0, 0.0, 0.0, 0.0, 5.0],  # greedy 5: a padded id (>= V)
+        ]
+    )
+    p = torch.tensor([[0.1, 0.6, 0.05, 0.2], [0.5, 0.1, 0.3, 0.05], [0.7, 0.1, 0.1, 0.05]])
+    ids = torch.tensor([[3, 1], [0, 2], [0, 1]])
+    lp = torch.stack([p[0, [3, 1]], p[1, [0, 2]], p[2, [0, 1]]]).log()  # [[0.2, 0.6], [0.5, 0.3], [0.7, 0.1]]
+    return logits, ids, lp
+
+
+def test_propose_greedy_and_seeded_sample():
+    logits, _, _ = _case()
+    assert propose(logits).tolist() == [1, 4, 5]
+    a = propose(logits, "sample", torch.Generator().manual_seed(0))
+    b = propose(logits, "sample", torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.dtype == torch.int64
+    one_hot = torch.tensor([[0.0, -math.inf, -math.inf], [-math.inf, -math.inf, 0.0]])
+    assert propose(one_hot, "sample", torch.Generator().manual_seed(1)).tolist() == [0, 2]
+    with pytest.raises(ValueError, match="proposal mode"):
+        propose(logits, "beam")
+
+
+def test_teacher_prob_of_head_tail_and_padded_id():
+    _, ids, lp = _case()
+    p = teacher_prob_of(torch.tensor([1, 4, 5]), ids, lp, V)
+    assert p[0].item() == pytest.approx(0.6)
+    assert p[1].item() == pytest.approx((1 - 0.8) / (V - 2))  # tail spread evenly: r/(V-K)
+    assert p[2].item() == pytest.approx((1 - 0.8) / (V - 2))  # id 5 >= V: outside the support
+    full = teacher_prob_of(torch.tensor([2]), torch.tensor([[1, 0]]), torch.log(torch.tensor([[0.6, 0.4]])), 2)
+    assert full.item() == 0.0  # V == K: no tail (id 2 is a padded student id)
+
+
+def test_topk_rule_accept_reject_and_gate_k():
+    logits, ids, lp = _case()
+    res = speckd_gate(logits, ids, lp, V, rule="topk")
+    assert isinstance(res, GateResult)
+    assert res.accepted.tolist() == [True, False, False]
+    assert res.weight.tolist() == [1.0, 0.0, 0.0] and res.weight.dtype == torch.float32
+    assert res.proposal.tolist() == [1, 4, 5]
+    # gate_k = 1: row 0's proposal (id 1) is the teacher's 2nd id, so it is rejected.
+    assert speckd_gate(logits, ids, lp, V, rule="topk", gate_k=1).accepted.tolist() == [False, False, False]
+    res = speckd_gate(logits, ids, lp, V, rule="topk", reject_weight=0.25)
+    assert res.weight.tolist() == [1.0, 0.25, 0.25]
+    with pytest.raises(ValueError, match="gate_k"):
+        speckd_gate(logits, ids, lp, V, rule="topk", gate_k=3)
+
+
+def test_threshold_rule():
+    logits, ids, lp = _case()
+    # p(ŷ) = 0.6, 0.2/3, 0.2/3
+    def accepted(tau):
+        return speckd_gate(logits, ids, lp, V, rule="threshold", threshold=tau).accepted.tolist()
+
+    assert accepted(0.5) == [True, False, False]
+    assert accepted(0.06) == [True, True, True]
+    assert accepted(0.6) == [True, False, False]  # p >= τ: equality accepts
+    with pytest.raises(ValueError, match="threshold"):
+        speckd_gate(logits, ids, lp, V, rule="threshold")
+
+
+def test_spec_rule_reproduces_hand_calculation():
+    logits, ids, lp = _case()
+    q = torch.softmax(logits, -1)[torch.arange(3), torch.tensor([1, 4, 5])]
+    p = torch.tensor([0.6, 0.2 / 3, 0.2 / 3])
+    seed = 1234
+    u = torch.rand(3, generator=torch.Generator().manual_seed(seed))
+    want = [float(u[i]) < min(1.0, float(p[i] / q[i])) for i in range(3)]
+    res = speckd_gate(logits, ids, lp, V, rule="spec", generator=torch.Generator().manual_seed(seed))
+    assert res.accepted.tolist() == want
+    # Row 0: q(1) = e^3 / (e^3 + e + 4) = 0.7466 > p = 0.6, so acceptance needs u < 0.8036.
+    assert float(p[0] / q[0]) == pytest.approx(0.6 * (math.exp(3) + math.e + 4) / math.exp(3), rel=1e-6)
+    # p/q >= 1 always accepts; p = 0 never does.
+    half = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    g = torch.Generator().manual_seed(0)
+    always = speckd_gate(torch.zeros(2, 4), torch.tensor([[0, 1], [2, 3]]), half, 4, rule="spec", generator=g)
+    assert always.accepted.tolist() == [True, False]  # row 1: ŷ = 0 is in the tail, r = 0
+
+
+def test_spec_rule_with_sampled_proposal_is_seeded():
+    logits, ids, lp = _case()
+    kw = dict(rule="spec", proposal="sample")
+    a = speckd_gate(logits, ids, lp, V, generator=torch.Generator().manual_seed(7), **kw)
+    b = speckd_gate(logits, ids, lp, V, generator=torch.Generator().manual_seed(7), **kw)
+    assert torch.equal(a.accepted, b.accepted) and torch.equal(a.proposal, b.proposal)
+    # Order of draws: N proposals first, then N uniforms.
+    g = torch.Generator().manual_seed(7)
+    y = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+    u = torch.rand(3, generator=g)
+    p = teacher_prob_of(y, ids, lp, V)
+    q = torch.softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
+    assert torch.equal(a.proposal, y)
+    assert a.accepted.tolist() == (u < (p / q).clamp(max=1)).tolist()
+
+
+def test_unknown_rule_and_bfloat16_logits():
+    logits, ids, lp = _case()
+    with pytest.raises(ValueError, match="gate rule"):
+        speckd_gate(logits, ids, lp, V, rule="oracle")
+    g = torch.Generator().manual_seed(0)
+    res = speckd_gate(logits.bfloat16(), ids, lp.bfloat16(), V, rule="spec", generator=g)
+    assert res.accepted.dtype == torch.bool and res.weight.dtype == torch.float32
+
+
+def test_empty_batch():
+    res = speckd_gate(torch.zeros(0, 6), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), V, rule="spec",
+                      proposal="sample", generator=torch.Generator().manual_seed(0))
+    assert res.accepted.shape == res.weight.shape == res.proposal.shape == (0,)
+
+
+def test_token_acceptance_rate():
+    acc = torch.tensor([True, False, True, True])
+    mask = torch.tensor([True, True, True, False])
+    assert token_acceptance_rate(acc, mask) == pytest.approx(2 / 3)
+    assert token_acceptance_rate(acc) == pytest.approx(3 / 4)
+    assert token_acceptance_rate(acc, torch.zeros(4, dtype=torch.bool)) == 0.0
