@@ -1,0 +1,289 @@
+"""Stage 3: score a (student) model on prepared data, against the teacher cache when one is given.
+
+    kdcache eval --model runs/demo/kd/final --data runs/demo/prepared --cache runs/demo/cache --out runs/demo/kd/eval
+
+Writes OUT/eval.json and OUT/config.yaml. Figures, all over every target position of the data:
+
+- `ce` (nats per target token) and `ppl = exp(ce)`;
+- with a cache of the same data: `teacher_top1_agreement` (student argmax = teacher's top-1 id) and
+  `fkl_to_teacher`, forward KL(P_teacher || Q_student) on the K + 1 buckets at T = 1 (methods.md §2);
+- with `generate = N` on prompt-response data: greedy generations for the first N examples, scored by
+  `exact_match` (stripped string equality) and `rouge_l` (ROUGE-L F-measure), plus a few samples.
+
+Examples are batched (right padding) in dataset order and the output head runs only at target
+positions (`TargetLogits`), so peak memory is about targets-per-batch x vocabulary x 4 bytes; the
+metrics are then computed in float64 over row chunks of at most `ROW_CHUNK_ELEMENTS` logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import save_config
+from pipeline.divergences import divergence, student_log_buckets, teacher_log_buckets
+from pipeline.errors import KdError
+from pipeline.identity import write_json
+
+log = logging.getLogger(__name__)
+
+EVAL_FILENAME = "eval.json"
+ROW_CHUNK_ELEMENTS = 1 << 25  # float64 logits per metrics chunk: 256 MiB
+
+@dataclass
+class EvalConfig:
+    """Settings of `kdcache eval`."""
+
+    model: str = ""  # model directory (a run directory means its final/), or hub id
+    data: str = ""  # prepared data; may be omitted when the cache records where it lives
+    cache: str = ""  # teacher cache of the same data: adds top-1 agreement and FKL to the teacher
+    out: str = ""
+    generate: int = 0  # greedy generations on the first N examples (prompt-response data only)
+    extra_new_tokens: int = 16  # generation budget = reference length + this
+    samples: int = 3  # generations copied into eval.json
+    batch_size: int = 8  # sequences per forward pass
+    device: str = "auto"
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise KdError(f"batch_size must be at least 1, got {self.batch_size}")
+        for name in ("generate", "extra_new_tokens", "samples"):
+            if getattr(self, name) < 0:
+                raise KdError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise KdError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+# ---- per-position metrics ------------------------------------------------------------------
+def bucket_fkl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+               vocab_size: int | None = None) -> torch.Tensor:
+    """Forward KL(P || Q) on the K + 1 buckets at T = 1 (methods.md §2), per row, in float64.
+
+    logits [N, Vs] student; topk_ids [N, K] int64 and topk_logprobs [N, K] (log p over the full
+    vocabulary) from the cache; vocab_size the teacher's V (K = V: no tail bucket). P head =
+    exp(topk_logprobs), P tail = 1 - their sum; Q head = the student's probabilities of the K ids,
+    Q tail = the rest (masked logsumexp, exact in log space). Returns [N] float64.
+    """
+    ones = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
+    log_p = teacher_log_buckets(topk_logprobs.double(), torch.zeros_like(ones), ones, vocab_size=vocab_size)
+    log_q = student_log_buckets(logits.double(), topk_ids, ones)
+    return divergence("fkl", log_p, log_q)
+
+
+class Totals:
+    """Running sums of the per-target metrics (float64 on the host)."""
+
+    def __init__(self, vocab_size: int | None = None) -> None:
+        self.vocab_size = vocab_size  # the teacher's V (from the cache)
+        self.targets = 0
+        self.nll = 0.0
+        self.agree = 0
+        self.fkl = 0.0
+
+    def add(self, logits: torch.Tensor, target_ids: torch.Tensor, cache: dict[str, torch.Tensor] | None) -> None:
+        """logits [N, Vs] float32 at the targets; target_ids [N]; cache rows of the same N targets."""
+        n, v = logits.shape
+        step = max(1, ROW_CHUNK_ELEMENTS // max(v, 1))
+        for a in range(0, n, step):
+            z = logits[a: a + step]
+            zd = z.double()
+            self.nll += float((zd.logsumexp(-1) - zd.gather(1, target_ids[a: a + step, None]).squeeze(1)).sum())
+            if cache is not None:
+                ids = cache["topk_ids"][a: a + step]
+                self.agree += int((z.argmax(-1) == ids[:, 0]).sum())
+                self.fkl += float(bucket_fkl(z, ids, cache["topk_logprobs"][a: a + step],
+                                              self.vocab_size).sum())
+        self.targets += n
+
+    def result(self, with_cache: bool) -> dict[str, Any]:
+        ce = self.nll / max(self.targets, 1)
+        out: dict[str, Any] = {"targets": self.targets, "ce": ce, "ppl": math.exp(ce) if ce < 700 else float("inf")}
+        if with_cache:
+            out["teacher_top1_agreement"] = self.agree / max(self.targets, 1)
+            out["fkl_to_teacher"] = self.fkl / max(self.targets, 1)
+        return out
+
+
+# ---- generation ----------------------------------------------------------------------------
+def score_generations(references: list[str], generations: list[str]) -> dict[str, Any]:
+    """Exact match (stripped equality) and ROUGE-L F-measure, per pair and averaged.
+
+    Returns {"exact_match": mean, "rouge_l": mean, "per_example": [(em, rouge_l), ...]}.
+    """
+    from rouge_score.rouge_scorer import RougeScorer
+
+    if len(references) != len(generations):
+        raise ValueError(f"{len(references)} references but {len(generations)} generations")
+    scorer = RougeScorer(["rougeL"])
+    per = [(float(r.strip() == g.strip()), float(scorer.score(r, g)["rougeL"].fmeasure))
+           for r, g in zip(references, generations)]
+    n = max(len(per), 1)
+    return {"exact_match": sum(e for e, _ in per) / n, "rouge_l": sum(r for _, r in per) / n, "per_example": per}
+
+
+def split_prompt_reference(ids: np.ndarray, mask: np.ndarray, eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt ids, reference ids) of a prepared example: the tokens before the first target, and
+    the target tokens without a final EOS."""
+    t = np.nonzero(mask)[0]
+    t = t[t >= 1]
+    if len(t) == 0:
+        return ids, ids[:0]
+    ref = ids[t]
+    if eos_id is not None and len(ref) and ref[-1] == eos_id:
+        ref = ref[:-1]
+    return ids[: t[0]], ref
+
+
+def generate_examples(model: Any, tokenizer: Any, ds: Any, n: int, extra_new_tokens: int, device: torch.device,
+                      context: int | None, progress: bool = False) -> list[dict[str, str]]:
+    """Greedy generations for the first `n` examples: [{prompt, reference, generation}]."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids_col, mask_col = ds.data.column("input_ids"), ds.data.column("loss_mask")
+    idx = range(min(n, len(ds)))
+    if progress:
+        from tqdm import tqdm
+
+        idx = tqdm(idx, desc="generate", unit="ex", leave=False)
+    out = []
+    for e in idx:
+        ids = np.asarray(ids_col[e].values, dtype=np.int64)
+        prompt, ref = split_prompt_reference(ids, np.asarray(mask_col[e].values), eos)
+        budget = len(ref) + extra_new_tokens
+        if context is not None:
+            budget = min(budget, context - len(prompt))
+        gen_text = ""
+        if budget > 0 and len(prompt) > 0:
+            x = torch.as_tensor(prompt, device=device)[None]
+            with torch.no_grad():
+                y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=budget,
+                                   do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
+            gen_text = tokenizer.decode(y[0, x.shape[1]:].tolist(), skip_special_tokens=True)
+        out.append({"prompt": tokenizer.decode(prompt.tolist(), skip_special_tokens=True),
+                    "reference": tokenizer.decode(ref.tolist(), skip_special_tokens=True),
+                    "generation": gen_text})
+    return out
+
+
+# ---- the stage -----------------------------------------------------------------------------
+def resolve_model_path(model: str) -> str:
+    """A training run directory stands for its final/ model; anything else is used as given."""
+    p = Path(model).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
+        return str(p / "final")
+    return model
+
+
+def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
+    """Score `cfg.model` on `cfg.data` (see the module docstring); writes OUT/eval.json, returns its dict."""
+    from pipeline.cache import open_cache
+    from pipeline.models import context_length, load_causal_lm, pick_device, pick_dtype
+    from pipeline.prepare import load_prepared, prepared_meta
+    from pipeline.stream import CacheStream
+    from pipeline.student import TargetLogits, check_inputs
+
+    if not cfg.out:
+        raise KdError("no output directory given (--out DIR)")
+    if not cfg.model:
+        raise KdError("no model given (--model PATH_OR_ID)")
+    out = Path(cfg.out)
+    if (out / "metrics.jsonl").exists():
+        raise KdError(f"{out} is a training run directory (its config.yaml would be replaced); use --out {out}/eval")
+    t0 = time.perf_counter()
+    cache = open_cache(cfg.cache) if cfg.cache else None
+    data = cfg.data or (cache.meta["data"]["path"] if cache is not None else "")
+    if not data:
+        raise KdError("no data given (--data DIR, a `kdcache prepare` output)")
+    pmeta = prepared_meta(data)
+    ds = load_prepared(data)
+    if cfg.generate and pmeta["format"] != "prompt-response":
+        raise KdError(f"--generate needs prompt-response data; {data} is {pmeta['format']!r}")
+
+    device = pick_device(cfg.device)
+    model_path = resolve_model_path(cfg.model)
+    model = load_causal_lm(model_path, device, pick_dtype(cfg.dtype, device))
+    check_inputs(model, pmeta, cache)  # vocabulary; with a cache: complete, same tokenizer, same data
+    ctx = context_length(model)
+    longest = _longest(ds)
+    if ctx is not None and longest > ctx:
+        raise KdError(f"{data} has an example of {longest} tokens, longer than the model's context of {ctx}")
+    tokenizer = None
+    if cfg.generate:
+        tokenizer = _matching_tokenizer(model_path, pmeta)
+
+    stream = CacheStream(ds, cache, cfg.batch_size, shuffle=False)
+    n_batches = stream.batches_in_epoch(0)
+    net = TargetLogits(model).eval()
+    totals = Totals(cache.vocab_size if cache is not None else None)
+    batches = iter(stream)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_batches, desc="eval", unit="batch", leave=False)
+    try:
+        for _ in range(n_batches):
+            mb = next(batches).to(device)
+            with torch.no_grad():
+                logits = net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
+            totals.add(logits, mb.target_ids, mb.cache)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    result: dict[str, Any] = {"model": cfg.model, "data": str(data), "cache": cfg.cache or None,
+                              "examples": len(ds), **totals.result(cache is not None)}
+    if cfg.generate:
+        gens = generate_examples(model, tokenizer, ds, cfg.generate, cfg.extra_new_tokens, device, ctx, progress)
+        scores = score_generations([g["reference"] for g in gens], [g["generation"] for g in gens])
+        result.update({"generated": len(gens), "exact_match": scores["exact_match"], "rouge_l": scores["rouge_l"],
+                       "samples": [{**g, "exact_match": em, "rouge_l": rl}
+                                   for g, (em, rl) in list(zip(gens, scores["per_example"]))[: cfg.samples]]})
+    result["seconds"] = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    write_json(out / EVAL_FILENAME, result)
+    return result
+
+
+def _longest(ds: Any) -> int:
+    """Tokens in the longest example (from the Arrow offsets: no Python loop over rows)."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(ds.data.column("input_ids"))
+    return int(pc.max(lengths).as_py() or 0)
+
+
+def _matching_tokenizer(model_path: str, pmeta: dict[str, Any]) -> Any:
+    """The model directory's tokenizer, refused when it is not the one the data was prepared with."""
+    from pipeline.identity import same_tokenizer, tokenizer_identity
+    from pipeline.models import load_tokenizer
+
+    try:
+        tok = load_tokenizer(model_path)
+    except KdError as e:
+        raise KdError(f"--generate decodes with the model's tokenizer: {e}") from None
+    if not same_tokenizer(tokenizer_identity(tok, model_path), pmeta["tokenizer"]):
+        raise KdError(f"the tokenizer in {model_path} differs from the one the data was prepared with "
+                      f"({pmeta['tokenizer']['name']}); generations would be decoded wrongly")
+    return tok
+
+
+def summary_line(r: dict[str, Any], out: str) -> str:
+    """One line for the end of `kdcache eval`."""
+    parts = [f"eval: {r['targets']:,} targets, ce {r['ce']:.4f} (ppl {r['ppl']:.2f})"]
+    if "teacher_top1_agreement" in r:
+        parts.append(f"teacher top-1 agreement {r['teacher_top1_agreement']:.3f}, fkl {r['fkl_to_teacher']:.4f}")
+    if "exact_match" in r:
+        parts.append(f"exact match {r['exact_match']:.3f}, ROUGE-L {r['rouge_l']:.3f} on {r['generated']}")
+    return ", ".join(parts) + f" in {r['seconds']:.1f}s -> {Path(out) / EVAL_FILENAME}"

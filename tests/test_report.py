@@ -1,0 +1,167 @@
+"""Tests for `pipeline.report` and `kdcache report`: fake run directories written here, a real cache.
+
+    .venv/bin/python -m pytest tests/test_report.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from pipeline.cache import open_cache
+from pipeline.errors import KdError
+from pipeline.report import ReportConfig, build_report, cache_histograms, method_name
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The teacher pass on a tiny model is far faster single-threaded on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, prepared_dir, llama_dir) -> Path:
+    """A cache of several shards (and several Zarr chunks per shard) so dask concatenates."""
+    from pipeline.teacher import TeacherConfig, run_teacher
+
+    out = tmp_path_factory.mktemp("repcache") / "cache"
+    run_teacher(TeacherConfig(data=str(prepared_dir), model=str(llama_dir), out=str(out), top_k=8, device="cpu",
+                              shard_rows=150, chunk_rows=40))
+    return out
+
+
+def write_run(root: Path, name: str, config: dict | None, metrics: list[dict] | None, ev: dict | None,
+              eval_in_subdir: bool = True, torn_line: bool = False) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    if config is not None:
+        (d / "config.yaml").write_text(yaml.safe_dump(config))
+    if metrics is not None:
+        text = "".join(json.dumps(m) + "\n" for m in metrics)
+        (d / "metrics.jsonl").write_text(text + ('{"step": 99, "lo' if torn_line else ""))
+    if ev is not None:
+        p = d / "eval" / "eval.json" if eval_in_subdir else d / "eval.json"
+        p.parent.mkdir(exist_ok=True)
+        p.write_text(json.dumps(ev))
+    return d
+
+
+def fake_metrics(steps: int, distill: bool, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(1, steps + 1):
+        row = {"step": s, "loss": 5.0 / s ** 0.3 + 0.05 * rng.random(), "kd_loss": 0.0, "ce_loss": 5.0 / s ** 0.3,
+               "lr": 3e-4, "tokens_per_s": 1000.0 + 10 * s}
+        if distill:
+            t = 1.0 + 0.3 * rng.standard_normal()
+            row.update({"tar": min(1.0, 0.4 + 0.02 * s), "focus_ratio": max(0.1, 1.0 - 0.03 * s), "temp_mean": t,
+                        "temp_min": t - 0.3, "temp_max": t + 0.5, "kept_fraction": 0.8})
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir) -> list[Path]:
+    root = tmp_path_factory.mktemp("runs")
+    c = str(cache_dir)
+    return [
+        write_run(root, "ce", {"cache": "", "loss": "fkl", "gate": "none"}, fake_metrics(20, False, 0),
+                  {"ce": 3.2, "ppl": 24.5, "targets": 100}),
+        write_run(root, "kd", {"cache": c, "loss": "fkl", "tail": "bucket", "gate": "none"}, fake_metrics(20, True, 1),
+                  {"ce": 3.0, "ppl": 20.1, "teacher_top1_agreement": 0.41, "fkl_to_teacher": 0.52},
+                  eval_in_subdir=False),
+        write_run(root, "speckd_all", {"cache": c, "loss": "fkl", "tail": "bucket", "gate": "topk", "gate_k": 5,
+                                       "latf": True, "idts": True}, fake_metrics(20, True, 2),
+                  {"ce": 2.9, "ppl": 18.2, "exact_match": 0.25, "rouge_l": 0.61}, torn_line=True),
+        write_run(root, "bare", None, None, None),
+    ]
+
+
+def test_method_names():
+    assert method_name({"cache": "", "loss": "fkl"}) == "CE only"
+    assert method_name({"cache": "c", "loss": "none"}) == "CE only"
+    assert method_name({"cache": "c", "loss": "fkl", "tail": "bucket", "gate": "none"}) == "KD fkl/bucket"
+    assert method_name({"cache": "c", "loss": "fkl", "gate": "topk", "gate_k": 5}) == "SpecKD topk k=5 + fkl"
+    assert (method_name({"cache": "c", "loss": "rkl", "tail": "renorm", "gate": "spec", "latf": True, "idts": True})
+            == "SpecKD spec + LATF + IDTS + rkl/renorm")
+    assert method_name({"cache": "c", "loss": "jsd", "ce_weight": 0.5}) == "KD jsd/bucket + 0.5·CE"
+    assert method_name(None) == "—"
+
+
+def test_report_files_table_and_plots(tmp_path, runs, cache_dir):
+    out = tmp_path / "report"
+    r = build_report(ReportConfig(runs=[str(p) for p in runs], out=str(out)))  # cache from the runs' configs
+    md = (out / "report.md").read_text()
+    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + len(runs)  # header, separator, one row per run
+    assert "teacher top-1 agr." in table[0] and "ROUGE-L" in table[0] and "final TAR" in table[0]
+    rows = {ln.split("|")[1].strip(): ln for ln in table[2:]}
+    assert set(rows) == {"ce", "kd", "speckd_all", "bare"}
+    assert "CE only" in rows["ce"] and "3.2000" in rows["ce"]
+    assert "KD fkl/bucket" in rows["kd"] and "0.410" in rows["kd"]  # eval.json directly in the run dir
+    assert "SpecKD topk k=5 + LATF + IDTS + fkl" in rows["speckd_all"] and "0.610" in rows["speckd_all"]
+    assert rows["speckd_all"].split("|")[-3].strip() == "0.800"  # final TAR: last complete row (torn line skipped)
+    bare = [c.strip() for c in rows["bare"].split("|")[2:-1]]
+    assert bare and all(c == "—" for c in bare)
+    assert set(r["plots"]) == {"loss.png", "tar.png", "focus_ratio.png", "temperatures.png", "cache_entropy.png",
+                               "cache_topk_mass.png"}
+    for name in r["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1024, name
+        assert f"]({name})" in md  # embedded by relative path
+    assert (out / "config.yaml").is_file()
+
+
+def test_cache_histograms_cover_every_row(cache_dir):
+    c = open_cache(cache_dir)
+    assert len(c.shards) > 1
+    h = cache_histograms(cache_dir, bins=20)
+    assert h["rows"] == c.num_rows
+    assert int(h["entropy"]["counts"].sum()) == c.num_rows
+    assert int(h["topk_mass"]["counts"].sum()) == c.num_rows
+    # Same counts as an in-memory numpy histogram of the decoded rows.
+    rows = c.read(0, c.num_rows)
+    ent = rows["entropy"].astype(np.float64)
+    e_counts, _ = np.histogram(ent, bins=20, range=(ent.min(), ent.max()))
+    assert np.array_equal(h["entropy"]["counts"], e_counts)
+    mass = np.clip(np.exp(rows["topk_logprobs"].astype(np.float64)).sum(1), 0, 1)
+    assert h["topk_mass"]["mean"] == pytest.approx(mass.mean(), rel=1e-5)
+    assert np.array_equal(h["topk_mass"]["counts"], np.histogram(mass, bins=20, range=(0.0, 1.0))[0])
+
+
+def test_report_without_cache_or_metrics(tmp_path):
+    run = write_run(tmp_path, "only_eval", None, None, {"ce": 1.0, "ppl": 2.718})
+    r = build_report(ReportConfig(runs=[str(run)], out=str(tmp_path / "rep")))
+    md = Path(r["path"]).read_text()
+    assert r["plots"] == [] and r["cache"] is None
+    assert "| only_eval | — | 1.0000 | 2.72 | — | — |" in md
+    assert "No cache given" in md
+
+
+def test_cli_report_and_errors(tmp_path, runs, cache_dir):
+    from stages.cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "rep"
+    res = runner.invoke(main, ["report", *map(str, runs[:2]), "--out", str(out), "--cache", str(cache_dir),
+                               "--bins", "10"])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip().splitlines()[-1].startswith("report: 2 run(s)")
+    assert yaml.safe_load((out / "config.yaml").read_text())["bins"] == 10
+    res = runner.invoke(main, ["report", str(tmp_path / "missing"), "--out", str(out)])
+    assert res.exit_code == 1 and "kdcache report: error: run directory not found" in res.output
+    res = runner.invoke(main, ["report", str(runs[0]), "--out", str(out), "--set", "bins=1"])
+    assert res.exit_code == 1 and "bins must be at least 2" in res.output
+    with pytest.raises(KdError, match="no run directories"):
+        build_report(ReportConfig(out=str(out)))
