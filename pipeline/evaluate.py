@@ -265,14 +265,24 @@ def _longest(ds: Any) -> int:
 
 
 def _matching_tokenizer(model_path: str, pmeta: dict[str, Any]) -> Any:
-    """The model directory's tokenizer, refused when it is not the one the data was prepared with."""
+    """The model directory's tokenizer, refused when it is not the one the data was prepared with.
+
+    A model directory without tokenizer files (a bare checkpoint) decodes with the tokenizer the data
+    was prepared with, which is by construction the right one.
+    """
+    from pathlib import Path
+
     from pipeline.identity import same_tokenizer, tokenizer_identity
     from pipeline.models import load_tokenizer
 
+    local = Path(model_path)
+    has_own = not local.is_dir() or any((local / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                        "tokenizer.model", "vocab.json"))
+    source = model_path if has_own else pmeta["tokenizer"]["name"]
     try:
-        tok = load_tokenizer(model_path)
+        tok = load_tokenizer(source)
     except KdError as e:
-        raise KdError(f"--generate decodes with the model's tokenizer: {e}") from None
+        raise KdError(f"--generate needs a tokenizer to decode with: {e}") from None
     if not same_tokenizer(tokenizer_identity(tok, model_path), pmeta["tokenizer"]):
         raise KdError(f"the tokenizer in {model_path} differs from the one the data was prepared with "
                       f"({pmeta['tokenizer']['name']}); generations would be decoded wrongly")

@@ -7,6 +7,7 @@ Layout under `out` (the run owns every path, so sections only hold settings):
     prepared/<split>/     one `kdcache prepare` output per entry of `prepare` (train, heldout, ...)
     teacher/              the teacher trained with `kdcache train` (only when `teacher.train` is given)
     cache/                the teacher cache, made from prepared/train
+    cache_<split>/        the teacher cache of the eval split (held-out agreement and KL)
     students/<name>/      one `kdcache train` run per entry of `students`, all from the same cache
     students/<name>/eval/ `kdcache eval` on prepared/<eval.split> (+ teacher/eval for the teacher)
     report/               `kdcache report` over all students
@@ -96,6 +97,14 @@ class Pipeline:
             raise KdError("the teacher section needs 'model' (a path or hub id) or a 'train' section")
         return str(model)
 
+    @property
+    def eval_split(self) -> str:
+        return str(self.cfg.eval.get("split", "heldout"))
+
+    @property
+    def eval_cache(self) -> Path:
+        return self.out / f"cache_{self.eval_split}"
+
     def student_dir(self, name: str) -> Path:
         return self.out / "students" / name
 
@@ -119,13 +128,21 @@ class Pipeline:
         section.pop("model", None)
         if train_section:
             self._train_one("teacher", self.out / "teacher", train_section, with_cache=False)
-        tc = from_dict(TeacherConfig, {**section, "data": str(self.prepared("train")), "model": self.teacher_model,
-                                       "out": str(self.cache)})
-        s = run_teacher(tc)
-        if s["done"] == 0 and s["skipped"] == s["shards"]:
-            self.echo(f"teacher: cache {self.cache} already complete; skipped")
-        else:
-            self.echo(f"teacher: cached {s['rows']} rows in {s['done']} shard(s), {s['seconds']:.1f}s -> {self.cache}")
+        # The train split feeds the students; the eval split's cache lets `eval` measure held-out
+        # teacher agreement and KL (a few seconds: it is small).
+        targets = [("train", self.cache)]
+        split = self.eval_split
+        if "eval" in self.cfg.stages and split in self.cfg.prepare and split != "train":
+            targets.append((split, self.eval_cache))
+        for name, cache in targets:
+            tc = from_dict(TeacherConfig, {**section, "data": str(self.prepared(name)), "model": self.teacher_model,
+                                           "out": str(cache)})
+            s = run_teacher(tc)
+            if s["done"] == 0 and s["skipped"] == s["shards"]:
+                self.echo(f"teacher[{name}]: cache {cache} already complete; skipped")
+            else:
+                self.echo(f"teacher[{name}]: cached {s['rows']} rows in {s['done']} shard(s), "
+                          f"{s['seconds']:.1f}s -> {cache}")
 
     def stage_train(self) -> None:
         if not self.cfg.students:
@@ -156,8 +173,10 @@ class Pipeline:
         from pipeline.evaluate import EvalConfig, evaluate
 
         section = dict(self.cfg.eval)
-        split = section.pop("split", "heldout")
-        data = self.prepared(split)
+        section.pop("split", None)
+        data = self.prepared(self.eval_split)
+        if (self.eval_cache / "kdcache.json").exists():
+            section.setdefault("cache", str(self.eval_cache))
         models = [(name, self.student_dir(name)) for name in self.cfg.students]
         if self.cfg.teacher.get("train") or self.cfg.teacher.get("model"):
             models.insert(0, ("teacher", self.out / "teacher"))

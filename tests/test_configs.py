@@ -1,0 +1,53 @@
+"""Every shipped config loads into its typed config, so none can rot silently."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import from_dict, load_yaml
+from pipeline.evaluate import EvalConfig
+from pipeline.prepare import PrepareConfig
+from pipeline.run import RunConfig, load_run_config
+from pipeline.teacher import TeacherConfig
+from pipeline.train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+YAMLS = sorted((ROOT / "configs").glob("*.yaml"))
+CLASSES = {"prepare": PrepareConfig, "teacher": TeacherConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def test_there_are_configs():
+    assert any(p.name == "demo.yaml" for p in YAMLS) and len(YAMLS) >= 3
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[p.name for p in YAMLS])
+def test_config_loads_and_starts_with_its_command(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# kdcache "), f"{path.name} must start with the command that runs it"
+    words = shlex.split(first[2:].replace("$(which kdcache)", "kdcache"))
+    command = words[1]
+    if command == "run":
+        cfg = load_run_config(str(path))
+        assert isinstance(cfg, RunConfig) and cfg.students
+        for section in cfg.students.values():  # every student resolves to a valid TrainConfig
+            from_dict(TrainConfig, {**cfg.train_defaults, **(section or {})})
+        for split in cfg.prepare.values():
+            from_dict(PrepareConfig, split)
+        teacher = {k: v for k, v in cfg.teacher.items() if k not in ("model", "train")}
+        from_dict(TeacherConfig, teacher)
+        eval_keys = {k: v for k, v in cfg.eval.items() if k != "split"}
+        from_dict(EvalConfig, eval_keys)
+    else:
+        from_dict(CLASSES[command], load_yaml(path))
+
+
+@pytest.mark.parametrize("name", ["demo_teacher.json", "demo_student.json"])
+def test_model_configs_build(name):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(str(ROOT / "configs" / "models" / name))
+    assert cfg.vocab_size == json.loads((ROOT / "data" / "demo" / "teacher" / "config.json").read_text())["vocab_size"]

@@ -1,0 +1,110 @@
+"""`kdcache run`: the whole pipeline on a reduced config, skipping finished work, resuming after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from stages.cli import main
+
+
+def write_config(tmp_path: Path, data_file: Path, heldout_file: Path, tokenizer_dir: Path, teacher_dir: Path,
+                 vocab_size: int, **train_over) -> Path:
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({"model_type": "llama", "vocab_size": vocab_size, "hidden_size": 16,
+                                   "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "num_key_value_heads": 1, "max_position_embeddings": 128,
+                                   "tie_word_embeddings": True}))
+    cfg = {
+        "out": str(tmp_path / "run"),
+        "prepare": {"train": {"data": str(data_file), "tokenizer": str(tokenizer_dir), "max_length": 64},
+                    "heldout": {"data": str(heldout_file), "tokenizer": str(tokenizer_dir), "max_length": 64}},
+        "teacher": {"model": str(teacher_dir), "top_k": 8, "shard_rows": 200},
+        "train_defaults": {"student_config": str(student), "max_steps": 4, "batch_size": 8, "lr": 1e-2,
+                           "tensorboard": False, **train_over},
+        "students": {"ce": {"loss": "none"}, "kd": {"loss": "fkl"},
+                     "spec_ada": {"gate": "topk", "gate_k": 3, "reject_weight": 0.2, "latf": True, "idts": True}},
+        "eval": {"split": "heldout", "generate": 3},
+        "report": {},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture()
+def heldout_file(tmp_path) -> Path:
+    from conftest import make_pairs
+
+    p = tmp_path / "heldout.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(12, seed=9)))
+    return p
+
+
+def test_run_whole_pipeline_then_skip_everything(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size):
+    cfg = write_config(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size)
+    runner = CliRunner()
+    res = runner.invoke(main, ["run", str(cfg)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "run"
+    assert "report: " + str(out / "report" / "report.md") in res.output
+    report = (out / "report" / "report.md").read_text()
+    for name in ("ce", "kd", "spec_ada"):
+        assert (out / "students" / name / "final" / "config.json").is_file()
+        ev = json.loads((out / "students" / name / "eval" / "eval.json").read_text())
+        assert {"ce", "ppl", "teacher_top1_agreement", "fkl_to_teacher", "exact_match", "rouge_l"} <= ev.keys()
+        assert name in report
+    assert (out / "cache_heldout" / "kdcache.json").is_file()
+    pngs = list((out / "report").glob("*.png"))
+    assert len(pngs) >= 5 and all(p.stat().st_size > 1000 for p in pngs)
+    # Everything is complete for the same config: a re-run skips every stage's work.
+    res = runner.invoke(main, ["run", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "already up to date" in res.output and "already complete" in res.output
+    assert res.output.count("skipped") >= 3 + 4  # 3 students trained + teacher/students evaluated
+    # --only and --from select stages.
+    res = runner.invoke(main, ["run", str(cfg), "--only", "report"])
+    assert res.exit_code == 0 and "train[" not in res.output and "report:" in res.output
+
+
+def test_run_resumes_after_kill_9(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size):
+    cfg = write_config(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size,
+                       max_steps=30, save_every=2)
+    kdcache = Path(sys.executable).with_name("kdcache")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(kdcache), "run", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)
+    ckpts = tmp_path / "run" / "students" / "kd" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("step_") for p in ckpts.iterdir())):
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "students" / "kd" / "final").exists()
+    res = subprocess.run([str(kdcache), "run", str(cfg)], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train[ce]" in res.stdout and "skipped" in res.stdout  # the finished student is not retrained
+    metrics = [json.loads(ln) for ln in (tmp_path / "run" / "students" / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 31))  # resumed, no step lost or repeated
+    assert (tmp_path / "run" / "report" / "report.md").is_file()
+
+
+def test_run_config_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("out: x\nstages: [prepare, teach]\nprepare: {train: {data: a, tokenizer: b}}\n")
+    res = CliRunner().invoke(main, ["run", str(bad)])
+    assert res.exit_code == 1 and "unknown stage" in res.output and "Traceback" not in res.output
+    bad.write_text("out: x\nprepare: {train: {data: a, tokenizer: b, colour: red}}\nstudents: {a: {}}\n")
+    res = CliRunner().invoke(main, ["run", str(bad), "--only", "prepare"])
+    assert res.exit_code == 1 and "colour" in res.output
