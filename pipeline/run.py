@@ -8,7 +8,8 @@ Layout under `out` (the run owns every path, so sections only hold settings):
     teacher/              the teacher trained with `kdcache train` (only when `teacher.train` is given)
     cache/                the teacher cache, made from prepared/train
     cache_<split>/        the teacher cache of the eval split (held-out agreement and KL)
-    students/<name>/      one `kdcache train` run per entry of `students`, all from the same cache
+    students/<name>/      one `kdcache train` run per entry of `students`, all from the same cache;
+                          `init_from: <other>` starts a student from another's final model
     students/<name>/eval/ `kdcache eval` on prepared/<eval.split> (+ teacher/eval for the teacher)
     report/               `kdcache report` over all students
 
@@ -147,9 +148,13 @@ class Pipeline:
     def stage_train(self) -> None:
         if not self.cfg.students:
             raise KdError("the students section is empty: nothing to train")
-        for name, section in self.cfg.students.items():
-            self._train_one(name, self.student_dir(name), merge(self.cfg.train_defaults, section or {}),
-                            with_cache=True)
+        for name in student_order(self.cfg.students):
+            section = merge(self.cfg.train_defaults, self.cfg.students[name] or {})
+            base = section.pop("init_from", None)
+            if base:  # start from another student's final model (e.g. a shared CE warm start)
+                section.pop("student_config", None)
+                section["student"] = str(self.student_dir(base) / "final")
+            self._train_one(name, self.student_dir(name), section, with_cache=True)
 
     def _train_one(self, name: str, out: Path, section: dict[str, Any], with_cache: bool) -> None:
         from pipeline.train import summary_line, train
@@ -199,6 +204,29 @@ class Pipeline:
                                       "cache": str(self.cache)})
         path = report(rc)
         self.echo(f"report: {path}")
+
+
+def student_order(students: dict[str, Any]) -> list[str]:
+    """Student names with every `init_from` base before the students that start from it."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name not in students:
+            raise KdError(f"init_from: no student named {name!r} (students: {', '.join(students)})")
+        if name in visiting:
+            raise KdError(f"init_from forms a cycle through student {name!r}")
+        visiting.add(name)
+        base = (students[name] or {}).get("init_from")
+        if base:
+            visit(base)
+        order.append(name)
+
+    for n in students:
+        visit(n)
+    return order
 
 
 def train_state(out: Path, tc: Any) -> str:

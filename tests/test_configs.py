@@ -34,7 +34,11 @@ def test_config_loads_and_starts_with_its_command(path):
         cfg = load_run_config(str(path))
         assert isinstance(cfg, RunConfig) and cfg.students
         for section in cfg.students.values():  # every student resolves to a valid TrainConfig
-            from_dict(TrainConfig, {**cfg.train_defaults, **(section or {})})
+            keys = {**cfg.train_defaults, **(section or {})}
+            if keys.pop("init_from", None):  # the run substitutes the base student's final model
+                keys.pop("student_config", None)
+                keys["student"] = "base-student/final"
+            from_dict(TrainConfig, keys)
         for split in cfg.prepare.values():
             from_dict(PrepareConfig, split)
         teacher = {k: v for k, v in cfg.teacher.items() if k not in ("model", "train")}
