@@ -16,12 +16,21 @@ log = logging.getLogger(__name__)
 
 
 def run_on_dask(jobs: list[dict[str, Any]], fn: Callable[[dict[str, Any]], Any], workers: int,
-                scheduler: str) -> Iterator[Any]:
-    """Run `fn(job)` for every job; yields results as they complete. User errors surface as `KdError`."""
+                scheduler: str, threads: int = 0) -> Iterator[Any]:
+    """Run `fn(job)` for every job; yields results as they complete. User errors surface as `KdError`.
+
+    `threads`: BLAS/OpenMP threads of each local worker process. Dask's nanny would start them with
+    OMP_NUM_THREADS=1 (its `pre-spawn-environ`), leaving cores idle when workers < cores.
+    """
     from distributed import Client, LocalCluster, as_completed
 
     if not jobs:
         return
+    # distributed configures its own loggers at INFO ("Nanny ... closed", "Closing scheduler"): a
+    # failing run must end with the one error line, not a screen of shutdown chatter.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(max(logging.getLogger(name).level, logging.WARNING))
     cluster = None
     try:
         if scheduler:
@@ -32,8 +41,10 @@ def run_on_dask(jobs: list[dict[str, Any]], fn: Callable[[dict[str, Any]], Any],
         else:
             # One thread per process: torch parallelises inside the process, and separate processes
             # keep each worker's model and CUDA context apart.
+            n = str(threads or 1)
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, silence_logs=logging.ERROR)
+                                   dashboard_address=None, silence_logs=logging.CRITICAL,  # failures reach us via the future
+                                   env={"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n})
             client = Client(cluster)
         with client:
             futures = [client.submit(fn, job, key=f"kdcache-shard-{job['shard']['index']:05d}", pure=False)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.cache.reader import Cache
+from pipeline.errors import KdError
 
 
 def size_budget(k: int, vocab_size: int) -> float:
@@ -19,6 +20,8 @@ def summarize(c: Cache, sample_rows: int = 200_000) -> dict[str, Any]:
     """Cache statistics; entropy and top-K mass come from up to `sample_rows` rows spread over the
     committed shards (each shard contributes its leading rows)."""
     committed = c.committed()
+    ent: list[np.ndarray] = []
+    mass: list[np.ndarray] = []
     nbytes = c.bytes_on_disk()
     out: dict[str, Any] = {
         "path": str(c.path), "rows": c.num_rows, "examples": int(c.meta["num_examples"]), "k": c.k,
@@ -29,12 +32,18 @@ def summarize(c: Cache, sample_rows: int = 200_000) -> dict[str, Any]:
     done = [i for i, ok in enumerate(committed) if ok]
     if done:
         per = max(1, sample_rows // len(done))
-        ent, mass = [], []
+        unreadable = []
         for i in done:
             s = c.shards[i]
-            rows = c.read(s["row_start"], min(s["row_stop"], s["row_start"] + per))
+            try:
+                rows = c.read(s["row_start"], min(s["row_stop"], s["row_start"] + per))
+            except KdError as err:  # a damaged shard must not hide the others (--verify lists them all)
+                unreadable.append(str(err))
+                continue
             ent.append(rows["entropy"])
             mass.append(np.exp(rows["topk_logprobs"].astype(np.float64)).sum(-1))
+        out["unreadable"] = unreadable
+    if ent:
         e, m = np.concatenate(ent), np.concatenate(mass)
         out["entropy"] = {"mean": float(e.mean()), "p50": float(np.median(e)), "p90": float(np.quantile(e, 0.9))}
         out["topk_mass"] = {"mean": float(m.mean()), "p10": float(np.quantile(m, 0.1)), "p50": float(np.median(m))}
@@ -59,4 +68,6 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"entropy      mean {e['mean']:.3f}  median {e['p50']:.3f}  p90 {e['p90']:.3f} nats "
                      f"({s['sampled_rows']:,} rows)")
         lines.append(f"top-K mass   mean {m['mean']:.4f}  p10 {m['p10']:.4f}  median {m['p50']:.4f}")
+    for u in s.get("unreadable", []):
+        lines.append(f"unreadable   {u}")
     return "\n".join(lines)

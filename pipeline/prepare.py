@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.config import save_config, to_dict
 from pipeline.errors import KdError
-from pipeline.identity import read_json, tokenizer_identity, write_json
+from pipeline.identity import file_sha256, read_json, tokenizer_identity, write_json
 from pipeline.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,31 @@ class PrepareConfig:
         return d
 
 
+def _looks_like_path(data: str) -> bool:
+    return data.startswith((".", "/", "~")) or Path(data).suffix in FILE_TYPES
+
+
+def source_sha256(data: str) -> str | None:
+    """sha256 over the bytes of a local input (a file, or every file under a directory); None for a
+    hub name. Recorded so that a re-run notices an input file edited in place."""
+    p = Path(data).expanduser()
+    if p.is_file():
+        files, root = [p], p.parent
+    elif p.is_dir():
+        files, root = sorted(f for f in p.rglob("*") if f.is_file()), p
+    elif _looks_like_path(data):
+        raise KdError(f"data not found: {data}")
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            h.update(f"{f.relative_to(root)}\t{file_sha256(f)}\n".encode())
+        except OSError as e:
+            raise KdError(f"cannot read data {str(f)!r}: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
 def load_records(data: str, split: str) -> Any:
     """Open `data` as a `datasets.Dataset`: local files, a saved dataset, or a hub dataset name."""
     import datasets
@@ -83,7 +108,7 @@ def load_records(data: str, split: str) -> Any:
                 raise KdError(f"no data files (.jsonl .json .parquet .csv .txt) in {p}")
         elif p.is_file():
             files = [p]
-        elif data.startswith((".", "/", "~")) or p.suffix in FILE_TYPES:
+        elif _looks_like_path(data):
             raise KdError(f"data not found: {data}")
         else:
             return datasets.load_dataset(data, split=split)
@@ -140,14 +165,26 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
     """
     if not getattr(tokenizer, "chat_template", None):
         raise KdError("format 'chat' needs a tokenizer with a chat_template")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise KdError(f"'messages' must be a list of {{role, content}} objects, got {type(messages).__name__}")
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        spans.append((start, end))
+        if i:
+            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        else:  # templates refuse an empty conversation: the turn opens where an empty reply's render stops matching
+            empty = tokenizer.apply_chat_template([{**m, "content": ""}], tokenize=False)
+            one = tokenizer.apply_chat_template(messages[:1], tokenize=False)
+            n = next((j for j, (a, b) in enumerate(zip(empty, one)) if a != b), min(len(empty), len(one)))
+            head = one[:n]
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        # The span method needs renders of prefixes to be prefixes of the full render.
+        if not (full.startswith(upto) and upto.startswith(head)):
+            raise KdError("the tokenizer's chat template does not render a conversation's prefix as a prefix "
+                          "of the whole; use --format prompt-response or text for this tokenizer")
+        spans.append((len(head), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     mask = [0] * len(ids)
@@ -159,15 +196,25 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
 
 def tokenize_records(ds: Any, tokenizer: Any, fmt: str, cfg: PrepareConfig) -> Iterator[tuple[list[int], list[int], bool]]:
     """Yield (input_ids, loss_mask, truncated) per record."""
-    for rec in ds:
-        if fmt == "text":
-            ids, mask = encode_text(tokenizer, str(rec[cfg.text_field] or ""), cfg.add_eos)
-        elif fmt == "prompt-response":
-            ids, mask = encode_prompt_response(tokenizer, str(rec["prompt"] or ""), str(rec["response"] or ""), cfg.add_eos)
-        else:
-            ids, mask = encode_chat(tokenizer, rec["messages"])
+    for i, rec in enumerate(ds):
+        try:
+            if fmt == "text":
+                ids, mask = encode_text(tokenizer, str(rec[cfg.text_field] or ""), cfg.add_eos)
+            elif fmt == "prompt-response":
+                ids, mask = encode_prompt_response(tokenizer, str(rec["prompt"] or ""), str(rec["response"] or ""),
+                                                   cfg.add_eos)
+            else:
+                ids, mask = encode_chat(tokenizer, rec["messages"])
+        except KdError as e:
+            raise KdError(f"example {i}: {e}") from None
+        except Exception as e:  # a template error, a malformed record: name the example, not a traceback
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise KdError(f"example {i}: cannot encode as {fmt} ({type(e).__name__}: {msg})") from None
         truncated = len(ids) > cfg.max_length
-        yield ids[: cfg.max_length], mask[: cfg.max_length], truncated
+        mask = mask[: cfg.max_length]
+        if mask:
+            mask[0] = 0  # position 0 has no context: never a target (the teacher caches t >= 1 only)
+        yield ids[: cfg.max_length], mask, truncated
 
 
 def prepared_meta(path: str | Path) -> dict[str, Any]:
@@ -183,8 +230,14 @@ def load_prepared(path: str | Path) -> Any:
     import datasets
 
     datasets.disable_progress_bars()
-    prepared_meta(path)
-    return datasets.load_from_disk(str(path))
+    meta = prepared_meta(path)
+    if meta.get("examples") == 0:
+        raise KdError(f"prepared data {path} is empty (0 examples): nothing to do")
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:  # an empty or damaged Arrow directory fails deep inside datasets
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise KdError(f"cannot load prepared data {path}: {type(e).__name__}: {msg}") from None
 
 
 def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
@@ -193,32 +246,38 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     Re-running with the same settings on a finished output does nothing; different settings on an
     existing output are refused unless `cfg.overwrite`.
     """
-    import datasets
-
     if not cfg.out:
         raise KdError("no output directory given (--out DIR)")
     out = Path(cfg.out)
+    if not cfg.data:
+        raise KdError("no input data given (--data FILE_OR_DIR_OR_NAME)")
+    source = source_sha256(cfg.data)
+    if out.exists() and not out.is_dir():
+        raise KdError(f"--out {out} is a file, not a directory")
     if out.exists():
         meta_path = out / META_FILENAME
         if meta_path.exists():
             meta = read_json(meta_path, "prepared-data record")
-            if meta.get("config_identity") == cfg.identity() and not cfg.overwrite:
+            if meta.get("config_identity") != cfg.identity() and not cfg.overwrite:
+                raise KdError(f"{out} holds data prepared with other settings; pass --overwrite to replace it")
+            if meta.get("source_sha256") != source and not cfg.overwrite:
+                raise KdError(f"{out} was prepared from other contents of {cfg.data} (the input changed); "
+                              "pass --overwrite to replace it")
+            if not cfg.overwrite:
                 meta["skipped"] = True
                 return meta
-            if not cfg.overwrite:
-                raise KdError(f"{out} holds data prepared with other settings; pass --overwrite to replace it")
         elif any(out.iterdir()) and not cfg.overwrite:
             raise KdError(f"{out} exists and is not a prepared dataset; choose another --out or pass --overwrite")
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     ds = load_records(cfg.data, cfg.split)
+    if len(ds) == 0:
+        raise KdError(f"the dataset {cfg.data} is empty")
     fmt = cfg.format if cfg.format != "auto" else detect_format(list(ds.column_names), cfg.text_field)
     need = {"text": [cfg.text_field], "prompt-response": ["prompt", "response"], "chat": ["messages"]}[fmt]
     missing = [c for c in need if c not in ds.column_names]
     if missing:
         raise KdError(f"format {fmt!r} needs field(s) {missing}; the data has {list(ds.column_names)}")
-    if len(ds) == 0:
-        raise KdError(f"the dataset {cfg.data} is empty")
 
     all_ids, all_masks = [], []
     fp = hashlib.sha256()
@@ -239,16 +298,11 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     if n_targets == 0:
         raise KdError(f"no target positions in {cfg.data} (format {fmt}): nothing to distill")
 
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "loss_mask": datasets.Sequence(datasets.Value("int8"))})
-    out_ds = datasets.Dataset.from_dict({"input_ids": all_ids, "loss_mask": all_masks}, features=features)
-    tmp = out.with_name(out.name + ".tmp-prepare")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out_ds.save_to_disk(str(tmp))
     meta = {
         "kind": "kdcache-prepared",
         "format": fmt,
         "data": str(cfg.data),
+        "source_sha256": source,
         "tokenizer": tokenizer_identity(tokenizer, cfg.tokenizer),
         "fingerprint": fp.hexdigest(),
         "examples": len(all_ids),
@@ -258,12 +312,37 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
         "max_length": cfg.max_length,
         "config_identity": cfg.identity(),
     }
-    write_json(tmp / META_FILENAME, meta)
-    save_config(cfg, tmp / "config.yaml")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    write_prepared(out, all_ids, all_masks, meta, cfg)
     return meta
+
+
+def write_prepared(out: str | Path, input_ids: list[list[int]], loss_masks: list[list[int]],
+                   meta: dict[str, Any], cfg: Any = None) -> None:
+    """Save columns + `kdcache_prepare.json` (+ the config) under a temporary name, then rename into place.
+
+    Also used by `bench/teacher.py` to write synthetic token data without a tokenizer.
+    """
+    import datasets
+
+    out = Path(out)
+    if not input_ids:
+        raise KdError(f"refusing to write an empty prepared dataset to {out}")
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "loss_mask": datasets.Sequence(datasets.Value("int8"))})
+    out_ds = datasets.Dataset.from_dict({"input_ids": input_ids, "loss_mask": loss_masks}, features=features)
+    tmp = out.with_name(out.name + ".tmp-prepare")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        out_ds.save_to_disk(str(tmp))
+        write_json(tmp / META_FILENAME, meta)
+        if cfg is not None:
+            save_config(cfg, tmp / "config.yaml")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def summary_line(meta: dict[str, Any], out: str) -> str:

@@ -51,6 +51,7 @@ class TeacherConfig:
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     workers: int = 0  # >0: a local Dask cluster of that many worker processes
     scheduler: str = ""  # address of an existing Dask scheduler
+    threads: int = 0  # torch threads per process; 0 = all cores (one process) or cores // workers (local Dask)
     seed: int = 0
     clevel: int = 5
     overwrite: bool = False
@@ -68,11 +69,14 @@ class TeacherConfig:
             raise KdError(f"tail_samples must be in [0, 65535], got {self.tail_samples}")
         if self.workers and self.scheduler:
             raise KdError("give either workers or scheduler, not both")
+        if self.workers < 0 or self.threads < 0:
+            raise KdError(f"workers and threads must be >= 0, got {self.workers} and {self.threads}")
 
     def identity(self) -> dict[str, Any]:
         """Settings that change the cache's bytes (not where or how many processes compute it)."""
         d = to_dict(self)
-        for k in ("out", "workers", "scheduler", "overwrite", "device", "head_chunk_rows"):
+        # head_chunk_rows and threads change neither values nor draws (checked bitwise in tests).
+        for k in ("out", "workers", "scheduler", "threads", "overwrite", "device", "head_chunk_rows"):
             d.pop(k)
         return d
 
@@ -93,18 +97,24 @@ def plan_shards(row_counts: np.ndarray, shard_rows: int) -> list[dict[str, int]]
 
 
 def target_counts(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(targets per example, length per example) from a prepared dataset, via Arrow (no Python loop)."""
-    import pyarrow as pa
+    """(targets per example, length per example) of a prepared dataset, via Arrow (no Python loop).
 
-    col = ds.data.column("loss_mask").combine_chunks()
+    A target is a position t >= 1 with loss_mask[t] != 0; empty examples have 0 of both.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = ds.with_format("arrow")["loss_mask"]  # respects a select() view, unlike ds.data
     if isinstance(col, pa.ChunkedArray):
-        col = col.chunk(0) if col.num_chunks else pa.array([], pa.list_(pa.int8()))
-    offsets = np.asarray(col.offsets, dtype=np.int64)
-    flat = np.asarray(col.flatten(), dtype=np.int64)
-    lengths = np.diff(offsets)
-    cs = np.concatenate([[0], np.cumsum(flat != 0)])
-    first = np.where(lengths > 0, (flat[np.minimum(offsets[:-1], max(len(flat) - 1, 0))] != 0) if len(flat) else 0, 0)
-    return (cs[offsets[1:]] - cs[offsets[:-1]] - first).astype(np.int64), lengths
+        col = col.combine_chunks() if col.num_chunks else pa.array([], type=pa.list_(pa.int8()))
+    lengths = np.asarray(pc.list_value_length(col).fill_null(0), dtype=np.int64)
+    flat = np.asarray(pc.list_flatten(col)) != 0  # relative to the (possibly sliced) array, as lengths are
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cs = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
+    first = np.zeros(len(lengths), dtype=np.int64)
+    nonempty = lengths > 0
+    first[nonempty] = flat[offsets[:-1][nonempty]]
+    return cs[offsets[1:]] - cs[offsets[:-1]] - first, lengths
 
 
 def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
@@ -121,8 +131,11 @@ def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
     class _M:  # context_length reads .config only
         config = mc
 
+    from pipeline.models import pick_device, pick_dtype
+
+    dtype = str(pick_dtype(cfg.dtype, pick_device(cfg.device))).replace("torch.", "")  # "auto" differs per device
     return {"model": cfg.model, "revision": cfg.revision or getattr(mc, "_commit_hash", None),
-            "weights_sha256": weights_hash(local) if local.is_dir() else None, "dtype": cfg.dtype,
+            "weights_sha256": weights_hash(local) if local.is_dir() else None, "dtype": dtype,
             "architectures": getattr(mc, "architectures", None), "model_vocab_size": int(mc.vocab_size),
             "context_length": context_length(_M)}
 
@@ -148,11 +161,20 @@ def build_meta(cfg: TeacherConfig) -> tuple[dict[str, Any], np.ndarray, Any]:
                       f"re-run `kdcache prepare` with --max-length {ctx}")
     if cfg.top_k > tok_vocab:
         raise KdError(f"top_k {cfg.top_k} exceeds the vocabulary size {tok_vocab}")
+    if cfg.tail_samples and cfg.top_k >= tok_vocab:
+        raise KdError(f"tail_samples needs ids outside the top-K, but top_k {cfg.top_k} covers the whole vocabulary")
+    masked = tid["model_vocab_size"] - tok_vocab
+    if masked:
+        log.info("model %s has %d output ids beyond the tokenizer's %d (padding): they are masked out",
+                 cfg.model, masked, tok_vocab)
     shards = plan_shards(counts, cfg.shard_rows)
     meta = {
         "kind": "kdcache-teacher-cache", "format_version": fmt.FORMAT_VERSION,
         "top_k": cfg.top_k, "vocab_size": tok_vocab, "temperatures": cfg.temperatures,
         "tail_samples": cfg.tail_samples, "num_rows": int(counts.sum()), "num_examples": len(counts),
+        # Ids >= vocab_size exist in the model's head but not in the tokenizer: excluded from every
+        # distribution (log p renormalised over the tokenizer's ids).
+        "masked_model_ids": masked,
         "codecs": fmt.codec_description(tok_vocab, cfg.clevel),
         "teacher": tid, "tokenizer": pmeta["tokenizer"],
         "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": pmeta["fingerprint"]},
@@ -177,24 +199,53 @@ def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -
     tmp.replace(cache / fmt.INDEX_FILENAME)
 
 
+# What a cache directory may hold before its kdcache.json exists: a run killed while planning.
+_PLAN_LEFTOVERS = {fmt.INDEX_FILENAME, fmt.INDEX_FILENAME + ".tmp", "config.yaml", "config.yaml.tmp",
+                   fmt.META_FILENAME + ".tmp", fmt.TMP_DIR, fmt.SHARDS_DIR}
+
+
+def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Name what differs between a stored cache's metadata and the requested one ('' if nothing)."""
+    diffs = []
+    oc, nc = old.get("config_identity") or {}, new["config_identity"]
+    for key in sorted(set(oc) | set(nc)):
+        if oc.get(key) != nc.get(key):
+            diffs.append(f"{key} {oc.get(key)!r} -> {nc.get(key)!r}")
+    ot, nt = old.get("teacher") or {}, new["teacher"]
+    for key in ("weights_sha256", "dtype", "revision", "model_vocab_size"):
+        if ot.get(key) != nt.get(key):
+            diffs.append(f"teacher {key} {ot.get(key)!r} -> {nt.get(key)!r}")
+    if (old.get("data") or {}).get("fingerprint") != new["data"]["fingerprint"]:
+        diffs.append("prepared data fingerprint")
+    if old.get("format_version") != new["format_version"]:
+        diffs.append(f"format version {old.get('format_version')} -> {new['format_version']}")
+    return ", ".join(diffs)
+
+
 def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
     """Create (or reopen, checking its config) the cache directory; returns (path, metadata)."""
     cache = Path(cfg.out)
+    if not cfg.out:
+        raise KdError("no cache directory given (--out DIR)")
+    if cache.exists() and not cache.is_dir():
+        raise KdError(f"--out {cache} is a file, not a directory")
     meta, counts, _ = build_meta(cfg)
     meta_path = cache / fmt.META_FILENAME
     if cache.exists() and any(cache.iterdir()):
         if not meta_path.exists():
-            if not cfg.overwrite:
-                raise KdError(f"{cache} exists and is not a kdcache cache; choose another --out or pass --overwrite")
+            foreign = [p.name for p in cache.iterdir() if p.name not in _PLAN_LEFTOVERS
+                       or (p.name == fmt.SHARDS_DIR and any(p.iterdir()))]
+            if foreign and not cfg.overwrite:
+                raise KdError(f"{cache} exists and is not a kdcache cache (it holds {foreign[0]}); "
+                              "choose another --out or pass --overwrite")
             shutil.rmtree(cache)
         else:
             old = read_json(meta_path, "cache metadata")
-            same = (old.get("config_identity") == meta["config_identity"] and old.get("teacher") == meta["teacher"]
-                    and old.get("data", {}).get("fingerprint") == meta["data"]["fingerprint"])
-            if not same and not cfg.overwrite:
-                raise KdError(f"{cache} holds a cache made with other settings, teacher or data; "
+            diff = _mismatch(old, meta)
+            if diff and not cfg.overwrite:
+                raise KdError(f"{cache} holds a cache made with other settings ({diff}); "
                               "pass --overwrite to replace it")
-            if not same:
+            if diff:  # same settings with --overwrite: keep the committed shards (they would be identical)
                 shutil.rmtree(cache)
     cache.mkdir(parents=True, exist_ok=True)
     if not meta_path.exists():
@@ -207,9 +258,20 @@ def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
 def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict[str, int]) -> dict[str, Any]:
     """Everything a worker needs for one shard (plain data: it crosses process boundaries)."""
     return {"cache": str(cache), "data": cfg.data, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
-            "shard": shard, "top_k": cfg.top_k, "vocab_size": meta["vocab_size"], "temperatures": cfg.temperatures,
+            "threads": worker_threads(cfg), "shard": shard, "top_k": cfg.top_k, "vocab_size": meta["vocab_size"], "temperatures": cfg.temperatures,
             "tail_samples": cfg.tail_samples, "batch_tokens": cfg.batch_tokens, "head_chunk_rows": cfg.head_chunk_rows,
             "chunk_rows": cfg.chunk_rows, "clevel": cfg.clevel, "seed": cfg.seed}
+
+
+def worker_threads(cfg: TeacherConfig) -> int:
+    """Torch threads per shard process: `threads`, else cores // workers for a local Dask cluster (whose
+    workers would otherwise start with OMP_NUM_THREADS=1), else 0 (torch's default)."""
+    if cfg.threads:
+        return cfg.threads
+    if cfg.workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // cfg.workers)
+    return 0
 
 
 def _torchrun_rank() -> tuple[int, int]:
@@ -232,18 +294,16 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
                "done": 0, "rows": sum(s["row_stop"] - s["row_start"] for s in todo), "seconds": 0.0}
     t0 = time.perf_counter()
     jobs = [shard_job(cfg, meta, cache, s) for s in todo]
-    if world == 1 and not todo:
-        clean_tmp(cache)
-    elif cfg.workers or cfg.scheduler:
+    if world == 1:
+        clean_tmp(cache)  # leftovers of killed writes; with torchrun each rank cleans its own shards
+    if todo and (cfg.workers or cfg.scheduler):
         from pipeline.dask_runner import run_on_dask
 
-        for rec in run_on_dask(jobs, run_shard_job, cfg.workers, cfg.scheduler):
+        for rec in run_on_dask(jobs, run_shard_job, cfg.workers, cfg.scheduler, worker_threads(cfg)):
             summary["done"] += 1
             if on_shard:
                 on_shard(rec)
-    else:
-        if world == 1:
-            clean_tmp(cache)
+    elif todo:
         # Writing shard i (compression, checksums, fsync) overlaps computing shard i + 1.
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending = None

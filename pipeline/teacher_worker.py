@@ -19,8 +19,8 @@ from pipeline.batching import token_budget_batches
 from pipeline.cache import format as fmt
 from pipeline.cache.writer import clean_tmp, write_shard
 from pipeline.errors import KdError
-from pipeline.models import load_causal_lm, pick_device, pick_dtype
-from pipeline.teacher_stats import NonFiniteLogits, auto_chunk_rows, head_spec, rows_from_hidden
+from pipeline.models import load_causal_lm, model_vocab_size, pick_device, pick_dtype
+from pipeline.teacher_stats import NonFiniteLogits, auto_chunk_rows, check_head, head_spec, rows_from_hidden
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ def get_model(model: str, device: str, dtype: str) -> tuple[Any, torch.device]:
     if key not in _MODEL:
         _MODEL.clear()
         dev = pick_device(_device_for_worker(device))
-        _MODEL[key] = (load_causal_lm(model, dev, pick_dtype(dtype, dev)), dev)
+        m = load_causal_lm(model, dev, pick_dtype(dtype, dev))
+        check_head(m, head_spec(m, model_vocab_size(m)), dev)
+        _MODEL[key] = (m, dev)
     return _MODEL[key]
 
 
@@ -55,6 +57,27 @@ def _shard_generator(seed: int, shard: int, device: torch.device) -> torch.Gener
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + shard) % (2**63))
     return g
+
+
+def ragged_column(ds: Any, name: str) -> list[np.ndarray]:
+    """A list-of-ints column of a `datasets.Dataset` as one numpy array per row, via Arrow (no
+    per-row Python formatting; respects a `select` view)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = ds.with_format("arrow")[name]
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks else pa.array([], type=pa.list_(pa.int64()))
+    lengths = np.asarray(pc.list_value_length(col).fill_null(0), dtype=np.int64)
+    flat = np.asarray(pc.list_flatten(col))
+    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's intra-op threads (0 = leave torch's choice). Results do not depend on it (checked
+    bitwise at 1 vs 2 threads), but speed does: Dask workers start with OMP_NUM_THREADS=1."""
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 @torch.no_grad()
@@ -66,10 +89,11 @@ def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
     """
     from pipeline.prepare import load_prepared
 
+    set_threads(job.get("threads", 0))
     shard, k, v = job["shard"], job["top_k"], job["vocab_size"]
     model, dev = get_model(job["model"], job["device"], job["dtype"])
     ds = load_prepared(job["data"]).select(range(shard["example_start"], shard["example_stop"]))
-    ids_list, mask_list = ds["input_ids"], ds["loss_mask"]
+    ids_list, mask_list = ragged_column(ds, "input_ids"), ragged_column(ds, "loss_mask")
     n = shard["row_stop"] - shard["row_start"]
     g = len(job["temperatures"])
     s = job["tail_samples"]
@@ -81,14 +105,18 @@ def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
     if s:
         out["tail_ids"] = np.full((n, s), -1, np.int32)
         out["tail_counts"] = np.zeros((n, s), np.uint16)
-    # Row offset of each example inside the shard (targets are positions t >= 1 with mask 1).
-    counts = [int(np.count_nonzero(np.asarray(m[1:]))) for m in mask_list]
+    # Target positions of each example (t >= 1 with mask 1: position t is predicted from the
+    # hidden state at t - 1) and the row offset of each example inside the shard.
+    targets = [np.nonzero(m[1:])[0] + 1 for m in mask_list]
+    counts = np.array([len(t) for t in targets], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    assert offsets[-1] == n, f"shard {shard['index']}: {offsets[-1]} targets, plan says {n}"
+    if offsets[-1] != n:
+        raise KdError(f"shard {shard['index']}: the prepared data has {offsets[-1]} target positions where the "
+                      f"cache plan says {n}: {job['data']} changed after the cache was started; re-run with --overwrite")
 
     head = head_spec(model, v)
     betas = torch.tensor([1.0 / t for t in job["temperatures"]], dtype=torch.float32)
-    chunk_rows = job["head_chunk_rows"] or auto_chunk_rows(v)
+    chunk_rows = job["head_chunk_rows"] or auto_chunk_rows(v, dev)
     gen = _shard_generator(job["seed"], shard["index"], dev) if s else None
     lengths = [len(x) for x in ids_list]
     for batch in token_budget_batches(lengths, job["batch_tokens"]):
@@ -99,42 +127,31 @@ def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         att = torch.zeros((len(batch), width), dtype=torch.long)
         for b, e in enumerate(batch):
-            ids[b, : lengths[e]] = torch.as_tensor(ids_list[e])
+            ids[b, : lengths[e]] = torch.from_numpy(ids_list[e].astype(np.int64))
             att[b, : lengths[e]] = 1
         ids, att = ids.to(dev, non_blocking=True), att.to(dev, non_blocking=True)
         hidden = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state  # [B, L, H]
-        # Position t is predicted from the hidden state at t - 1.
-        rows_b, rows_t = [], []
-        for b, e in enumerate(batch):
-            t = np.nonzero(np.asarray(mask_list[e]))[0]
-            t = t[t >= 1]
-            rows_b.append(np.full(len(t), b))
-            rows_t.append(t)
-        rb = torch.as_tensor(np.concatenate(rows_b), device=dev)
-        rt = torch.as_tensor(np.concatenate(rows_t), device=dev)
+        rb = torch.as_tensor(np.concatenate([np.full(counts[e], b) for b, e in enumerate(batch)]), device=dev)
+        rt = torch.as_tensor(np.concatenate([targets[e] for e in batch]), device=dev)
         try:
             stats = rows_from_hidden(hidden[rb, rt - 1], ids[rb, rt], head, k, betas.to(dev), chunk_rows, s, gen)
         except NonFiniteLogits as bad:
             e = batch[int(rb[bad.row])]
+            dt = str(head.weight.dtype).replace("torch.", "")
             raise KdError(f"teacher logits are not finite for example {shard['example_start'] + e} "
-                          f"at position {int(rt[bad.row])} (model {job['model']}, dtype {job['dtype']})") from None
-        stats = {name: t.cpu() for name, t in stats.items()}
-        target_ids = ids[rb, rt].cpu().numpy()
-        # Scatter the batch's rows (grouped per example, in batch order) to dataset order.
-        pos = 0
-        for e, t in zip(batch, rows_t):
-            dst = slice(offsets[e], offsets[e] + len(t))
-            src = slice(pos, pos + len(t))
-            out["topk_ids"][dst] = stats["topk_ids"][src].numpy()
-            out["topk_logprobs"][dst] = fmt.encode_logprobs(stats["topk_logprobs"][src].numpy())
-            out["entropy"][dst] = stats["entropy"][src].numpy()
-            out["log_partition"][dst] = stats["log_partition"][src].numpy()
-            out["target_ids"][dst] = target_ids[src]
-            out["target_logprobs"][dst] = np.maximum(stats["target_logprobs"][src].numpy(), -65000.0)
-            if s:
-                out["tail_ids"][dst] = stats["tail_ids"][src].numpy()
-                out["tail_counts"][dst] = stats["tail_counts"][src].numpy()
-            pos += len(t)
+                          f"at position {int(rt[bad.row])} (model {job['model']}, {dt})") from None
+        stats = {name: t.cpu().numpy() for name, t in stats.items()}
+        # The batch's rows are grouped per example in batch order: scatter them to dataset order.
+        dst = np.concatenate([np.arange(offsets[e], offsets[e + 1]) for e in batch])
+        out["topk_ids"][dst] = stats["topk_ids"]
+        out["topk_logprobs"][dst] = fmt.encode_logprobs(stats["topk_logprobs"])
+        out["entropy"][dst] = stats["entropy"]
+        out["log_partition"][dst] = stats["log_partition"]
+        out["target_ids"][dst] = ids[rb, rt].cpu().numpy()
+        out["target_logprobs"][dst] = np.maximum(stats["target_logprobs"], -65000.0)
+        if s:
+            out["tail_ids"][dst] = stats["tail_ids"]
+            out["tail_counts"][dst] = stats["tail_counts"]
     return out
 
 

@@ -48,6 +48,11 @@ def user_errors(name: str) -> Callable:
                     click.echo(f"kdcache {name}: error: no space left on device ({e.filename or 'output'}); "
                                "committed shards are kept, free space and re-run the same command", err=True)
                     sys.exit(1)
+                if e.errno is not None:  # permissions, read-only file systems, vanished files: the environment
+                    where = f" {e.filename}" if e.filename else ""
+                    click.echo(f"kdcache {name}: error: {e.strerror or e}{where}; re-run the same command once "
+                               "fixed (committed work is kept)", err=True)
+                    sys.exit(1)
                 raise
             except KeyboardInterrupt:
                 click.echo(f"kdcache {name}: interrupted; re-run the same command to continue", err=True)

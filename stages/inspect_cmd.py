@@ -21,7 +21,12 @@ def inspect(cache, verify, sample_rows):
     from pipeline.inspection import summarize, format_summary
 
     c = open_cache(cache)
-    click.echo(format_summary(summarize(c, sample_rows)))
+    summary = summarize(c, sample_rows)
+    click.echo(format_summary(summary))
+    if summary.get("unreadable") and not verify:
+        click.echo(f"inspect: {len(summary['unreadable'])} unreadable shard(s) in {cache}; "
+                   "run with --verify for the full list", err=True)
+        sys.exit(1)
     if verify:
         from tqdm import tqdm
 

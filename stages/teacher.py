@@ -20,6 +20,7 @@ from stages.common import config_options, user_errors
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
 @click.option("--workers", type=int, help="Run shards on a local Dask cluster of N worker processes.")
 @click.option("--scheduler", help="Run shards on an existing Dask cluster at this address.")
+@click.option("--threads", type=int, help="Torch threads per process (default: all cores, or cores // workers).")
 @click.option("--seed", type=int, help="Seed of the tail sampler.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a cache made with other settings.")
 @config_options
@@ -40,9 +41,11 @@ def teacher(config_file, sets, **opts):
             bar = tqdm(desc="teacher", unit="row", unit_scale=True, leave=False)
         bar.update(rec["rows"])
 
-    summary = run_teacher(cfg, on_shard=on_shard)
-    if bar is not None:
-        bar.close()
+    try:
+        summary = run_teacher(cfg, on_shard=on_shard)
+    finally:
+        if bar is not None:
+            bar.close()
     if summary["done"] == 0 and summary["skipped"] == summary["shards"]:
         click.echo(f"teacher: {cfg.out} is already complete ({summary['shards']} shards); nothing to do")
         return

@@ -103,3 +103,48 @@ def prepared_dir(tmp_path_factory, data_file, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("prep") / "prepared"
     prepare(PrepareConfig(data=str(data_file), tokenizer=str(tokenizer_dir), out=str(out), max_length=64))
     return out
+
+
+# ---- teacher-cache fixtures (tests/test_cache_oracle.py, test_teacher_*.py, test_inspect.py) ----------
+
+CACHE_SHARD_ROWS = 60  # ~11 shards over `prepared_dir`: restart, multi-worker and verify tests need several
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, vocab_size) -> Path:
+    return save_tiny_model("gpt2", vocab_size, tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_tied_dir(tmp_path_factory, vocab_size) -> Path:
+    return save_tiny_model("qwen2", vocab_size, tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def teacher_args(prepared_dir, llama_dir) -> list[str]:
+    """`kdcache teacher` options (less --out) shared by the reference cache and the runs compared to it."""
+    return ["--data", str(prepared_dir), "--model", str(llama_dir), "--shard-rows", str(CACHE_SHARD_ROWS),
+            "--tail-samples", "4", "--device", "cpu", "--dtype", "float32"]
+
+
+@pytest.fixture(scope="session")
+def llama_cache(tmp_path_factory, teacher_args) -> Path:
+    """A finished cache of the tiny llama over `prepared_dir`, made in one uninterrupted process."""
+    from click.testing import CliRunner
+
+    from stages.cli import main
+
+    out = tmp_path_factory.mktemp("cache") / "llama"
+    res = CliRunner().invoke(main, ["teacher", *teacher_args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box every OpenMP barrier can
+    wait a scheduler time slice (measured: a tiny teacher pass 1 s alone, 19 s under load at 2 threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -108,3 +108,16 @@ def test_run_config_errors_are_one_line(tmp_path):
     bad.write_text("out: x\nprepare: {train: {data: a, tokenizer: b, colour: red}}\nstudents: {a: {}}\n")
     res = CliRunner().invoke(main, ["run", str(bad), "--only", "prepare"])
     assert res.exit_code == 1 and "colour" in res.output
+
+
+def test_student_order_puts_bases_first_and_refuses_bad_references():
+    from pipeline.errors import KdError
+    from pipeline.run import student_order
+
+    students = {"a": {"init_from": "b"}, "b": {"init_from": "c"}, "c": {}, "d": None}
+    order = student_order(students)
+    assert order.index("c") < order.index("b") < order.index("a") and sorted(order) == ["a", "b", "c", "d"]
+    with pytest.raises(KdError, match="no student named 'x'"):
+        student_order({"a": {"init_from": "x"}})
+    with pytest.raises(KdError, match="cycle"):
+        student_order({"a": {"init_from": "b"}, "b": {"init_from": "a"}})

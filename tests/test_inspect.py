@@ -1,0 +1,136 @@
+"""`kdcache inspect CACHE [--verify]` and the reader's integrity errors, which must name the shard.
+
+    .venv/bin/python -m pytest tests/test_inspect.py -q
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cache import format as fmt
+from pipeline.cache import open_cache
+from pipeline.errors import CorruptionError, KdError
+from stages.cli import main
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@pytest.fixture
+def cache(tmp_path, llama_cache):
+    out = tmp_path / "cache"
+    shutil.copytree(llama_cache, out)
+    return out
+
+
+def inspect(*args):
+    return CliRunner().invoke(main, ["inspect", *[str(a) for a in args]])
+
+
+def flip_byte(path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    i = int(len(data) * at)
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def chunk_file(cache, shard: int, array: str):
+    files = [p for p in (cache / fmt.SHARDS_DIR / fmt.shard_name(shard) / array / "c").rglob("*") if p.is_file()]
+    assert files
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_summary_shows_bytes_per_row(cache):
+    res = inspect(cache)
+    assert res.exit_code == 0, res.output
+    c = open_cache(cache)
+    m = re.search(r"size\s+([\d,]+) bytes = ([\d.]+) bytes/row \(budget (\d+)", res.output)
+    assert m, res.output
+    assert int(m.group(1).replace(",", "")) == c.bytes_on_disk()
+    assert abs(float(m.group(2)) - c.bytes_on_disk() / c.num_rows) < 0.06
+    assert int(m.group(3)) == 3 * c.k + 16
+    assert f"{len(c.shards)}/{len(c.shards)} committed" in res.output
+    assert "entropy" in res.output and "top-K mass" in res.output
+
+
+def test_verify_sound_cache(cache):
+    res = inspect(cache, "--verify")
+    assert res.exit_code == 0, res.output
+    assert "verify: all" in res.output
+
+
+@pytest.mark.parametrize("array", ["topk_logprobs", "entropy", "tail_ids"])
+def test_verify_flipped_byte_names_the_shard(cache, array):
+    flip_byte(chunk_file(cache, 2, array))
+    res = inspect(cache, "--verify")
+    assert res.exit_code != 0
+    bad = [ln[ln.index("BAD"):] for ln in res.output.splitlines() if "BAD " in ln]
+    assert len(bad) == 1 and fmt.shard_name(2) in bad[0] and array in bad[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_reader_crc_error_names_the_shard(cache):
+    """Without --verify's file hashes, the per-chunk crc32c still catches the flip on read."""
+    flip_byte(chunk_file(cache, 1, "topk_ids"))
+    c = open_cache(cache)
+    s = c.shards[1]
+    c.read(0, s["row_start"])  # rows before the shard still read
+    with pytest.raises(CorruptionError, match=fmt.shard_name(1)):
+        c.read(s["row_start"], s["row_start"] + 1)
+
+
+def test_verify_missing_shard_and_file(cache):
+    shutil.rmtree(cache / fmt.SHARDS_DIR / fmt.shard_name(4))
+    chunk_file(cache, 6, "entropy").unlink()
+    res = inspect(cache, "--verify")
+    assert res.exit_code != 0
+    bad = [ln[ln.index("BAD"):] for ln in res.output.splitlines() if "BAD " in ln]
+    assert any(fmt.shard_name(4) in ln and "not committed" in ln for ln in bad), res.output
+    assert any(fmt.shard_name(6) in ln and "missing" in ln for ln in bad), res.output
+    assert "2 bad shard(s)" in res.output
+    c = open_cache(cache)
+    with pytest.raises(KdError, match=fmt.shard_name(4)):
+        c.read(c.shards[4]["row_start"], c.shards[4]["row_start"] + 1)
+
+
+def test_inspect_not_a_cache(tmp_path):
+    res = inspect(tmp_path / "nothing")
+    assert res.exit_code == 1 and "cache not found" in res.output and "Traceback" not in res.output
+    (tmp_path / "d").mkdir()
+    res = inspect(tmp_path / "d")
+    assert res.exit_code == 1 and "kdcache.json" in res.output
+
+
+@pytest.mark.slow
+def test_size_budget_on_20k_rows(tmp_path, prepared_dir):
+    """Bytes on disk per row <= 3K + 16 at V = 32000 with default settings, on 20k+ rows (so the fixed
+    metadata does not dominate). The teacher is random-init with its head scaled x8: its top-K ids are
+    spread uniformly over the vocabulary, the worst case for id compression (bench/teacher.py
+    --train-steps measures a trained one: 59 bytes/row)."""
+    import json
+
+    import numpy as np
+
+    from conftest import save_tiny_model
+    from pipeline.prepare import META_FILENAME, write_prepared
+
+    v, n_seq, length = 32000, 160, 128  # the fixture models take 128 positions
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, v, (n_seq, length)).tolist()
+    meta = json.loads((prepared_dir / META_FILENAME).read_text())
+    meta["tokenizer"] = {"name": "synthetic", "vocab_size": v, "vocab_sha256": "synthetic"}
+    meta["fingerprint"] = "synthetic-size-test"
+    write_prepared(tmp_path / "prep", ids, [[0] + [1] * (length - 1)] * n_seq, meta)
+    model = save_tiny_model("llama", v, tmp_path / "model")
+    res = CliRunner().invoke(main, ["teacher", "--data", str(tmp_path / "prep"), "--model", str(model),
+                                    "--out", str(tmp_path / "cache"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    c = open_cache(tmp_path / "cache")
+    assert c.num_rows >= 20000
+    per_row = c.bytes_on_disk() / c.num_rows
+    assert per_row <= 3 * c.k + 16, per_row
+    res = inspect(tmp_path / "cache")
+    assert "within" in res.output, res.output
