@@ -106,7 +106,8 @@ def method_name(cfg: dict[str, Any] | None) -> str:
     gate = cfg.get("gate", "none")
     if gate != "none":
         detail = {"topk": f" k={cfg.get('gate_k', 5)}", "threshold": f" τ={cfg.get('gate_threshold', 0.1):g}"}
-        parts.append(f"SpecKD {gate}{detail.get(gate, '')}")
+        rw = float(cfg.get("reject_weight", 0.0) or 0.0)
+        parts.append(f"SpecKD {gate}{detail.get(gate, '')}" + (f" (rejected x{rw:g})" if rw > 0 else ""))
     if cfg.get("latf"):
         parts.append("LATF")
     if cfg.get("idts"):
@@ -157,6 +158,32 @@ def table(runs: list[dict[str, Any]]) -> str:
         cells += [fmt(r["final_tar"], "{:.3f}"), fmt(r["tokens_per_s"], "{:,.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def versus_baseline(runs: list[dict[str, Any]]) -> list[str]:
+    """Lines comparing every distilled run with the CE-only baseline on held-out CE and agreement.
+
+    The baseline is the CE-only run that trained the most steps (a warm start is CE-only too, with
+    fewer). The verdict is stated either way: a distilled student behind the baseline is a finding.
+    """
+    def steps(r: dict[str, Any]) -> int:
+        return int(r["metrics"][-1]["step"]) if r["metrics"] else 0
+
+    scored = [r for r in runs if isinstance(r["eval"].get("ce"), (int, float))]
+    ce_runs = [r for r in scored if r["method"] == "CE only"]
+    kd_runs = [r for r in scored if r["method"] not in ("CE only", DASH)]
+    if not ce_runs or not kd_runs:
+        return []
+    base = max(ce_runs, key=steps)
+    b_ce, b_agr = base["eval"]["ce"], base["eval"].get("teacher_top1_agreement")
+    lines = [f"## Distilled students against the CE-only baseline ({base['name']})", ""]
+    for r in kd_runs:
+        ce, agr = r["eval"]["ce"], r["eval"].get("teacher_top1_agreement")
+        part = [f"perplexity {'ahead' if ce < b_ce else 'behind'} ({math.exp(ce):.2f} vs {math.exp(b_ce):.2f})"]
+        if isinstance(agr, (int, float)) and isinstance(b_agr, (int, float)):
+            part.append(f"teacher agreement {'ahead' if agr > b_agr else 'behind'} ({agr:.3f} vs {b_agr:.3f})")
+        lines.append(f"- **{r['name']}** ({r['method']}): " + "; ".join(part))
+    return lines + [""]
 
 
 # ---- the cache, out of core ----------------------------------------------------------------
@@ -336,7 +363,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     text = ["# kdcache report", "",
             f"{len(runs)} run(s); eval figures from each run's eval.json (CE over target tokens in nats, "
             "FKL on the K + 1 buckets at T = 1); final TAR from the last metrics row; tokens/s averaged over steps.",
-            "", table(runs), "", *sections]
+            "", table(runs), "", *versus_baseline(runs), *sections]
     if notes:
         text += ["", *[f"- {n}" for n in notes]]
     path = out / REPORT_FILENAME

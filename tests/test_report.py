@@ -165,3 +165,20 @@ def test_cli_report_and_errors(tmp_path, runs, cache_dir):
     assert res.exit_code == 1 and "bins must be at least 2" in res.output
     with pytest.raises(KdError, match="no run directories"):
         build_report(ReportConfig(out=str(out)))
+
+
+def test_versus_baseline_states_ahead_and_behind():
+    from pipeline.report import versus_baseline
+
+    def run(name, method, ce, agr, steps):
+        return {"name": name, "method": method, "eval": {"ce": ce, "teacher_top1_agreement": agr},
+                "metrics": [{"step": steps}]}
+
+    lines = versus_baseline([run("warm", "CE only", 2.5, 0.3, 100), run("ce", "CE only", 2.0, 0.50, 400),
+                             run("kd", "KD fkl/bucket", 1.9, 0.55, 300), run("spec", "SpecKD topk k=5 + fkl", 2.1, 0.52, 300)])
+    text = "\n".join(lines)
+    assert "baseline (ce)" in text  # the CE-only run with the most steps, not the warm start
+    assert "**kd**" in text and "perplexity ahead" in text.split("**spec**")[0]
+    spec = text.split("**spec**")[1]
+    assert "perplexity behind" in spec and "teacher agreement ahead (0.520 vs 0.500)" in spec
+    assert versus_baseline([run("ce", "CE only", 2.0, 0.5, 10)]) == []
