@@ -8,6 +8,8 @@ The reference is the session fixture `llama_cache` (conftest.py): the same optio
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -159,3 +161,24 @@ def test_thread_count_does_not_change_bytes(tmp_path, teacher_args, llama_cache)
     assert all(np.array_equal(o[k], ref[k]) for o in outs for k in ref)
     assert worker_threads(TeacherConfig(workers=2)) == max(1, len(os.sched_getaffinity(0)) // 2)
     assert worker_threads(TeacherConfig(workers=2, threads=3)) == 3 and worker_threads(TeacherConfig()) == 0
+
+
+def test_torchrun_two_ranks_identical(tmp_path, teacher_args, llama_cache):
+    """Under torchrun (two gloo ranks), ranks take shards round-robin and the cache equals one process's."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "torchrun"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    kdcache = Path(sys.executable).with_name("kdcache")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(kdcache), "teacher",
+                           *teacher_args, "--out", str(out)], capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_cache(llama_cache, out)
+    import re
+
+    written = [int(n) for n in re.findall(r"teacher: (\d+) shard\(s\) written", proc.stdout)]
+    total = len(json.loads((out / "kdcache.json").read_text())["shards"])
+    assert len(written) == 2 and all(n >= 1 for n in written) and sum(written) == total, proc.stdout

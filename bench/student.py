@@ -1,0 +1,129 @@
+"""Student-stage benchmark: cost of SpecKD + LATF + IDTS over cross-entropy, and reader headroom.
+
+    .venv/bin/python bench/student.py                       # CPU, ~2 min: V = 32,000, 4-layer student
+    .venv/bin/python bench/student.py --device cuda --hidden 1024 --layers 12 --batch-size 16 --seq 512
+
+Builds a synthetic prepared dataset (random token sequences, every position after the first a target)
+and caches a small random Llama teacher over it (K = 32), then times optimizer steps of the *same*
+student on the *same* micro-batches two ways, interleaved step by step so machine noise hits both:
+  A: cross-entropy only (no cache),
+  B: KD fkl on K+1 buckets with the SpecKD topk gate, LATF and IDTS (alpha = 0).
+Reports median step times and their ratio B/A (goal <= 1.10), and the reader's rows/s (CacheStream
+alone, decoding on background threads) against the rows/s the KD student consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def synthetic_prepared(out: Path, vocab: int, n_examples: int, seq: int, seed: int = 0) -> None:
+    """A prepared dataset of random sequences, with the record `kdcache prepare` writes."""
+    import datasets
+
+    from pipeline.identity import write_json
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(n_examples, seq)).tolist()
+    masks = [[0] + [1] * (seq - 1) for _ in range(n_examples)]
+    feats = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                               "loss_mask": datasets.Sequence(datasets.Value("int8"))})
+    datasets.Dataset.from_dict({"input_ids": ids, "loss_mask": masks}, features=feats).save_to_disk(str(out))
+    write_json(out / "kdcache_prepare.json", {
+        "kind": "kdcache-prepared", "format": "synthetic", "data": "bench", "fingerprint": f"bench-{seed}-{n_examples}",
+        "tokenizer": {"name": "synthetic", "vocab_size": vocab, "vocab_sha256": "synthetic"},
+        "examples": n_examples, "tokens": n_examples * seq, "targets": n_examples * (seq - 1), "truncated": 0})
+
+
+def llama_config(path: Path, vocab: int, hidden: int, layers: int) -> Path:
+    path.write_text(json.dumps({"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+                                "intermediate_size": hidden * 3, "num_hidden_layers": layers,
+                                "num_attention_heads": max(1, hidden // 64), "num_key_value_heads": max(1, hidden // 64),
+                                "max_position_embeddings": 4096, "tie_word_embeddings": True}))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--examples", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.cache import open_cache
+    from pipeline.prepare import load_prepared
+    from pipeline.stream import CacheStream
+    from pipeline.teacher import TeacherConfig, run_teacher
+    from pipeline.train import Trainer
+    from pipeline.train_config import TrainConfig
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="kdbench-student-"))
+    work.mkdir(parents=True, exist_ok=True)
+    prepared, cache = work / "prepared", work / "cache"
+    if not prepared.exists():
+        synthetic_prepared(prepared, args.vocab, args.examples, args.seq)
+    teacher_dir = work / "teacher"
+    if not teacher_dir.exists():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+            str(llama_config(work / "teacher.json", args.vocab, 128, 2)))).save_pretrained(teacher_dir)
+    run_teacher(TeacherConfig(data=str(prepared), model=str(teacher_dir), out=str(cache), device=args.device))
+    scfg = str(llama_config(work / "student.json", args.vocab, args.hidden, args.layers))
+
+    common = dict(data=str(prepared), student_config=scfg, batch_size=args.batch_size, max_steps=10_000, seed=0,
+                  shuffle=False, device=args.device, tensorboard=False)
+    ce = Trainer(TrainConfig(out=str(work / "ce"), loss="none", **common))
+    kd = Trainer(TrainConfig(out=str(work / "kd"), cache=str(cache), loss="fkl", gate="topk", gate_k=5, latf=True,
+                             idts=True, **common))
+    kd.model.load_state_dict(ce.model.state_dict())
+    it = iter(kd.stream)
+    batches = [next(it).to(kd.device) for _ in range(args.steps + 2)]
+    sync = torch.cuda.synchronize if kd.device.type == "cuda" else (lambda: None)
+    t_ce, t_kd = [], []
+    for i, mb in enumerate(batches):
+        for trainer, times in ((ce, t_ce), (kd, t_kd)) if i % 2 == 0 else ((kd, t_kd), (ce, t_ce)):
+            sync()
+            t0 = time.perf_counter()
+            trainer.train_step([mb])
+            sync()
+            if i >= 2:  # first steps warm up allocators and kernels
+                times.append(time.perf_counter() - t0)
+    a, b = statistics.median(t_ce), statistics.median(t_kd)
+    rows_per_step = statistics.mean(mb.num_targets for mb in batches)
+
+    # Reader alone: decode + join + collate on background threads, no model.
+    stream = CacheStream(load_prepared(prepared), open_cache(cache), args.batch_size, shuffle=True, seed=1)
+    n_rows, t0 = 0, time.perf_counter()
+    for j, mb in enumerate(stream):
+        n_rows += mb.num_targets
+        if j >= 3 * stream.batches_in_epoch(0):
+            break
+    reader_rows_s = n_rows / (time.perf_counter() - t0)
+    student_rows_s = rows_per_step / b
+    print(f"| device | V | student | batch | CE step (s) | KD+gate+LATF+IDTS step (s) | ratio | reader rows/s | student rows/s |")
+    print(f"|---|---|---|---|---|---|---|---|---|")
+    print(f"| {args.device} | {args.vocab} | {args.layers}x{args.hidden} | {args.batch_size}x{args.seq} | {a:.4f} | "
+          f"{b:.4f} | {b / a:.3f} | {reader_rows_s:,.0f} | {student_rows_s:,.0f} |")
+
+
+if __name__ == "__main__":
+    main()
