@@ -209,3 +209,22 @@ def test_plain_ce_training_without_cache(tmp_path, prepared_dir, vocab_size):
     assert "tar" not in rows[0]
     with pytest.raises(KdError, match="already holds a training run"):
         train(TrainConfig(data=str(prepared_dir), student_config=scfg, out=str(tmp_path / "ce"), max_steps=1))
+
+
+def test_ranking_buckets_give_the_exact_hellinger_difficulty_to_3e_4():
+    """The cheap tail used to rank positions for LATF/IDTS matches the exact masked-logsumexp tail."""
+    from pipeline.divergences import hellinger, student_log_buckets, teacher_log_buckets
+    from pipeline.kd_loss import ranking_log_buckets
+
+    torch.manual_seed(1)
+    n, v, k = 64, 5000, 32
+    for scale in (0.5, 3.0, 12.0):  # flat to very peaked students (tail mass down to ~1e-30)
+        logits = torch.randn(n, v) * scale
+        lp, ids = torch.topk(torch.log_softmax(torch.randn(n, v) * 3, -1), k)
+        log_p = teacher_log_buckets(lp, torch.zeros(n), torch.ones(n), vocab_size=v)
+        exact = hellinger(log_p, student_log_buckets(logits, ids, torch.ones(n)))
+        cheap = hellinger(log_p, ranking_log_buckets(logits, ids))
+        assert torch.isfinite(cheap).all()
+        assert (exact - cheap).abs().max() < 3e-4, scale
+    ids_all = torch.arange(8).expand(4, 8)  # K = V: no tail at all
+    assert torch.isfinite(ranking_log_buckets(torch.randn(4, 8), ids_all)).all()
