@@ -7,7 +7,9 @@ not by a fixed batch size that the longest example would blow up.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 
 def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -30,3 +32,42 @@ def token_budget_batches(lengths: Sequence[int], batch_tokens: int) -> list[list
     if cur:
         batches.append(cur)
     return batches
+
+
+def target_positions(loss_mask: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Target positions of one example: t >= 1 with loss_mask[t] != 0 (token t is predicted from the
+    tokens before it, so position 0 is never a target). The cache holds one row per such t, in order."""
+    m = np.asarray(loss_mask)
+    return np.nonzero(m[1:])[0] + 1
+
+
+def pad_right(seqs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token sequences: (input_ids [B, L] int64 padded with 0, attention_mask [B, L] int64)."""
+    width = max(len(s) for s in seqs)
+    ids = np.zeros((len(seqs), width), np.int64)
+    att = np.zeros((len(seqs), width), np.int64)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = s
+        att[b, : len(s)] = 1
+    return ids, att
+
+
+def target_counts(ds: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(targets per example, length per example) of a prepared dataset, via Arrow (no Python loop).
+
+    A target is a position t >= 1 with loss_mask[t] != 0; empty examples have 0 of both.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = ds.with_format("arrow")["loss_mask"]  # respects a select() view, unlike ds.data
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks else pa.array([], type=pa.list_(pa.int8()))
+    lengths = np.asarray(pc.list_value_length(col).fill_null(0), dtype=np.int64)
+    flat = np.asarray(pc.list_flatten(col)) != 0  # relative to the (possibly sliced) array, as lengths are
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    cs = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
+    first = np.zeros(len(lengths), dtype=np.int64)
+    nonempty = lengths > 0
+    first[nonempty] = flat[offsets[:-1][nonempty]]
+    return cs[offsets[1:]] - cs[offsets[:-1]] - first, lengths

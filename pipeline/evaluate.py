@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.batching import target_positions
 from pipeline.config import save_config
 from pipeline.divergences import divergence, student_log_buckets, teacher_log_buckets
 from pipeline.errors import KdError
@@ -99,7 +100,7 @@ class Totals:
             if cache is not None:
                 ids = cache["topk_ids"][a: a + step]
                 self.agree += int((z.argmax(-1) == ids[:, 0]).sum())
-                self.fkl += float(bucket_fkl(z, ids, cache["topk_logprobs"][a: a + step],
+                self.fkl += float(bucket_fkl(zd, ids, cache["topk_logprobs"][a: a + step],
                                               self.vocab_size).sum())
         self.targets += n
 
@@ -132,8 +133,7 @@ def score_generations(references: list[str], generations: list[str]) -> dict[str
 def split_prompt_reference(ids: np.ndarray, mask: np.ndarray, eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(prompt ids, reference ids) of a prepared example: the tokens before the first target, and
     the target tokens without a final EOS."""
-    t = np.nonzero(mask)[0]
-    t = t[t >= 1]
+    t = target_positions(mask)
     if len(t) == 0:
         return ids, ids[:0]
     ref = ids[t]

@@ -59,15 +59,15 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise KdError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
 
 
-def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """AutoModelForCausalLM in eval mode on `device` with `dtype`; errors are one line."""
+def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype, revision: str | None = None) -> Any:
+    """AutoModelForCausalLM in eval mode on `device` with `dtype` (at hub `revision`); errors are one line."""
     from transformers import AutoModelForCausalLM
 
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise KdError(f"model directory not found: {name_or_path}")
     path = str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision or None)
     except (OSError, ValueError, KeyError) as e:
         raise KdError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval()

@@ -161,9 +161,9 @@ class Pipeline:
         from pipeline.train_config import TrainConfig
 
         keys = {**section, "data": str(self.prepared("train")), "out": str(out)}
-        if with_cache and section.get("loss", "fkl") != "none" and section.get("cache", True) is not False:
+        # The run owns the cache path; `cache: false` in a section opts a student out of it.
+        if keys.pop("cache", True) is not False and with_cache and keys.get("loss", "fkl") != "none":
             keys["cache"] = str(self.cache)
-        keys.pop("cache", None) if keys.get("cache") is False else None
         tc = from_dict(TrainConfig, keys)
         state = train_state(out, tc)
         if state == "final":

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from pipeline.batching import pad_right, target_counts, target_positions
 from pipeline.errors import KdError
 
 
@@ -85,7 +86,7 @@ class CacheStream:
             self.blocks = [list(range(a, min(a + block_examples, self.n_examples)))
                            for a in range(0, self.n_examples, block_examples)]
         # Sequences without targets contribute nothing; dropping them keeps batch sizes honest.
-        has_t = self._has_targets()
+        has_t = self._has_targets(data)
         self.blocks = [[e for e in b if has_t[e]] for b in self.blocks]
         self.blocks = [b for b in self.blocks if b]
         if not self.blocks:
@@ -94,18 +95,10 @@ class CacheStream:
             raise KdError(f"fewer examples per rank than --batch-size {batch_size}")
 
     # ---- planning -------------------------------------------------------------------------
-    def _has_targets(self) -> np.ndarray:
+    def _has_targets(self, data: Any) -> np.ndarray:
         if self.row_count is not None:
             return self.row_count > 0
-        masks = self.mask_col.combine_chunks() if hasattr(self.mask_col, "combine_chunks") else self.mask_col
-        offsets = np.asarray(masks.offsets, dtype=np.int64)
-        flat = np.asarray(masks.flatten(), dtype=np.int64)
-        cs = np.concatenate([[0], np.cumsum(flat != 0)])
-        lengths = np.diff(offsets)
-        first = np.zeros(len(lengths), np.int64)
-        nz = lengths > 0
-        first[nz] = flat[offsets[:-1][nz]] != 0
-        return (cs[offsets[1:]] - cs[offsets[:-1]] - first) > 0
+        return target_counts(data)[0] > 0
 
     def _cache_blocks(self, cache: Any) -> list[list[int]]:
         chunk = int(cache.meta["config_identity"].get("chunk_rows", 8192))
@@ -216,26 +209,17 @@ class CacheStream:
 
     def _collate(self, examples: list[int], rows: list[dict[str, np.ndarray]] | None) -> MicroBatch:
         seqs = [np.asarray(self.ids_col[e].values, dtype=np.int64) for e in examples]
-        masks = [np.asarray(self.mask_col[e].values, dtype=np.int64) for e in examples]
-        width = max(len(s) for s in seqs)
-        ids = np.zeros((len(seqs), width), np.int64)
-        att = np.zeros((len(seqs), width), np.int64)
-        tb, tt = [], []
-        for b, (s, m) in enumerate(zip(seqs, masks)):
-            ids[b, : len(s)] = s
-            att[b, : len(s)] = 1
-            t = np.nonzero(m)[0]
-            t = t[t >= 1]
-            tb.append(np.full(len(t), b))
-            tt.append(t)
-        tgt_b, tgt_t = np.concatenate(tb), np.concatenate(tt)
+        targets = [target_positions(self.mask_col[e].values) for e in examples]
+        ids, att = pad_right(seqs)
+        tgt_b = np.concatenate([np.full(len(t), b) for b, t in enumerate(targets)])
+        tgt_t = np.concatenate(targets)
         target_ids = ids[tgt_b, tgt_t]
         cache = None
         if rows is not None:
             cache = {k: torch.from_numpy(np.concatenate([r[k] for r in rows])) for k in rows[0]}
             if not torch.equal(cache["target_ids"], torch.from_numpy(target_ids)):
-                bad = next(e for e, r, s, m in zip(examples, rows, seqs, masks)
-                           if not np.array_equal(r["target_ids"], s[np.nonzero(m)[0][np.nonzero(m)[0] >= 1]]))
+                bad = next(e for e, r, s, t in zip(examples, rows, seqs, targets)
+                           if not np.array_equal(r["target_ids"], s[t]))
                 raise KdError(f"cache rows of example {bad} do not match its tokens: the cache was made from "
                               "other data (check --data)")
         return MicroBatch(torch.from_numpy(ids), torch.from_numpy(att), torch.from_numpy(tgt_b),

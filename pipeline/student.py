@@ -11,6 +11,7 @@ import torch
 from pipeline.errors import KdError
 from pipeline.identity import same_tokenizer
 from pipeline.models import load_causal_lm, model_vocab_size
+from pipeline.teacher_stats import head_spec
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,9 @@ class TargetLogits(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tgt_b: torch.Tensor,
                 tgt_t: torch.Tensor) -> torch.Tensor:
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        h = hidden[tgt_b, tgt_t - 1]
-        logits = self.model.get_output_embeddings()(h)
-        cfg = self.model.config
-        if getattr(cfg, "logit_scale", None):
-            logits = logits * cfg.logit_scale
-        if getattr(cfg, "final_logit_softcapping", None):
-            cap = cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits.float()
+        # The same head transform as the teacher pass (bias, Cohere/Granite scaling, Gemma soft-cap),
+        # over every row of the (possibly padded) student head. Built per call: it only holds references.
+        return head_spec(self.model, model_vocab_size(self.model)).logits(hidden[tgt_b, tgt_t - 1])
 
 
 def check_inputs(model: Any, prepared_meta: dict[str, Any], cache: Any | None) -> None:

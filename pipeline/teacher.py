@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.batching import target_counts
 from pipeline.cache import format as fmt
 from pipeline.cache.writer import clean_tmp, is_committed, write_shard
 from pipeline.config import save_config, to_dict
@@ -94,27 +95,6 @@ def plan_shards(row_counts: np.ndarray, shard_rows: int) -> list[dict[str, int]]
         shards.append({"index": len(shards), "example_start": start, "example_stop": len(row_counts),
                        "row_start": row0, "row_stop": row0 + rows})
     return shards
-
-
-def target_counts(ds: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(targets per example, length per example) of a prepared dataset, via Arrow (no Python loop).
-
-    A target is a position t >= 1 with loss_mask[t] != 0; empty examples have 0 of both.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    col = ds.with_format("arrow")["loss_mask"]  # respects a select() view, unlike ds.data
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks() if col.num_chunks else pa.array([], type=pa.list_(pa.int8()))
-    lengths = np.asarray(pc.list_value_length(col).fill_null(0), dtype=np.int64)
-    flat = np.asarray(pc.list_flatten(col)) != 0  # relative to the (possibly sliced) array, as lengths are
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    cs = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
-    first = np.zeros(len(lengths), dtype=np.int64)
-    nonempty = lengths > 0
-    first[nonempty] = flat[offsets[:-1][nonempty]]
-    return cs[offsets[1:]] - cs[offsets[:-1]] - first, lengths
 
 
 def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
@@ -260,7 +240,8 @@ def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict
     return {"cache": str(cache), "data": cfg.data, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
             "threads": worker_threads(cfg), "shard": shard, "top_k": cfg.top_k, "vocab_size": meta["vocab_size"], "temperatures": cfg.temperatures,
             "tail_samples": cfg.tail_samples, "batch_tokens": cfg.batch_tokens, "head_chunk_rows": cfg.head_chunk_rows,
-            "chunk_rows": cfg.chunk_rows, "clevel": cfg.clevel, "seed": cfg.seed}
+            "chunk_rows": cfg.chunk_rows, "clevel": cfg.clevel, "seed": cfg.seed,
+            "revision": meta["teacher"].get("revision")}
 
 
 def worker_threads(cfg: TeacherConfig) -> int:

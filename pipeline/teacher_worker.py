@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.batching import token_budget_batches
+from pipeline.batching import pad_right, target_positions, token_budget_batches
 from pipeline.cache import format as fmt
 from pipeline.cache.writer import clean_tmp, write_shard
 from pipeline.errors import KdError
@@ -41,13 +41,13 @@ def _device_for_worker(device: str) -> str:
         return f"cuda:{local_rank}" if local_rank is not None else "cuda"
 
 
-def get_model(model: str, device: str, dtype: str) -> tuple[Any, torch.device]:
-    """Load (once per process) the teacher in eval mode."""
-    key = f"{model}|{device}|{dtype}"
+def get_model(model: str, device: str, dtype: str, revision: str | None = None) -> tuple[Any, torch.device]:
+    """Load (once per process) the teacher in eval mode, at the revision the cache records."""
+    key = f"{model}|{revision}|{device}|{dtype}"
     if key not in _MODEL:
         _MODEL.clear()
         dev = pick_device(_device_for_worker(device))
-        m = load_causal_lm(model, dev, pick_dtype(dtype, dev))
+        m = load_causal_lm(model, dev, pick_dtype(dtype, dev), revision)
         check_head(m, head_spec(m, model_vocab_size(m)), dev)
         _MODEL[key] = (m, dev)
     return _MODEL[key]
@@ -91,7 +91,7 @@ def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
 
     set_threads(job.get("threads", 0))
     shard, k, v = job["shard"], job["top_k"], job["vocab_size"]
-    model, dev = get_model(job["model"], job["device"], job["dtype"])
+    model, dev = get_model(job["model"], job["device"], job["dtype"], job.get("revision"))
     ds = load_prepared(job["data"]).select(range(shard["example_start"], shard["example_stop"]))
     ids_list, mask_list = ragged_column(ds, "input_ids"), ragged_column(ds, "loss_mask")
     n = shard["row_stop"] - shard["row_start"]
@@ -107,7 +107,7 @@ def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
         out["tail_counts"] = np.zeros((n, s), np.uint16)
     # Target positions of each example (t >= 1 with mask 1: position t is predicted from the
     # hidden state at t - 1) and the row offset of each example inside the shard.
-    targets = [np.nonzero(m[1:])[0] + 1 for m in mask_list]
+    targets = [target_positions(m) for m in mask_list]
     counts = np.array([len(t) for t in targets], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if offsets[-1] != n:
@@ -123,18 +123,13 @@ def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
         batch = [e for e in batch if counts[e]]
         if not batch:
             continue
-        width = max(lengths[e] for e in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        att = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, e in enumerate(batch):
-            ids[b, : lengths[e]] = torch.from_numpy(ids_list[e].astype(np.int64))
-            att[b, : lengths[e]] = 1
-        ids, att = ids.to(dev, non_blocking=True), att.to(dev, non_blocking=True)
+        ids, att = (torch.from_numpy(a).to(dev, non_blocking=True) for a in pad_right([ids_list[e] for e in batch]))
         hidden = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state  # [B, L, H]
         rb = torch.as_tensor(np.concatenate([np.full(counts[e], b) for b, e in enumerate(batch)]), device=dev)
         rt = torch.as_tensor(np.concatenate([targets[e] for e in batch]), device=dev)
         try:
-            stats = rows_from_hidden(hidden[rb, rt - 1], ids[rb, rt], head, k, betas.to(dev), chunk_rows, s, gen)
+            tgt = ids[rb, rt]
+            stats = rows_from_hidden(hidden[rb, rt - 1], tgt, head, k, betas, chunk_rows, s, gen)
         except NonFiniteLogits as bad:
             e = batch[int(rb[bad.row])]
             dt = str(head.weight.dtype).replace("torch.", "")
@@ -147,7 +142,7 @@ def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
         out["topk_logprobs"][dst] = fmt.encode_logprobs(stats["topk_logprobs"])
         out["entropy"][dst] = stats["entropy"]
         out["log_partition"][dst] = stats["log_partition"]
-        out["target_ids"][dst] = ids[rb, rt].cpu().numpy()
+        out["target_ids"][dst] = tgt.cpu().numpy()
         out["target_logprobs"][dst] = np.maximum(stats["target_logprobs"], -65000.0)
         if s:
             out["tail_ids"][dst] = stats["tail_ids"]

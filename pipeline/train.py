@@ -144,12 +144,17 @@ class Trainer:
             self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---- one optimizer step ---------------------------------------------------------------
-    def _forward(self, mb: MicroBatch, grad: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    @property
+    def alpha(self) -> float:
+        """Weight of cross-entropy in the loss: ce_weight when distilling, 1 otherwise."""
+        return self.cfg.ce_weight if self.cfg.distills else 1.0
+
+    def _forward(self, mb: MicroBatch, grad: bool) -> tuple[torch.Tensor, Any]:
+        """(summed CE of the micro-batch's targets, its KD terms or None)."""
         ctx = nullcontext() if grad else torch.no_grad()
         with ctx, self.autocast:
             logits = self.net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
-        alpha = self.cfg.ce_weight if self.cfg.distills else 1.0
-        if alpha > 0.0:
+        if self.alpha > 0.0:
             ce = torch.nn.functional.cross_entropy(logits, mb.target_ids, reduction="sum")
         else:
             # Logged only. Adding 0 * ce to the loss would still backpropagate a full [N, V]
@@ -159,7 +164,7 @@ class Trainer:
         terms = None
         if self.cfg.distills:
             terms = kd_terms(logits, mb.cache, self.kd, self.cache.vocab_size, self.grid_betas, self.latf, self.gen)
-        return logits, ce, terms
+        return ce, terms
 
     def train_step(self, mbs: list[MicroBatch], apply: bool = True) -> dict[str, Any]:
         """One optimizer step over micro-batches `mbs`; returns its metrics (computed before the update).
@@ -167,8 +172,7 @@ class Trainer:
         With apply=False the normalised, unclipped gradients are left in `.grad` and nothing is
         updated (used by the micro-batch split test).
         """
-        cfg, world = self.cfg, self.world
-        alpha = cfg.ce_weight if cfg.distills else 1.0
+        cfg, world, alpha = self.cfg, self.world, self.alpha
         n_total = _all_sum([float(sum(mb.num_targets for mb in mbs))], world, self.device)[0]
         w_total = None
         if cfg.distills and 0.0 < alpha < 1.0 and len(mbs) > 1:
@@ -181,7 +185,7 @@ class Trainer:
             sync = i == len(mbs) - 1 or world == 1
             ctx = nullcontext() if sync or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with ctx:
-                _, ce, terms = self._forward(mb, grad=True)
+                ce, terms = self._forward(mb, grad=True)
                 # DDP averages gradients over ranks; losses are scaled by `world` so the result is
                 # the global sum divided by the global normaliser.
                 loss = (alpha * world / n_total) * ce if alpha > 0.0 else None
@@ -240,7 +244,7 @@ class Trainer:
         cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
         total = 0.0
         for mb in mbs:
-            total += self._forward(mb, grad=False)[2].denominator
+            total += self._forward(mb, grad=False)[1].denominator
         torch.set_rng_state(cpu)
         self.gen.set_state(gate)
         if cuda is not None:

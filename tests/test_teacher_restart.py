@@ -182,3 +182,25 @@ def test_torchrun_two_ranks_identical(tmp_path, teacher_args, llama_cache):
     written = [int(n) for n in re.findall(r"teacher: (\d+) shard\(s\) written", proc.stdout)]
     total = len(json.loads((out / "kdcache.json").read_text())["shards"])
     assert len(written) == 2 and all(n >= 1 for n in written) and sum(written) == total, proc.stdout
+
+
+def test_recorded_revision_reaches_the_weights(tmp_path, teacher_args, monkeypatch):
+    """The revision recorded in kdcache.json is the one the workers load weights at."""
+    import transformers
+
+    seen = []
+    original = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("revision"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    from pipeline import teacher_worker
+
+    teacher_worker._MODEL.clear()
+    res = invoke(*teacher_args, "--out", tmp_path / "c", "--set", "revision=v1.2")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c" / "kdcache.json").read_text())["teacher"]["revision"] == "v1.2"
+    assert seen and set(seen) == {"v1.2"}
+    teacher_worker._MODEL.clear()

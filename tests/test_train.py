@@ -228,3 +228,22 @@ def test_ranking_buckets_give_the_exact_hellinger_difficulty_to_3e_4():
         assert (exact - cheap).abs().max() < 3e-4, scale
     ids_all = torch.arange(8).expand(4, 8)  # K = V: no tail at all
     assert torch.isfinite(ranking_log_buckets(torch.randn(4, 8), ids_all)).all()
+
+
+def test_student_head_matches_the_models_own_logits_granite_scaling():
+    """TargetLogits applies the head exactly as the model's forward does, including Granite's
+    logits_scaling (which a hand-written scale/soft-cap path had missed)."""
+    from transformers import AutoModelForCausalLM, GraniteConfig
+
+    from pipeline.student import TargetLogits
+
+    torch.manual_seed(0)
+    cfg = GraniteConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, logits_scaling=4.0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 40, (2, 7))
+    att = torch.ones_like(ids)
+    tb, tt = torch.tensor([0, 0, 1]), torch.tensor([1, 6, 3])
+    ours = TargetLogits(model)(ids, att, tb, tt)
+    ref = model(input_ids=ids, attention_mask=att).logits[tb, tt - 1].float()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
