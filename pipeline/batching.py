@@ -71,3 +71,23 @@ def target_counts(ds: Any) -> tuple[np.ndarray, np.ndarray]:
     nonempty = lengths > 0
     first[nonempty] = flat[offsets[:-1][nonempty]]
     return cs[offsets[1:]] - cs[offsets[:-1]] - first, lengths
+
+
+def target_ids_of(ds: Any, start: int, stop: int) -> np.ndarray:
+    """Target ids of examples [start, stop) of a prepared dataset, in cache row order (example, then
+    position): the tokens at positions t >= 1 with loss_mask[t] != 0. Vectorised through Arrow."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    view = ds.select(range(start, stop)).with_format("arrow")
+    ids, mask = view["input_ids"], view["loss_mask"]
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks() if ids.num_chunks else pa.array([], type=pa.list_(pa.int64()))
+        mask = mask.combine_chunks() if mask.num_chunks else pa.array([], type=pa.list_(pa.int8()))
+    lengths = np.asarray(pc.list_value_length(ids).fill_null(0), dtype=np.int64)
+    flat_ids = np.asarray(pc.list_flatten(ids), dtype=np.int64)
+    flat_mask = np.asarray(pc.list_flatten(mask)) != 0
+    first = np.zeros(len(flat_ids), dtype=bool)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    first[starts[lengths > 0]] = True  # position 0 of each example has no context: never a target
+    return flat_ids[flat_mask & ~first]

@@ -1,9 +1,10 @@
 """KD divergences on the cached support: K + 1 buckets (methods.md §2).
 
 Teacher and student are both coarse-grained to the K cached ids plus one tail bucket. The teacher's
-buckets come from the cache exactly, at any temperature in the grid (log p^T_i = β·log p_i - A(β)); the
-student's come from its full logits, the tail computed in log space with the K ids masked out. With K = V
-the tail is empty and every divergence equals its full-vocabulary value (tests/test_divergences.py).
+buckets come from the cache exactly, at any temperature in the grid (log p^T_i = β·log p_i - A(β), the
+tail from the cached tail statistics, so they sum to one by construction); the student's come from its
+logits over the teacher's V ids, the tail computed in log space with the K ids masked out. With K = V the
+tail is empty and every divergence equals its full-vocabulary value (tests/test_divergences.py).
 
 All functions take batch-first tensors, upcast bf16/fp16/fp32 to float32 (float64 stays float64) and loop
 over nothing but the handful of divergence names. A bucket with zero mass (log-mass -inf) contributes
@@ -12,8 +13,9 @@ over nothing but the handful of divergence names. A bucket with zero mass (log-m
 Choices methods.md leaves open (all documented per function):
 - AKL when P = Q on every bucket (g_head + g_tail = 0): weights 1/2, 1/2 (the value is 0 either way).
 - Sampled tail: a row whose counts sum to 0 keeps its tail mass in the remainder bucket (plain K + 1
-  buckets). At T != 1 the split uses r^(T) with the T = 1 sample proportions (the tail ids' own
-  probabilities are not cached, so their shape cannot be re-tempered): unbiased only at T = 1.
+  buckets). It is refused at T != 1: splitting r^(T) by T = 1 counts is wrong (bucket TVD 0.56-0.93 at
+  T = 2, measured), and importance weights would need each sampled id's probability, which is not cached.
+- Student ids >= the teacher's V (a padded head) belong to neither distribution: they are sliced off.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import math
 import torch
 from torch import Tensor
 
-from pipeline.temperature import log1mexp
 
 DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
 TAIL_POLICIES = ("bucket", "renorm", "ignore")
@@ -139,63 +140,60 @@ def hellinger(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(pos, sq.masked_fill(~pos, 1.0).sqrt(), torch.zeros_like(sq)) / math.sqrt(2.0)
 
 
-def teacher_log_buckets(
-    topk_logprobs: Tensor, log_partition_beta: Tensor, beta: Tensor, *, vocab_size: int | None = None
-) -> Tensor:
-    """Tempered teacher log-masses on K + 1 buckets.
+def teacher_log_buckets(topk_logprobs: Tensor, tail_beta: Tensor, beta: Tensor) -> Tensor:
+    """Tempered teacher log-masses on K + 1 buckets, normalised by construction.
 
-    topk_logprobs [N,K] (log p over the full vocabulary, T = 1), log_partition_beta [N] = A(β),
-    beta [N] = 1/T -> [N,K+1]: head β·log p_i - A(β); last column log r^T = log(1 - Σ_K p^T_i), from
-    log1mexp of the head's logsumexp. A head that holds all the mass (or more, by rounding) gives a tail
-    of -inf, never NaN; so does vocab_size <= K (no tail ids exist). Teacher data: detached.
+    topk_logprobs [N,K] (log p over the full vocabulary, T = 1), tail_beta [N] = T(beta) = log sum of p^beta
+    over the ids outside the top-K (`temperature.tail_log_partition_at`; log r at beta = 1, -inf when the
+    teacher has no tail), beta [N] = 1/T -> [N,K+1]: head beta log p_i - A, tail T(beta) - A, with
+    A = logaddexp(lse_K(beta log p), T(beta)); so the K + 1 masses sum to one at every temperature, and
+    the tail is -inf only when the cache says the teacher has none. Teacher data: detached.
     """
-    dt = _dtype(topk_logprobs, log_partition_beta, beta)
-    lp = topk_logprobs.detach().to(dt)
-    head = beta.detach().to(dt)[:, None] * lp - log_partition_beta.detach().to(dt)[:, None]
-    total = torch.logsumexp(head, dim=-1)  # log Σ_K p^T_i, <= 0 up to rounding
-    has_tail = total < 0
-    if vocab_size is not None and vocab_size <= lp.shape[1]:
-        has_tail = torch.zeros_like(has_tail)
-    safe = torch.where(has_tail, total, torch.full_like(total, -1.0))
-    tail = torch.where(has_tail, log1mexp(safe), torch.full_like(total, NEG_INF))
-    return torch.cat([head, tail[:, None]], dim=1)
+    dt = _dtype(topk_logprobs, tail_beta, beta)
+    head = beta.detach().to(dt)[:, None] * topk_logprobs.detach().to(dt)
+    tail = tail_beta.detach().to(dt)[:, None]
+    log_a = _logaddexp(torch.logsumexp(head, dim=-1, keepdim=True), tail)
+    return torch.cat([head, tail], dim=1) - log_a
 
 
 def _student_log_masses(
-    logits: Tensor, temperature: Tensor, ids: Tensor, valid: Tensor | None
+    logits: Tensor, temperature: Tensor, ids: Tensor, valid: Tensor | None, vocab_size: int
 ) -> tuple[Tensor, Tensor]:
-    """Student log q^T on given ids and on everything else.
+    """Student log q^T on given ids and on everything else among the teacher's V ids.
 
-    logits [N,Vs], temperature [N], ids [N,M] distinct per row, valid bool [N,M] or None (all valid)
+    logits [N,Vs] (Vs >= V; columns >= V, a padded student head, are left out: neither distribution has
+    them), temperature [N], ids [N,M] distinct per row, valid bool [N,M] or None (all valid)
     -> log q^T(ids) [N,M] (-inf where not valid), log of the remaining mass [N] (-inf if none remains).
-    Memory: one [N,Vs] tensor (logits/T, masked in place and kept for logsumexp's backward). The full
-    normaliser is logaddexp(logsumexp(picked), logsumexp(rest)), so no second [N,Vs] pass is needed.
+    Memory: one [N,V] tensor (logits/T, masked in place and kept for logsumexp's backward). The full
+    normaliser is logaddexp(logsumexp(picked), logsumexp(rest)), so no second [N,V] pass is needed.
     """
     dt = _dtype(logits, temperature)
     t = temperature.to(dt)[:, None]
+    logits = logits[:, :vocab_size]
     # Padding points at the row's first id: masked anyway, and never at a real token it would hide.
     safe_ids = ids if valid is None else torch.where(valid, ids, ids[:, :1])
     picked = logits.gather(1, safe_ids) / t  # type promotion: bf16 / f32 -> f32, no extra copy
     if valid is not None:
         picked = picked.masked_fill(~valid, NEG_INF)
-    z = logits / t  # [N,Vs], the one full-size copy
+    z = logits / t  # [N,V], the one full-size copy
     z.scatter_(1, safe_ids, NEG_INF)
     has_rest = z.amax(dim=-1) > NEG_INF
     # Rows with nothing left: logsumexp's backward would be exp(-inf - -inf) = NaN; compute on zeros instead.
     z.masked_fill_(~has_rest[:, None], 0.0)
     rest = torch.where(has_rest, torch.logsumexp(z, dim=-1), torch.full_like(has_rest, NEG_INF, dtype=dt))
-    log_total = torch.logaddexp(torch.logsumexp(picked, dim=-1), rest)
+    log_total = _logaddexp(torch.logsumexp(picked, dim=-1), rest)
     return picked - log_total[:, None], rest - log_total
 
 
-def student_log_buckets(logits: Tensor, topk_ids: Tensor, temperature: Tensor) -> Tensor:
-    """Student log-masses on K + 1 buckets at temperature T.
+def student_log_buckets(logits: Tensor, topk_ids: Tensor, temperature: Tensor, vocab_size: int) -> Tensor:
+    """Student log-masses on K + 1 buckets at temperature T, over the teacher's V ids.
 
-    logits [N,Vs] (Vs >= V allowed: padded ids belong to the tail), topk_ids [N,K] int64, temperature [N]
-    -> [N,K+1]: log softmax(z)[ids] with z = logits/T, last column the exact log of the mass outside the K
-    ids (-inf when K = Vs). Differentiable w.r.t. logits.
+    logits [N,Vs] (Vs >= V: ids >= V, a padded student head, belong to no bucket), topk_ids [N,K] int64,
+    temperature [N], vocab_size V (the teacher's, from the cache) -> [N,K+1]: log softmax(z)[ids] with
+    z = logits[:, :V] / T, last column the exact log of the mass outside the K ids (-inf when K = V).
+    Differentiable w.r.t. logits.
     """
-    head, rest = _student_log_masses(logits, temperature, topk_ids, None)
+    head, rest = _student_log_masses(logits, temperature, topk_ids, None, vocab_size)
     return torch.cat([head, rest[:, None]], dim=1)
 
 
@@ -203,21 +201,23 @@ def sampled_tail_buckets(
     logits: Tensor,
     topk_ids: Tensor,
     topk_logprobs: Tensor,
-    log_partition_beta: Tensor,
-    beta: Tensor,
-    temperature: Tensor,
+    tail_logprob: Tensor,
     tail_ids: Tensor,
     tail_counts: Tensor,
+    vocab_size: int,
 ) -> tuple[Tensor, Tensor]:
-    """Teacher and student log-masses with the tail bucket split over sampled ids.
+    """Teacher and student log-masses at T = 1 with the tail bucket split over sampled ids.
 
     tail_ids [N,S] int64 (distinct per row, outside the top-K, padded with -1), tail_counts [N,S] (0 for
-    padding) -> log_p, log_q [N,K+S+1]: K head buckets, S sampled buckets with P_j = r^T·c_j/Σc and the
-    student's exact q^T_j, then a remainder bucket (student mass outside K and the sampled ids; teacher
-    mass 0, or r^T for a row with no samples). E[P_j] = p_j at T = 1, so the fkl gradient is unbiased.
+    padding), tail_logprob [N] = log r -> log_p, log_q [N,K+S+1]: K head buckets, S sampled buckets with
+    P_j = r·c_j/Σc and the student's exact q_j, then a remainder bucket (student mass outside K and the
+    sampled ids; teacher mass 0, or r for a row with no samples). E[P_j] = p_j, so the fkl gradient is
+    unbiased. Only at T = 1: the draws come from p, and re-tempering them would need each sampled id's
+    own probability (not cached), so `kd_divergence` refuses T != 1.
     """
     k = topk_ids.shape[1]
-    log_p_b = teacher_log_buckets(topk_logprobs, log_partition_beta, beta, vocab_size=logits.shape[1])
+    ones = torch.ones_like(tail_logprob, dtype=_dtype(topk_logprobs, tail_logprob))
+    log_p_b = teacher_log_buckets(topk_logprobs, tail_logprob, ones)
     dt = log_p_b.dtype
     valid = (tail_counts > 0) & (tail_ids >= 0)
     counts = tail_counts.to(dt).masked_fill(~valid, 0.0)
@@ -230,7 +230,7 @@ def sampled_tail_buckets(
     )
     ids = torch.cat([topk_ids, tail_ids], dim=1)
     keep = torch.cat([torch.ones_like(topk_ids, dtype=torch.bool), valid], dim=1)
-    picked, rest = _student_log_masses(logits, temperature, ids, keep)
+    picked, rest = _student_log_masses(logits, torch.ones_like(ones), ids, keep, vocab_size)
     return log_p, torch.cat([picked, rest[:, None]], dim=1)
 
 
@@ -239,9 +239,10 @@ def kd_divergence(
     logits: Tensor,
     topk_ids: Tensor,
     topk_logprobs: Tensor,
-    log_partition_beta: Tensor,
+    tail_beta: Tensor,
     beta: Tensor,
     temperature: Tensor,
+    vocab_size: int,
     tail: str = "bucket",
     tail_ids: Tensor | None = None,
     tail_counts: Tensor | None = None,
@@ -249,11 +250,13 @@ def kd_divergence(
 ) -> Tensor:
     """Per-position KD divergence D(teacher^T, student^T) under a tail policy -> [N].
 
-    logits [N,Vs], topk_ids [N,K], topk_logprobs [N,K], log_partition_beta [N] = A(β), beta [N],
-    temperature [N] (= 1/β); constants: lam, alpha, mu (see `divergence`).
+    logits [N,Vs] (student; ids >= vocab_size are outside both distributions), topk_ids [N,K],
+    topk_logprobs [N,K], tail_beta [N] = T(beta) (the teacher's tail power sum, log r at T = 1), beta [N],
+    temperature [N] (= 1/beta), vocab_size the teacher's V (from the cache: never the student's head);
+    constants: lam, alpha, mu (see `divergence`).
     tail:
       "bucket"  K + 1 buckets (methods.md §2); with tail_ids/tail_counts the tail bucket is split over the
-                sampled ids (`sampled_tail_buckets`), fkl only: its gradient is the one that stays unbiased.
+                sampled ids (`sampled_tail_buckets`), fkl at T = 1 only.
       "renorm"  P and Q renormalised over the K ids, tail dropped: D(P_K/ΣP_K, Q_K/ΣQ_K) over K buckets.
       "ignore"  the divergence's per-bucket terms summed over the K ids only, with the full-vocabulary
                 (un-renormalised) P_i, Q_i:
@@ -269,6 +272,8 @@ def kd_divergence(
         raise ValueError(f"unknown tail policy {tail!r}; choose one of {TAIL_POLICIES}")
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence {name!r}; choose one of {DIVERGENCES}")
+    if logits.shape[1] < vocab_size:
+        raise ValueError(f"the student has {logits.shape[1]} logits per row, the teacher's vocabulary {vocab_size}")
     if tail_ids is not None:
         if tail != "bucket" or name != "fkl":
             raise ValueError(
@@ -277,8 +282,11 @@ def kd_divergence(
             )
         if tail_counts is None:
             raise ValueError("tail_ids given without tail_counts")
+        if bool((temperature != 1.0).any()):
+            raise ValueError("a sampled tail is exact only at T = 1 (its draws come from p, not p^T); "
+                             "use the bucket tail at other temperatures (IDTS, --temperature)")
         log_p, log_q = sampled_tail_buckets(
-            logits, topk_ids, topk_logprobs, log_partition_beta, beta, temperature, tail_ids, tail_counts
+            logits, topk_ids, topk_logprobs, tail_beta, tail_ids, tail_counts, vocab_size
         )
         return divergence(name, log_p, log_q, **constants)
     k = topk_ids.shape[1]
@@ -287,8 +295,8 @@ def kd_divergence(
         log_p = torch.log_softmax(beta.detach().to(dt)[:, None] * topk_logprobs.detach().to(dt), dim=-1)
         log_q = torch.log_softmax(logits.gather(1, topk_ids) / temperature.to(dt)[:, None], dim=-1)
         return divergence(name, log_p, log_q, **constants)
-    log_p = teacher_log_buckets(topk_logprobs, log_partition_beta, beta, vocab_size=logits.shape[1])
-    log_q = student_log_buckets(logits, topk_ids, temperature)
+    log_p = teacher_log_buckets(topk_logprobs, tail_beta, beta)
+    log_q = student_log_buckets(logits, topk_ids, temperature, vocab_size)
     if tail == "ignore":
         return divergence(name, log_p[:, :k], log_q[:, :k], **constants)
     return divergence(name, log_p, log_q, **constants)

@@ -36,6 +36,7 @@ from pipeline.identity import write_json
 log = logging.getLogger(__name__)
 
 EVAL_FILENAME = "eval.json"
+EVAL_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob")  # the cache fields eval reads
 ROW_CHUNK_ELEMENTS = 1 << 25  # float64 logits per metrics chunk: 256 MiB
 
 @dataclass
@@ -65,17 +66,17 @@ class EvalConfig:
 
 # ---- per-position metrics ------------------------------------------------------------------
 def bucket_fkl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-               vocab_size: int | None = None) -> torch.Tensor:
+               tail_logprob: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Forward KL(P || Q) on the K + 1 buckets at T = 1 (methods.md §2), per row, in float64.
 
-    logits [N, Vs] student; topk_ids [N, K] int64 and topk_logprobs [N, K] (log p over the full
-    vocabulary) from the cache; vocab_size the teacher's V (K = V: no tail bucket). P head =
-    exp(topk_logprobs), P tail = 1 - their sum; Q head = the student's probabilities of the K ids,
-    Q tail = the rest (masked logsumexp, exact in log space). Returns [N] float64.
+    logits [N, Vs] student; topk_ids [N, K], topk_logprobs [N, K] (log p over the full vocabulary) and
+    tail_logprob [N] (log r) from the cache; vocab_size the teacher's V. Q head = the student's
+    probabilities of the K ids, Q tail = the rest of the teacher's V ids (masked logsumexp, exact in
+    log space). Returns [N] float64.
     """
     ones = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
-    log_p = teacher_log_buckets(topk_logprobs.double(), torch.zeros_like(ones), ones, vocab_size=vocab_size)
-    log_q = student_log_buckets(logits.double(), topk_ids, ones)
+    log_p = teacher_log_buckets(topk_logprobs.double(), tail_logprob.double(), ones)
+    log_q = student_log_buckets(logits.double(), topk_ids, ones, vocab_size)
     return divergence("fkl", log_p, log_q)
 
 
@@ -101,7 +102,7 @@ class Totals:
                 ids = cache["topk_ids"][a: a + step]
                 self.agree += int((z.argmax(-1) == ids[:, 0]).sum())
                 self.fkl += float(bucket_fkl(zd, ids, cache["topk_logprobs"][a: a + step],
-                                              self.vocab_size).sum())
+                                             cache["tail_logprob"][a: a + step], self.vocab_size).sum())
         self.targets += n
 
     def result(self, with_cache: bool) -> dict[str, Any]:
@@ -219,7 +220,7 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     if cfg.generate:
         tokenizer = _matching_tokenizer(model_path, pmeta)
 
-    stream = CacheStream(ds, cache, cfg.batch_size, shuffle=False)
+    stream = CacheStream(ds, cache, cfg.batch_size, shuffle=False, fields=EVAL_FIELDS)
     n_batches = stream.batches_in_epoch(0)
     net = TargetLogits(model).eval()
     totals = Totals(cache.vocab_size if cache is not None else None)
@@ -273,11 +274,10 @@ def _matching_tokenizer(model_path: str, pmeta: dict[str, Any]) -> Any:
     from pathlib import Path
 
     from pipeline.identity import same_tokenizer, tokenizer_identity
-    from pipeline.models import load_tokenizer
+    from pipeline.models import has_tokenizer_files, load_tokenizer
 
     local = Path(model_path)
-    has_own = not local.is_dir() or any((local / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                        "tokenizer.model", "vocab.json"))
+    has_own = not local.is_dir() or has_tokenizer_files(local)
     source = model_path if has_own else pmeta["tokenizer"]["name"]
     try:
         tok = load_tokenizer(source)

@@ -5,8 +5,8 @@ propose ŷ from the student (greedy argmax or a seeded sample), accept it by one
 weight the position 1 if accepted, `reject_weight` (default 0: masked out) if not.
 
 Rules the paper leaves open, fixed here (methods.md §3):
-- p(ŷ) outside the cached top-K is the tail spread evenly, r/(V-K) (0 when V = K). A proposal id >= V
-  (a padded student id) is outside the support and gets the same estimate.
+- p(ŷ) outside the cached top-K is the tail spread evenly, r/(V-K) (0 when V = K), with r the cached
+  tail mass. A proposal id >= V (a padded student id) is one the teacher cannot emit: p = 0.
 - `spec` draws u ~ U(0,1) per position and accepts iff u < min(1, p(ŷ)/q(ŷ)). With proposal="sample"
   the generator is used first for the N proposals (torch.multinomial), then for the N uniforms.
 - `topk` uses the first gate_k cached ids (default all K); `threshold` has no default τ and must be given.
@@ -50,17 +50,21 @@ def propose(logits: Tensor, mode: str = "greedy", generator: torch.Generator | N
 
 
 @torch.no_grad()
-def teacher_prob_of(proposal: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, vocab_size: int) -> Tensor:
-    """Teacher probability p(ŷ) at T = 1: proposal [N], topk_ids [N,K], topk_logprobs [N,K] -> [N] float32.
+def teacher_prob_of(proposal: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor,
+                    vocab_size: int) -> Tensor:
+    """Teacher probability p(ŷ) at T = 1: proposal [N], topk_ids [N,K], topk_logprobs [N,K], tail_logprob [N]
+    (log r, from the cache) -> [N] float32.
 
-    p(ŷ) from the cache if ŷ is in the top-K, else r/(V-K) with r = 1 - Σ_K p_i (0 if V = K).
+    p(ŷ) from the cache if ŷ is in the top-K; else r/(V-K), the tail spread evenly (0 if V = K); 0 for an
+    id the teacher cannot emit (ŷ >= V: a padded student head).
     """
     k = topk_ids.shape[1]
     p = topk_logprobs.float().exp()  # [N,K]
     match = topk_ids == proposal[:, None]
     head = torch.where(match, p, torch.zeros_like(p)).sum(-1)
-    r = (1.0 - p.sum(-1)).clamp_min(0.0)
+    r = tail_logprob.float().exp()
     tail = r / (vocab_size - k) if vocab_size > k else torch.zeros_like(r)
+    tail = torch.where(proposal < vocab_size, tail, torch.zeros_like(tail))
     return torch.where(match.any(-1), head, tail)
 
 
@@ -69,6 +73,7 @@ def speckd_gate(
     logits: Tensor,
     topk_ids: Tensor,
     topk_logprobs: Tensor,
+    tail_logprob: Tensor,
     vocab_size: int,
     rule: str = "topk",
     proposal: str = "greedy",
@@ -79,7 +84,8 @@ def speckd_gate(
 ) -> GateResult:
     """Propose-and-verify gate per position.
 
-    logits [N,Vs] student logits (T = 1), topk_ids [N,K], topk_logprobs [N,K], vocab_size V of the teacher.
+    logits [N,Vs] student logits (T = 1; Vs may exceed V: a padded proposal gets p = 0), topk_ids [N,K],
+    topk_logprobs [N,K], tail_logprob [N] (log r), vocab_size V of the teacher (from the cache).
     rule: topk (ŷ among the first gate_k cached ids), spec (u < min(1, p(ŷ)/q(ŷ)), u ~ U(0,1) from
     `generator`), threshold (p(ŷ) >= threshold). Weight: 1 if accepted else reject_weight.
     """
@@ -95,7 +101,7 @@ def speckd_gate(
             raise ValueError(f"gate_k must lie in [1, K={k}], got {gate_k}")
         accepted = (topk_ids[:, :kv] == y[:, None]).any(-1)
     else:
-        p = teacher_prob_of(y, topk_ids, topk_logprobs, vocab_size)
+        p = teacher_prob_of(y, topk_ids, topk_logprobs, tail_logprob, vocab_size)
         if rule == "threshold":
             if threshold is None:
                 raise ValueError("rule 'threshold' needs a threshold τ (accept iff p(ŷ) >= τ)")

@@ -1,5 +1,5 @@
-"""Summaries of a teacher cache for `kdcache inspect`: size per row against the budget, teacher
-entropy and top-K mass statistics, shard status."""
+"""Summaries of a teacher cache for `kdcache inspect`: bytes per row in all and per stored array,
+teacher entropy and tail-mass statistics, shard status."""
 
 from __future__ import annotations
 
@@ -11,23 +11,22 @@ from pipeline.cache.reader import Cache
 from pipeline.errors import KdError
 
 
-def size_budget(k: int, vocab_size: int) -> float:
-    """Bytes per row the format promises with default settings: 3K + 16 (3.5K + 16 above 65,536 ids)."""
-    return (3.0 if vocab_size <= 65536 else 3.5) * k + 16
-
-
 def summarize(c: Cache, sample_rows: int = 200_000) -> dict[str, Any]:
-    """Cache statistics; entropy and top-K mass come from up to `sample_rows` rows spread over the
-    committed shards (each shard contributes its leading rows)."""
+    """Cache statistics; entropy and tail mass come from up to `sample_rows` rows spread over the
+    committed shards (each shard contributes its leading rows). Bytes are exact: every file on disk,
+    and per array the sizes the shards' commit records hold."""
     committed = c.committed()
     ent: list[np.ndarray] = []
-    mass: list[np.ndarray] = []
+    log_r: list[np.ndarray] = []
     nbytes = c.bytes_on_disk()
+    rows = max(c.num_rows, 1)
+    done_rows = sum(s["row_stop"] - s["row_start"] for s, ok in zip(c.shards, committed) if ok)
     out: dict[str, Any] = {
         "path": str(c.path), "rows": c.num_rows, "examples": int(c.meta["num_examples"]), "k": c.k,
         "vocab_size": c.vocab_size, "temperatures": c.temperatures, "tail_samples": c.tail_samples,
-        "teacher": c.meta["teacher"]["model"], "shards": len(committed), "committed": int(sum(committed)),
-        "bytes": nbytes, "bytes_per_row": nbytes / max(c.num_rows, 1), "budget_per_row": size_budget(c.k, c.vocab_size),
+        "codec": c.meta["codec"], "teacher": c.meta["teacher"]["model"], "shards": len(committed),
+        "committed": int(sum(committed)), "bytes": nbytes, "bytes_per_row": nbytes / rows,
+        "array_bytes_per_row": {k: v / max(done_rows, 1) for k, v in c.array_bytes().items()},
     }
     done = [i for i, ok in enumerate(committed) if ok]
     if done:
@@ -36,38 +35,47 @@ def summarize(c: Cache, sample_rows: int = 200_000) -> dict[str, Any]:
         for i in done:
             s = c.shards[i]
             try:
-                rows = c.read(s["row_start"], min(s["row_stop"], s["row_start"] + per))
+                part = c.read(s["row_start"], min(s["row_stop"], s["row_start"] + per), ("entropy", "tail_logprob"))
             except KdError as err:  # a damaged shard must not hide the others (--verify lists them all)
                 unreadable.append(str(err))
                 continue
-            ent.append(rows["entropy"])
-            mass.append(np.exp(rows["topk_logprobs"].astype(np.float64)).sum(-1))
+            ent.append(part["entropy"])
+            log_r.append(part["tail_logprob"])
         out["unreadable"] = unreadable
     if ent:
-        e, m = np.concatenate(ent), np.concatenate(mass)
+        e, lr = np.concatenate(ent).astype(np.float64), np.concatenate(log_r).astype(np.float64)
+        mass = -np.expm1(lr)  # top-K mass = 1 - r, exact from the stored tail
         out["entropy"] = {"mean": float(e.mean()), "p50": float(np.median(e)), "p90": float(np.quantile(e, 0.9))}
-        out["topk_mass"] = {"mean": float(m.mean()), "p10": float(np.quantile(m, 0.1)), "p50": float(np.median(m))}
+        out["topk_mass"] = {"mean": float(mass.mean()), "p10": float(np.quantile(mass, 0.1)),
+                            "p50": float(np.median(mass))}
+        finite = lr[np.isfinite(lr)]
+        out["tail_mass"] = {"p50": float(np.exp(np.median(finite))) if len(finite) else 0.0,
+                            "below_1e-8": float(np.mean(lr < np.log(1e-8)))}
         out["sampled_rows"] = int(len(e))
     return out
 
 
 def format_summary(s: dict[str, Any]) -> str:
     """Human-readable lines of `summarize`'s dict."""
+    codec = s["codec"]
     lines = [
         f"cache        {s['path']}",
         f"teacher      {s['teacher']}",
         f"rows         {s['rows']:,} target positions over {s['examples']:,} examples",
         f"support      K={s['k']}  vocabulary={s['vocab_size']:,}  temperatures={s['temperatures']}"
         + (f"  tail samples={s['tail_samples']}" if s["tail_samples"] else ""),
-        f"size         {s['bytes']:,} bytes = {s['bytes_per_row']:.1f} bytes/row "
-        f"(budget {s['budget_per_row']:.0f}: {'within' if s['bytes_per_row'] <= s['budget_per_row'] else 'OVER'})",
+        f"codec        {codec['name']}: head step {codec['head_step']:g} nats, tail split step "
+        f"{codec['tail_step']:g}, tail entropy {codec['entropy_bits']} bits, tail shape {codec['shape_bits']} bits",
+        f"size         {s['bytes']:,} bytes = {s['bytes_per_row']:.2f} bytes/row (all files)",
+        "per array    " + "  ".join(f"{k} {v:.2f}" for k, v in s["array_bytes_per_row"].items()) + "  (bytes/row)",
         f"shards       {s['committed']}/{s['shards']} committed",
     ]
     if "entropy" in s:
-        e, m = s["entropy"], s["topk_mass"]
+        e, m, t = s["entropy"], s["topk_mass"], s["tail_mass"]
         lines.append(f"entropy      mean {e['mean']:.3f}  median {e['p50']:.3f}  p90 {e['p90']:.3f} nats "
                      f"({s['sampled_rows']:,} rows)")
-        lines.append(f"top-K mass   mean {m['mean']:.4f}  p10 {m['p10']:.4f}  median {m['p50']:.4f}")
+        lines.append(f"top-K mass   mean {m['mean']:.4f}  p10 {m['p10']:.4f}  median {m['p50']:.4f}  "
+                     f"(tail mass median {t['p50']:.2e}; {100 * t['below_1e-8']:.1f}% of rows below 1e-8)")
     for u in s.get("unreadable", []):
         lines.append(f"unreadable   {u}")
     return "\n".join(lines)

@@ -18,22 +18,26 @@ import torch
 from pipeline.adakd import LATF, idts_temperatures
 from pipeline.divergences import hellinger, kd_divergence, teacher_log_buckets
 from pipeline.gate import speckd_gate
-from pipeline.temperature import log1mexp, log_partition_at
+from pipeline.temperature import log1mexp, tail_log_partition_at
 
 
 @torch.no_grad()
-def ranking_log_buckets(logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+def ranking_log_buckets(logits: torch.Tensor, topk_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Student log-masses on K + 1 buckets at T = 1 for *ranking* positions by difficulty.
 
-    logits [N, Vs], topk_ids [N, K] -> [N, K + 1]. The tail is log(1 - sum of the head) instead of an
-    exact masked logsumexp: two passes over [N, Vs] instead of about seven. In float32 the tail's
-    absolute error is ~1e-7, so the Hellinger difficulty moves by at most ~3e-4; the loss itself
-    always uses the exact tail (`divergences.student_log_buckets`).
+    logits [N, Vs], topk_ids [N, K], vocab_size the teacher's V -> [N, K + 1]. The tail is
+    log(1 - sum of the head) instead of an exact masked logsumexp: two passes over [N, V] instead of
+    about seven. In float32 the tail's absolute error is ~1e-7, so the Hellinger difficulty moves by at
+    most ~3e-4; the loss itself always uses the exact tail (`divergences.student_log_buckets`).
     """
-    z = logits.float()
+    z = logits[:, :vocab_size].float()
     head = z.gather(1, topk_ids) - torch.logsumexp(z, dim=-1, keepdim=True)
     total = torch.logsumexp(head, dim=-1).clamp(max=-1e-7)  # log of head mass, kept < 0 for log1mexp
     return torch.cat([head, log1mexp(total)[:, None]], dim=1)
+
+
+# The cache fields the KD loss reads (`Cache.read(..., fields=KD_FIELDS)`); tail draws are added when used.
+KD_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "tail_entropy", "tail_log_partition", "target_rank")
 
 
 @dataclass
@@ -69,26 +73,28 @@ def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdSettings
              grid_betas: torch.Tensor, latf: LATF | None, generator: torch.Generator | None) -> KdTerms:
     """KD sums of N target positions.
 
-    logits [N, Vs] (student, at the targets, with gradient); cache: topk_ids [N, K] int64,
-    topk_logprobs [N, K], entropy [N], log_partition [N, G], optional tail_ids/tail_counts [N, S];
-    grid_betas [G] = 1 / cache temperatures; vocab_size: the teacher's V.
+    logits [N, Vs] (student, at the targets, with gradient; ids >= vocab_size are a padded head and
+    belong to neither distribution); cache (decoded, `KD_FIELDS`): topk_ids [N, K] int64,
+    topk_logprobs [N, K], tail_logprob [N], tail_entropy [N], tail_log_partition [N, G], optional
+    tail_ids/tail_counts [N, S]; grid_betas [G] = 1 / cache temperatures; vocab_size: the teacher's V.
     """
     n = logits.shape[0]
     dev = logits.device
     ids, lps = cache["topk_ids"], cache["topk_logprobs"].float()
+    tail_lp = cache["tail_logprob"].float()
     with torch.no_grad():
         detached = logits.detach().float()
         if s.gate != "none":
-            g = speckd_gate(detached, ids, lps, vocab_size, rule=s.gate, proposal=s.proposal, gate_k=s.gate_k,
-                            threshold=s.gate_threshold, reject_weight=s.reject_weight, generator=generator)
+            g = speckd_gate(detached, ids, lps, tail_lp, vocab_size, rule=s.gate, proposal=s.proposal,
+                            gate_k=s.gate_k, threshold=s.gate_threshold, reject_weight=s.reject_weight,
+                            generator=generator)
             weight, accepted = g.weight.float(), int(g.accepted.sum())
         else:
             weight, accepted = torch.ones(n, device=dev), n
         eligible = weight > 0
         if s.latf or s.idts:
-            ones = torch.ones(n, device=dev)
-            log_p1 = teacher_log_buckets(lps, torch.zeros(n, device=dev), ones, vocab_size=vocab_size)
-            log_q1 = ranking_log_buckets(detached, ids)
+            log_p1 = teacher_log_buckets(lps, tail_lp, torch.ones(n, device=dev))
+            log_q1 = ranking_log_buckets(detached, ids, vocab_size)
             difficulty = hellinger(log_p1, log_q1)
         keep = latf.select(difficulty, eligible) if (s.latf and latf is not None) else eligible
         if s.idts:
@@ -100,13 +106,12 @@ def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdSettings
         return KdTerms(logits.sum() * 0.0, 0.0, n, accepted, 0, temps[:0])
     t = temps[rows]
     beta = 1.0 / t
-    # Passing the head makes A(beta) exact on the top-K and interpolates only the tail's share:
-    # ~10x smaller error than interpolating A itself (pipeline/temperature.py, measured).
-    lp_beta = log_partition_at(beta, grid_betas.to(dev), cache["log_partition"][rows].float(),
-                               cache["entropy"][rows].float(), topk_logprobs=lps[rows])
-    # "sampled" = the K + 1 buckets with the tail bucket split over the cached tail draws.
+    # The teacher's tail at each row's temperature, from the cached tail statistics (exact at T = 1).
+    tail_beta = tail_log_partition_at(beta, grid_betas.to(dev), cache["tail_log_partition"][rows].float(),
+                                      tail_lp[rows], cache["tail_entropy"][rows].float(), vocab_size - ids.shape[1])
+    # "sampled" = the K + 1 buckets with the tail bucket split over the cached tail draws (T = 1 only).
     tail_ids = cache.get("tail_ids") if s.tail == "sampled" else None
-    d = kd_divergence(s.loss, logits[rows], ids[rows], lps[rows], lp_beta, beta, t,
+    d = kd_divergence(s.loss, logits[rows], ids[rows], lps[rows], tail_beta, beta, t, vocab_size,
                       tail="bucket" if s.tail == "sampled" else s.tail,
                       tail_ids=tail_ids[rows] if tail_ids is not None else None,
                       tail_counts=cache["tail_counts"][rows] if tail_ids is not None else None)

@@ -44,6 +44,15 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """True when a local model directory carries its own tokenizer."""
+    d = Path(directory)
+    return d.is_dir() and any((d / f).exists() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(name_or_path: str) -> Any:
     """AutoTokenizer from a local directory or a hub id; a failure is a one-line `KdError`."""
     from transformers import AutoTokenizer

@@ -65,7 +65,7 @@ class CacheStream:
 
     def __init__(self, data: Any, cache: Any | None, batch_size: int, seed: int = 0, shuffle: bool = True,
                  buffer_blocks: int = 8, prefetch: int = 4, threads: int = 2, rank: int = 0, world: int = 1,
-                 block_examples: int = 256):
+                 block_examples: int = 256, fields: tuple[str, ...] | None = None):
         self.ids_col = data.data.column("input_ids")
         self.mask_col = data.data.column("loss_mask")
         self.n_examples = len(data)
@@ -74,7 +74,13 @@ class CacheStream:
         self.seed, self.shuffle, self.buffer_blocks = seed, shuffle, max(1, buffer_blocks)
         self.prefetch, self.threads, self.rank, self.world = max(1, prefetch), max(1, threads), rank, world
         self.epoch, self.cursor = 0, 0
+        # Cache fields decoded per block (the loss's, by default); target_rank is always read: it
+        # checks, per row, that the cache's head agrees with the data's next token.
+        from pipeline.kd_loss import KD_FIELDS
+
+        self.fields = tuple(dict.fromkeys((fields or KD_FIELDS) + ("target_rank",)))
         if cache is not None:
+            cache.attach_data(data)  # target ids and the shards' alignment hashes come from this data
             idx = cache.index
             self.row_start = np.asarray(idx.column("row_start"), dtype=np.int64)
             self.row_count = np.asarray(idx.column("row_count"), dtype=np.int64)
@@ -101,7 +107,7 @@ class CacheStream:
         return target_counts(data)[0] > 0
 
     def _cache_blocks(self, cache: Any) -> list[list[int]]:
-        chunk = int(cache.meta["config_identity"].get("chunk_rows", 8192))
+        chunk = cache.chunk_rows
         shard_start = np.asarray([s["row_start"] for s in cache.shards], dtype=np.int64)
         shard_of = np.searchsorted(shard_start, self.row_start, side="right") - 1
         key = shard_of * (1 << 32) + (self.row_start - shard_start[shard_of]) // chunk
@@ -155,7 +161,9 @@ class CacheStream:
             return {}
         a = int(self.row_start[block].min())
         b = int((self.row_start[block] + self.row_count[block]).max())
-        rows = self.cache.read(a, b)
+        # A block lies in one shard; the first read of a shard checks its alignment hash against this data.
+        self.cache.shard_target_ids(self.cache.shard_of_row(a))
+        rows = self.cache.read(a, b, self.fields)
         return {e: {k: v[self.row_start[e] - a: self.row_start[e] - a + self.row_count[e]] for k, v in rows.items()}
                 for e in block}
 
@@ -217,9 +225,12 @@ class CacheStream:
         cache = None
         if rows is not None:
             cache = {k: torch.from_numpy(np.concatenate([r[k] for r in rows])) for k in rows[0]}
-            if not torch.equal(cache["target_ids"], torch.from_numpy(target_ids)):
-                bad = next(e for e, r, s, t in zip(examples, rows, seqs, targets)
-                           if not np.array_equal(r["target_ids"], s[t]))
+            rank = cache.pop("target_rank")
+            in_head = rank >= 0
+            head_id = cache["topk_ids"].gather(1, rank.clamp(min=0)[:, None]).squeeze(1)
+            if not bool((head_id[in_head] == torch.from_numpy(target_ids)[in_head]).all()):
+                row = int(((head_id != torch.from_numpy(target_ids)) & in_head).nonzero()[0, 0])
+                bad = examples[int(tgt_b[row])]
                 raise KdError(f"cache rows of example {bad} do not match its tokens: the cache was made from "
                               "other data (check --data)")
         return MicroBatch(torch.from_numpy(ids), torch.from_numpy(att), torch.from_numpy(tgt_b),

@@ -54,7 +54,7 @@ class TargetLogits(torch.nn.Module):
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # The same head transform as the teacher pass (bias, Cohere/Granite scaling, Gemma soft-cap),
         # over every row of the (possibly padded) student head. Built per call: it only holds references.
-        return head_spec(self.model, model_vocab_size(self.model)).logits(hidden[tgt_b, tgt_t - 1])
+        return head_spec(self.model, model_vocab_size(self.model)).logits(hidden[tgt_b, tgt_t - 1], fp32=False)
 
 
 def check_inputs(model: Any, prepared_meta: dict[str, Any], cache: Any | None) -> None:
@@ -68,6 +68,7 @@ def check_inputs(model: Any, prepared_meta: dict[str, Any], cache: Any | None) -
     if not cache.complete:
         missing = sum(1 for ok in cache.committed() if not ok)
         raise KdError(f"cache {cache.path} is incomplete ({missing} shard(s) not committed); finish `kdcache teacher` first")
+    cache.check_consistent()  # one dtype and one format across shards
     if vs < cache.vocab_size:
         raise KdError(f"the student has {vs} output ids but the cache holds ids up to {cache.vocab_size - 1}")
     if not same_tokenizer(cache.meta["tokenizer"], tok):

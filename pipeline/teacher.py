@@ -24,8 +24,9 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.batching import target_counts
-from pipeline.cache import format as fmt
-from pipeline.cache.writer import clean_tmp, is_committed, write_shard
+from pipeline.cache import layout
+from pipeline.cache.layout import clean_tmp, is_committed
+from pipeline.cache.schema import FORMAT_VERSION
 from pipeline.config import save_config, to_dict
 from pipeline.errors import KdError
 from pipeline.identity import read_json, weights_hash, write_json
@@ -41,7 +42,11 @@ class TeacherConfig:
     model: str = ""  # local directory or hub id of any causal LM
     out: str = ""
     revision: str = ""  # hub revision to pin (recorded in the cache)
-    top_k: int = 32
+    preset: str = "default"  # codec preset (pipeline/cache/schema.py PRESETS): default | hifi
+    top_k: int = 0  # cached support K; 0 = the preset's
+    head_step: float = 0.0  # nats per head-gap code; 0 = the preset's
+    shape_bits: int = 0  # bits per tail temperature statistic; 0 = the preset's
+    entropy_bits: int = 0  # bits of the tail entropy; 0 = the preset's
     temperatures: list[float] = field(default_factory=lambda: [0.5, 0.7, 1.4, 2.0])
     tail_samples: int = 0  # S draws outside the top-K per row (methods.md §2); 0 = off
     batch_tokens: int = 8192  # padded tokens per forward pass
@@ -58,8 +63,12 @@ class TeacherConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise KdError(f"top_k must be at least 1, got {self.top_k}")
+        from pipeline.cache.schema import PRESETS
+
+        if self.preset not in PRESETS:
+            raise KdError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.top_k < 0 or self.head_step < 0 or self.shape_bits < 0 or self.entropy_bits < 0:
+            raise KdError("top_k, head_step, shape_bits and entropy_bits must be >= 0 (0 = the preset's)")
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
             raise KdError(f"temperatures must be positive, got {self.temperatures}")
         self.temperatures = [float(t) for t in self.temperatures]
@@ -72,6 +81,17 @@ class TeacherConfig:
             raise KdError("give either workers or scheduler, not both")
         if self.workers < 0 or self.threads < 0:
             raise KdError(f"workers and threads must be >= 0, got {self.workers} and {self.threads}")
+
+    def codec_params(self, vocab_size: int) -> "CodecParams":
+        """The row codec's parameters: the preset, with any explicitly set value on top."""
+        from pipeline.cache.schema import PRESETS, CodecParams
+
+        chosen = dict(PRESETS[self.preset])
+        for key in ("top_k", "head_step", "shape_bits", "entropy_bits"):
+            if getattr(self, key):
+                chosen[key] = getattr(self, key)
+        return CodecParams(vocab_size=vocab_size, temperatures=tuple(self.temperatures),
+                           tail_samples=self.tail_samples, clevel=self.clevel, **chosen)
 
     def identity(self) -> dict[str, Any]:
         """Settings that change the cache's bytes (not where or how many processes compute it)."""
@@ -111,13 +131,44 @@ def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
     class _M:  # context_length reads .config only
         config = mc
 
-    from pipeline.models import pick_device, pick_dtype
-
-    dtype = str(pick_dtype(cfg.dtype, pick_device(cfg.device))).replace("torch.", "")  # "auto" differs per device
+    # The dtype is recorded as asked ("auto" included): it is resolved by each process that computes a
+    # shard (a planning host without a GPU would resolve "auto" to float32 while GPU workers run bf16),
+    # and every shard's commit record holds the dtype it was actually computed in.
     return {"model": cfg.model, "revision": cfg.revision or getattr(mc, "_commit_hash", None),
-            "weights_sha256": weights_hash(local) if local.is_dir() else None, "dtype": dtype,
+            "weights_sha256": weights_hash(local) if local.is_dir() else None, "dtype": cfg.dtype,
             "architectures": getattr(mc, "architectures", None), "model_vocab_size": int(mc.vocab_size),
             "context_length": context_length(_M)}
+
+
+def local_model_dir(model: str) -> Path | None:
+    """The model's local directory, or None for a hub id."""
+    p = Path(model).expanduser()
+    return p if p.is_dir() else None
+
+
+def check_model_tokenizer(model: str, local: Path | None, data_tok: dict[str, Any], model_vocab: int) -> None:
+    """Refuse data prepared with another tokenizer than the teacher's.
+
+    A model directory with tokenizer files must hold the very tokenizer the data was prepared with
+    (same sha256 of every (token, id) pair). Without one, the model's head may exceed the tokenizer's
+    vocabulary only by padding (Qwen pads 151,665 ids to 151,936): more than max(128, V/50) extra rows
+    means the data was tokenized for another model.
+    """
+    from pipeline.identity import same_tokenizer, tokenizer_identity
+    from pipeline.models import has_tokenizer_files, load_tokenizer
+
+    v = int(data_tok["vocab_size"])
+    if local is not None and has_tokenizer_files(local):
+        own = tokenizer_identity(load_tokenizer(str(local)), str(local))
+        if not same_tokenizer(own, data_tok):
+            raise KdError(f"the data was prepared with tokenizer {data_tok['name']} ({data_tok['vocab_size']} ids, "
+                          f"sha256 {data_tok['vocab_sha256'][:12]}) but model {model} has its own tokenizer "
+                          f"({own['vocab_size']} ids, sha256 {own['vocab_sha256'][:12]}); prepare the data with "
+                          f"--tokenizer {model}")
+        return
+    if model_vocab - v > max(128, v // 50):
+        raise KdError(f"model {model} has {model_vocab} output ids but the data's tokenizer {data_tok['name']} has {v}: "
+                      "more than padding apart; the data was prepared with another model's tokenizer")
 
 
 def build_meta(cfg: TeacherConfig) -> tuple[dict[str, Any], np.ndarray, Any]:
@@ -139,23 +190,22 @@ def build_meta(cfg: TeacherConfig) -> tuple[dict[str, Any], np.ndarray, Any]:
         e = int(np.argmax(lengths > ctx))
         raise KdError(f"example {e} has {int(lengths[e])} tokens, longer than the model's context of {ctx}; "
                       f"re-run `kdcache prepare` with --max-length {ctx}")
-    if cfg.top_k > tok_vocab:
-        raise KdError(f"top_k {cfg.top_k} exceeds the vocabulary size {tok_vocab}")
-    if cfg.tail_samples and cfg.top_k >= tok_vocab:
-        raise KdError(f"tail_samples needs ids outside the top-K, but top_k {cfg.top_k} covers the whole vocabulary")
+    check_model_tokenizer(cfg.model, local_model_dir(cfg.model), pmeta["tokenizer"], tid["model_vocab_size"])
+    params = cfg.codec_params(tok_vocab)
+    if cfg.tail_samples and params.top_k >= tok_vocab:
+        raise KdError(f"tail_samples needs ids outside the top-K, but top_k {params.top_k} covers the whole vocabulary")
     masked = tid["model_vocab_size"] - tok_vocab
     if masked:
         log.info("model %s has %d output ids beyond the tokenizer's %d (padding): they are masked out",
                  cfg.model, masked, tok_vocab)
     shards = plan_shards(counts, cfg.shard_rows)
     meta = {
-        "kind": "kdcache-teacher-cache", "format_version": fmt.FORMAT_VERSION,
-        "top_k": cfg.top_k, "vocab_size": tok_vocab, "temperatures": cfg.temperatures,
-        "tail_samples": cfg.tail_samples, "num_rows": int(counts.sum()), "num_examples": len(counts),
-        # Ids >= vocab_size exist in the model's head but not in the tokenizer: excluded from every
+        "kind": "kdcache-teacher-cache", "format_version": FORMAT_VERSION,
+        "codec": params.to_meta(), "num_rows": int(counts.sum()), "num_examples": len(counts),
+        "chunk_rows": cfg.chunk_rows,
+        # Ids >= the tokenizer's V exist in the model's head but not in the tokenizer: excluded from every
         # distribution (log p renormalised over the tokenizer's ids).
         "masked_model_ids": masked,
-        "codecs": fmt.codec_description(tok_vocab, cfg.clevel),
         "teacher": tid, "tokenizer": pmeta["tokenizer"],
         "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": pmeta["fingerprint"]},
         "config_identity": cfg.identity(), "shards": shards,
@@ -174,22 +224,28 @@ def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -
         shard_of[s["example_start"]: s["example_stop"]] = s["index"]
     table = pa.table({"sequence_id": np.arange(len(counts), dtype=np.int64), "row_start": starts,
                       "row_count": counts.astype(np.int64), "shard": shard_of})
-    tmp = cache / (fmt.INDEX_FILENAME + ".tmp")
+    tmp = cache / (layout.INDEX_FILENAME + ".tmp")
     pq.write_table(table, tmp)
-    tmp.replace(cache / fmt.INDEX_FILENAME)
+    tmp.replace(cache / layout.INDEX_FILENAME)
 
 
 # What a cache directory may hold before its kdcache.json exists: a run killed while planning.
-_PLAN_LEFTOVERS = {fmt.INDEX_FILENAME, fmt.INDEX_FILENAME + ".tmp", "config.yaml", "config.yaml.tmp",
-                   fmt.META_FILENAME + ".tmp", fmt.TMP_DIR, fmt.SHARDS_DIR}
+_PLAN_LEFTOVERS = {layout.INDEX_FILENAME, layout.INDEX_FILENAME + ".tmp", "config.yaml", "config.yaml.tmp",
+                   layout.META_FILENAME + ".tmp", layout.TMP_DIR, layout.SHARDS_DIR}
 
 
 def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
     """Name what differs between a stored cache's metadata and the requested one ('' if nothing)."""
     diffs = []
+    # Codec settings are compared as resolved (a preset's K, not the 0 that asks for it).
+    ok_, nk = old.get("codec") or {}, new["codec"]
+    for key in sorted(set(ok_) | set(nk)):
+        if ok_.get(key) != nk.get(key):
+            diffs.append(f"{key} {ok_.get(key)!r} -> {nk.get(key)!r}")
+    codec_keys = set(nk) | {"preset"}
     oc, nc = old.get("config_identity") or {}, new["config_identity"]
     for key in sorted(set(oc) | set(nc)):
-        if oc.get(key) != nc.get(key):
+        if key not in codec_keys and oc.get(key) != nc.get(key):
             diffs.append(f"{key} {oc.get(key)!r} -> {nc.get(key)!r}")
     ot, nt = old.get("teacher") or {}, new["teacher"]
     for key in ("weights_sha256", "dtype", "revision", "model_vocab_size"):
@@ -197,7 +253,7 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
             diffs.append(f"teacher {key} {ot.get(key)!r} -> {nt.get(key)!r}")
     if (old.get("data") or {}).get("fingerprint") != new["data"]["fingerprint"]:
         diffs.append("prepared data fingerprint")
-    if old.get("format_version") != new["format_version"]:
+    if old.get("format_version") != new["format_version"]:  # a format-2 cache with the same settings
         diffs.append(f"format version {old.get('format_version')} -> {new['format_version']}")
     return ", ".join(diffs)
 
@@ -210,11 +266,11 @@ def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
     if cache.exists() and not cache.is_dir():
         raise KdError(f"--out {cache} is a file, not a directory")
     meta, counts, _ = build_meta(cfg)
-    meta_path = cache / fmt.META_FILENAME
+    meta_path = cache / layout.META_FILENAME
     if cache.exists() and any(cache.iterdir()):
         if not meta_path.exists():
             foreign = [p.name for p in cache.iterdir() if p.name not in _PLAN_LEFTOVERS
-                       or (p.name == fmt.SHARDS_DIR and any(p.iterdir()))]
+                       or (p.name == layout.SHARDS_DIR and any(p.iterdir()))]
             if foreign and not cfg.overwrite:
                 raise KdError(f"{cache} exists and is not a kdcache cache (it holds {foreign[0]}); "
                               "choose another --out or pass --overwrite")
@@ -238,9 +294,8 @@ def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
 def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict[str, int]) -> dict[str, Any]:
     """Everything a worker needs for one shard (plain data: it crosses process boundaries)."""
     return {"cache": str(cache), "data": cfg.data, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
-            "threads": worker_threads(cfg), "shard": shard, "top_k": cfg.top_k, "vocab_size": meta["vocab_size"], "temperatures": cfg.temperatures,
-            "tail_samples": cfg.tail_samples, "batch_tokens": cfg.batch_tokens, "head_chunk_rows": cfg.head_chunk_rows,
-            "chunk_rows": cfg.chunk_rows, "clevel": cfg.clevel, "seed": cfg.seed,
+            "threads": worker_threads(cfg), "shard": shard, "codec": meta["codec"], "batch_tokens": cfg.batch_tokens,
+            "head_chunk_rows": cfg.head_chunk_rows, "chunk_rows": cfg.chunk_rows, "seed": cfg.seed,
             "revision": meta["teacher"].get("revision")}
 
 
@@ -259,9 +314,16 @@ def _torchrun_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Fill the cache at `cfg.out`; returns a summary (shards done now, skipped, rows, seconds)."""
-    from pipeline.teacher_worker import compute_shard, run_shard_job
+def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] | None = None,
+                on_rows: Callable[[int], None] | None = None, on_plan: Callable[[dict[str, Any]], None] | None = None
+                ) -> dict[str, Any]:
+    """Fill the cache at `cfg.out`; returns a summary (shards done now, skipped, rows, seconds).
+
+    Progress callbacks: `on_plan(summary)` once the work is known (rows to compute), `on_rows(n)` as
+    rows are computed (per batch in this process; per shard from Dask workers), `on_shard(record)` per
+    committed shard.
+    """
+    from pipeline.teacher_worker import commit_shard, compute_shard, run_shard_job
 
     rank, world = _torchrun_rank()
     if world > 1:
@@ -273,37 +335,37 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
         todo = [s for s in todo if s["index"] % world == rank]
     summary = {"cache": str(cache), "shards": len(meta["shards"]), "skipped": len(meta["shards"]) - len(todo),
                "done": 0, "rows": sum(s["row_stop"] - s["row_start"] for s in todo), "seconds": 0.0}
+    if on_plan:
+        on_plan(summary)
     t0 = time.perf_counter()
     jobs = [shard_job(cfg, meta, cache, s) for s in todo]
     if world == 1:
         clean_tmp(cache)  # leftovers of killed writes; with torchrun each rank cleans its own shards
+
+    def committed(rec: dict[str, Any]) -> None:
+        summary["done"] += 1
+        if on_shard:
+            on_shard(rec)
+
     if todo and (cfg.workers or cfg.scheduler):
         from pipeline.dask_runner import run_on_dask
 
         for rec in run_on_dask(jobs, run_shard_job, cfg.workers, cfg.scheduler, worker_threads(cfg)):
-            summary["done"] += 1
-            if on_shard:
-                on_shard(rec)
+            if on_rows:
+                on_rows(rec["rows"])
+            committed(rec)
     elif todo:
         # Writing shard i (compression, checksums, fsync) overlaps computing shard i + 1.
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending = None
             for job in jobs:
                 clean_tmp(cache, job["shard"]["index"])
-                arrays = compute_shard(job)
+                arrays, info = compute_shard(job, on_rows)
                 if pending is not None:
-                    rec = pending.result()
-                    summary["done"] += 1
-                    if on_shard:
-                        on_shard(rec)
-                s = job["shard"]
-                info = {k: s[k] for k in ("index", "example_start", "example_stop", "row_start", "row_stop")}
-                pending = writer.submit(write_shard, cache, s["index"], arrays, info, job["chunk_rows"], job["clevel"])
+                    committed(pending.result())
+                pending = writer.submit(commit_shard, job, arrays, info)
             if pending is not None:
-                rec = pending.result()
-                summary["done"] += 1
-                if on_shard:
-                    on_shard(rec)
+                committed(pending.result())
     if world > 1:
         import torch.distributed as dist
 
@@ -329,4 +391,4 @@ def _torchrun_init(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
     if err[0]:
         raise KdError(err[0])
     cache = Path(cfg.out)
-    return cache, read_json(cache / fmt.META_FILENAME, "cache metadata")
+    return cache, read_json(cache / layout.META_FILENAME, "cache metadata")

@@ -39,17 +39,45 @@ class HeadSpec:
     softcap: float | None = None
     scale: float | None = None
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[C, H] hidden states -> [C, vocab_size] float32 logits."""
-        z = hidden @ self.weight[: self.vocab_size].T
+    def logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """[C, H] hidden states -> [C, vocab_size] float32 logits.
+
+        fp32=True (the teacher pass): a bf16/fp16 head is multiplied into float32 logits instead of
+        rounding them to 16 bits (at |z| ~ 20 a bf16 logit is off by up to 0.06 nats, more than the
+        cache's codec error). On CUDA that is `mm(..., out_dtype=float32)`: the same tensor-core
+        product, only the output kept in float32, at no extra memory. Elsewhere the head is upcast in
+        slices of `_UPCAST_ROWS` ids, so the float32 copy never exceeds one slice.
+        fp32=False (the student, under autocast): the plain product in the working dtype, then float32.
+        """
+        w = self.weight[: self.vocab_size]
+        if not fp32 or (w.dtype == torch.float32 and hidden.dtype == torch.float32):
+            z = (hidden @ w.T).float()
+        else:
+            z = _fp32_product(hidden, w)
         if self.bias is not None:
-            z = z + self.bias[: self.vocab_size]
-        z = z.float()
+            z = z + self.bias[: self.vocab_size].float()
         if self.scale is not None:
             z = z * self.scale
         if self.softcap is not None:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
+
+
+_UPCAST_ROWS = 16384  # head rows upcast at a time off CUDA: 16384 x H x 4 bytes (256 MiB at H = 4096)
+
+
+def _fp32_product(hidden: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """hidden [C, H] @ w[V, H].T with float32 output from 16-bit inputs (see `HeadSpec.logits`)."""
+    if hidden.is_cuda and hidden.dtype == w.dtype:
+        try:
+            return torch.mm(hidden, w.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without mm.dtype for this pair
+            pass
+    h = hidden.float()
+    out = torch.empty((h.shape[0], w.shape[0]), dtype=torch.float32, device=h.device)
+    for a in range(0, w.shape[0], _UPCAST_ROWS):
+        torch.mm(h, w[a: a + _UPCAST_ROWS].float().T, out=out[:, a: a + _UPCAST_ROWS])
+    return out
 
 
 def head_spec(model, vocab_size: int) -> HeadSpec:
@@ -157,43 +185,72 @@ def _buffers(rows: int, v: int, device: torch.device) -> list[torch.Tensor]:
     return [b[:rows] for b in bufs]
 
 
+# Head entries are removed from the tail's sums by this value rather than -inf: exp() gives 0 either
+# way, but 0 * -inf is NaN in the entropy's dot product and 0 * -1e30 is 0.
+_OUT = -1.0e30
+
+
 def _block_stats(z: torch.Tensor, target_ids: torch.Tensor, k: int, beta_list: list[float],
                  order: list[int], out: dict[str, torch.Tensor], rows: slice, reuse: bool) -> None:
     """Statistics of one block of rows (see `distribution_stats`), written into `out[name][rows]`."""
     z = z.float()
+    c, v = z.shape
     if reuse:
-        sh, e, x, y = _buffers(*z.shape, z.device)
+        sh, e, x, y = _buffers(c, v, z.device)
     else:
         sh, e, x, y = (torch.empty_like(z) for _ in range(4))
-    tz, ti = torch.topk(z, k, dim=-1, sorted=True)
+    kk = min(k + 1, v)  # the (K+1)-th logit is the tail's maximum: the shift that keeps the tail exact
+    tz, ti = torch.topk(z, kk, dim=-1, sorted=True)
     m = tz[:, :1]
-    torch.sub(z, m, out=sh)
-    torch.exp(sh, out=e)
-    s = e.sum(-1)
-    log_s = torch.log(s)
-    out["topk_logprobs"][rows] = tz - m - log_s[:, None]
-    out["topk_ids"][rows] = ti
-    out["entropy"][rows] = log_s - torch.linalg.vecdot(e, sh) / s
-    powers = {1.0: e}  # b -> exp(b * sh) of this block
-    free = [x, y]
-    for g in order:  # ascending b, so b/2 is done before b
-        b = beta_list[g]
-        half = next((p for p in powers if math.isclose(2 * p, b, rel_tol=1e-12)), None)
-        double = next((p for p in powers if math.isclose(p, 2 * b, rel_tol=1e-12)), None)
-        if half is not None:  # sum exp(2p sh) = |exp(p sh)|^2: a dot product, no pass of its own
-            total = torch.linalg.vecdot(powers[half], powers[half])
-        else:
-            # sqrt(exp(2b sh)) loses only the terms whose exp(2b sh) underflowed: each < e^-51.5,
-            # against a sum >= 1.
-            buf = free.pop() if free else torch.empty_like(sh)
-            if double is not None:
-                torch.sqrt(powers[double], out=buf)
+    head_sh = tz[:, :k] - m  # [c, K], <= 0
+    log_head = torch.log(head_sh.exp().sum(-1))  # log sum_K exp(z - m) >= 0
+    tgt_sh = z.gather(1, target_ids[:, None]).squeeze(1) - m[:, 0]
+    g = len(beta_list)
+    if kk > k:
+        z_t = tz[:, k:]  # [c, 1] the tail's largest logit
+        has_tail = torch.isfinite(z_t)
+        shift = torch.where(has_tail, z_t, m)
+        torch.sub(z, shift, out=sh)  # tail entries <= 0, the tail maximum exactly 0
+        sh.clamp_(min=_OUT)  # a -inf logit (probability 0) must not reach the dot products as -inf
+        sh.scatter_(1, ti[:, :k], _OUT)
+        torch.exp(sh, out=e)
+        s_t = e.sum(-1)  # >= 1: the tail's own maximum contributes exp(0)
+        log_s_t = torch.log(s_t)
+        log_tail = (shift - m)[:, 0] + log_s_t  # log sum_tail exp(z - m)
+        log_s = torch.logaddexp(log_head, log_tail)
+        tail_lp = torch.where(has_tail[:, 0], log_tail - log_s, torch.full_like(log_s, -math.inf))
+        # H(pi) = log s_t - sum pi * sh: two non-negative terms, no cancellation.
+        ent = log_s_t - torch.linalg.vecdot(e, sh) / s_t
+        out["tail_entropy"][rows] = torch.where(has_tail[:, 0], ent, torch.zeros_like(ent))
+        powers = {1.0: e}  # b -> exp(b * sh) of this block
+        free = [x, y]
+        for gi in order:  # ascending b, so b/2 is done before b
+            b = beta_list[gi]
+            half = next((p for p in powers if math.isclose(2 * p, b, rel_tol=1e-12)), None)
+            double = next((p for p in powers if math.isclose(p, 2 * b, rel_tol=1e-12)), None)
+            if half is not None:  # sum exp(2p sh) = |exp(p sh)|^2: a dot product, no pass of its own
+                total = torch.linalg.vecdot(powers[half], powers[half])
             else:
-                torch.exp(torch.mul(sh, b, out=buf), out=buf)
-            powers[b] = buf
-            total = buf.sum(-1)
-        out["log_partition"][rows, g] = torch.log(total) - b * log_s
-    out["target_logprobs"][rows] = sh.gather(1, target_ids[:, None]).squeeze(1) - log_s
+                # sqrt(exp(2b sh)) loses only terms whose exp(2b sh) underflowed: each < e^-51.5 against a sum >= 1.
+                buf = free.pop() if free else torch.empty_like(sh)
+                if double is not None:
+                    torch.sqrt(powers[double], out=buf)
+                else:
+                    torch.exp(torch.mul(sh, b, out=buf), out=buf)
+                powers[b] = buf
+                total = buf.sum(-1)
+            a_tail = torch.log(total) - b * log_s_t  # log sum_tail pi^b, pi = the renormalised tail
+            out["tail_shape"][rows, gi] = torch.where(has_tail[:, 0], a_tail, torch.zeros_like(a_tail))
+    else:  # K = V: the head is the whole distribution
+        log_s = log_head
+        tail_lp = torch.full_like(log_s, -math.inf)
+        out["tail_entropy"][rows] = 0.0
+        out["tail_shape"][rows] = torch.zeros((c, g), device=z.device)
+    out["topk_ids"][rows] = ti[:, :k]
+    out["topk_logprobs"][rows] = head_sh - log_s[:, None]
+    out["tail_logprob"][rows] = tail_lp
+    out["target_logprobs"][rows] = tgt_sh - log_s
+    out["log_normaliser"][rows] = log_s + m[:, 0]  # NaN for a row with NaN/inf logits
 
 
 @torch.no_grad()
@@ -202,32 +259,33 @@ def distribution_stats(logits: torch.Tensor, target_ids: torch.Tensor, k: int, b
                        block_rows: int | None = None, threads: int | None = None) -> dict[str, torch.Tensor]:
     """Cached quantities of C next-token distributions (methods.md §1), exact over the full vocabulary.
 
-    logits [C, V] float32 (not modified); target_ids [C] int64; betas [G] float32 (1/T for the grid).
-    Returns topk_ids [C, K] int64, topk_logprobs [C, K], entropy [C], log_partition [C, G],
-    target_logprobs [C] (float32), and with tail_samples = S > 0: tail_ids [C, S] int64 (-1 pads),
-    tail_counts [C, S] int64 — S draws from p restricted to ids outside the top-K.
+    logits [C, V] float32 (not modified); target_ids [C] int64; betas [G] (1/T for the grid).
+    Returns (float32 unless said): topk_ids [C, K] int64 and topk_logprobs [C, K] (log p, normalised
+    over all V ids); tail_logprob [C] = log r, r the mass outside the top-K (-inf when K = V);
+    tail_entropy [C] = H(pi) and tail_shape [C, G] = log sum_tail pi^b_g of the renormalised tail
+    pi = p / r (0 without a tail); target_logprobs [C]; log_normaliser [C] = logsumexp(logits), NaN for
+    a row whose logits hold NaN or +inf (checked by `rows_from_hidden`); with tail_samples = S > 0:
+    tail_ids [C, S] int64 (-1 pads), tail_counts [C, S] int64 — S draws from the tail.
     `threads` (CPU only; default torch's intra-op count) threads share the blocks.
 
-    With m the row maximum, sh = z - m <= 0, e = exp(sh), s = sum e (>= 1, no overflow/underflow):
-    log p = sh - log s;  H = log s - sum(e * sh) / s  (two non-negative terms: no cancellation);
-    A(b) = log sum exp(b * sh) - b log s  (the sum is >= 1 for any b > 0, so no underflow either).
+    The tail is computed on its own, never as "total minus head": with m the row maximum and m_t the
+    tail's maximum (the (K+1)-th logit), sh = z - m_t over the tail ids only (head ids set to -1e30),
+    e = exp(sh), s_t = sum e >= 1, so log r = (m_t - m) + log s_t - log s is exact even when r ~ 1e-30
+    (a confident row), H(pi) = log s_t - sum(e sh) / s_t and log sum_tail pi^b = log sum e^b - b log s_t.
     One exp per entry gives e; a grid point b costs another exp pass unless it is 1/2 (sqrt(e)) or
     twice a point already done (|exp(b/2 sh)|^2, a dot product): the default grid T = 0.5, 0.7, 1.4, 2
-    (b = 2, 1/0.7, 1/1.4, 1/2) needs 2 exps and 1 sqrt per entry in all, against log_softmax + entr +
-    one logsumexp per grid point before (3x the passes: 24 -> 9.6 ns per entry on one CPU core).
-    A row whose logits hold NaN or +-inf gets a NaN entropy (0 * -inf, inf - inf): `rows_from_hidden`
-    checks that instead of scanning the logits again.
+    needs 2 exps and 1 sqrt per entry in all.
     """
     c, v = logits.shape
     dev = logits.device
     blk = block_rows or block_rows_for(v, dev)
     beta_list = [float(b) for b in betas.tolist()]
     order = sorted(range(len(beta_list)), key=lambda g: beta_list[g])
+    f32 = dict(dtype=torch.float32, device=dev)
     out = {"topk_ids": torch.empty((c, k), dtype=torch.int64, device=dev),
-           "topk_logprobs": torch.empty((c, k), dtype=torch.float32, device=dev),
-           "entropy": torch.empty(c, dtype=torch.float32, device=dev),
-           "log_partition": torch.empty((c, len(beta_list)), dtype=torch.float32, device=dev),
-           "target_logprobs": torch.empty(c, dtype=torch.float32, device=dev)}
+           "topk_logprobs": torch.empty((c, k), **f32), "tail_logprob": torch.empty(c, **f32),
+           "tail_entropy": torch.empty(c, **f32), "tail_shape": torch.empty((c, len(beta_list)), **f32),
+           "target_logprobs": torch.empty(c, **f32), "log_normaliser": torch.empty(c, **f32)}
     starts = list(range(0, c, blk))
 
     def blocks(which: list[int]) -> None:
@@ -295,7 +353,7 @@ def rows_from_hidden(hidden: torch.Tensor, target_ids: torch.Tensor, head: HeadS
     for a in range(0, hidden.shape[0], chunk_rows):
         z = head.logits(hidden[a: a + chunk_rows])
         part = distribution_stats(z, target_ids[a: a + chunk_rows], k, betas, tail_samples, generator)
-        bad = ~torch.isfinite(part["entropy"])  # NaN/inf logits make the entropy NaN (see distribution_stats)
+        bad = ~torch.isfinite(part["log_normaliser"])  # NaN/+inf logits make it NaN (see distribution_stats)
         if bool(bad.any()):
             raise NonFiniteLogits(a + int(bad.nonzero()[0, 0]))
         parts.append(part)

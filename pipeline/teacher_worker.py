@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from pipeline.batching import pad_right, target_positions, token_budget_batches
-from pipeline.cache import format as fmt
-from pipeline.cache.writer import clean_tmp, write_shard
+from pipeline.cache.layout import clean_tmp
+from pipeline.cache.schema import CodecParams, RowCodec
+from pipeline.cache.writer import targets_sha256, write_shard
 from pipeline.errors import KdError
+from pipeline.identity import read_json
 from pipeline.models import load_causal_lm, model_vocab_size, pick_device, pick_dtype
 from pipeline.teacher_stats import NonFiniteLogits, auto_chunk_rows, check_head, head_spec, rows_from_hidden
 
@@ -81,30 +83,33 @@ def set_threads(n: int) -> None:
 
 
 @torch.no_grad()
-def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Run the teacher over shard `job['index']`; returns its encoded arrays (rows in dataset order).
+def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = None
+                  ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Run the teacher over shard `job['shard']`; returns (encoded arrays in dataset row order, info).
 
-    job: cache path, prepared data path, shard plan entry, and the teacher settings (see
-    `pipeline.teacher.shard_job`).
+    job: cache path, prepared data path, shard plan entry, codec parameters and the teacher settings
+    (see `pipeline.teacher.shard_job`). The device and dtype are resolved HERE, on the process that
+    computes (a login node planning for GPU workers cannot know them), and returned in `info` with the
+    shard's target-id hash for the commit record. `on_rows(n)` is called as each batch's rows are done.
     """
     from pipeline.prepare import load_prepared
 
     set_threads(job.get("threads", 0))
-    shard, k, v = job["shard"], job["top_k"], job["vocab_size"]
+    params = CodecParams.from_meta(job["codec"])
+    shard, k, v = job["shard"], params.top_k, params.vocab_size
     model, dev = get_model(job["model"], job["device"], job["dtype"], job.get("revision"))
     ds = load_prepared(job["data"]).select(range(shard["example_start"], shard["example_stop"]))
     ids_list, mask_list = ragged_column(ds, "input_ids"), ragged_column(ds, "loss_mask")
     n = shard["row_stop"] - shard["row_start"]
-    g = len(job["temperatures"])
-    s = job["tail_samples"]
-    out = {
-        "topk_ids": np.zeros((n, k), fmt.id_dtype(v)), "topk_logprobs": np.zeros((n, k), np.uint16),
-        "entropy": np.zeros(n, np.float16), "log_partition": np.zeros((n, g), np.float16),
-        "target_ids": np.zeros(n, fmt.id_dtype(v)), "target_logprobs": np.zeros(n, np.float16),
-    }
+    g = len(params.temperatures)
+    s = params.tail_samples
+    stats = {"topk_ids": np.zeros((n, k), np.int64), "topk_logprobs": np.zeros((n, k), np.float32),
+             "tail_logprob": np.zeros(n, np.float32), "tail_entropy": np.zeros(n, np.float32),
+             "tail_shape": np.zeros((n, g), np.float32), "target_logprobs": np.zeros(n, np.float32)}
     if s:
-        out["tail_ids"] = np.full((n, s), -1, np.int32)
-        out["tail_counts"] = np.zeros((n, s), np.uint16)
+        stats["tail_ids"] = np.full((n, s), -1, np.int64)
+        stats["tail_counts"] = np.zeros((n, s), np.int64)
+    target_ids = np.zeros(n, np.int64)
     # Target positions of each example (t >= 1 with mask 1: position t is predicted from the
     # hidden state at t - 1) and the row offset of each example inside the shard.
     targets = [target_positions(m) for m in mask_list]
@@ -115,7 +120,7 @@ def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
                       f"cache plan says {n}: {job['data']} changed after the cache was started; re-run with --overwrite")
 
     head = head_spec(model, v)
-    betas = torch.tensor([1.0 / t for t in job["temperatures"]], dtype=torch.float32)
+    betas = torch.tensor(params.betas, dtype=torch.float32)
     chunk_rows = job["head_chunk_rows"] or auto_chunk_rows(v, dev)
     gen = _shard_generator(job["seed"], shard["index"], dev) if s else None
     lengths = [len(x) for x in ids_list]
@@ -129,33 +134,56 @@ def compute_shard(job: dict[str, Any]) -> dict[str, np.ndarray]:
         rt = torch.as_tensor(np.concatenate([targets[e] for e in batch]), device=dev)
         try:
             tgt = ids[rb, rt]
-            stats = rows_from_hidden(hidden[rb, rt - 1], tgt, head, k, betas, chunk_rows, s, gen)
+            part = rows_from_hidden(hidden[rb, rt - 1], tgt, head, k, betas, chunk_rows, s, gen)
         except NonFiniteLogits as bad:
             e = batch[int(rb[bad.row])]
             dt = str(head.weight.dtype).replace("torch.", "")
             raise KdError(f"teacher logits are not finite for example {shard['example_start'] + e} "
                           f"at position {int(rt[bad.row])} (model {job['model']}, {dt})") from None
-        stats = {name: t.cpu().numpy() for name, t in stats.items()}
         # The batch's rows are grouped per example in batch order: scatter them to dataset order.
         dst = np.concatenate([np.arange(offsets[e], offsets[e + 1]) for e in batch])
-        out["topk_ids"][dst] = stats["topk_ids"]
-        out["topk_logprobs"][dst] = fmt.encode_logprobs(stats["topk_logprobs"])
-        out["entropy"][dst] = stats["entropy"]
-        out["log_partition"][dst] = stats["log_partition"]
-        out["target_ids"][dst] = tgt.cpu().numpy()
-        out["target_logprobs"][dst] = np.maximum(stats["target_logprobs"], -65000.0)
-        if s:
-            out["tail_ids"][dst] = stats["tail_ids"]
-            out["tail_counts"][dst] = stats["tail_counts"]
-    return out
+        for name, arr in stats.items():
+            arr[dst] = part[name].cpu().numpy()
+        target_ids[dst] = tgt.cpu().numpy()
+        if on_rows:
+            on_rows(len(dst))
+    arrays = RowCodec(params).encode(stats, target_ids)
+    info = {"dtype": str(head.weight.dtype).replace("torch.", ""), "device": dev.type,
+            "targets_sha256": targets_sha256(target_ids)}
+    return arrays, info
 
 
 def run_shard_job(job: dict[str, Any]) -> dict[str, Any]:
     """Compute and commit one shard (the unit of work of every execution mode)."""
     cache = Path(job["cache"])
+    clean_tmp(cache, job["shard"]["index"])
+    arrays, info = compute_shard(job)
+    return commit_shard(job, arrays, info)
+
+
+def commit_shard(job: dict[str, Any], arrays: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, Any]:
+    """Write and commit the arrays `compute_shard` returned, with the plan entry in the record."""
     shard = job["shard"]
-    clean_tmp(cache, shard["index"])
-    arrays = compute_shard(job)
-    info = {"index": shard["index"], "example_start": shard["example_start"], "example_stop": shard["example_stop"],
-            "row_start": shard["row_start"], "row_stop": shard["row_stop"]}
-    return write_shard(cache, shard["index"], arrays, info, job["chunk_rows"], job["clevel"])
+    have = committed_dtype(Path(job["cache"]))
+    if have is not None and have != info["dtype"]:
+        raise KdError(f"shard {shard['index']} was computed in {info['dtype']} but the cache's committed shards are "
+                      f"{have}: one cache holds one precision (pass --dtype {have}, or --overwrite to start again)")
+    plan = {key: shard[key] for key in ("index", "example_start", "example_stop", "row_start", "row_stop")}
+    return write_shard(Path(job["cache"]), shard["index"], arrays, {**plan, **info},
+                       CodecParams.from_meta(job["codec"]), job["chunk_rows"])
+
+
+def committed_dtype(cache: Path) -> str | None:
+    """The dtype the cache's first committed shard was computed in (None before any is committed)."""
+    from pipeline.cache import layout
+
+    root = cache / layout.SHARDS_DIR
+    if not root.is_dir():
+        return None
+    for d in sorted(root.iterdir()):
+        if (d / layout.COMMIT_FILENAME).is_file():
+            try:
+                return read_json(d / layout.COMMIT_FILENAME, "commit record").get("dtype")
+            except KdError:
+                continue
+    return None

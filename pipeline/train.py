@@ -104,8 +104,18 @@ class Trainer:
                          if self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else nullcontext())
         self.model = build_student(cfg.student, cfg.student_config, self.device, cfg.seed)
         check_inputs(self.model, self.pmeta, self.cache)
+        if cfg.distills and cfg.gate == "topk" and cfg.gate_k > self.cache.k:
+            raise KdError(f"gate_k {cfg.gate_k} exceeds the cache's K = {self.cache.k}: the gate can only verify "
+                          f"against cached ids (use --gate-k <= {self.cache.k} or a cache with a larger --top-k)")
+        if cfg.distills and cfg.tail == "sampled" and not self.cache.tail_samples:
+            raise KdError(f"tail 'sampled' needs a cache with tail samples; {cfg.cache} has none "
+                          "(`kdcache teacher --tail-samples S`)")
+        from pipeline.kd_loss import KD_FIELDS
+
+        fields = KD_FIELDS + (("tail_ids", "tail_counts") if cfg.tail == "sampled" else ())
         self.stream = CacheStream(self.ds, self.cache if cfg.distills else None, cfg.batch_size, seed=cfg.seed,
-                                  shuffle=cfg.shuffle, threads=cfg.read_threads, rank=self.rank, world=self.world)
+                                  shuffle=cfg.shuffle, threads=cfg.read_threads, rank=self.rank, world=self.world,
+                                  fields=fields)
         if cfg.max_steps:
             self.total = cfg.max_steps
         else:
@@ -122,8 +132,10 @@ class Trainer:
         self.latf = (LATF(self.total, warmup_fraction=cfg.latf_warmup, ema_decay=cfg.latf_ema_decay,
                           epsilon=cfg.latf_epsilon, sigma=cfg.latf_sigma, min_ratio=cfg.latf_min_ratio)
                      if cfg.distills and cfg.latf else None)
+        # The gate's draws (sampled proposals, the spec rule's uniforms): one stream per DDP rank, so ranks
+        # do not make the same random decisions on different rows.
         self.gen = torch.Generator(device=self.device)
-        self.gen.manual_seed(cfg.seed + 7919)
+        self.gen.manual_seed(cfg.seed + 7919 + 1_000_003 * self.rank)
         self.kd = cfg.kd_settings()
         if self.cache is not None:
             from pipeline.temperature import check_temperature_range
@@ -217,10 +229,16 @@ class Trainer:
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
+        if not math.isfinite(ce_sum) or not math.isfinite(num_sum):
+            what = "KD loss" if not math.isfinite(num_sum) else "cross-entropy"
+            self._stop_non_finite(what, num_sum if what == "KD loss" else ce_sum, mbs)
         if not apply:
             return {}
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+        # The norm is computed whether or not it clips: a non-finite gradient must stop the run before
+        # the optimizer writes it into the weights (and before anything is saved from them).
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf))
+        if not math.isfinite(norm):
+            self._stop_non_finite("gradient norm", norm, mbs)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -237,6 +255,18 @@ class Trainer:
             if self.latf is not None:
                 self.latf.update(kd_loss)
         return row
+
+    def _stop_non_finite(self, what: str, value: float, mbs: list[MicroBatch]) -> None:
+        """Stop the run with one line naming the step and the rows it came from (nothing is saved)."""
+        ex = sorted(e for mb in mbs for e in mb.examples)
+        where = f"examples {_ranges(ex)}"
+        if self.cache is not None and self.stream.row_start is not None:
+            rows = sorted((int(self.stream.row_start[e]), int(self.stream.row_start[e] + self.stream.row_count[e]))
+                          for e in ex)
+            where = f"cache rows {', '.join(f'{a}-{b - 1}' for a, b in rows[:6])}{' ...' if len(rows) > 6 else ''} ({where})"
+        last = latest_checkpoint(self.out)
+        raise KdError(f"step {self.step + 1}: non-finite {what} ({value}) from {where}; stopped without saving "
+                      f"(last good checkpoint: {last.name if last else 'none'})")
 
     def _prepass_weight(self, mbs: list[MicroBatch]) -> float:
         """Sum of KD weights over the step, from no-grad forwards that replay the same RNG draws."""
@@ -354,6 +384,18 @@ class Trainer:
              "tokenizer": self.pmeta["tokenizer"]}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+
+
+def _ranges(ids: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3, 7' (the first few runs)."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs[:6])
+    return text + (" ..." if len(runs) > 6 else "")
 
 
 def train(cfg: TrainConfig, progress: bool = False) -> dict[str, Any]:

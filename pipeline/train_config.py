@@ -82,6 +82,9 @@ class TrainConfig:
             raise KdError("max_steps and epochs must be >= 0 and lr > 0")
         if self.tail == "sampled" and self.loss != "fkl":
             raise KdError("tail 'sampled' is defined for loss fkl only (its gradient is the unbiased one)")
+        if self.tail == "sampled" and (self.idts or self.temperature != 1.0):
+            raise KdError("tail 'sampled' is exact only at T = 1 (its draws come from p, not p^T): it cannot be "
+                          "combined with --idts or --temperature != 1; use --tail bucket")
 
     @property
     def distills(self) -> bool:

@@ -11,7 +11,9 @@ from stages.common import config_options, user_errors
 @click.option("--data", help="A `kdcache prepare` output directory.")
 @click.option("--model", help="Teacher: local directory or hub id of a causal LM.")
 @click.option("--out", type=click.Path(file_okay=False), help="Cache directory.")
-@click.option("--top-k", type=int, help="Cached support size K (default 32).")
+@click.option("--preset", type=click.Choice(["default", "hifi"]), default=None,
+              help="Codec preset: default (K=8, about 20 bytes/row) or hifi (K=16); see docs/cache-format.md.")
+@click.option("--top-k", type=int, help="Cached support size K (default: the preset's).")
 @click.option("--temperatures", help="Comma-separated temperature grid for the log-partition (default 0.5,0.7,1.4,2.0).")
 @click.option("--tail-samples", type=int, help="Draws per row from the teacher outside its top-K (default 0: off).")
 @click.option("--batch-tokens", type=int, help="Padded tokens per forward pass.")
@@ -35,14 +37,17 @@ def teacher(config_file, sets, **opts):
     cfg = resolve(TeacherConfig, config_file, sets, opts)
     bar = None
 
-    def on_shard(rec):
+    def on_plan(summary):  # the rows still to compute are known: a bar with a total has an ETA
         nonlocal bar
-        if bar is None:
-            bar = tqdm(desc="teacher", unit="row", unit_scale=True, leave=False)
-        bar.update(rec["rows"])
+        if summary["rows"]:
+            bar = tqdm(total=summary["rows"], desc="teacher", unit="row", unit_scale=True, leave=False)
+
+    def on_rows(n):
+        if bar is not None:
+            bar.update(n)
 
     try:
-        summary = run_teacher(cfg, on_shard=on_shard)
+        summary = run_teacher(cfg, on_rows=on_rows, on_plan=on_plan)
     finally:
         if bar is not None:
             bar.close()

@@ -126,10 +126,18 @@ def test_idts_odd_count_t_base_and_range():
     t = idts_temperatures(d, torch.ones(3, dtype=torch.bool), t_base=2.0, c=0.5)
     assert t.tolist() == pytest.approx([_idts(0.1, 0.3, 2.0), 2.0, _idts(0.9, 0.3, 2.0)], rel=1e-6)
     assert not t.requires_grad
+    # Every value against the formula written out per element, with the median from the statistics module
+    # (1000 values: an even count, so the mean of the two middle ones), over a subset selection.
+    import statistics
+
     s = torch.rand(1000, generator=torch.Generator().manual_seed(0))
-    t = idts_temperatures(s, torch.ones(1000, dtype=torch.bool))
-    assert (t > 0.61).all() and (t < 1.65).all()
-    assert (t[s > s.median()] < 1.0).all()  # hard positions are sharpened
+    sel = torch.rand(1000, generator=torch.Generator().manual_seed(1)) < 0.7
+    t = idts_temperatures(s, sel, t_base=1.3, c=0.4)
+    m = statistics.median(s[sel].tolist())
+    want = [_idts(x, m, 1.3, 0.4) if keep else 1.3 for x, keep in zip(s.tolist(), sel.tolist())]
+    assert t.tolist() == pytest.approx(want, rel=1e-5)
+    order = torch.argsort(s[sel])
+    assert (t[sel][order].diff() <= 1e-7).all()  # harder -> lower temperature, monotonically
 
 
 def test_idts_zero_median_and_nothing_selected():

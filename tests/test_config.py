@@ -62,7 +62,8 @@ def test_unknown_key_is_named(tmp_path, where):
         resolve(TeacherConfig, f, ["top_kk=8"] if where == "set" else [])
 
 
-@pytest.mark.parametrize("sets, needle", [(["top_k=many"], "top_k"), (["top_k=0"], "top_k"),
+@pytest.mark.parametrize("sets, needle", [(["top_k=many"], "top_k"), (["top_k=-1"], "top_k"),
+                                          (["preset=tiny"], "preset"),
                                           (["temperatures=0,1"], "temperatures"), (["nokey"], "key=value")])
 def test_bad_values_are_named(sets, needle):
     with pytest.raises(KdError, match=needle):

@@ -14,7 +14,7 @@ from pipeline.divergences import (
     teacher_log_buckets,
     weighted_kd_loss,
 )
-from pipeline.temperature import log_partition_at
+from pipeline.temperature import tail_log_partition_at
 
 LAM, ALPHA, MU = 0.9, 0.1, 0.5
 
@@ -64,12 +64,14 @@ def _case(n=5, v=12, seed=0, t_scale=2.0, s_scale=1.5):
 
 
 def _cache(logp, k, temp):
-    """Top-K ids/log-probs and the exact A(β) for a dense teacher log p [N,V] at temperature temp."""
+    """What the cache gives for a dense teacher log p [N,V] at temperature temp, computed exactly here:
+    top-K ids/log-probs and the tail's power sum T(β) = log Σ_{j∉K} p_j^β (-inf when K = V)."""
     lp, ids = logp.sort(-1, descending=True)
     n = logp.shape[0]
     beta = torch.full((n,), 1.0 / temp, dtype=logp.dtype)
-    a = torch.logsumexp(beta[:, None] * logp, -1)
-    return ids[:, :k], lp[:, :k], a, beta, torch.full((n,), temp, dtype=logp.dtype)
+    rest = beta[:, None] * lp[:, k:]
+    tail = torch.logsumexp(rest, -1) if rest.shape[1] else torch.full((n,), -math.inf, dtype=logp.dtype)
+    return ids[:, :k], lp[:, :k], tail, beta, torch.full((n,), temp, dtype=logp.dtype)
 
 
 def _dense(logp, logits, temp):
@@ -89,7 +91,7 @@ def _grad(value, logits):
 def test_k_equals_v_matches_dense(name, temp):
     logp, logits = _case()
     ids, lp, a, beta, t = _cache(logp, logp.shape[1], temp)
-    got = kd_divergence(name, logits, ids, lp, a, beta, t)
+    got = kd_divergence(name, logits, ids, lp, a, beta, t, logp.shape[1])
     p, q = _dense(logp, logits, temp)
     want = ref_divergence(name, p, q)
     assert got.dtype == torch.float64
@@ -102,7 +104,7 @@ def test_k_equals_v_float32_inputs(name):
     logp, logits = _case(seed=3)
     ids, lp, a, beta, t = _cache(logp, logp.shape[1], 0.83)
     x = logits.detach().float().requires_grad_()
-    got = kd_divergence(name, x, ids, lp.float(), a.float(), beta.float(), t.float())
+    got = kd_divergence(name, x, ids, lp.float(), a.float(), beta.float(), t.float(), logp.shape[1])
     p, q = _dense(logp, logits, 0.83)
     want = ref_divergence(name, p, q)
     assert got.dtype == torch.float32
@@ -123,7 +125,7 @@ def _bucket_reference(logp, logits, ids, temp):
 def test_k_less_than_v_matches_bucket_reference(name, temp):
     logp, logits = _case(n=6, v=40, seed=5)
     ids, lp, a, beta, t = _cache(logp, 7, temp)
-    got = kd_divergence(name, logits, ids, lp, a, beta, t)
+    got = kd_divergence(name, logits, ids, lp, a, beta, t, logp.shape[1])
     pb, qb = _bucket_reference(logp, logits, ids, temp)
     want = ref_divergence(name, pb, qb)
     assert torch.allclose(got, want, atol=1e-10, rtol=1e-9)
@@ -137,7 +139,7 @@ def test_fkl_bucket_is_lower_bound_of_dense():
     logp, logits = _case(n=8, v=300, seed=7, t_scale=3.0)
     for k in (1, 5, 50, 299):
         ids, lp, a, beta, t = _cache(logp, k, 1.0)
-        got = kd_divergence("fkl", logits, ids, lp, a, beta, t)
+        got = kd_divergence("fkl", logits, ids, lp, a, beta, t, logp.shape[1])
         p, q = _dense(logp, logits, 1.0)
         assert (got <= _kl(p, q) + 1e-12).all()
 
@@ -146,32 +148,42 @@ def test_teacher_and_student_buckets_shapes_and_normalisation():
     logp, logits = _case(n=4, v=30, seed=9)
     ids, lp, a, beta, t = _cache(logp, 5, 0.7)
     lp_b = teacher_log_buckets(lp.float(), a.float(), beta.float())
-    lq_b = student_log_buckets(logits.detach().bfloat16(), ids, t.float())
+    lq_b = student_log_buckets(logits.detach().bfloat16(), ids, t.float(), 30)
     assert lp_b.shape == lq_b.shape == (4, 6)
     assert lp_b.dtype == lq_b.dtype == torch.float32
     assert torch.allclose(lp_b.exp().sum(-1), torch.ones(4), atol=1e-5)
     assert torch.allclose(lq_b.exp().sum(-1), torch.ones(4), atol=1e-5)
+    # the tempered teacher buckets are p^T coarse-grained: compare with the dense float64 truth
+    p = torch.softmax(logp / 0.7, -1)
+    want = torch.cat([p.gather(1, ids), 1 - p.gather(1, ids).sum(-1, keepdim=True)], 1)
+    assert torch.allclose(lp_b.double().exp(), want, atol=1e-6)
 
 
-def test_teacher_tail_is_minus_inf_when_head_holds_all_mass():
-    lp = torch.log(torch.tensor([[0.5, 0.5], [0.6, 0.4 + 1e-6], [0.9, 0.05]]))
-    out = teacher_log_buckets(lp, torch.zeros(3), torch.ones(3))
-    assert out[0, 2] == -math.inf and out[1, 2] == -math.inf
-    assert torch.allclose(out[2, 2], torch.log(torch.tensor(0.05)), atol=1e-5)
-    assert not torch.isnan(out).any()
+def test_teacher_tail_comes_from_the_cache_not_from_the_head():
+    # A confident row: the head holds 1 - 1e-12 of the mass. The tail bucket is exactly the stored r, at
+    # T = 1 and re-tempered, never -inf and never negative; only K = V (tail -inf) empties it.
+    lp = torch.tensor([[math.log1p(-1e-12) - 1e-30, -40.0], [math.log(0.5), math.log(0.5)]], dtype=torch.float64)
+    tail = torch.tensor([math.log(1e-12) + 1e-30, -math.inf], dtype=torch.float64)
+    out = teacher_log_buckets(lp, tail, torch.ones(2, dtype=torch.float64))
+    assert out[0, 2].item() == pytest.approx(math.log(1e-12), abs=1e-9)
+    assert out[1, 2] == -math.inf and not torch.isnan(out).any()
+    assert torch.allclose(torch.logsumexp(out, -1), torch.zeros(2, dtype=torch.float64), atol=1e-12)
 
 
-def test_padded_student_vocab_goes_to_tail():
-    # Vs = V + 3: the padded ids' mass is the student's tail, the teacher's tail is empty.
+def test_padded_student_vocab_is_outside_both_distributions():
+    # Vs = V + 3 with finite logits on the padded ids (a Qwen-style head), K = V: both tails are empty and
+    # every divergence is the full-vocabulary value over the teacher's V ids, finite, rkl included.
     logp, logits = _case(n=3, v=10, seed=11)
     pad = torch.randn(3, 3, dtype=torch.float64)
     big = torch.cat([logits.detach(), pad], 1).requires_grad_()
     ids, lp, a, beta, t = _cache(logp, 10, 1.0)
-    got = kd_divergence("fkl", big, ids, lp, a, beta, t)
-    q = torch.softmax(big, -1)
-    want = (logp.exp() * (logp - q[:, :10].log())).sum(-1)  # tail bucket: P = 0 contributes 0
-    assert torch.allclose(got, want, atol=1e-10)
-    assert torch.isfinite(_grad(got, big)).all()
+    q = torch.softmax(big[:, :10], -1)
+    for name in DIVERGENCES:
+        got = kd_divergence(name, big, ids, lp, a, beta, t, 10)
+        want = ref_divergence(name, logp.exp(), q)
+        assert torch.allclose(got, want, atol=1e-10), name
+        g = _grad(got, big)
+        assert torch.isfinite(g).all() and torch.equal(g[:, 10:], torch.zeros_like(g[:, 10:])), name
 
 
 # ---- tail policies on a hand-built case -----------------------------------------------------------
@@ -184,7 +196,7 @@ def _hand_case():
     logits = torch.log(torch.tensor([Q5], dtype=torch.float64)).requires_grad_()
     ids = torch.tensor([[0, 1]])
     one = torch.ones(1, dtype=torch.float64)
-    return logits, ids, lp[:, :2], torch.zeros(1, dtype=torch.float64), one, one
+    return logits, ids, lp[:, :2], torch.log(torch.tensor([0.2], dtype=torch.float64)), one, one, 5
 
 
 def test_renorm_by_hand():
@@ -250,12 +262,12 @@ def _sampled_case():
     tail_ids = torch.tensor([[7, 3, -1, 5, 4, 6, -1]])
     tail_counts = torch.tensor([[10, 1, 0, 3, 2, 4, 0]], dtype=torch.int32)
     one = torch.ones(1, dtype=torch.float64)
-    return p, logits, ids, p.log()[:, :3], torch.zeros(1, dtype=torch.float64), one, one, tail_ids, tail_counts
+    return p, logits, ids, p.log()[:, :3], torch.log(torch.tensor([0.2], dtype=torch.float64)), one, one, tail_ids, tail_counts
 
 
 def test_sampled_tail_with_exact_counts_equals_dense_fkl():
     p, logits, ids, lp, a, beta, t, tail_ids, tail_counts = _sampled_case()
-    got = kd_divergence("fkl", logits, ids, lp, a, beta, t, tail_ids=tail_ids, tail_counts=tail_counts)
+    got = kd_divergence("fkl", logits, ids, lp, a, beta, t, 8, tail_ids=tail_ids, tail_counts=tail_counts)
     want = _kl(p, torch.softmax(logits, -1))
     assert torch.allclose(got, want, atol=1e-12)
     assert torch.allclose(_grad(got, logits), _grad(want, logits), atol=1e-12)
@@ -268,22 +280,25 @@ def test_sampled_tail_by_hand_and_empty_samples():
     logits2 = torch.cat([logits.detach(), logits.detach()]).requires_grad_()
     two = lambda x: torch.cat([x, x])  # noqa: E731
     args = (two(ids), two(lp), two(a), two(beta), two(t))
-    got = kd_divergence("fkl", logits2, *args, tail_ids=tail_ids, tail_counts=tail_counts)
+    got = kd_divergence("fkl", logits2, *args, 8, tail_ids=tail_ids, tail_counts=tail_counts)
     q = torch.softmax(logits.detach(), -1)[0]
     pb = [0.4, 0.25, 0.15, 0.2 * 1 / 4, 0.2 * 3 / 4]
     qb = [q[0], q[1], q[2], q[3], q[6]]
     want0 = sum(x * math.log(x / float(y)) for x, y in zip(pb, qb))  # remainder bucket: P = 0
-    plain = kd_divergence("fkl", logits, ids, lp, a, beta, t)  # no samples: plain K + 1 buckets
+    plain = kd_divergence("fkl", logits, ids, lp, a, beta, t, 8)  # no samples: plain K + 1 buckets
     assert got[0].item() == pytest.approx(want0, rel=1e-12)
     assert got[1].item() == pytest.approx(plain.item(), rel=1e-12)
     assert torch.isfinite(_grad(got, logits2)).all()
 
 
-def test_sampled_tail_only_for_fkl_bucket():
+def test_sampled_tail_only_for_fkl_bucket_at_t1():
     _, logits, ids, lp, a, beta, t, tail_ids, tail_counts = _sampled_case()
     for name, tail in (("rkl", "bucket"), ("jsd", "bucket"), ("fkl", "renorm"), ("fkl", "ignore")):
         with pytest.raises(ValueError, match="sampled tail"):
-            kd_divergence(name, logits, ids, lp, a, beta, t, tail, tail_ids, tail_counts)
+            kd_divergence(name, logits, ids, lp, a, beta, t, 8, tail, tail_ids, tail_counts)
+    # Re-tempering T = 1 draws by their counts is wrong (bucket TVD 0.56-0.93 at T = 2, measured): refused.
+    with pytest.raises(ValueError, match="exact only at T = 1"):
+        kd_divergence("fkl", logits, ids, lp, a, beta * 0.5, t * 2.0, 8, tail_ids=tail_ids, tail_counts=tail_counts)
 
 
 # ---- -inf buckets, empty inputs, dtypes -------------------------------------------------------------
@@ -308,13 +323,16 @@ def test_minus_inf_buckets_give_no_nan(name):
 
 @pytest.mark.parametrize("name", DIVERGENCES)
 def test_k_equals_v_gradients_finite_with_masked_student_ids(name):
-    # The student's padded ids have logit -inf: K = V leaves no student mass outside K.
+    # The student's padded ids have logit -inf: K = V leaves no student mass outside K. The value must not
+    # depend on how a CPU rounds a tail that is exactly empty: the teacher's V is passed, not inferred.
     logp, logits = _case(n=3, v=6, seed=13)
     big = torch.cat([logits.detach(), torch.full((3, 2), -math.inf, dtype=torch.float64)], 1).requires_grad_()
     ids, lp, a, beta, t = _cache(logp, 6, 0.83)
-    d = kd_divergence(name, big, ids, lp, a, beta, t)
+    d = kd_divergence(name, big, ids, lp, a, beta, t, 6)
     g = _grad(d, big)
     assert torch.isfinite(d).all() and torch.isfinite(g).all()
+    p, q = _dense(logp, logits.detach(), 0.83)
+    assert torch.allclose(d.detach(), ref_divergence(name, p, q), atol=1e-10)
 
 
 @pytest.mark.parametrize("tail", ["bucket", "renorm", "ignore"])
@@ -323,7 +341,7 @@ def test_empty_batch(tail):
     ids = torch.zeros(0, 3, dtype=torch.long)
     z = torch.zeros(0)
     for name in DIVERGENCES:
-        d = kd_divergence(name, logits, ids, torch.zeros(0, 3), z, z, z, tail)
+        d = kd_divergence(name, logits, ids, torch.zeros(0, 3), z, z, z, 10, tail)
         assert d.shape == (0,)
         loss = weighted_kd_loss(d, z, z)
         assert loss.item() == 0.0
@@ -334,7 +352,7 @@ def test_empty_batch(tail):
 def test_weighted_kd_loss_all_masked_and_by_hand():
     logp, logits = _case(n=4, v=12, seed=15)
     ids, lp, a, beta, t = _cache(logp, 5, 1.0)
-    d = kd_divergence("fkl", logits, ids, lp, a, beta, t)
+    d = kd_divergence("fkl", logits, ids, lp, a, beta, t, 12)
     loss = weighted_kd_loss(d, torch.zeros(4, dtype=torch.float64))
     assert loss.item() == 0.0
     g = _grad(loss, logits)
@@ -350,15 +368,20 @@ def test_weighted_kd_loss_all_masked_and_by_hand():
 
 
 def test_bfloat16_inputs():
+    # bf16 student logits and a bf16-rounded head: the result is float32 and matches the float64 value of
+    # the same (rounded) inputs, i.e. nothing is computed in bf16.
     logp, logits = _case(n=4, v=50, seed=17)
     ids, lp, a, beta, t = _cache(logp, 8, 0.83)
     x = logits.detach().bfloat16().requires_grad_()
-    d = kd_divergence("jsd", x, ids, lp.bfloat16(), a.float(), beta.float(), t.float())
-    ref = kd_divergence("jsd", x.detach().float(), ids, lp.bfloat16().float(), a.float(), beta.float(), t.float())
+    d = kd_divergence("jsd", x, ids, lp.bfloat16(), a.float(), beta.float(), t.float(), 50)
+    x64 = x.detach().double().requires_grad_()
+    ref = kd_divergence("jsd", x64, ids, lp.bfloat16().double(), a.float().double(), beta, t, 50)
     assert d.dtype == torch.float32
-    assert torch.allclose(d, ref)
+    assert torch.allclose(d.double(), ref, atol=1e-5, rtol=1e-5)
     g = _grad(d, x)
     assert g.dtype == torch.bfloat16 and torch.isfinite(g.float()).all()
+    g_ref = _grad(ref, x64)
+    assert torch.allclose(g.double(), g_ref, atol=2e-2 * float(g_ref.abs().max()))
 
 
 def test_hellinger():
@@ -389,19 +412,25 @@ def test_student_buckets_keep_one_full_size_copy():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            student_log_buckets(x, torch.randint(0, vs, (n, 5)), torch.full((n,), 0.8))
+            student_log_buckets(x, torch.randint(0, vs, (n, 5)), torch.full((n,), 0.8), vs)
         assert len(ptrs - {x.data_ptr()}) == 1
 
 
-def test_with_interpolated_log_partition():
-    # The intended composition: A(β) from the cached grid (head exact) instead of the dense value.
+def test_with_interpolated_tail_partition():
+    # The intended composition: T(β) interpolated from the tail's grid statistics instead of the dense value.
     logp, logits = _case(n=6, v=400, seed=19, t_scale=3.0)
-    ids, lp, a, beta, t = _cache(logp, 20, 0.83)
+    k = 20
+    ids, lp, tail, beta, t = _cache(logp, k, 0.83)
     grid_b = torch.tensor([2.0, 1 / 0.7, 1 / 1.4, 0.5], dtype=torch.float64)
-    grid = torch.logsumexp(grid_b[None, :, None] * logp[:, None, :], -1)
-    ent = -(logp.exp() * logp).sum(-1)
-    a_interp = log_partition_at(beta, grid_b, grid, ent, topk_logprobs=lp)
-    assert torch.allclose(a_interp, a, atol=0.0125)
-    got = kd_divergence("fkl", logits, ids, lp, a_interp, beta, t)
-    want = kd_divergence("fkl", logits, ids, lp, a, beta, t)
-    assert torch.allclose(got, want, atol=0.02)
+    rest = logp.sort(-1, descending=True).values[:, k:]
+    grid = torch.logsumexp(grid_b[None, :, None] * rest[:, None, :], -1)
+    log_r = torch.logsumexp(rest, -1)
+    pi = rest - log_r[:, None]
+    h_tail = -(pi.exp() * pi).sum(-1)
+    t_interp = tail_log_partition_at(beta, grid_b, grid, log_r, h_tail, 400 - k)
+    a_exact = torch.logsumexp(beta[:, None] * logp, -1)
+    a_interp = torch.logaddexp(torch.logsumexp(beta[:, None] * lp, -1), t_interp)
+    assert torch.allclose(a_interp, a_exact, atol=5e-3)
+    got = kd_divergence("fkl", logits, ids, lp, t_interp, beta, t, 400)
+    want = kd_divergence("fkl", logits, ids, lp, tail, beta, t, 400)
+    assert torch.allclose(got, want, atol=5e-3)

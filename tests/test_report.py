@@ -115,7 +115,7 @@ def test_report_files_table_and_plots(tmp_path, runs, cache_dir):
     bare = [c.strip() for c in rows["bare"].split("|")[2:-1]]
     assert bare and all(c == "—" for c in bare)
     assert set(r["plots"]) == {"loss.png", "tar.png", "focus_ratio.png", "temperatures.png", "cache_entropy.png",
-                               "cache_topk_mass.png"}
+                               "cache_tail_mass.png"}
     for name in r["plots"]:
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1024, name
@@ -129,15 +129,15 @@ def test_cache_histograms_cover_every_row(cache_dir):
     h = cache_histograms(cache_dir, bins=20)
     assert h["rows"] == c.num_rows
     assert int(h["entropy"]["counts"].sum()) == c.num_rows
-    assert int(h["topk_mass"]["counts"].sum()) == c.num_rows
-    # Same counts as an in-memory numpy histogram of the decoded rows.
-    rows = c.read(0, c.num_rows)
+    assert int(h["log10_tail"]["counts"].sum()) + h["log10_tail"]["zero"] == c.num_rows
+    # The out-of-core (dask, one task per Zarr chunk) counts equal an in-memory histogram of all rows at once.
+    rows = c.read(0, c.num_rows, ("entropy", "tail_logprob"))
     ent = rows["entropy"].astype(np.float64)
     e_counts, _ = np.histogram(ent, bins=20, range=(ent.min(), ent.max()))
     assert np.array_equal(h["entropy"]["counts"], e_counts)
-    mass = np.clip(np.exp(rows["topk_logprobs"].astype(np.float64)).sum(1), 0, 1)
-    assert h["topk_mass"]["mean"] == pytest.approx(mass.mean(), rel=1e-5)
-    assert np.array_equal(h["topk_mass"]["counts"], np.histogram(mass, bins=20, range=(0.0, 1.0))[0])
+    lt = rows["tail_logprob"].astype(np.float64) / np.log(10)
+    assert h["log10_tail"]["mean"] == pytest.approx(lt.mean(), rel=1e-5)
+    assert np.array_equal(h["log10_tail"]["counts"], np.histogram(lt, bins=20, range=(lt.min(), 0.0))[0])
 
 
 def test_report_without_cache_or_metrics(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.cache import format as fmt
+from pipeline.cache import layout as fmt
 from pipeline.cache import open_cache
 from pipeline.prepare import META_FILENAME, load_prepared, write_prepared
 from stages.cli import main

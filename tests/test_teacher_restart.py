@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cache import format as fmt
+from pipeline.cache import layout as fmt
 from pipeline.cache import open_cache
+from pipeline.cache.schema import stored_arrays
 from stages.cli import main
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -35,9 +36,9 @@ def assert_same_cache(a: Path, b: Path) -> None:
     """Bitwise equality of every stored array, the row index and the shard plan."""
     ca, cb = open_cache(a), open_cache(b)
     assert ca.complete and cb.complete
-    assert ca.meta["shards"] == cb.meta["shards"] and ca.meta["codecs"] == cb.meta["codecs"]
+    assert ca.meta["shards"] == cb.meta["shards"] and ca.meta["codec"] == cb.meta["codec"]
     ra, rb = ca.read_raw(0, ca.num_rows), cb.read_raw(0, cb.num_rows)
-    assert set(ra) == set(rb) == set(fmt.ARRAYS + fmt.TAIL_ARRAYS)
+    assert set(ra) == set(rb) == {s.name for s in stored_arrays(ca.params)}
     for name in ra:
         assert ra[name].dtype == rb[name].dtype and np.array_equal(ra[name], rb[name]), name
     assert ca.index.equals(cb.index)
@@ -98,10 +99,10 @@ def test_complete_cache_rerun_does_nothing(tmp_path, teacher_args, llama_cache):
 def test_other_settings_refused_unless_overwrite(tmp_path, teacher_args, llama_cache, gpt2_dir):
     out = tmp_path / "cache"
     shutil.copytree(llama_cache, out)
-    res = invoke(*teacher_args, "--out", out, "--top-k", 8)
+    res = invoke(*teacher_args, "--out", out, "--top-k", 5)
     assert res.exit_code == 1 and "Traceback" not in res.output
     errs = [ln for ln in res.output.splitlines() if "error:" in ln]
-    assert len(errs) == 1 and "top_k 32 -> 8" in errs[0] and "--overwrite" in errs[0]
+    assert len(errs) == 1 and "top_k 8 -> 5" in errs[0] and "--overwrite" in errs[0]
     args = list(teacher_args)
     args[args.index("--model") + 1] = str(gpt2_dir)
     res = invoke(*args, "--out", out)
@@ -155,7 +156,7 @@ def test_thread_count_does_not_change_bytes(tmp_path, teacher_args, llama_cache)
     job = shard_job(cfg, meta, cache, meta["shards"][1])
     outs = []
     for n in (1, 2):
-        outs.append(compute_shard({**job, "threads": n}))
+        outs.append(compute_shard({**job, "threads": n})[0])
     torch.set_num_threads(1)
     ref = open_cache(llama_cache).read_raw(meta["shards"][1]["row_start"], meta["shards"][1]["row_stop"])
     assert all(np.array_equal(o[k], ref[k]) for o in outs for k in ref)

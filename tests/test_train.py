@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -100,11 +101,12 @@ def test_two_students_of_different_architecture_from_one_cache(tmp_path, prepare
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     runner = CliRunner()
+    methods = {"llama": ["--gate", "topk", "--latf", "--idts"], "gpt2": ["--gate", "spec", "--tail", "sampled"]}
     for name, base in (("llama", STUDENT_LLAMA), ("gpt2", STUDENT_GPT2)):
         scfg = student_config(tmp_path, vocab_size + 7, base, name=f"{name}.json")  # padded vocabulary is fine
         res = runner.invoke(main, ["train", "--cache", str(cache_dir), "--student-config", scfg,
                                    "--out", str(tmp_path / name), "--max-steps", "3", "--batch-size", "4",
-                                   "--gate", "topk", "--latf", "--idts", "--tail", "sampled"])
+                                   *methods[name]])
         assert res.exit_code == 0, res.output
         assert "train: 3/3 steps" in res.output
         final = tmp_path / name / "final"
@@ -130,8 +132,8 @@ def test_kd_terms_match_dense_kl_when_k_equals_v():
     logp = torch.log_softmax(t_logits, -1)
     lp, ids = torch.topk(logp, v, dim=-1)
     temps = torch.tensor([0.5, 2.0])
-    cache = {"topk_ids": ids, "topk_logprobs": lp.float(), "entropy": -(logp.exp() * logp).sum(-1).float(),
-             "log_partition": torch.stack([torch.logsumexp(logp / t, -1) for t in temps.tolist()], -1).float()}
+    cache = {"topk_ids": ids, "topk_logprobs": lp.float(), "tail_logprob": torch.full((n,), -math.inf),
+             "tail_entropy": torch.zeros(n), "tail_log_partition": torch.full((n, 2), -math.inf)}
     terms = kd_terms(s_logits.float(), cache, KdSettings(loss="fkl"), v, 1.0 / temps, None, None)
     dense = (logp.exp() * (logp - torch.log_softmax(s_logits, -1))).sum(-1)
     assert terms.denominator == n and terms.kept == n
@@ -184,7 +186,7 @@ def test_checks_before_training(tmp_path, prepared_dir, cache_dir, vocab_size):
 def test_corrupted_chunk_stops_training_naming_the_shard(tmp_path, prepared_dir, cache_dir, vocab_size):
     bad = tmp_path / "corrupt"
     shutil.copytree(cache_dir, bad)
-    chunk = next(p for p in sorted((bad / "shards" / "shard_00000" / "topk_logprobs").rglob("*"))
+    chunk = next(p for p in sorted((bad / "shards" / "shard_00000" / "head_gaps").rglob("*"))
                  if p.is_file() and p.name != "zarr.json")
     data = bytearray(chunk.read_bytes())
     data[len(data) // 3] ^= 0xFF
@@ -221,13 +223,13 @@ def test_ranking_buckets_give_the_exact_hellinger_difficulty_to_3e_4():
     for scale in (0.5, 3.0, 12.0):  # flat to very peaked students (tail mass down to ~1e-30)
         logits = torch.randn(n, v) * scale
         lp, ids = torch.topk(torch.log_softmax(torch.randn(n, v) * 3, -1), k)
-        log_p = teacher_log_buckets(lp, torch.zeros(n), torch.ones(n), vocab_size=v)
-        exact = hellinger(log_p, student_log_buckets(logits, ids, torch.ones(n)))
-        cheap = hellinger(log_p, ranking_log_buckets(logits, ids))
+        log_p = teacher_log_buckets(lp, torch.log1p(-lp.double().exp().sum(-1)).float(), torch.ones(n))
+        exact = hellinger(log_p, student_log_buckets(logits, ids, torch.ones(n), v))
+        cheap = hellinger(log_p, ranking_log_buckets(logits, ids, v))
         assert torch.isfinite(cheap).all()
         assert (exact - cheap).abs().max() < 3e-4, scale
     ids_all = torch.arange(8).expand(4, 8)  # K = V: no tail at all
-    assert torch.isfinite(ranking_log_buckets(torch.randn(4, 8), ids_all)).all()
+    assert torch.isfinite(ranking_log_buckets(torch.randn(4, 8), ids_all, 8)).all()
 
 
 def test_student_head_matches_the_models_own_logits_granite_scaling():

@@ -6,6 +6,17 @@ This is the contract every later stage (and any other training tool) uses:
     c = open_cache("runs/demo/cache")
     rows = c.read(0, 1024)          # dict of decoded numpy arrays, one row per target position
     rows["topk_logprobs"]           # [n, K] float32, log p over the full vocabulary
+    rows["tail_logprob"]            # [n] float32, log of the mass outside the top-K (-inf only if K = V)
+    # logsumexp over the K + 1 buckets (topk_logprobs, tail_logprob) is 0 on every row, within 1e-6
+
+Fields (`schema.DECODED`; `read(a, b, fields=(...))` decodes only those): topk_ids [n, K] int64,
+topk_logprobs [n, K], tail_logprob [n], entropy [n], log_partition [n, G] = A(1/T_g), tail_entropy [n],
+tail_log_partition [n, G], target_logprobs [n], target_rank [n] int64 (-1: outside the head),
+target_ids [n] int64, and with tail samples tail_ids / tail_counts [n, S] int64.
+
+Target ids are not stored in the shards: they are the prepared data's tokens. `read` takes them from
+the prepared data the cache records (or the one given to `open_cache(path, data=...)`), and checks
+them against each shard's alignment hash, so a cache is never joined to other data silently.
 
 Rows are global: row r of the cache is the r-th target position of the prepared dataset, in
 dataset order then position order; `c.index` maps each example to its rows.
@@ -20,25 +31,35 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.cache import format as fmt
+from pipeline.cache import layout
+from pipeline.cache.schema import DECODED, FORMAT_VERSION, CodecParams, RowCodec, stored_arrays
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256, read_json
+
+# What `read` decodes by default: the whole contract.
+CONTRACT_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "entropy", "log_partition", "tail_entropy",
+                   "tail_log_partition", "target_logprobs", "target_rank", "target_ids")
 
 
 class Cache:
     """A teacher cache on disk. Thread-safe for concurrent `read` calls."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, data: Any = None):
         self.path = Path(path)
-        self.meta = read_json(self.path / fmt.META_FILENAME, "cache metadata (kdcache.json)")
-        if self.meta.get("format_version") != fmt.FORMAT_VERSION:
-            raise KdError(f"{self.path}: cache format version {self.meta.get('format_version')} is not supported "
-                          f"(this kdcache reads version {fmt.FORMAT_VERSION})")
+        self.meta = read_json(self.path / layout.META_FILENAME, "cache metadata (kdcache.json)")
+        version = self.meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise KdError(f"{self.path} is a format-{version} cache; this kdcache reads format {FORMAT_VERSION} "
+                          f"(exact tail mass and temperature statistics): re-run `kdcache teacher` to rebuild it")
+        self.params = CodecParams.from_meta(self.meta["codec"])
+        self.codec = RowCodec(self.params)
         self.shards: list[dict[str, Any]] = self.meta["shards"]
         self._starts = [s["row_start"] for s in self.shards]
         self._groups: dict[int, Any] = {}
+        self._targets: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         self._index = None
+        self._data = data
 
     # ---- metadata -------------------------------------------------------------------------
     @property
@@ -47,19 +68,24 @@ class Cache:
 
     @property
     def k(self) -> int:
-        return int(self.meta["top_k"])
+        return self.params.top_k
 
     @property
     def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
+        """The teacher's vocabulary V (the tokenizer's ids; a padded model head's extra rows excluded)."""
+        return self.params.vocab_size
 
     @property
     def temperatures(self) -> list[float]:
-        return [float(t) for t in self.meta["temperatures"]]
+        return list(self.params.temperatures)
 
     @property
     def tail_samples(self) -> int:
-        return int(self.meta.get("tail_samples", 0))
+        return self.params.tail_samples
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.meta["chunk_rows"])
 
     @property
     def index(self) -> Any:
@@ -67,42 +93,70 @@ class Cache:
         if self._index is None:
             import pyarrow.parquet as pq
 
-            p = self.path / fmt.INDEX_FILENAME
+            p = self.path / layout.INDEX_FILENAME
             if not p.is_file():
-                raise KdError(f"{self.path}: row index {fmt.INDEX_FILENAME} is missing")
+                raise KdError(f"{self.path}: row index {layout.INDEX_FILENAME} is missing")
             self._index = pq.read_table(p)
         return self._index
 
     def committed(self) -> list[bool]:
         """Per planned shard: is it committed?"""
-        return [(self._shard_path(i) / fmt.COMMIT_FILENAME).is_file() for i in range(len(self.shards))]
+        return [layout.is_committed(self.path, i) for i in range(len(self.shards))]
 
     @property
     def complete(self) -> bool:
         return all(self.committed())
 
+    def commit_records(self) -> dict[int, dict[str, Any]]:
+        """Commit records of the committed shards, by shard index."""
+        return {i: layout.read_commit(self.path, i) for i, ok in enumerate(self.committed()) if ok}
+
+    def check_consistent(self) -> dict[str, Any]:
+        """Refuse a cache whose committed shards were computed in different dtypes or formats.
+
+        Returns {"dtype", "device"} of the shards (the first shard's device; devices may differ).
+        """
+        recs = self.commit_records()
+        dtypes = {r.get("dtype") for r in recs.values()}
+        if len(dtypes) > 1:
+            by = {d: [layout.shard_name(i) for i, r in recs.items() if r.get("dtype") == d][:2] for d in dtypes}
+            raise KdError(f"{self.path} mixes shards computed in different dtypes ({by}); re-run "
+                          "`kdcache teacher` with one --dtype (--overwrite) so every row has the same precision")
+        bad = [layout.shard_name(i) for i, r in recs.items() if r.get("format_version") != FORMAT_VERSION]
+        if bad:
+            raise KdError(f"{self.path}: {bad[0]} is not format {FORMAT_VERSION}; re-run `kdcache teacher` --overwrite")
+        first = next(iter(recs.values()), {})
+        return {"dtype": first.get("dtype"), "device": first.get("device")}
+
     def bytes_on_disk(self) -> int:
         """Everything under the cache directory (metadata, index, shards, leftovers)."""
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
-    # ---- rows -----------------------------------------------------------------------------
-    def _shard_path(self, i: int) -> Path:
-        return self.path / fmt.SHARDS_DIR / fmt.shard_name(i)
+    def array_bytes(self) -> dict[str, int]:
+        """Bytes on disk per stored array, summed over the committed shards (from their commit records)."""
+        total = {s.name: 0 for s in stored_arrays(self.params)}
+        for rec in self.commit_records().values():
+            for name, b in (rec.get("array_bytes") or {}).items():
+                total[name] = total.get(name, 0) + int(b)
+        return total
 
+    # ---- rows -----------------------------------------------------------------------------
     def _group(self, i: int) -> Any:
         import zarr
 
         with self._lock:
             g = self._groups.get(i)
             if g is None:
-                p = self._shard_path(i)
-                if not (p / fmt.COMMIT_FILENAME).is_file():
-                    raise KdError(f"{self.path}: {fmt.shard_name(i)} is not committed (the cache is incomplete; "
+                p = layout.shard_dir(self.path, i)
+                if not layout.is_committed(self.path, i):
+                    raise KdError(f"{self.path}: {layout.shard_name(i)} is not committed (the cache is incomplete; "
                                   "re-run `kdcache teacher` to finish it)")
                 try:
                     g = zarr.open_group(str(p), mode="r")
+                    g = {s.name: g[s.name] for s in stored_arrays(self.params)}  # opened once per shard
                 except Exception as e:
-                    raise CorruptionError(f"{fmt.shard_name(i)}: cannot open ({type(e).__name__}: {e})") from None
+                    raise CorruptionError(f"{layout.shard_name(i)}: cannot open "
+                                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
                 self._groups[i] = g
             return g
 
@@ -113,7 +167,8 @@ class Cache:
         """Rows [start, stop) as stored (encoded), concatenated across shards."""
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"rows [{start}, {stop}) outside the cache's {self.num_rows} rows")
-        names = names or self.array_names()
+        specs = {s.name: s for s in stored_arrays(self.params)}
+        names = names or tuple(specs)
         parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
         row = start
         while row < stop:
@@ -125,45 +180,103 @@ class Cache:
                 try:
                     parts[n].append(np.asarray(g[n][a:b]))
                 except Exception as e:  # zarr raises ValueError on crc mismatch, others on truncation
-                    raise CorruptionError(f"{fmt.shard_name(i)}: {n} rows {a}-{b} unreadable "
+                    raise CorruptionError(f"{layout.shard_name(i)}: {n} rows {a}-{b} unreadable "
                                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
             row = s["row_stop"]
         if start == stop:
-            return {n: np.zeros((0,) + self._row_shape(n), dtype=self._dtype(n)) for n in names}
+            return {n: np.zeros((0,) + specs[n].row_shape(self.params), dtype=specs[n].dtype(self.params))
+                    for n in names}
         return {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in parts.items()}
 
-    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        """Rows [start, stop), decoded: ids int64, log-probs and scalars float32."""
-        return decode_rows(self.read_raw(start, stop))
+    def read(self, start: int, stop: int, fields: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Rows [start, stop), decoded (see the module docstring); `fields` limits what is decoded."""
+        if fields is None:
+            fields = CONTRACT_FIELDS + (("tail_ids", "tail_counts") if self.tail_samples else ())
+        unknown = [f for f in fields if f not in DECODED and f != "target_ids"]
+        if unknown:
+            raise KdError(f"unknown cache field(s) {unknown}; fields are {', '.join(CONTRACT_FIELDS)}")
+        coded = tuple(f for f in fields if f != "target_ids")
+        out = self.codec.decode(self.read_raw(start, stop, self.codec.stored_fields(coded)), coded)
+        if "target_ids" in fields:
+            out["target_ids"] = self.target_ids(start, stop)
+        return out
 
-    def array_names(self) -> tuple[str, ...]:
-        return fmt.ARRAYS + (fmt.TAIL_ARRAYS if self.tail_samples else ())
+    def decode(self, raw: dict[str, np.ndarray], fields: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Decode arrays from `read_raw` (e.g. read on another thread)."""
+        return self.codec.decode(raw, fields)
 
-    def _row_shape(self, name: str) -> tuple[int, ...]:
-        return {"topk_ids": (self.k,), "topk_logprobs": (self.k,), "log_partition": (len(self.temperatures),),
-                "tail_ids": (self.tail_samples,), "tail_counts": (self.tail_samples,)}.get(name, ())
+    # ---- target ids from the prepared data -------------------------------------------------
+    def attach_data(self, data: Any) -> None:
+        """Use `data` (a prepared `datasets.Dataset` or its directory) for target ids."""
+        with self._lock:
+            self._data = data
+            self._targets.clear()
 
-    def _dtype(self, name: str) -> np.dtype:
-        if name in ("topk_ids", "target_ids"):
-            return fmt.id_dtype(self.vocab_size)
-        return {"topk_logprobs": np.dtype(np.uint16), "tail_ids": np.dtype(np.int32),
-                "tail_counts": np.dtype(np.uint16)}.get(name, np.dtype(np.float16))
+    def _dataset(self) -> Any:
+        if self._data is None:
+            path = (self.meta.get("data") or {}).get("path", "")
+            if not path or not Path(path).is_dir():
+                raise KdError(f"{self.path}: target ids come from the prepared data the cache was made from, "
+                              f"and {path or 'its recorded path'} is gone; pass it with open_cache(path, data=DIR)")
+            self._data = path
+        if isinstance(self._data, (str, Path)):
+            from pipeline.prepare import load_prepared
+
+            self._data = load_prepared(self._data)
+        return self._data
+
+    def shard_target_ids(self, i: int) -> np.ndarray:
+        """Target ids of shard `i`'s rows, from the data, checked against the shard's alignment hash."""
+        with self._lock:
+            hit = self._targets.get(i)
+        if hit is not None:
+            return hit
+        from pipeline.batching import target_ids_of
+        from pipeline.cache.writer import targets_sha256
+
+        s = self.shards[i]
+        ds = self._dataset()
+        if len(ds) < s["example_stop"]:
+            raise KdError(f"{layout.shard_name(i)}: the data has {len(ds)} examples, the cache indexes "
+                          f"{self.meta['num_examples']}: not the data this cache was made from")
+        t = target_ids_of(ds, s["example_start"], s["example_stop"])
+        rec = layout.read_commit(self.path, i)
+        if len(t) != s["row_stop"] - s["row_start"] or targets_sha256(t) != rec.get("targets_sha256"):
+            raise KdError(f"{layout.shard_name(i)}: the data's tokens do not match the cache's rows "
+                          "(other data than the cache was made from; check --data)")
+        with self._lock:
+            self._targets[i] = t
+        return t
+
+    def target_ids(self, start: int, stop: int) -> np.ndarray:
+        """Target ids of rows [start, stop) (int64)."""
+        parts, row = [], start
+        while row < stop:
+            i = self.shard_of_row(row)
+            s = self.shards[i]
+            t = self.shard_target_ids(i)
+            parts.append(t[row - s["row_start"]: min(stop, s["row_stop"]) - s["row_start"]])
+            row = s["row_stop"]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     # ---- integrity ------------------------------------------------------------------------
-    def verify(self, on_shard: Callable[[int], None] | None = None) -> list[str]:
-        """Check every shard: committed, file checksums, and every chunk decodes (crc32c).
-
-        Returns one problem line per bad shard (empty when the cache is sound).
-        """
+    def verify(self, on_shard: Callable[[int], None] | None = None, check_data: bool = False) -> list[str]:
+        """Check every shard: committed, format, file checksums, every chunk decodes (crc32c), and with
+        `check_data` its target ids against the prepared data. Returns one problem line per bad shard."""
         problems = []
+        dtypes: dict[str, str] = {}
         for i, s in enumerate(self.shards):
-            name = fmt.shard_name(i)
-            p = self._shard_path(i)
+            name = layout.shard_name(i)
+            p = layout.shard_dir(self.path, i)
             try:
-                if not (p / fmt.COMMIT_FILENAME).is_file():
+                if not layout.is_committed(self.path, i):
                     problems.append(f"{name}: not committed")
                     continue
-                rec = read_json(p / fmt.COMMIT_FILENAME, f"{name} commit record")
+                rec = layout.read_commit(self.path, i)
+                if rec.get("format_version") != FORMAT_VERSION:
+                    problems.append(f"{name}: format {rec.get('format_version')}, not {FORMAT_VERSION}")
+                    continue
+                dtypes.setdefault(str(rec.get("dtype")), name)
                 for rel, digest in rec["files"].items():
                     f = p / rel
                     if not f.is_file():
@@ -177,32 +290,22 @@ class Cache:
                         problems.append(f"{name}: holds {rec['rows']} rows, plan says {s['row_stop'] - s['row_start']}")
                     else:
                         self.read_raw(s["row_start"], s["row_stop"])
+                        if check_data:
+                            self.shard_target_ids(i)
             except (CorruptionError, KdError) as e:
                 problems.append(str(e) if str(e).startswith(name) else f"{name}: {e}")
             finally:
                 if on_shard:
                     on_shard(i)
+        if len(dtypes) > 1:
+            problems.append(f"shards computed in different dtypes: {dtypes}")
         return problems
 
 
-def decode_rows(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Encoded arrays -> the contract's dtypes (see `format`)."""
-    out = {}
-    for n, a in raw.items():
-        if n in ("topk_ids", "target_ids", "tail_ids"):
-            out[n] = a.astype(np.int64)
-        elif n == "topk_logprobs":
-            out[n] = fmt.decode_logprobs(a)
-        elif n == "tail_counts":
-            out[n] = a.astype(np.int64)
-        else:
-            out[n] = a.astype(np.float32)
-    return out
-
-
-def open_cache(path: str | Path) -> Cache:
-    """Open a teacher cache directory (a `KdError` if it is not one)."""
+def open_cache(path: str | Path, data: Any = None) -> Cache:
+    """Open a teacher cache directory (a `KdError` if it is not one). `data`: the prepared data (a
+    directory or a `datasets.Dataset`) for target ids, when not at the path the cache records."""
     p = Path(path)
     if not p.is_dir():
         raise KdError(f"cache not found: {p}")
-    return Cache(p)
+    return Cache(p, data)
