@@ -40,6 +40,17 @@ def ranking_log_buckets(logits: torch.Tensor, topk_ids: torch.Tensor, vocab_size
 KD_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "tail_entropy", "tail_log_partition", "target_rank")
 
 
+def gate_generator(seed: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The gate's random stream (sampled proposals, the spec rule's uniforms) for one DDP rank.
+
+    Seeded per rank: with one shared seed every rank would draw the same uniforms for its own, different
+    rows, correlating the gate's decisions across the global batch.
+    """
+    g = torch.Generator(device=device)
+    g.manual_seed(seed + 7919 + 1_000_003 * rank)
+    return g
+
+
 @dataclass
 class KdSettings:
     """The KD options of a training run (a view of `TrainConfig`)."""

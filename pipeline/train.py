@@ -33,7 +33,7 @@ from pipeline.cache import open_cache
 from pipeline.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from pipeline.config import save_config
 from pipeline.errors import KdError
-from pipeline.kd_loss import kd_terms
+from pipeline.kd_loss import gate_generator, kd_terms
 from pipeline.metrics import MetricsLog
 from pipeline.models import load_tokenizer, pick_device
 from pipeline.prepare import load_prepared, prepared_meta
@@ -132,10 +132,7 @@ class Trainer:
         self.latf = (LATF(self.total, warmup_fraction=cfg.latf_warmup, ema_decay=cfg.latf_ema_decay,
                           epsilon=cfg.latf_epsilon, sigma=cfg.latf_sigma, min_ratio=cfg.latf_min_ratio)
                      if cfg.distills and cfg.latf else None)
-        # The gate's draws (sampled proposals, the spec rule's uniforms): one stream per DDP rank, so ranks
-        # do not make the same random decisions on different rows.
-        self.gen = torch.Generator(device=self.device)
-        self.gen.manual_seed(cfg.seed + 7919 + 1_000_003 * self.rank)
+        self.gen = gate_generator(cfg.seed, self.rank, self.device)
         self.kd = cfg.kd_settings()
         if self.cache is not None:
             from pipeline.temperature import check_temperature_range

@@ -141,3 +141,16 @@ def test_compression_never_loses_on_20k_rows(tmp_path, prepared_dir):
     raw = sum(s.dtype(c.params).itemsize * int(np.prod(s.row_shape(c.params), dtype=np.int64))
               for s in stored_arrays(c.params))
     assert c.bytes_on_disk() / c.num_rows <= raw
+
+
+def test_format_2_cache_is_refused_with_one_line(cache):
+    meta = (cache / fmt.META_FILENAME)
+    import json
+
+    d = json.loads(meta.read_text())
+    d["format_version"] = 2
+    meta.write_text(json.dumps(d))
+    res = inspect(cache)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    err = [ln for ln in res.output.splitlines() if "error:" in ln]
+    assert len(err) == 1 and "format-2 cache" in err[0] and "re-run `kdcache teacher`" in err[0]

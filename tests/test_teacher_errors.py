@@ -218,3 +218,39 @@ def test_nan_model_everywhere(tmp_path, prepared_dir, vocab_size):
     w[key] = torch.full_like(w[key], float("nan"))
     save_file(w, model / "model.safetensors", metadata={"format": "pt"})
     one_line_error(teacher("--data", prepared_dir, "--model", model, "--out", tmp_path / "c"), "not finite", "example")
+
+
+# ---- tokenizer identity and precision ------------------------------------------------------------
+
+def test_data_from_another_tokenizer_is_refused(tmp_path, prepared_dir, llama_dir, vocab_size):
+    # A model directory that carries a tokenizer must carry the one the data was prepared with.
+    from pipeline.tokenizer_train import train_tokenizer
+
+    model = tmp_path / "with_tok"
+    shutil.copytree(llama_dir, model)
+    train_tokenizer(["a completely different corpus for another tokenizer"] * 20, model, vocab_size=280)
+    one_line_error(teacher("--data", prepared_dir, "--model", model, "--out", tmp_path / "c"),
+                   "the data was prepared with tokenizer", "has its own tokenizer")
+    # Without tokenizer files: a head larger than the data's vocabulary by more than padding is refused...
+    big = save_tiny_model("llama", vocab_size + 600, tmp_path / "big")
+    one_line_error(teacher("--data", prepared_dir, "--model", big, "--out", tmp_path / "c"),
+                   f"{vocab_size + 600} output ids", "more than padding apart")
+    assert not (tmp_path / "c").exists()
+    # ...while padding (Qwen-style: a few dozen extra rows) is masked and recorded (test_cache_oracle).
+
+
+def test_a_worker_resolving_another_dtype_cannot_mix_precisions(tmp_path, prepared_dir, llama_dir):
+    # dtype "auto" resolves on each worker; a shard computed in another precision than the committed ones
+    # is refused at commit, naming both, instead of silently mixing float32 and bf16 rows.
+    out = tmp_path / "cache"
+    args = ("--data", prepared_dir, "--model", llama_dir, "--out", out, "--shard-rows", 200)
+    assert teacher(*args).exit_code == 0
+    rec_path = out / fmt.SHARDS_DIR / fmt.shard_name(0) / fmt.COMMIT_FILENAME
+    rec = json.loads(rec_path.read_text())
+    rec["dtype"] = "bfloat16"  # as if another worker had computed shard 0 on a GPU
+    rec_path.write_text(json.dumps(rec))
+    shutil.rmtree(out / fmt.SHARDS_DIR / fmt.shard_name(1))
+    one_line_error(teacher(*args), "computed in float32", "committed shards are bfloat16")
+    assert not (out / fmt.SHARDS_DIR / fmt.shard_name(1)).exists()  # not committed, and no half-written leftover
+    assert not (out / fmt.TMP_DIR).exists() or not list((out / fmt.TMP_DIR).iterdir())
+    assert any("different dtypes" in p for p in open_cache(out).verify())  # what --verify says of the planted one

@@ -249,3 +249,60 @@ def test_student_head_matches_the_models_own_logits_granite_scaling():
     ours = TargetLogits(model)(ids, att, tb, tt)
     ref = model(input_ids=ids, attention_mask=att).logits[tb, tt - 1].float()
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_rows_and_saves_nothing(tmp_path, prepared_dir, cache_dir,
+                                                                          vocab_size):
+    # A student whose head holds a NaN: its first step's losses are NaN. Training must stop with one line
+    # naming the step and the cache rows, and write neither final/ nor a checkpoint from that state.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(student_config(tmp_path, vocab_size, STUDENT_LLAMA))
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[3, 0] = math.nan
+    model.save_pretrained(tmp_path / "nan_student")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "--cache", str(cache_dir), "--student", str(tmp_path / "nan_student"),
+                                    "--out", str(out), "--max-steps", "5", "--batch-size", "4", "--save-every", "1"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    err = [ln for ln in res.output.splitlines() if "error:" in ln]
+    assert len(err) == 1 and "step 1: non-finite" in err[0] and "cache rows" in err[0], res.output
+    assert "stopped without saving" in err[0]
+    assert not (out / "final").exists() and not (out / "checkpoints").exists()
+
+
+def test_gate_k_is_checked_against_the_cache(tmp_path, cache_dir, vocab_size):
+    from pipeline.cache import open_cache
+
+    k = open_cache(cache_dir).k
+    ok = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    res = CliRunner().invoke(main, ["train", "--cache", str(cache_dir), "--student-config", ok, "--out",
+                                    str(tmp_path / "g"), "--gate", "topk", "--gate-k", str(k + 1)])
+    assert res.exit_code == 1 and f"gate_k {k + 1} exceeds the cache's K = {k}" in res.output
+    assert not (tmp_path / "g" / "final").exists()
+
+
+def test_gate_draws_differ_per_rank_and_the_trainer_uses_them(tmp_path, prepared_dir, cache_dir, vocab_size):
+    from pipeline.kd_loss import gate_generator
+
+    a = torch.rand(64, generator=gate_generator(3, 0))
+    b = torch.rand(64, generator=gate_generator(3, 1))
+    assert not torch.equal(a, b)
+    assert torch.equal(a, torch.rand(64, generator=gate_generator(3, 0)))
+    t = Trainer(TrainConfig(cache=str(cache_dir), student_config=student_config(tmp_path, vocab_size, STUDENT_LLAMA),
+                            out=str(tmp_path / "r"), max_steps=1, seed=3, gate="spec", tensorboard=False))
+    assert torch.equal(t.gen.get_state(), gate_generator(3, 0).get_state())
+
+
+def test_mixed_dtype_shards_are_refused(tmp_path, prepared_dir, cache_dir, vocab_size):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cache_dir, mixed)
+    rec_path = mixed / "shards" / "shard_00001" / "_COMMIT.json"
+    rec = json.loads(rec_path.read_text())
+    rec["dtype"] = "bfloat16"
+    rec_path.write_text(json.dumps(rec))
+    ok = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    res = CliRunner().invoke(main, ["train", "--cache", str(mixed), "--data", str(prepared_dir), "--student-config", ok,
+                                    "--out", str(tmp_path / "m")])
+    assert res.exit_code == 1 and "different dtypes" in res.output and "Traceback" not in res.output
