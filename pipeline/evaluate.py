@@ -32,6 +32,7 @@ from pipeline.config import save_config
 from pipeline.divergences import divergence, student_log_buckets, teacher_log_buckets
 from pipeline.errors import KdError
 from pipeline.identity import write_json
+from pipeline.ownership import EVAL, refuse_foreign
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,7 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     if not cfg.model:
         raise KdError("no model given (--model PATH_OR_ID)")
     out = Path(cfg.out)
-    if (out / "metrics.jsonl").exists():
-        raise KdError(f"{out} is a training run directory (its config.yaml would be replaced); use --out {out}/eval")
+    refuse_foreign(out, EVAL)  # before any work: a re-run replaces only eval.json and config.yaml
     t0 = time.perf_counter()
     cache = open_cache(cfg.cache) if cfg.cache else None
     data = cfg.data or (cache.meta["data"]["path"] if cache is not None else "")

@@ -23,10 +23,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.config import save_config, to_dict
-from pipeline.errors import KdError
+from pipeline.config import changes, save_config, to_dict
+from pipeline.errors import KdError, StaleOutput
 from pipeline.identity import file_sha256, read_json, tokenizer_identity, write_json
 from pipeline.models import load_tokenizer
+from pipeline.ownership import PREPARE, refuse_foreign, remove_owned
 
 log = logging.getLogger(__name__)
 
@@ -254,20 +255,22 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     source = source_sha256(cfg.data)
     if out.exists() and not out.is_dir():
         raise KdError(f"--out {out} is a file, not a directory")
-    if out.exists():
-        meta_path = out / META_FILENAME
-        if meta_path.exists():
-            meta = read_json(meta_path, "prepared-data record")
-            if meta.get("config_identity") != cfg.identity() and not cfg.overwrite:
-                raise KdError(f"{out} holds data prepared with other settings; pass --overwrite to replace it")
-            if meta.get("source_sha256") != source and not cfg.overwrite:
-                raise KdError(f"{out} was prepared from other contents of {cfg.data} (the input changed); "
-                              "pass --overwrite to replace it")
-            if not cfg.overwrite:
-                meta["skipped"] = True
-                return meta
-        elif any(out.iterdir()) and not cfg.overwrite:
-            raise KdError(f"{out} exists and is not a prepared dataset; choose another --out or pass --overwrite")
+    meta_path = out / META_FILENAME
+    if meta_path.exists():
+        meta = read_json(meta_path, "prepared-data record")
+        diff = changes(meta.get("config_identity") or {}, cfg.identity())
+        if meta.get("source_sha256") != source:
+            diff.append(f"input changed: {cfg.data}")
+        if not cfg.overwrite:
+            if diff:
+                raise StaleOutput(f"{out} holds data prepared with other settings ({', '.join(diff)}); "
+                                  "pass --overwrite to replace it", diff)
+            meta["skipped"] = True
+            return meta
+    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        refuse_foreign(out, PREPARE)  # names the first file that is not ours
+        raise KdError(f"{out} exists and is not a prepared dataset; choose another --out or pass --overwrite")
+    refuse_foreign(out, PREPARE)  # before tokenizing: --overwrite never deletes what prepare did not write
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     ds = load_records(cfg.data, cfg.split)
@@ -337,8 +340,9 @@ def write_prepared(out: str | Path, input_ids: list[list[int]], loss_masks: list
         write_json(tmp / META_FILENAME, meta)
         if cfg is not None:
             save_config(cfg, tmp / "config.yaml")
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # only what an earlier prepare wrote; anything else refuses (nothing deleted)
+            remove_owned(out, PREPARE)
+            out.rmdir()
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

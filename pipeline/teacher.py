@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ from pipeline.batching import target_counts
 from pipeline.cache import format as fmt
 from pipeline.cache.writer import clean_tmp, is_committed, write_shard
 from pipeline.config import save_config, to_dict
-from pipeline.errors import KdError
+from pipeline.errors import KdError, StaleOutput
 from pipeline.identity import read_json, weights_hash, write_json
+from pipeline.ownership import TEACHER, refuse_foreign, remove_owned
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +179,8 @@ def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -
     tmp.replace(cache / fmt.INDEX_FILENAME)
 
 
-# What a cache directory may hold before its kdcache.json exists: a run killed while planning.
-_PLAN_LEFTOVERS = {fmt.INDEX_FILENAME, fmt.INDEX_FILENAME + ".tmp", "config.yaml", "config.yaml.tmp",
-                   fmt.META_FILENAME + ".tmp", fmt.TMP_DIR, fmt.SHARDS_DIR}
-
-
-def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Name what differs between a stored cache's metadata and the requested one ('' if nothing)."""
+def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Name what differs between a stored cache's metadata and the requested one ([] if nothing)."""
     diffs = []
     oc, nc = old.get("config_identity") or {}, new["config_identity"]
     for key in sorted(set(oc) | set(nc)):
@@ -199,11 +194,16 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
         diffs.append("prepared data fingerprint")
     if old.get("format_version") != new["format_version"]:
         diffs.append(f"format version {old.get('format_version')} -> {new['format_version']}")
-    return ", ".join(diffs)
+    return diffs
 
 
 def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
-    """Create (or reopen, checking its config) the cache directory; returns (path, metadata)."""
+    """Create (or reopen, checking its config) the cache directory; returns (path, metadata).
+
+    Replacing a cache (--overwrite with other settings, or the leftovers of a run killed while
+    planning) removes only what `kdcache teacher` writes (`pipeline.ownership.TEACHER`); a directory
+    holding anything else is refused before anything is deleted.
+    """
     cache = Path(cfg.out)
     if not cfg.out:
         raise KdError("no cache directory given (--out DIR)")
@@ -213,20 +213,22 @@ def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
     meta_path = cache / fmt.META_FILENAME
     if cache.exists() and any(cache.iterdir()):
         if not meta_path.exists():
-            foreign = [p.name for p in cache.iterdir() if p.name not in _PLAN_LEFTOVERS
-                       or (p.name == fmt.SHARDS_DIR and any(p.iterdir()))]
-            if foreign and not cfg.overwrite:
-                raise KdError(f"{cache} exists and is not a kdcache cache (it holds {foreign[0]}); "
+            # kdcache.json is written last when planning: without it, what is ours is a killed plan,
+            # redone without --overwrite, unless committed shards are there (someone removed the record).
+            refuse_foreign(cache, TEACHER)
+            shards = cache / fmt.SHARDS_DIR
+            if shards.is_dir() and any(shards.iterdir()) and not cfg.overwrite:
+                raise KdError(f"{cache} holds shards but no {fmt.META_FILENAME}: it is not a complete kdcache cache; "
                               "choose another --out or pass --overwrite")
-            shutil.rmtree(cache)
+            remove_owned(cache, TEACHER)
         else:
             old = read_json(meta_path, "cache metadata")
             diff = _mismatch(old, meta)
             if diff and not cfg.overwrite:
-                raise KdError(f"{cache} holds a cache made with other settings ({diff}); "
-                              "pass --overwrite to replace it")
+                raise StaleOutput(f"{cache} holds a cache made with other settings ({', '.join(diff)}); "
+                                  "pass --overwrite to replace it", diff)
             if diff:  # same settings with --overwrite: keep the committed shards (they would be identical)
-                shutil.rmtree(cache)
+                remove_owned(cache, TEACHER)
     cache.mkdir(parents=True, exist_ok=True)
     if not meta_path.exists():
         write_index(cache, counts, meta["shards"])
