@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.errors import KdError
+from pipeline.errors import Interrupted, KdError
 
 
 def config_options(fn: Callable) -> Callable:
@@ -54,6 +54,9 @@ def user_errors(name: str) -> Callable:
                                "fixed (committed work is kept)", err=True)
                     sys.exit(1)
                 raise
+            except Interrupted as e:  # knows what was saved and where the re-run continues
+                click.echo(f"kdcache {name}: {e}", err=True)
+                sys.exit(130)
             except KeyboardInterrupt:
                 click.echo(f"kdcache {name}: interrupted; re-run the same command to continue", err=True)
                 sys.exit(130)
