@@ -3,12 +3,39 @@ entropy and top-K mass statistics, shard status."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.cache.reader import Cache
 from pipeline.errors import KdError
+
+
+@dataclass
+class InspectConfig:
+    """Settings of `kdcache inspect`."""
+
+    cache: str = ""
+    verify: bool = False  # read every shard: checksums and completeness
+    sample_rows: int = 200_000  # rows read for the entropy / top-K mass statistics
+
+    def __post_init__(self) -> None:
+        if self.sample_rows < 1:
+            raise KdError(f"sample_rows must be at least 1, got {self.sample_rows}")
+
+
+def inspect_cache(cfg: InspectConfig, on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Summarise `cfg.cache`; with `cfg.verify` also check every shard (`problems`, one line each)."""
+    from pipeline.cache import open_cache
+
+    if not cfg.cache:
+        raise KdError("no cache given (kdcache inspect CACHE)")
+    c = open_cache(cfg.cache)
+    summary = summarize(c, cfg.sample_rows)
+    if cfg.verify:
+        summary["problems"] = c.verify(on_shard=on_shard)
+    return summary
 
 
 def size_budget(k: int, vocab_size: int) -> float:
