@@ -33,7 +33,7 @@ from pipeline.identity import read_json
 RECORD = "kdcache_train.json"
 # Keys that say how to run, not what to compute: changing them never makes a run "other".
 IGNORED_KEYS = ("resume", "overwrite", "stop_after", "save_every", "read_threads", "tensorboard")
-_INPUT_NAMES = {"data": "prepared data", "cache": "teacher cache", "student": "starting model (init_from)"}
+_INPUT_NAMES = {"data": "prepared data", "cache": "teacher cache", "student": "init_from model"}
 
 
 @dataclass

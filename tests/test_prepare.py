@@ -299,7 +299,7 @@ def test_chat_message_without_content_names_the_line(tmp_path, tokenizer_dir):
 def test_record_places_follow_each_input_kind(tmp_path):
     """Example i maps to the line datasets read it from: text keeps blank lines, CSV has a header and quoted
     newlines, several files continue the count."""
-    from pipeline.prepare import RecordPlaces
+    from pipeline.corpus import RecordPlaces
 
     txt = tmp_path / "a.txt"
     txt.write_text("one\n\nthree\n")
