@@ -146,4 +146,4 @@ def continuing(state: TrainState, total: int) -> str:
 def refused(out: Path, state: TrainState) -> KdError:
     """The error for a run with other settings, naming them and both ways on."""
     return KdError(f"{out} holds a training run made differently: {state.why()}; pass --overwrite to retrain "
-                   "from scratch, or --resume to continue it as it is")
+                   "from scratch, or --resume to continue from its checkpoint with these settings")

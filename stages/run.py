@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.run import STAGES
-from stages.common import config_options, user_errors
+from stages.common import user_errors
 
 
 @click.command()
@@ -14,7 +14,10 @@ from stages.common import config_options, user_errors
               help="Run just this stage.")
 @click.option("--from", "start", type=click.Choice(STAGES), default=None, show_default="the first",
               help="Run this stage and those after it.")
-@config_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML merged over CONFIG_PATH section by section (the whole run config when CONFIG_PATH is omitted).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one nested key (repeatable), e.g. students.kd.max_steps=12; beats both files.")
 @user_errors("run")
 def run(config_path, only, start, config_file, sets):
     """Run the stages a config lists, skipping work already complete for the same settings.
