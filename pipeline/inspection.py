@@ -25,17 +25,20 @@ class InspectConfig:
             raise KdError(f"sample_rows must be at least 1, got {self.sample_rows}")
 
 
-def inspect_cache(cfg: InspectConfig, on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Summarise `cfg.cache`; with `cfg.verify` also check every shard (`problems`, one line each)."""
+def inspect_cache(cfg: InspectConfig) -> dict[str, Any]:
+    """`summarize` of the cache at `cfg.cache` (see `verify_cache` for --verify)."""
     from pipeline.cache import open_cache
 
     if not cfg.cache:
         raise KdError("no cache given (kdcache inspect CACHE)")
-    c = open_cache(cfg.cache)
-    summary = summarize(c, cfg.sample_rows)
-    if cfg.verify:
-        summary["problems"] = c.verify(on_shard=on_shard)
-    return summary
+    return summarize(open_cache(cfg.cache), cfg.sample_rows)
+
+
+def verify_cache(path: str, on_shard: Callable[[int], None] | None = None) -> list[str]:
+    """Read every shard of the cache at `path`; one line per problem (checksums, completeness)."""
+    from pipeline.cache import open_cache
+
+    return open_cache(path).verify(on_shard=on_shard)
 
 
 def size_budget(k: int, vocab_size: int) -> float:

@@ -21,23 +21,20 @@ I = InspectConfig  # noqa: E741
 def inspect(cache, config_file, sets, **opts):
     """Summarise a teacher cache (rows, K, bytes/row, statistics, shard status); CACHE or `cache` in --config."""
     from pipeline.config import resolve
-    from pipeline.inspection import format_summary, inspect_cache
+    from pipeline.inspection import format_summary, inspect_cache, verify_cache
 
     cfg = resolve(InspectConfig, config_file, sets, {**given(opts), "cache": cache})
-    if cfg.verify:
-        from tqdm import tqdm
-
-        with tqdm(desc="verify", unit="shard", leave=False) as bar:
-            summary = inspect_cache(cfg, on_shard=lambda i: bar.update(1))
-    else:
-        summary = inspect_cache(cfg)
+    summary = inspect_cache(cfg)
     click.echo(format_summary(summary))
     if summary.get("unreadable") and not cfg.verify:
         click.echo(f"inspect: {len(summary['unreadable'])} unreadable shard(s) in {cfg.cache}; "
                    "run with --verify for the full list", err=True)
         sys.exit(1)
     if cfg.verify:
-        problems = summary["problems"]
+        from tqdm import tqdm
+
+        with tqdm(total=summary["shards"], desc="verify", unit="shard", leave=False) as bar:
+            problems = verify_cache(cfg.cache, on_shard=lambda i: bar.update(1))
         if problems:
             for p in problems:
                 click.echo(f"BAD {p}", err=True)
