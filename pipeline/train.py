@@ -346,20 +346,26 @@ class Trainer:
         except KeyboardInterrupt:
             # A second Ctrl-C, or one outside the main thread: it may have landed inside the optimizer
             # step, so the newest complete checkpoint is where the run continues from.
-            raise Interrupted(self._interrupted_mid_step()) from None
+            raise Interrupted(self._interrupted(f"interrupted during step {self.step + 1} of {self.total}")) from None
         finally:
             stop.restore()
             if bar is not None:
                 bar.close()
             if metrics:
                 metrics.close()
-        if self.rank == 0:
+        interrupted = stop.requested and self.step < stop_at
+        # Weights gone non-finite must not become the checkpoint a re-run continues from.
+        keep = not interrupted or all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if self.rank == 0 and keep:
             save_checkpoint(self.out, self.step, self.model, self.state())
             if self.step >= self.total:
                 self._save_final()
-        if stop.requested and self.step < stop_at:
-            raise Interrupted(f"interrupted at step {self.step} of {self.total}; saved a checkpoint there: "
-                              "re-run the same command to continue (no steps redone)")
+        if interrupted and keep:
+            raise Interrupted(f"interrupted at step {self.step} of {self.total}; saved a checkpoint there: re-run the "
+                              "same command to continue (no steps redone)")
+        if interrupted:
+            raise Interrupted(self._interrupted(f"interrupted at step {self.step} of {self.total}; its weights are "
+                                                "not finite, so it was not checkpointed"))
         elapsed = time.perf_counter() - t_start
         return {"out": str(self.out), "steps": self.step, "total_steps": self.total, "finished": self.step >= self.total,
                 "last": last, "seconds": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
@@ -370,9 +376,9 @@ class Trainer:
             return stop.requested
         return _all_sum([float(stop.requested)], self.world, self.device)[0] > 0
 
-    def _interrupted_mid_step(self) -> str:
+    def _interrupted(self, where: str) -> str:
+        """The interrupt message when the current state is not checkpointed: where the re-run continues."""
         ckpt = latest_checkpoint(self.out)
-        where = f"interrupted during step {self.step + 1} of {self.total}"
         if ckpt is None:
             return f"{where}; no checkpoint yet: re-run the same command to start again from step 0"
         c = int(ckpt.name.split("_")[1])

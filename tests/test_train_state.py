@@ -181,3 +181,23 @@ def test_state_follows_the_inputs_not_only_the_config(tmp_path, args, straight, 
     (run / "kdcache_train.json").write_text(json.dumps(record))
     state = read_state(run, cfg)
     assert state.kind == "changed" and state.why() == "inputs changed (teacher cache)"
+
+
+def test_ctrl_c_does_not_checkpoint_non_finite_weights(tmp_path, args, monkeypatch, sigint_guard):
+    step_fn = Trainer.train_step
+
+    def train_step(self, mbs, apply=True):
+        row = step_fn(self, mbs, apply)
+        if self.step == 2:  # step 3 diverged, and the user pressed Ctrl-C
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+            os.kill(os.getpid(), signal.SIGINT)
+        return row
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, [*args, "--out", str(out), "--save-every", "2"])
+    assert res.exit_code == 130, res.output
+    assert ("interrupted at step 3 of 8; its weights are not finite, so it was not checkpointed; the newest "
+            "checkpoint is step 2: re-run the same command to continue from it (1 step(s) redone)") in res.output
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000002"]
