@@ -222,3 +222,17 @@ def digest(obj: Any) -> str:
     """Stable sha256 of a JSON-able value (configs, identities): used to detect changed settings."""
     text = json.dumps(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+    """What differs between two settings mappings, as "key old -> new" (sorted by key).
+
+    Used to say *why* an output is redone or refused ("max_steps 300 -> 12") instead of only that it is.
+    """
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [f"{k} {_short(old.get(k))} -> {_short(new.get(k))}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."

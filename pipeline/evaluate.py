@@ -7,8 +7,11 @@ Writes OUT/eval.json and OUT/config.yaml. Figures, all over every target positio
 - `ce` (nats per target token) and `ppl = exp(ce)`;
 - with a cache of the same data: `teacher_top1_agreement` (student argmax = teacher's top-1 id) and
   `fkl_to_teacher`, forward KL(P_teacher || Q_student) on the K + 1 buckets at T = 1 (methods.md §2);
-- with `generate = N` on prompt-response data: greedy generations for the first N examples, scored by
-  `exact_match` (stripped string equality) and `rouge_l` (ROUGE-L F-measure), plus a few samples.
+- with `generate = N` on prompt-response or chat data: greedy generations for the first N examples,
+  scored by `exact_match` (stripped string equality) and `rouge_l` (ROUGE-L F-measure), plus a few
+  samples. The reference is the example's last run of target tokens (the response; in a chat, the
+  last assistant turn), the prompt everything before it (in a chat, the conversation so far and the
+  template's opening of the assistant turn).
 
 Examples are batched (right padding) in dataset order and the output head runs only at target
 positions (`TargetLogits`), so peak memory is about targets-per-batch x vocabulary x 4 bytes; the
@@ -32,6 +35,7 @@ from pipeline.config import save_config
 from pipeline.divergences import divergence, student_log_buckets, teacher_log_buckets
 from pipeline.errors import KdError
 from pipeline.identity import write_json
+from pipeline.ownership import EVAL, refuse_foreign
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class EvalConfig:
     data: str = ""  # prepared data; may be omitted when the cache records where it lives
     cache: str = ""  # teacher cache of the same data: adds top-1 agreement and FKL to the teacher
     out: str = ""
-    generate: int = 0  # greedy generations on the first N examples (prompt-response data only)
+    generate: int = 0  # greedy generations on the first N examples (prompt-response or chat data)
     extra_new_tokens: int = 16  # generation budget = reference length + this
     samples: int = 3  # generations copied into eval.json
     batch_size: int = 8  # sequences per forward pass
@@ -132,15 +136,24 @@ def score_generations(references: list[str], generations: list[str]) -> dict[str
 
 
 def split_prompt_reference(ids: np.ndarray, mask: np.ndarray, eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt ids, reference ids) of a prepared example: the tokens before the first target, and
-    the target tokens without a final EOS."""
+    """(prompt ids, reference ids) of a prepared example.
+
+    The reference is the last run of consecutive target positions, cut at its last EOS (the end of
+    the response or of the last assistant turn; chat templates may close a turn with more tokens
+    after it); the prompt is every token before that run. Prompt-response data has one run: the
+    response. ids [L] and mask [L] int arrays of one example.
+    """
     t = target_positions(mask)
     if len(t) == 0:
         return ids, ids[:0]
-    ref = ids[t]
-    if eos_id is not None and len(ref) and ref[-1] == eos_id:
-        ref = ref[:-1]
-    return ids[: t[0]], ref
+    gaps = np.nonzero(np.diff(t) != 1)[0]
+    start = int(t[gaps[-1] + 1]) if len(gaps) else int(t[0])
+    ref = ids[start: int(t[-1]) + 1]
+    if eos_id is not None:
+        ends = np.nonzero(ref == eos_id)[0]
+        if len(ends):
+            ref = ref[: ends[-1]]
+    return ids[:start], ref
 
 
 def generate_examples(model: Any, tokenizer: Any, ds: Any, n: int, extra_new_tokens: int, device: torch.device,
@@ -196,8 +209,7 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     if not cfg.model:
         raise KdError("no model given (--model PATH_OR_ID)")
     out = Path(cfg.out)
-    if (out / "metrics.jsonl").exists():
-        raise KdError(f"{out} is a training run directory (its config.yaml would be replaced); use --out {out}/eval")
+    refuse_foreign(out, EVAL)  # before any work: a re-run replaces only eval.json and config.yaml
     t0 = time.perf_counter()
     cache = open_cache(cfg.cache) if cfg.cache else None
     data = cfg.data or (cache.meta["data"]["path"] if cache is not None else "")
@@ -205,8 +217,8 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
         raise KdError("no data given (--data DIR, a `kdcache prepare` output)")
     pmeta = prepared_meta(data)
     ds = load_prepared(data)
-    if cfg.generate and pmeta["format"] != "prompt-response":
-        raise KdError(f"--generate needs prompt-response data; {data} is {pmeta['format']!r}")
+    if cfg.generate and pmeta["format"] not in ("prompt-response", "chat"):
+        raise KdError(f"--generate needs prompt-response or chat data; {data} is {pmeta['format']!r}")
 
     device = pick_device(cfg.device)
     model_path = resolve_model_path(cfg.model)

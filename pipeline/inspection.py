@@ -3,12 +3,42 @@ teacher entropy and tail-mass statistics, shard status."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.cache.reader import Cache
 from pipeline.errors import KdError
+
+
+@dataclass
+class InspectConfig:
+    """Settings of `kdcache inspect`."""
+
+    cache: str = ""
+    verify: bool = False  # read every shard: checksums and completeness
+    sample_rows: int = 200_000  # rows read for the entropy / top-K mass statistics
+
+    def __post_init__(self) -> None:
+        if self.sample_rows < 1:
+            raise KdError(f"sample_rows must be at least 1, got {self.sample_rows}")
+
+
+def inspect_cache(cfg: InspectConfig) -> dict[str, Any]:
+    """`summarize` of the cache at `cfg.cache` (see `verify_cache` for --verify)."""
+    from pipeline.cache import open_cache
+
+    if not cfg.cache:
+        raise KdError("no cache given (kdcache inspect CACHE)")
+    return summarize(open_cache(cfg.cache), cfg.sample_rows)
+
+
+def verify_cache(path: str, on_shard: Callable[[int], None] | None = None) -> list[str]:
+    """Read every shard of the cache at `path`; one line per problem (checksums, completeness)."""
+    from pipeline.cache import open_cache
+
+    return open_cache(path).verify(on_shard=on_shard)
 
 
 def summarize(c: Cache, sample_rows: int = 200_000) -> dict[str, Any]:

@@ -23,16 +23,17 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.config import save_config, to_dict
-from pipeline.errors import KdError
+from pipeline.config import changes, save_config, to_dict
+from pipeline.corpus import RecordPlaces, input_files, load_records, looks_like_path
+from pipeline.errors import KdError, StaleOutput
 from pipeline.identity import file_sha256, read_json, tokenizer_identity, write_json
 from pipeline.models import load_tokenizer
+from pipeline.ownership import PREPARE, refuse_foreign, remove_owned
 
 log = logging.getLogger(__name__)
 
 META_FILENAME = "kdcache_prepare.json"
 FORMATS = ("auto", "text", "prompt-response", "chat")
-FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
 
 
 @dataclass
@@ -63,10 +64,6 @@ class PrepareConfig:
         return d
 
 
-def _looks_like_path(data: str) -> bool:
-    return data.startswith((".", "/", "~")) or Path(data).suffix in FILE_TYPES
-
-
 def source_sha256(data: str) -> str | None:
     """sha256 over the bytes of a local input (a file, or every file under a directory); None for a
     hub name. Recorded so that a re-run notices an input file edited in place."""
@@ -75,7 +72,7 @@ def source_sha256(data: str) -> str | None:
         files, root = [p], p.parent
     elif p.is_dir():
         files, root = sorted(f for f in p.rglob("*") if f.is_file()), p
-    elif _looks_like_path(data):
+    elif looks_like_path(data):
         raise KdError(f"data not found: {data}")
     else:
         return None
@@ -86,40 +83,6 @@ def source_sha256(data: str) -> str | None:
         except OSError as e:
             raise KdError(f"cannot read data {str(f)!r}: {e.strerror or e}") from None
     return h.hexdigest()
-
-
-def load_records(data: str, split: str) -> Any:
-    """Open `data` as a `datasets.Dataset`: local files, a saved dataset, or a hub dataset name."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    p = Path(data).expanduser()
-    try:
-        if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise KdError(f"split {split!r} not in {p} (has {', '.join(ds)})")
-                ds = ds[split]
-            return ds
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix in FILE_TYPES)
-            if not files:
-                raise KdError(f"no data files (.jsonl .json .parquet .csv .txt) in {p}")
-        elif p.is_file():
-            files = [p]
-        elif _looks_like_path(data):
-            raise KdError(f"data not found: {data}")
-        else:
-            return datasets.load_dataset(data, split=split)
-        kinds = {FILE_TYPES.get(f.suffix) for f in files}
-        if None in kinds or len(kinds) != 1:
-            raise KdError(f"cannot read {files[0]}: use one of .jsonl .json .parquet .csv .txt")
-        return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
-    except KdError:
-        raise
-    except Exception as e:  # datasets raises many types for unreadable input; the user needs one line
-        raise KdError(f"cannot read data {data!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def detect_format(columns: list[str], text_field: str) -> str:
@@ -167,6 +130,10 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
         raise KdError("format 'chat' needs a tokenizer with a chat_template")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise KdError(f"'messages' must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    for j, m in enumerate(messages):
+        missing = [k for k in ("role", "content") if m.get(k) is None]
+        if missing:
+            raise KdError(f"message {j} has no {' or '.join(repr(k) for k in missing)}")
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):
@@ -194,22 +161,34 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[in
     return ids, mask
 
 
-def tokenize_records(ds: Any, tokenizer: Any, fmt: str, cfg: PrepareConfig) -> Iterator[tuple[list[int], list[int], bool]]:
-    """Yield (input_ids, loss_mask, truncated) per record."""
+FIELDS = {"text": None, "prompt-response": ("prompt", "response"), "chat": ("messages",)}
+
+
+def tokenize_records(ds: Any, tokenizer: Any, fmt: str, cfg: PrepareConfig,
+                     where: Any = None) -> Iterator[tuple[list[int], list[int], bool]]:
+    """Yield (input_ids, loss_mask, truncated) per record.
+
+    `where(i)` names record i in errors (`FILE:LINE (example i)`); a missing or null field is an
+    error rather than an empty string, so a broken record is never trained on as an empty one.
+    """
+    where = where or (lambda i: f"example {i}")
+    fields = FIELDS[fmt] or (cfg.text_field,)
     for i, rec in enumerate(ds):
         try:
+            absent = [f for f in fields if rec.get(f) is None]
+            if absent:
+                raise KdError(f"field {absent[0]!r} is missing or null")
             if fmt == "text":
-                ids, mask = encode_text(tokenizer, str(rec[cfg.text_field] or ""), cfg.add_eos)
+                ids, mask = encode_text(tokenizer, str(rec[cfg.text_field]), cfg.add_eos)
             elif fmt == "prompt-response":
-                ids, mask = encode_prompt_response(tokenizer, str(rec["prompt"] or ""), str(rec["response"] or ""),
-                                                   cfg.add_eos)
+                ids, mask = encode_prompt_response(tokenizer, str(rec["prompt"]), str(rec["response"]), cfg.add_eos)
             else:
                 ids, mask = encode_chat(tokenizer, rec["messages"])
         except KdError as e:
-            raise KdError(f"example {i}: {e}") from None
+            raise KdError(f"{where(i)}: {e}") from None
         except Exception as e:  # a template error, a malformed record: name the example, not a traceback
             msg = str(e).splitlines()[0] if str(e) else ""
-            raise KdError(f"example {i}: cannot encode as {fmt} ({type(e).__name__}: {msg})") from None
+            raise KdError(f"{where(i)}: cannot encode as {fmt} ({type(e).__name__}: {msg})") from None
         truncated = len(ids) > cfg.max_length
         mask = mask[: cfg.max_length]
         if mask:
@@ -254,20 +233,22 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     source = source_sha256(cfg.data)
     if out.exists() and not out.is_dir():
         raise KdError(f"--out {out} is a file, not a directory")
-    if out.exists():
-        meta_path = out / META_FILENAME
-        if meta_path.exists():
-            meta = read_json(meta_path, "prepared-data record")
-            if meta.get("config_identity") != cfg.identity() and not cfg.overwrite:
-                raise KdError(f"{out} holds data prepared with other settings; pass --overwrite to replace it")
-            if meta.get("source_sha256") != source and not cfg.overwrite:
-                raise KdError(f"{out} was prepared from other contents of {cfg.data} (the input changed); "
-                              "pass --overwrite to replace it")
-            if not cfg.overwrite:
-                meta["skipped"] = True
-                return meta
-        elif any(out.iterdir()) and not cfg.overwrite:
-            raise KdError(f"{out} exists and is not a prepared dataset; choose another --out or pass --overwrite")
+    meta_path = out / META_FILENAME
+    if meta_path.exists():
+        meta = read_json(meta_path, "prepared-data record")
+        diff = changes(meta.get("config_identity") or {}, cfg.identity())
+        if meta.get("source_sha256") != source:
+            diff.append(f"input changed: {cfg.data}")
+        if not cfg.overwrite:
+            if diff:
+                raise StaleOutput(f"{out} holds data prepared with other settings ({', '.join(diff)}); "
+                                  "pass --overwrite to replace it", diff)
+            meta["skipped"] = True
+            return meta
+    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        refuse_foreign(out, PREPARE)  # names the first file that is not ours
+        raise KdError(f"{out} exists and is not a prepared dataset; choose another --out or pass --overwrite")
+    refuse_foreign(out, PREPARE)  # before tokenizing: --overwrite never deletes what prepare did not write
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     ds = load_records(cfg.data, cfg.split)
@@ -282,7 +263,7 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     all_ids, all_masks = [], []
     fp = hashlib.sha256()
     n_tokens = n_targets = n_truncated = 0
-    records = tokenize_records(ds, tokenizer, fmt, cfg)
+    records = tokenize_records(ds, tokenizer, fmt, cfg, RecordPlaces(input_files(cfg.data)))
     if progress:
         from tqdm import tqdm
 
@@ -337,8 +318,9 @@ def write_prepared(out: str | Path, input_ids: list[list[int]], loss_masks: list
         write_json(tmp / META_FILENAME, meta)
         if cfg is not None:
             save_config(cfg, tmp / "config.yaml")
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # only what an earlier prepare wrote; anything else refuses (nothing deleted)
+            remove_owned(out, PREPARE)
+            out.rmdir()
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

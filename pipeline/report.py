@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.config import save_config
 from pipeline.errors import KdError
+from pipeline.ownership import REPORT, REPORT_PLOTS, refuse_foreign
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     if not cfg.runs:
         raise KdError("no run directories given")
     out = Path(cfg.out)
+    refuse_foreign(out, REPORT)  # a re-run replaces only what report wrote; anything else refuses, first
     runs = [collect_run(p) for p in cfg.runs]
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -383,6 +385,8 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(text).rstrip() + "\n")
     tmp.replace(path)
+    for stale in set(REPORT_PLOTS) - set(plots):  # an earlier report's plots this one did not redraw
+        (out / stale).unlink(missing_ok=True)
     return {"path": str(path), "runs": runs, "plots": plots, "cache": hist}
 
 

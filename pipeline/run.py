@@ -16,6 +16,10 @@ Layout under `out` (the run owns every path, so sections only hold settings):
 Every stage is idempotent for the same resolved config (prepare and teacher skip finished work,
 train resumes from its newest checkpoint or is skipped when final, eval is skipped when its
 eval.json was made with the same settings), so re-running after an interruption continues.
+When settings changed, each stage says what it redoes and why, naming the changed keys:
+prepared data and students are redone (a student also when its cache, data or `init_from` base
+changed: `pipeline.train_state`); a teacher cache, hours of GPU time, is never replaced unasked
+(`--set teacher.overwrite=true` does). Replacing an output removes only what kdcache wrote there.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from typing import Any, Callable
 
 import yaml
 
-from pipeline.config import from_dict, load_yaml, merge, parse_sets, to_dict
-from pipeline.errors import KdError
+from pipeline.config import changes, from_dict, load_yaml, merge, parse_sets, to_dict
+from pipeline.errors import Interrupted, KdError, StaleOutput
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +60,15 @@ class RunConfig:
             raise KdError("the prepare section needs a 'train' entry (the data the teacher caches)")
 
 
-def load_run_config(path: str, sets: tuple[str, ...] = ()) -> RunConfig:
-    """Read a run config; `--set section.key=value` overrides nested keys."""
-    return from_dict(RunConfig, merge(load_yaml(path), parse_sets(sets)))
+def load_run_config(path: str | None, sets: tuple[str, ...] = (), override: str | None = None) -> RunConfig:
+    """Read a run config: `path`, then the `override` file (`--config`, merged section by section), then
+    `--set section.key=value` overrides of nested keys. Either file alone is enough."""
+    if not path and not override:
+        raise KdError("no run config given (kdcache run CONFIG.yaml, or --config FILE)")
+    data = load_yaml(path) if path else {}
+    if override:
+        data = merge(data, load_yaml(override))
+    return from_dict(RunConfig, merge(data, parse_sets(sets)))
 
 
 def select_stages(cfg: RunConfig, only: str | None, start: str | None) -> list[str]:
@@ -119,7 +129,13 @@ class Pipeline:
 
         for split, section in self.cfg.prepare.items():
             pc = from_dict(PrepareConfig, {**section, "out": str(self.prepared(split))})
-            self.echo(summary_line(prepare(pc, progress=self.progress), pc.out))
+            try:
+                meta = prepare(pc, progress=self.progress)
+            except StaleOutput as e:  # the run owns prepared/: cheap to redo, so redo it and say why
+                self.echo(f"prepare[{split}]: settings changed ({', '.join(e.changes)}): re-preparing")
+                pc.overwrite = True
+                meta = prepare(pc, progress=self.progress)
+            self.echo(f"prepare[{split}]: " + summary_line(meta, pc.out).removeprefix("prepare: "))
 
     def stage_teacher(self) -> None:
         from pipeline.teacher import TeacherConfig, run_teacher
@@ -138,7 +154,12 @@ class Pipeline:
         for name, cache in targets:
             tc = from_dict(TeacherConfig, {**section, "data": str(self.prepared(name)), "model": self.teacher_model,
                                            "out": str(cache)})
-            s = run_teacher(tc)
+            try:
+                s = run_teacher(tc)
+            except StaleOutput as e:
+                raise KdError(f"teacher[{name}]: {cache} holds a cache made with other settings "
+                              f"({', '.join(e.changes)}); it is kept (a teacher pass can take hours): re-run with "
+                              "--set teacher.overwrite=true to replace it") from None
             if s["done"] == 0 and s["skipped"] == s["shards"]:
                 self.echo(f"teacher[{name}]: cache {cache} already complete; skipped")
             else:
@@ -159,20 +180,25 @@ class Pipeline:
     def _train_one(self, name: str, out: Path, section: dict[str, Any], with_cache: bool) -> None:
         from pipeline.train import summary_line, train
         from pipeline.train_config import TrainConfig
+        from pipeline.train_state import read_state
 
         keys = {**section, "data": str(self.prepared("train")), "out": str(out)}
         # The run owns the cache path; `cache: false` in a section opts a student out of it.
         if keys.pop("cache", True) is not False and with_cache and keys.get("loss", "fkl") != "none":
             keys["cache"] = str(self.cache)
         tc = from_dict(TrainConfig, keys)
-        state = train_state(out, tc)
-        if state == "final":
+        state = read_state(out, tc)
+        if state.kind == "final" and not tc.overwrite:
             self.echo(f"train[{name}]: {out}/final is complete for this config; skipped")
             return
-        if state == "other":
-            tc.overwrite = True
-        tc.resume = state == "partial"
-        self.echo(f"train[{name}]: " + summary_line(train(tc, progress=self.progress)).removeprefix("train: "))
+        # The run owns students/<name>: other settings retrain it (the trainer says which keys changed);
+        # the same settings continue from the newest checkpoint.
+        tc.overwrite = tc.overwrite or state.kind == "changed"
+        try:
+            s = train(tc, progress=self.progress, echo=lambda m: self.echo(f"train[{name}]: {m}"))
+        except Interrupted as e:  # say which student the checkpoint belongs to
+            raise Interrupted(f"train[{name}]: {e}") from None
+        self.echo(f"train[{name}]: " + summary_line(s).removeprefix("train: "))
 
     def stage_eval(self) -> None:
         from pipeline.evaluate import EvalConfig, evaluate
@@ -187,10 +213,16 @@ class Pipeline:
             models.insert(0, ("teacher", self.out / "teacher"))
         for name, run_dir in models:
             model = self.teacher_model if name == "teacher" else str(run_dir / "final")
+            if name != "teacher" and not Path(model).is_dir():  # e.g. trained with stop_after: not finished
+                self.echo(f"eval[{name}]: {model} is not written yet (training unfinished); skipped")
+                continue
             ec = from_dict(EvalConfig, {**section, "model": model, "data": str(data), "out": str(run_dir / "eval")})
             if eval_done(ec):
                 self.echo(f"eval[{name}]: {ec.out}/eval.json is up to date; skipped")
                 continue
+            diff = eval_changes(ec)
+            if diff:
+                self.echo(f"eval[{name}]: settings changed ({', '.join(diff)}): re-evaluating")
             res = evaluate(ec, progress=self.progress)
             self.echo(f"eval[{name}]: ce {res['ce']:.4f}, ppl {res['ppl']:.2f}"
                       + (f", exact match {res['exact_match']:.3f}" if "exact_match" in res else "") + f" -> {ec.out}")
@@ -229,22 +261,17 @@ def student_order(students: dict[str, Any]) -> list[str]:
     return order
 
 
-def train_state(out: Path, tc: Any) -> str:
-    """'final' (done with this config), 'partial' (same config, resumable), 'other' or 'new'."""
-    cfg_file = out / "config.yaml"
-    if not out.exists() or not cfg_file.exists():
-        return "new" if not out.exists() or not any(out.iterdir()) else "other"
-    saved = yaml.safe_load(cfg_file.read_text()) or {}
-    ignore = ("resume", "overwrite", "stop_after")
-    same = {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in to_dict(tc).items() if k not in ignore}
-    if not same:
-        return "other"
-    return "final" if (out / "final").is_dir() else "partial"
-
-
 def eval_done(ec: Any) -> bool:
     """True when `ec.out` holds an eval.json made with the same resolved settings."""
     out = Path(ec.out)
     if not (out / "eval.json").is_file() or not (out / "config.yaml").is_file():
         return False
     return (yaml.safe_load((out / "config.yaml").read_text()) or {}) == to_dict(ec)
+
+
+def eval_changes(ec: Any) -> list[str]:
+    """The settings that differ from those of the eval.json in `ec.out` ([] when there is none)."""
+    out = Path(ec.out)
+    if not (out / "eval.json").is_file() or not (out / "config.yaml").is_file():
+        return []
+    return changes(yaml.safe_load((out / "config.yaml").read_text()) or {}, to_dict(ec))

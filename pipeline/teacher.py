@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,8 +27,9 @@ from pipeline.cache import layout
 from pipeline.cache.layout import clean_tmp, is_committed
 from pipeline.cache.schema import FORMAT_VERSION
 from pipeline.config import save_config, to_dict
-from pipeline.errors import KdError
+from pipeline.errors import KdError, StaleOutput
 from pipeline.identity import read_json, weights_hash, write_json
+from pipeline.ownership import TEACHER, refuse_foreign, remove_owned
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +229,8 @@ def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -
     tmp.replace(cache / layout.INDEX_FILENAME)
 
 
-# What a cache directory may hold before its kdcache.json exists: a run killed while planning.
-_PLAN_LEFTOVERS = {layout.INDEX_FILENAME, layout.INDEX_FILENAME + ".tmp", "config.yaml", "config.yaml.tmp",
-                   layout.META_FILENAME + ".tmp", layout.TMP_DIR, layout.SHARDS_DIR}
-
-
-def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Name what differs between a stored cache's metadata and the requested one ('' if nothing)."""
+def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Name what differs between a stored cache's metadata and the requested one ([] if nothing)."""
     diffs = []
     # Codec settings are compared as resolved (a preset's K, not the 0 that asks for it).
     ok_, nk = old.get("codec") or {}, new["codec"]
@@ -255,11 +250,16 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> str:
         diffs.append("prepared data fingerprint")
     if old.get("format_version") != new["format_version"]:  # a format-2 cache with the same settings
         diffs.append(f"format version {old.get('format_version')} -> {new['format_version']}")
-    return ", ".join(diffs)
+    return diffs
 
 
 def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
-    """Create (or reopen, checking its config) the cache directory; returns (path, metadata)."""
+    """Create (or reopen, checking its config) the cache directory; returns (path, metadata).
+
+    Replacing a cache (--overwrite with other settings, or the leftovers of a run killed while
+    planning) removes only what `kdcache teacher` writes (`pipeline.ownership.TEACHER`); a directory
+    holding anything else is refused before anything is deleted.
+    """
     cache = Path(cfg.out)
     if not cfg.out:
         raise KdError("no cache directory given (--out DIR)")
@@ -269,20 +269,22 @@ def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
     meta_path = cache / layout.META_FILENAME
     if cache.exists() and any(cache.iterdir()):
         if not meta_path.exists():
-            foreign = [p.name for p in cache.iterdir() if p.name not in _PLAN_LEFTOVERS
-                       or (p.name == layout.SHARDS_DIR and any(p.iterdir()))]
-            if foreign and not cfg.overwrite:
-                raise KdError(f"{cache} exists and is not a kdcache cache (it holds {foreign[0]}); "
+            # kdcache.json is written last when planning: without it, what is ours is a killed plan,
+            # redone without --overwrite, unless committed shards are there (someone removed the record).
+            refuse_foreign(cache, TEACHER)
+            shards = cache / layout.SHARDS_DIR
+            if shards.is_dir() and any(shards.iterdir()) and not cfg.overwrite:
+                raise KdError(f"{cache} holds shards but no {layout.META_FILENAME}: it is not a complete kdcache cache; "
                               "choose another --out or pass --overwrite")
-            shutil.rmtree(cache)
+            remove_owned(cache, TEACHER)
         else:
             old = read_json(meta_path, "cache metadata")
             diff = _mismatch(old, meta)
             if diff and not cfg.overwrite:
-                raise KdError(f"{cache} holds a cache made with other settings ({diff}); "
-                              "pass --overwrite to replace it")
+                raise StaleOutput(f"{cache} holds a cache made with other settings ({', '.join(diff)}); "
+                                  "pass --overwrite to replace it", diff)
             if diff:  # same settings with --overwrite: keep the committed shards (they would be identical)
-                shutil.rmtree(cache)
+                remove_owned(cache, TEACHER)
     cache.mkdir(parents=True, exist_ok=True)
     if not meta_path.exists():
         write_index(cache, counts, meta["shards"])

@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,14 +33,18 @@ from pipeline.adakd import LATF
 from pipeline.cache import open_cache
 from pipeline.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from pipeline.config import save_config
-from pipeline.errors import KdError
+from pipeline.errors import Interrupted, KdError
+from pipeline.interrupts import StopRequest
 from pipeline.kd_loss import gate_generator, kd_terms
 from pipeline.metrics import MetricsLog
 from pipeline.models import load_tokenizer, pick_device
+from pipeline.ownership import TRAIN, remove_owned
 from pipeline.prepare import load_prepared, prepared_meta
 from pipeline.stream import CacheStream, MicroBatch
 from pipeline.student import TargetLogits, build_student, check_inputs
 from pipeline.train_config import TrainConfig
+from pipeline.train_state import (TrainState, continuing, read_state, refused, settings_digest, train_inputs,
+                                  write_record)
 
 log = logging.getLogger(__name__)
 
@@ -301,20 +306,38 @@ class Trainer:
         set_rng_state(st["rng"], self.gen)
         self.step = st["step"]
 
-    def run(self, progress: bool = False) -> dict[str, Any]:
+    def run(self, progress: bool = False, echo: Callable[[str], None] | None = None,
+            state: TrainState | None = None) -> dict[str, Any]:
+        """Train to the end (or `stop_after`); returns a summary.
+
+        What OUT already holds decides how (`pipeline.train_state`): the same settings continue from
+        the newest checkpoint, so re-running the same command after an interruption continues;
+        other settings need --overwrite (start over) or --resume. `echo` gets the line saying which.
+        """
         cfg = self.cfg
-        resume_step = None
+        say = echo or (lambda m: log.info("train: %s", m))
+        if self.rank != 0:
+            say = lambda m: None  # noqa: E731
+        state = state or read_state(self.out, cfg)
+        if state.kind == "final" and not (cfg.overwrite or cfg.resume):
+            return skipped_summary(self.out, state)  # summary_line says so
+        if state.kind == "changed" and not (cfg.overwrite or cfg.resume):
+            raise refused(self.out, state)
+        continues = cfg.resume or (state.kind == "partial" and not cfg.overwrite)
+        ckpt = latest_checkpoint(self.out) if continues else None
         if self.rank == 0:
-            self._prepare_out()
-        ckpt = latest_checkpoint(self.out) if cfg.resume else None
+            self._prepare_out(fresh=ckpt is None)
         if ckpt is not None:
             self.resume_from(ckpt)
-            resume_step = self.step
-        elif cfg.resume:
-            log.info("no checkpoint in %s: starting from step 0", self.out)
-        metrics = MetricsLog(self.out, resume_step if cfg.resume else None, cfg.tensorboard) if self.rank == 0 else None
-        if self.rank == 0:
-            save_config(cfg, self.out / "config.yaml")
+            say(continuing(state, self.total) + (f" ({state.why()}, continuing as --resume asks)"
+                                                  if state.kind == "changed" else ""))
+        elif state.kind == "changed":
+            say(f"{state.why()}: retraining from scratch")
+        elif state.kind in ("partial", "final"):  # --overwrite, or a run killed before its first checkpoint
+            say("--overwrite: retraining from scratch" if cfg.overwrite
+                else continuing(replace(state, checkpoint_step=None), self.total))
+        resume_step = self.step if ckpt is not None else None
+        metrics = MetricsLog(self.out, resume_step, cfg.tensorboard) if self.rank == 0 else None
         stop_at = min(self.total, self.step + cfg.stop_after) if cfg.stop_after else self.total
         bar = None
         if progress and self.rank == 0:
@@ -323,6 +346,7 @@ class Trainer:
             bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", leave=False)
         it = iter(self.stream)
         t_start, tokens_seen, last = time.perf_counter(), 0, {}
+        stop = StopRequest.install()  # Ctrl-C ends the current step, then checkpoints (see interrupts.py)
         try:
             while self.step < stop_at:
                 t0 = time.perf_counter()
@@ -344,30 +368,65 @@ class Trainer:
                     bar.update(1)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop_at and self.rank == 0:
                     save_checkpoint(self.out, self.step, self.model, self.state())
+                if self._stop_requested(stop):
+                    break
+        except KeyboardInterrupt:
+            # A second Ctrl-C, or one outside the main thread: it may have landed inside the optimizer
+            # step, so the newest complete checkpoint is where the run continues from.
+            raise Interrupted(self._interrupted(f"interrupted during step {self.step + 1} of {self.total}")) from None
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
             if metrics:
                 metrics.close()
-        if self.rank == 0:
+        interrupted = stop.requested and self.step < stop_at
+        # Weights gone non-finite must not become the checkpoint a re-run continues from.
+        keep = not interrupted or all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if self.rank == 0 and keep:
             save_checkpoint(self.out, self.step, self.model, self.state())
             if self.step >= self.total:
                 self._save_final()
+        if interrupted and keep:
+            raise Interrupted(f"interrupted at step {self.step} of {self.total}; saved a checkpoint there: re-run the "
+                              "same command to continue (no steps redone)")
+        if interrupted:
+            raise Interrupted(self._interrupted(f"interrupted at step {self.step} of {self.total}; its weights are "
+                                                "not finite, so it was not checkpointed"))
         elapsed = time.perf_counter() - t_start
         return {"out": str(self.out), "steps": self.step, "total_steps": self.total, "finished": self.step >= self.total,
                 "last": last, "seconds": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
 
-    def _prepare_out(self) -> None:
-        cfg = self.cfg
-        if self.out.exists() and any(self.out.iterdir()) and not cfg.resume:
-            if not cfg.overwrite:
-                raise KdError(f"{self.out} already holds a training run; pass --resume to continue it "
-                              "or --overwrite to start over")
-            shutil.rmtree(self.out)
+    def _stop_requested(self, stop: StopRequest) -> bool:
+        """Whether any rank got Ctrl-C: ranks must stop at the same step or the next all-reduce hangs."""
+        if self.world == 1:
+            return stop.requested
+        return _all_sum([float(stop.requested)], self.world, self.device)[0] > 0
+
+    def _interrupted(self, where: str) -> str:
+        """The interrupt message when the current state is not checkpointed: where the re-run continues."""
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return f"{where}; no checkpoint yet: re-run the same command to start again from step 0"
+        c = int(ckpt.name.split("_")[1])
+        return (f"{where}; the newest checkpoint is step {c}: re-run the same command to continue from it "
+                f"({self.step - c} step(s) redone)")
+
+    def _prepare_out(self, fresh: bool) -> None:
+        """Make OUT and record the run's inputs. A fresh start removes only what an earlier
+        `kdcache train` wrote there (`pipeline.ownership.TRAIN`), refusing if anything else is present."""
+        if fresh:
+            remove_owned(self.out, TRAIN)
         self.out.mkdir(parents=True, exist_ok=True)
+        write_record(self.out, self.cfg)  # first: a directory without it holds nothing of ours but leftovers
+        save_config(self.cfg, self.out / "config.yaml")
 
     def _save_final(self) -> None:
-        """OUT/final: a Hugging Face model directory with the tokenizer, written then renamed."""
+        """OUT/final: a Hugging Face model directory with the tokenizer, written then renamed.
+
+        Its kdcache_train.json carries the settings digest and inputs, so a student started from this
+        model (`init_from`) is retrained when this one is retrained with other settings.
+        """
         final = self.out / "final"
         tmp = self.out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -378,7 +437,8 @@ class Trainer:
             log.warning("final model saved without tokenizer: %s", e)
         (tmp / "kdcache_train.json").write_text(json.dumps(
             {"steps": self.step, "data": self.data_path, "cache": self.cfg.cache,
-             "tokenizer": self.pmeta["tokenizer"]}, indent=2))
+             "tokenizer": self.pmeta["tokenizer"], "settings_sha256": settings_digest(self.cfg),
+             "inputs": train_inputs(self.cfg)}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
 
@@ -395,13 +455,29 @@ def _ranges(ids: list[int]) -> str:
     return text + (" ..." if len(runs) > 6 else "")
 
 
-def train(cfg: TrainConfig, progress: bool = False) -> dict[str, Any]:
-    """Train a student per `cfg`; returns a summary dict."""
-    return Trainer(cfg).run(progress=progress)
+def train(cfg: TrainConfig, progress: bool = False, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train a student per `cfg`; returns a summary dict (`skipped` when OUT/final is already done).
+
+    A finished run is recognised before the model and data are loaded, so re-running a finished
+    command costs nothing.
+    """
+    state = read_state(Path(cfg.out), cfg) if cfg.out else None
+    if state is not None and state.kind == "final" and not (cfg.overwrite or cfg.resume):
+        return skipped_summary(Path(cfg.out), state)
+    return Trainer(cfg).run(progress=progress, echo=echo, state=state)
+
+
+def skipped_summary(out: Path, state: TrainState) -> dict[str, Any]:
+    """The summary of a run that had nothing to do (OUT/final is complete for its settings)."""
+    steps = state.final_steps or state.reached_step
+    return {"out": str(out), "steps": steps, "total_steps": steps, "finished": True, "skipped": True,
+            "last": {}, "seconds": 0.0, "tokens_per_s": 0.0}
 
 
 def summary_line(s: dict[str, Any]) -> str:
     """One line for the end of `kdcache train`."""
+    if s.get("skipped"):
+        return f"train: {s['out']}/final is complete for these settings ({s['steps']} steps); nothing to do"
     last = s["last"]
     parts = [f"train: {s['steps']}/{s['total_steps']} steps in {s['seconds']:.1f}s ({s['tokens_per_s']:,.0f} tok/s)"]
     if last:

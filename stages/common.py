@@ -1,7 +1,9 @@
-"""What every command shares: `--config`/`--set`, one-line errors, logging set-up."""
+"""What every command shares: `--config`/`--set`, options whose defaults are the config's, one-line
+errors, logging set-up."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import logging
@@ -10,7 +12,7 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.errors import KdError
+from pipeline.errors import Interrupted, KdError
 
 
 def config_options(fn: Callable) -> Callable:
@@ -18,8 +20,42 @@ def config_options(fn: Callable) -> Callable:
     fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                       help="Override one config key (repeatable); beats --config, loses to explicit options.")(fn)
     fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-                      help="YAML file with this command's settings.")(fn)
+                      help="YAML file with this command's settings (the keys of its config; see --set).")(fn)
     return fn
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of field `name` of config dataclass `cls`."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def setting(cls: type, *decls: str, field: str | None = None, show: str | None = None, **kw: Any) -> Callable:
+    """An option for config field `field` of `cls` (default: named after the option), defaulting to the
+    dataclass's default and showing it in --help, so help and behaviour cannot drift apart.
+
+    Only values typed on the command line override --config/--set (`given`), so carrying the real
+    default here changes nothing about priority. `show` replaces the shown default where the
+    dataclass's is a placeholder ("" for "taken from the cache").
+    """
+    name = field or next(d for d in decls if d.startswith("--")).split("/")[0].lstrip("-").replace("-", "_")
+    default = field_default(cls, name)
+    if isinstance(default, (list, tuple)):  # e.g. temperatures: typed as one comma-separated value
+        default = ",".join(str(x) for x in default)
+    return click.option(*decls, default=default, show_default=show if show is not None else True, **kw)
+
+
+def given(opts: dict[str, Any]) -> dict[str, Any]:
+    """The options the user typed (not defaults): only these beat --config and --set."""
+    ctx = click.get_current_context()
+    defaults = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+    return {k: v for k, v in opts.items() if ctx.get_parameter_source(k) not in defaults}
 
 
 def user_errors(name: str) -> Callable:
@@ -54,6 +90,9 @@ def user_errors(name: str) -> Callable:
                                "fixed (committed work is kept)", err=True)
                     sys.exit(1)
                 raise
+            except Interrupted as e:  # knows what was saved and where the re-run continues
+                click.echo(f"kdcache {name}: {e}", err=True)
+                sys.exit(130)
             except KeyboardInterrupt:
                 click.echo(f"kdcache {name}: interrupted; re-run the same command to continue", err=True)
                 sys.exit(130)

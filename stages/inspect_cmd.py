@@ -6,35 +6,38 @@ import sys
 
 import click
 
-from stages.common import user_errors
+from pipeline.inspection import InspectConfig
+from stages.common import config_options, given, setting, user_errors
+
+I = InspectConfig  # noqa: E741
 
 
 @click.command()
-@click.argument("cache", type=click.Path())
-@click.option("--verify", is_flag=True, help="Read every shard, check checksums and completeness.")
-@click.option("--sample-rows", type=int, default=200_000, show_default=True,
-              help="Rows read for the entropy / top-K-mass statistics.")
+@click.argument("cache", required=False, type=click.Path())
+@setting(I, "--verify", is_flag=True, help="Read every shard, check checksums and completeness.")
+@setting(I, "--sample-rows", type=int, help="Rows read for the entropy / top-K-mass statistics.")
+@config_options
 @user_errors("inspect")
-def inspect(cache, verify, sample_rows):
-    """Summarise a teacher cache (rows, K, bytes/row, statistics, shard status)."""
-    from pipeline.cache import open_cache
-    from pipeline.inspection import summarize, format_summary
+def inspect(cache, config_file, sets, **opts):
+    """Summarise a teacher cache (rows, K, bytes/row, statistics, shard status); CACHE or `cache` in --config."""
+    from pipeline.config import resolve
+    from pipeline.inspection import format_summary, inspect_cache, verify_cache
 
-    c = open_cache(cache)
-    summary = summarize(c, sample_rows)
+    cfg = resolve(InspectConfig, config_file, sets, {**given(opts), "cache": cache})
+    summary = inspect_cache(cfg)
     click.echo(format_summary(summary))
-    if summary.get("unreadable") and not verify:
-        click.echo(f"inspect: {len(summary['unreadable'])} unreadable shard(s) in {cache}; "
+    if summary.get("unreadable") and not cfg.verify:
+        click.echo(f"inspect: {len(summary['unreadable'])} unreadable shard(s) in {cfg.cache}; "
                    "run with --verify for the full list", err=True)
         sys.exit(1)
-    if verify:
+    if cfg.verify:
         from tqdm import tqdm
 
-        with tqdm(total=len(c.shards), desc="verify", unit="shard", leave=False) as bar:
-            problems = c.verify(on_shard=lambda i: bar.update(1))
+        with tqdm(total=summary["shards"], desc="verify", unit="shard", leave=False) as bar:
+            problems = verify_cache(cfg.cache, on_shard=lambda i: bar.update(1))
         if problems:
             for p in problems:
                 click.echo(f"BAD {p}", err=True)
-            click.echo(f"inspect: {len(problems)} bad shard(s) in {cache}", err=True)
+            click.echo(f"inspect: {len(problems)} bad shard(s) in {cfg.cache}", err=True)
             sys.exit(1)
-        click.echo(f"verify: all {len(c.shards)} shards complete and checksums match")
+        click.echo(f"verify: all {summary['shards']} shards complete and checksums match")

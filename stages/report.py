@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import click
 
-from stages.common import config_options, user_errors
+from pipeline.report import ReportConfig
+from stages.common import config_options, given, setting, user_errors
+
+R = ReportConfig
 
 
 @click.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path())
-@click.option("--out", type=click.Path(file_okay=False), help="Report directory (report.md and PNGs).")
-@click.option("--cache", help="Teacher cache for the entropy / top-K mass histograms (default: the runs' cache).")
-@click.option("--bins", type=int, help="Histogram bins (default 50).")
+@setting(R, "--out", type=click.Path(file_okay=False), show="required",
+         help="Report directory (report.md and PNGs; a previous report there is replaced).")
+@setting(R, "--cache", show="the runs' cache", help="Teacher cache for the entropy / top-K mass histograms.")
+@setting(R, "--bins", type=int, help="Histogram bins.")
 @config_options
 @user_errors("report")
 def report(run_dirs, config_file, sets, **opts):
-    """Compare training runs: eval figures, final TAR, throughput, curves and cache histograms."""
+    """Compare training runs (RUN_DIRS, or `runs` in --config): eval figures, final TAR, throughput, curves and
+    cache histograms."""
     from pipeline.config import resolve
-    from pipeline.report import ReportConfig, build_report, summary_line
+    from pipeline.report import build_report, summary_line
 
-    cfg = resolve(ReportConfig, config_file, sets, {**opts, "runs": list(run_dirs) or None})
+    cfg = resolve(ReportConfig, config_file, sets, {**given(opts), "runs": list(run_dirs) or None})
     click.echo(summary_line(build_report(cfg)))

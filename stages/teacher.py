@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import click
 
-from stages.common import config_options, user_errors
+from pipeline.teacher import TeacherConfig
+from stages.common import config_options, given, setting, user_errors
+
+T = TeacherConfig
 
 
 @click.command()
-@click.option("--data", help="A `kdcache prepare` output directory.")
-@click.option("--model", help="Teacher: local directory or hub id of a causal LM.")
-@click.option("--out", type=click.Path(file_okay=False), help="Cache directory.")
-@click.option("--preset", type=click.Choice(["default", "hifi"]), default=None,
-              help="Codec preset: default (K=8, about 20 bytes/row) or hifi (K=16); see docs/cache-format.md.")
-@click.option("--top-k", type=int, help="Cached support size K (default: the preset's).")
-@click.option("--temperatures", help="Comma-separated temperature grid for the log-partition (default 0.5,0.7,1.4,2.0).")
-@click.option("--tail-samples", type=int, help="Draws per row from the teacher outside its top-K (default 0: off).")
-@click.option("--batch-tokens", type=int, help="Padded tokens per forward pass.")
-@click.option("--shard-rows", type=int, help="Target rows per shard (unit of work and restart).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
-@click.option("--workers", type=int, help="Run shards on a local Dask cluster of N worker processes.")
-@click.option("--scheduler", help="Run shards on an existing Dask cluster at this address.")
-@click.option("--threads", type=int, help="Torch threads per process (default: all cores, or cores // workers).")
-@click.option("--seed", type=int, help="Seed of the tail sampler.")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace a cache made with other settings.")
+@setting(T, "--data", show="required", help="A `kdcache prepare` output directory.")
+@setting(T, "--model", show="required", help="Teacher: local directory or hub id of a causal LM.")
+@setting(T, "--out", type=click.Path(file_okay=False), show="required", help="Cache directory.")
+@setting(T, "--revision", show="latest", help="Hub revision of the model to pin (recorded in the cache).")
+@setting(T, "--preset", type=click.Choice(["default", "hifi"]),
+         help="Codec preset: K and precisions (pipeline/cache/schema.py PRESETS, docs/cache-format.md).")
+@setting(T, "--top-k", type=int, help="Cached support size K (0: the preset's).")
+@setting(T, "--temperatures", help="Comma-separated temperature grid for the log-partition.")
+@setting(T, "--tail-samples", type=int, help="Draws per row from the teacher outside its top-K (0: off).")
+@setting(T, "--batch-tokens", type=int, help="Padded tokens per forward pass.")
+@setting(T, "--shard-rows", type=int, help="Target rows per shard (unit of work and restart).")
+@setting(T, "--chunk-rows", type=int, help="Rows per Zarr chunk (the student reads whole chunks).")
+@setting(T, "--head-chunk-rows", type=int,
+         help="Rows per output-head chunk (memory only; the cache is the same; 0: from the vocabulary size).")
+@setting(T, "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: cuda when available.")
+@setting(T, "--dtype", type=click.Choice(["auto", "float32", "bfloat16"]),
+         help="auto: bfloat16 on GPU, float32 on CPU.")
+@setting(T, "--workers", type=int, help="Run shards on a local Dask cluster of N worker processes (0: in this process).")
+@setting(T, "--scheduler", show="none: see --workers", help="Run shards on an existing Dask cluster at this address.")
+@setting(T, "--threads", type=int, help="Torch threads per process (0: all cores, or cores // workers).")
+@setting(T, "--seed", type=int, help="Seed of the tail sampler.")
+@setting(T, "--clevel", type=int, help="zstd compression level of the shards.")
+@setting(T, "--overwrite", is_flag=True, help="Replace a cache made with other settings (only the files teacher "
+                                              "wrote; anything else refuses).")
 @config_options
 @user_errors("teacher")
 def teacher(config_file, sets, **opts):
@@ -32,9 +42,9 @@ def teacher(config_file, sets, **opts):
     from tqdm import tqdm
 
     from pipeline.config import resolve
-    from pipeline.teacher import TeacherConfig, run_teacher
+    from pipeline.teacher import run_teacher
 
-    cfg = resolve(TeacherConfig, config_file, sets, opts)
+    cfg = resolve(TeacherConfig, config_file, sets, given(opts))
     bar = None
 
     def on_plan(summary):  # the rows still to compute are known: a bar with a total has an ETA

@@ -4,55 +4,68 @@ from __future__ import annotations
 
 import click
 
-from stages.common import config_options, user_errors
+from pipeline.train_config import GATES, LOSSES, SCHEDULES, TAILS, TrainConfig
+from stages.common import config_options, given, setting, user_errors
+
+T = TrainConfig
 
 
 @click.command()
-@click.option("--data", help="Prepared data (default: the path the cache records).")
-@click.option("--cache", help="Teacher cache; without it, plain cross-entropy training.")
-@click.option("--student", help="Student model directory or hub id.")
-@click.option("--student-config", help="transformers config.json: build the student from scratch.")
-@click.option("--out", type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--loss", type=click.Choice(["none", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl"]), default=None)
-@click.option("--tail", type=click.Choice(["bucket", "renorm", "ignore", "sampled"]), default=None)
-@click.option("--gate", type=click.Choice(["none", "topk", "spec", "threshold"]), default=None, help="SpecKD rule.")
-@click.option("--proposal", type=click.Choice(["greedy", "sample"]), default=None)
-@click.option("--gate-k", type=int, help="topk rule: teacher top-k_v that accepts.")
-@click.option("--gate-threshold", type=float, help="threshold rule: minimum teacher probability.")
-@click.option("--reject-weight", type=float, help="Weight of rejected positions (0 = masked).")
-@click.option("--latf/--no-latf", default=None, help="AdaKD loss-driven adaptive token focusing.")
-@click.option("--latf-warmup", type=float, help="Fraction of the run before LATF's reference is taken.")
-@click.option("--latf-epsilon", type=float)
-@click.option("--latf-sigma", type=float)
-@click.option("--latf-min-ratio", type=float)
-@click.option("--idts/--no-idts", default=None, help="AdaKD inverse-difficulty temperature scaling.")
-@click.option("--idts-c", type=float)
-@click.option("--temperature", type=float, help="T_base.")
-@click.option("--ce-weight", type=float, help="alpha: weight of cross-entropy on the labels.")
-@click.option("--lr", type=float)
-@click.option("--warmup", type=int, help="Warm-up steps.")
-@click.option("--schedule", type=click.Choice(["constant", "linear", "cosine"]), default=None)
-@click.option("--weight-decay", type=float)
-@click.option("--max-steps", type=int)
-@click.option("--epochs", type=float)
-@click.option("--batch-size", type=int, help="Sequences per micro-batch.")
-@click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
-@click.option("--max-grad-norm", type=float)
-@click.option("--seed", type=int)
-@click.option("--shuffle/--no-shuffle", default=None)
-@click.option("--save-every", type=int, help="Checkpoint every N steps.")
-@click.option("--stop-after", type=int, help="Train N steps of the planned run, checkpoint and exit.")
-@click.option("--resume", is_flag=True, default=None, help="Continue from the newest complete checkpoint.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default=None)
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run in --out.")
+@setting(T, "--data", show="the data the cache records", help="Prepared data (a `kdcache prepare` output).")
+@setting(T, "--cache", show="none: plain cross-entropy", help="Teacher cache to distill from.")
+@setting(T, "--student", show="one of the two is required", help="Student model directory or hub id to start from.")
+@setting(T, "--student-config", show="one of the two is required", help="transformers config.json: build the student from scratch.")
+@setting(T, "--out", type=click.Path(file_okay=False), show="required", help="Run directory.")
+@setting(T, "--loss", type=click.Choice(LOSSES), help="Divergence to the teacher (none: cross-entropy only).")
+@setting(T, "--tail", type=click.Choice(TAILS), help="What the loss does with the mass outside the cached top-K.")
+@setting(T, "--gate", type=click.Choice(GATES), help="SpecKD rule deciding which positions the teacher accepts.")
+@setting(T, "--proposal", type=click.Choice(["greedy", "sample"]), help="SpecKD: how the student proposes a token.")
+@setting(T, "--gate-k", type=int, help="topk rule: accept when the proposal is among the teacher's top k.")
+@setting(T, "--gate-threshold", type=float, help="threshold rule: minimum teacher probability of the proposal.")
+@setting(T, "--reject-weight", type=float, help="Weight of rejected positions (0 = masked).")
+@setting(T, "--latf/--no-latf", help="AdaKD loss-driven adaptive token focusing.")
+@setting(T, "--latf-warmup", type=float, help="Fraction of the run before LATF's reference loss is taken.")
+@setting(T, "--latf-ema-decay", type=float, help="Decay of LATF's moving average of the KD loss.")
+@setting(T, "--latf-epsilon", type=float, help="LATF: relative change of the loss average against its reference that moves the focus ratio.")
+@setting(T, "--latf-sigma", type=float, help="LATF: the focus ratio moves to r * (1 -+ sigma).")
+@setting(T, "--latf-min-ratio", type=float, help="LATF: smallest fraction of positions kept.")
+@setting(T, "--idts/--no-idts", help="AdaKD inverse-difficulty temperature scaling.")
+@setting(T, "--idts-c", type=float, help="IDTS: temperatures span T_base * exp(+-c).")
+@setting(T, "--temperature", type=float, help="T_base, the distillation temperature.")
+@setting(T, "--ce-weight", type=float, help="alpha: weight of cross-entropy on the labels (loss = alpha*CE + (1-alpha)*KD).")
+@setting(T, "--lr", type=float, help="Peak learning rate (AdamW).")
+@setting(T, "--warmup", type=int, help="Warm-up steps (linear from 0).")
+@setting(T, "--schedule", type=click.Choice(SCHEDULES), help="Learning-rate schedule after warm-up.")
+@setting(T, "--min-lr-ratio", type=float, help="Floor of linear/cosine decay, as a fraction of --lr.")
+@setting(T, "--weight-decay", type=float, help="AdamW weight decay (not on norms and biases).")
+@setting(T, "--max-steps", type=int, help="Optimizer steps (0: from --epochs).")
+@setting(T, "--epochs", type=float, help="Passes over the data when --max-steps is 0 (0: one epoch).")
+@setting(T, "--batch-size", type=int, help="Sequences per micro-batch.")
+@setting(T, "--grad-accum", type=int, help="Micro-batches per optimizer step.")
+@setting(T, "--max-grad-norm", type=float, help="Gradient clipping norm (0: none).")
+@setting(T, "--seed", type=int, help="Seed of initialisation, data order and the gate's sampling.")
+@setting(T, "--shuffle/--no-shuffle", help="Shuffle the examples every epoch.")
+@setting(T, "--save-every", type=int, help="Checkpoint every N steps (0: only at the end or on Ctrl-C).")
+@setting(T, "--stop-after", type=int, help="Train N more steps of the planned run, checkpoint and exit (0: to the end).")
+@setting(T, "--resume", is_flag=True, help="Continue from the newest checkpoint even if the settings changed "
+                                           "(the same settings continue without it).")
+@setting(T, "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: cuda when available.")
+@setting(T, "--dtype", type=click.Choice(["auto", "float32", "bfloat16"]),
+         help="auto: bfloat16 autocast on GPU, float32 on CPU.")
+@setting(T, "--read-threads", type=int, help="Background threads decoding the cache.")
+@setting(T, "--tensorboard/--no-tensorboard", help="Also log metrics to OUT/tensorboard when it is installed.")
+@setting(T, "--overwrite", is_flag=True, help="Start over in --out (removes only what train wrote there; anything "
+                                              "else refuses).")
 @config_options
 @user_errors("train")
 def train(config_file, sets, **opts):
-    """Train a student against a teacher cache (SpecKD gate, AdaKD LATF/IDTS, divergence family)."""
+    """Train a student against a teacher cache (SpecKD gate, AdaKD LATF/IDTS, divergence family).
+
+    Re-running the same command continues an interrupted run from its newest checkpoint and does
+    nothing for a finished one.
+    """
     from pipeline.config import resolve
     from pipeline.train import summary_line, train as run_train
-    from pipeline.train_config import TrainConfig
 
-    cfg = resolve(TrainConfig, config_file, sets, opts)
+    cfg = resolve(TrainConfig, config_file, sets, given(opts))
     click.echo(summary_line(run_train(cfg, progress=True)))

@@ -163,6 +163,58 @@ def test_split_prompt_reference():
     assert ref.tolist() == [21, 22]
 
 
+def test_split_prompt_reference_takes_the_last_run_of_targets():
+    """Chat data has a run of targets per assistant turn: the reference is the last turn, cut at its EOS
+    (a template may close a turn with tokens after it), and the prompt is everything before it."""
+    ids = np.array([0, 3, 11, 1, 4, 21, 1, 3, 12, 1, 4, 22, 23, 1, 9])
+    mask = np.array([0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1])
+    prompt, ref = split_prompt_reference(ids, mask, eos_id=1)
+    assert prompt.tolist() == [0, 3, 11, 1, 4, 21, 1, 3, 12, 1, 4] and ref.tolist() == [22, 23]
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "what is one plus two"}, {"role": "assistant", "content": "three"},
+     {"role": "user", "content": "sort big small"}, {"role": "assistant", "content": "big small red"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"},
+     {"role": "assistant", "content": "hello"}],
+]
+
+
+def test_generate_on_chat_data_answers_the_last_assistant_turn(tmp_path, tokenizer_dir, student_dir, monkeypatch):
+    """A model that answers each conversation correctly scores exact match 1: so the prompt ends where the
+    chat template opens the last assistant turn and the reference is that turn's content."""
+    import pipeline.models
+    from pipeline.prepare import PrepareConfig, prepare
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS))
+    prep = tmp_path / "prep"
+    prepare(PrepareConfig(data=str(data), tokenizer=str(tokenizer_dir), out=str(prep), max_length=64))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    # The oracle: the template's own rendering of the conversation up to the last turn -> its answer.
+    answers = {tok.apply_chat_template(c[:-1], tokenize=False, add_generation_prompt=True): c[-1]["content"]
+               for c in CONVERSATIONS}
+    load = pipeline.models.load_causal_lm
+
+    def load_oracle(*a, **kw):
+        model = load(*a, **kw)
+
+        def generate(input_ids, **_):
+            answer = answers.get(tok.decode(input_ids[0].tolist(), skip_special_tokens=False), "wrong")
+            new = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+        model.generate = generate
+        return model
+
+    monkeypatch.setattr(pipeline.models, "load_causal_lm", load_oracle)
+    r = evaluate(EvalConfig(model=str(student_dir), data=str(prep), out=str(tmp_path / "ev"), generate=2,
+                            samples=2, device="cpu"))
+    assert r["generated"] == 2 and r["exact_match"] == 1.0
+    assert [s["reference"] for s in r["samples"]] == ["big small red", "hello"]
+    assert "three" in r["samples"][0]["prompt"] and "big small red" not in r["samples"][0]["prompt"]
+
+
 def test_generation_decodes_the_prepared_prompts(tmp_path, student_dir, prepared_dir):
     r = evaluate(EvalConfig(model=str(student_dir), data=str(prepared_dir), out=str(tmp_path / "ev"),
                             generate=4, samples=2, device="cpu"))

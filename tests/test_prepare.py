@@ -236,7 +236,7 @@ def test_empty_examples_and_target_counts(tmp_path, tokenizer_dir):
 # ---- errors: one line, nothing left behind ---------------------------------------------------------
 
 @pytest.mark.parametrize("case, needle", [
-    ("missing", "not found"), ("garbage", "cannot read data"), ("empty", "empty"),
+    ("missing", "not found"), ("garbage", "d.jsonl:2: not valid JSON"), ("empty", "empty"),
     ("no-targets", "no target positions"), ("no-field", "cannot tell the data format"),
 ])
 def test_bad_input_one_line(tmp_path, tokenizer_dir, case, needle):
@@ -263,3 +263,51 @@ def test_missing_tokenizer_one_line(tmp_path, data_file):
     res = CliRunner().invoke(main, ["prepare", "--data", str(data_file), "--tokenizer", str(tmp_path / "nope"),
                                     "--out", str(tmp_path / "o")])
     assert res.exit_code == 1 and "tokenizer directory not found" in res.output and "Traceback" not in res.output
+
+
+# ---- malformed records are named by file and line -------------------------------------------------
+
+GOOD = '{"prompt": "one", "response": "two"}'
+
+
+@pytest.mark.parametrize("lines, needle", [
+    ([GOOD, GOOD, '{"prompt": "three", "response": '], ":3: not valid JSON"),
+    ([GOOD, GOOD, '["prompt", "response"]'], ":3: expected a JSON object per line, got list"),
+    ([GOOD, "", GOOD, '{"prompt": "three"}'], ":4 (example 2): field 'response' is missing or null"),
+    ([GOOD, GOOD, '{"prompt": null, "response": "x"}'], ":3 (example 2): field 'prompt' is missing or null"),
+])
+def test_malformed_line_is_one_line_naming_file_and_line(tmp_path, tokenizer_dir, lines, needle):
+    data = tmp_path / "broken.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["prepare", "--data", str(data), "--tokenizer", str(tokenizer_dir),
+                                    "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    shown = res.output.split("\r")[-1]  # what a terminal shows once the progress bar has erased itself
+    assert shown.strip().count("\n") == 0, res.output  # no datasets log line, no traceback
+    assert shown.startswith(f"kdcache prepare: error: {data}{needle}"), res.output
+    assert not out.exists()
+
+
+def test_chat_message_without_content_names_the_line(tmp_path, tokenizer_dir):
+    data = write_jsonl(tmp_path / "c.jsonl", [{"messages": CHAT}, {"messages": CHAT},
+                                              {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}])
+    with pytest.raises(KdError, match=r"c\.jsonl:3 \(example 2\): message 1 has no 'content'"):
+        run(tmp_path, tokenizer_dir, data)
+
+
+def test_record_places_follow_each_input_kind(tmp_path):
+    """Example i maps to the line datasets read it from: text keeps blank lines, CSV has a header and quoted
+    newlines, several files continue the count."""
+    from pipeline.corpus import RecordPlaces
+
+    txt = tmp_path / "a.txt"
+    txt.write_text("one\n\nthree\n")
+    csv = tmp_path / "b.csv"
+    csv.write_text('text\n"multi\nline"\nplain\n')
+    assert RecordPlaces([txt])(2) == f"{txt}:3 (example 2)"
+    assert RecordPlaces([csv])(1) == f"{csv}:4 (example 1)"
+    both = RecordPlaces([write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}] * 2),
+                         write_jsonl(tmp_path / "b.jsonl", [{"text": "y"}] * 2)])
+    assert both(3) == f"{tmp_path / 'b.jsonl'}:2 (example 3)"
+    assert RecordPlaces(None)(5) == "example 5"

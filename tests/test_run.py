@@ -121,3 +121,55 @@ def test_student_order_puts_bases_first_and_refuses_bad_references():
         student_order({"a": {"init_from": "x"}})
     with pytest.raises(KdError, match="cycle"):
         student_order({"a": {"init_from": "b"}, "b": {"init_from": "a"}})
+
+
+def test_run_says_what_it_redoes_and_why(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size):
+    """Each stage names the keys that changed and what it redoes; the teacher cache is never replaced unasked."""
+    path = write_config(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size)
+    cfg = yaml.safe_load(path.read_text())
+    cfg.update(stages=["prepare", "teacher", "train", "eval"], students={"kd": {"loss": "fkl"}},
+               eval={"split": "heldout"})
+    path.write_text(yaml.safe_dump(cfg))
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"eval": {"batch_size": 4}}))  # merged over the eval section
+    runner = CliRunner()
+
+    def run(*extra, code=0):
+        res = runner.invoke(main, ["run", str(path), *extra])
+        assert res.exit_code == code, res.output
+        assert "Traceback" not in res.output
+        return res.output
+
+    run()
+    out = run("--set", "students.kd.max_steps=2")
+    assert "train[kd]: config changed (max_steps 4 -> 2): retraining from scratch" in out
+    assert "eval[kd]: ce" in out  # the old eval described the replaced model: redone, not skipped
+    out = run("--set", "students.kd.max_steps=6", "--set", "students.kd.stop_after=3")
+    assert "train[kd]: config changed (max_steps 2 -> 6): retraining from scratch" in out and "3/6 steps" in out
+    assert "final is not written yet (training unfinished); skipped" in out
+    six = ("--set", "students.kd.max_steps=6")
+    out = run(*six)
+    assert "train[kd]: continuing from checkpoint step 3 of 6; no steps redone" in out and "6/6 steps" in out
+    out = run(*six, "--config", str(override))
+    assert "train[kd]: " in out and "complete for this config; skipped" in out
+    assert "eval[kd]: settings changed (batch_size 8 -> 4): re-evaluating" in out
+    # New prepared data: redone and said so; the cache made from the old data is kept and the error says how
+    # to replace it.
+    longer = ("--set", "prepare.train.max_length=48", "--config", str(override))
+    out = run(*six, *longer, code=1)
+    assert "prepare[train]: settings changed (max_length 64 -> 48): re-preparing" in out
+    errors = [ln for ln in out.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "teacher[train]:" in errors[0] and "(prepared data fingerprint)" in errors[0]
+    assert "--set teacher.overwrite=true" in errors[0]
+    out = run(*six, *longer, "--set", "teacher.overwrite=true")
+    assert "train[kd]: inputs changed (prepared data, teacher cache): retraining from scratch" in out
+    assert "run: prepare, teacher, train, eval done" in out
+
+
+def test_run_takes_its_config_from_config_option_too(tmp_path):
+    res = CliRunner().invoke(main, ["run"])
+    assert res.exit_code == 1 and "no run config given" in res.output
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("out: x\nstages: [prepare, teach]\nprepare: {train: {data: a, tokenizer: b}}\n")
+    res = CliRunner().invoke(main, ["run", "--config", str(cfg)])
+    assert res.exit_code == 1 and "unknown stage" in res.output

@@ -115,7 +115,8 @@ def test_existing_directory_that_is_not_a_cache(tmp_path, prepared_dir, llama_di
     out = tmp_path / "c"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    one_line_error(teacher("--data", prepared_dir, "--model", llama_dir, "--out", out), "not a kdcache cache")
+    one_line_error(teacher("--data", prepared_dir, "--model", llama_dir, "--out", out), "is not a teacher cache",
+                   "notes.txt")
     assert (out / "notes.txt").read_text() == "mine"
 
 

@@ -203,14 +203,19 @@ def test_corrupted_chunk_stops_training_naming_the_shard(tmp_path, prepared_dir,
 
 def test_plain_ce_training_without_cache(tmp_path, prepared_dir, vocab_size):
     scfg = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
-    s = train(TrainConfig(data=str(prepared_dir), student_config=scfg, out=str(tmp_path / "ce"), epochs=1,
-                          batch_size=16, lr=1e-2, tensorboard=False))
+    common = dict(data=str(prepared_dir), student_config=scfg, out=str(tmp_path / "ce"), batch_size=16, lr=1e-2,
+                  tensorboard=False)
+    s = train(TrainConfig(epochs=1, **common))
     assert s["finished"] and s["steps"] == 4  # 60 examples / 16 per step, last one partial
     rows = [json.loads(ln) for ln in (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["ce_loss"] < rows[0]["ce_loss"]
     assert "tar" not in rows[0]
-    with pytest.raises(KdError, match="already holds a training run"):
-        train(TrainConfig(data=str(prepared_dir), student_config=scfg, out=str(tmp_path / "ce"), max_steps=1))
+    # The same settings again: nothing to do; other settings: refused, naming the changed keys.
+    again = train(TrainConfig(epochs=1, **common))
+    assert again.get("skipped") and again["steps"] == 4
+    with pytest.raises(KdError, match=r"made differently: config changed \(epochs 1 -> 0.0, max_steps 0 -> 1\); "
+                                      "pass --overwrite"):
+        train(TrainConfig(max_steps=1, **common))
 
 
 def test_ranking_buckets_give_the_exact_hellinger_difficulty_to_3e_4():
