@@ -68,10 +68,10 @@ class CodecParams:
     top_k: int
     vocab_size: int
     temperatures: tuple[float, ...]
-    head_step: float = 0.02
-    tail_step: float = 2.0**-10  # SplitCode fine step (2^-8 below r/(1-r) = e^-32)
+    head_step: float = 0.04  # the defaults are the "default" preset's
+    tail_step: float = 2.0**-10  # SplitCode fine step (2^-8 below r/(1-r) = e^-40)
     target_step: float = 2.0**-8
-    entropy_bits: int = 12
+    entropy_bits: int = 8
     shape_bits: int = 8
     tail_samples: int = 0
     clevel: int = 9  # zstd level: 9 saves ~5% over 5 on real-text rows; decompression speed is the same
@@ -97,7 +97,12 @@ class CodecParams:
         return self.vocab_size - self.top_k
 
     def to_meta(self) -> dict[str, Any]:
-        return {"name": f"kdcache-{FORMAT_VERSION}", **asdict(self), "temperatures": list(self.temperatures)}
+        """The metadata record: every parameter, plus the split code's fixed constants so that a reader
+        without kdcache can decode (docs/cache-format.md)."""
+        split = SplitCode(fine=self.tail_step)
+        return {"name": f"kdcache-{FORMAT_VERSION}", **asdict(self), "temperatures": list(self.temperatures),
+                "split_code": {"fine": split.fine, "coarse": split.coarse, "hi": split.hi, "mid": split.mid,
+                               "n_fine": split.n_fine}}
 
     @classmethod
     def from_meta(cls, d: dict[str, Any]) -> "CodecParams":
