@@ -59,6 +59,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto = bfloat16 autocast on GPU, float32 on CPU
     read_threads: int = 2
+    loss_chunk_rows: int = 0  # target rows per chunk of the student's logits in the loss; 0 = auto (~64 MiB)
     tensorboard: bool = True
     overwrite: bool = False
 
