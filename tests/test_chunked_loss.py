@@ -91,7 +91,7 @@ def test_head_transforms_are_differentiated_through(head_kw):
     want, _ = reference(hidden, head, targets, cache, grid, v, s, 1.0, 1.0, None, None)
     plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, None, None, 4)
     got, _, _ = chunked_loss(hidden, head, targets, cache, plan, s, v, 1.0, 1.0, chunk_rows=4)
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     for a, b in zip(grads(got, hidden, head), grads(want, hidden, head)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
@@ -104,14 +104,14 @@ def test_ce_only_and_kd_only_scales():
     got, ce, kd = chunked_loss(hidden, head, targets, cache, plan, s, v, 0.0, 1.0, chunk_rows=6)
     assert math.isnan(float(ce))
     want, terms = reference(hidden, head, targets, cache, grid, v, s, 0.0, 1.0, None, None)
-    assert float(got) == pytest.approx(float(terms.numerator), rel=1e-5)
+    assert float(got.detach()) == pytest.approx(float(terms.numerator.detach()), rel=1e-5)
     ce_full = torch.nn.functional.cross_entropy(head.logits(hidden.detach(), fp32=False), targets, reduction="none")
     torch.testing.assert_close(plan.ce_rows, ce_full, rtol=1e-5, atol=1e-5)
     # CE only (no cache): the gradient of the summed cross-entropy
     plan = plan_rows(hidden.detach(), head, targets, None, None, v, None, None, None, 6)
     got, ce, _ = chunked_loss(hidden, head, targets, None, plan, None, v, 1.0, 0.0, chunk_rows=6)
     want = torch.nn.functional.cross_entropy(head.logits(hidden, fp32=False), targets, reduction="sum")
-    assert float(ce) == pytest.approx(float(want), rel=1e-6)
+    assert float(ce) == pytest.approx(float(want.detach()), rel=1e-6)
     for a, b in zip(grads(got, hidden, head), grads(want, hidden, head)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
