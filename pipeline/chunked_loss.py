@@ -34,6 +34,7 @@ from pipeline.adakd import LATF, idts_temperatures
 from pipeline.divergences import hellinger, kd_divergence, teacher_log_buckets
 from pipeline.gate import propose, verify
 from pipeline.kd_loss import KdSettings, ranking_log_buckets
+from pipeline.student import target_hidden
 from pipeline.teacher_stats import HeadSpec
 from pipeline.temperature import tail_log_partition_at
 
@@ -243,14 +244,9 @@ class StudentObjective(torch.nn.Module):
         self._head = lambda: head_spec(self.model, model_vocab_size(self.model))
         self.chunk_rows = chunk_rows or auto_chunk_rows(model_vocab_size(model))
 
-    def hidden(self, input_ids: Tensor, attention_mask: Tensor, tgt_b: Tensor, tgt_t: Tensor) -> Tensor:
-        """[N, H]: the final hidden state that predicts each target (position t from t - 1)."""
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return out[tgt_b, tgt_t - 1]
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor, tgt_b: Tensor, tgt_t: Tensor, target_ids: Tensor,
                 cache: dict[str, Tensor] | None, scales: Callable[[RowPlan], tuple[float, float]] | None = None):
-        h = self.hidden(input_ids, attention_mask, tgt_b, tgt_t)
+        h = target_hidden(self.model, input_ids, attention_mask, tgt_b, tgt_t)
         head = self._head()  # built per call: it only holds references (FSDP swaps the parameters)
         plan = plan_rows(h.detach(), head, target_ids, cache, self.settings, self.vocab_size or head.vocab_size,
                          self.grid_betas, self.latf, self.generator, self.chunk_rows)

@@ -14,7 +14,8 @@ Writes OUT/eval.json and OUT/config.yaml. Figures, all over every target positio
   template's opening of the assistant turn).
 
 Examples are batched (right padding) in dataset order and the output head runs only at target
-positions (`TargetLogits`), so peak memory is about targets-per-batch x vocabulary x 4 bytes; the
+positions and a chunk of rows at a time (`TargetLogits.hidden`, `HeadSpec.logits`), so peak memory does
+not grow with targets-per-batch x vocabulary; the
 metrics are then computed in float64 over row chunks of at most `ROW_CHUNK_ELEMENTS` logits.
 """
 
@@ -202,7 +203,9 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     from pipeline.models import context_length, load_causal_lm, pick_device, pick_dtype
     from pipeline.prepare import load_prepared, prepared_meta
     from pipeline.stream import CacheStream
+    from pipeline.models import model_vocab_size
     from pipeline.student import TargetLogits, check_inputs
+    from pipeline.teacher_stats import head_spec
 
     if not cfg.out:
         raise KdError("no output directory given (--out DIR)")
@@ -235,6 +238,8 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     stream = CacheStream(ds, cache, cfg.batch_size, shuffle=False, fields=EVAL_FIELDS)
     n_batches = stream.batches_in_epoch(0)
     net = TargetLogits(model).eval()
+    head = head_spec(model, model_vocab_size(model))
+    chunk = max(1, ROW_CHUNK_ELEMENTS // model_vocab_size(model))
     totals = Totals(cache.vocab_size if cache is not None else None)
     batches = iter(stream)
     bar = None
@@ -246,8 +251,12 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
         for _ in range(n_batches):
             mb = next(batches).to(device)
             with torch.no_grad():
-                logits = net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
-            totals.add(logits, mb.target_ids, mb.cache)
+                hidden = net.hidden(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
+                # The head runs a chunk of rows at a time: no [N, V] logits tensor (V = 151,936 x 16k targets
+                # would be 10 GB per copy).
+                for a in range(0, hidden.shape[0], chunk):
+                    part = {k: v[a: a + chunk] for k, v in mb.cache.items()} if mb.cache is not None else None
+                    totals.add(head.logits(hidden[a: a + chunk], fp32=False), mb.target_ids[a: a + chunk], part)
             if bar is not None:
                 bar.update(1)
     finally:
