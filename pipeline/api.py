@@ -22,6 +22,7 @@ Exported names (everything else in `pipeline` may change without notice):
 - `student_target_logits(model, batch)`, `gather_target_logits(logits, batch)`: the student's logits
   at the batch's target positions
 - `as_microbatch(batch)`: a collator batch as a `MicroBatch`; `move_batch(batch, device)`
+- `to_hf_iterable(ds)`: a `KDExampleDataset` as a `datasets.IterableDataset` (TRL wants one)
 - `open_inputs(data, cache)`: open and cross-check prepared data and a cache
 - `save_student(model, out, data)`: `save_pretrained` plus the data's tokenizer, written under a
   temporary name and renamed
@@ -37,12 +38,13 @@ from typing import Any
 from pipeline.cache import open_cache
 from pipeline.errors import KdError
 from pipeline.kd_dataset import (IGNORE_INDEX, KDCollator, KDExampleDataset, KDIterableDataset, as_microbatch,
-                                 move_batch, open_inputs)
+                                 move_batch, open_inputs, to_hf_iterable)
 from pipeline.kd_loss import KD_FIELDS
 from pipeline.kd_module import KDLoss, KDLossConfig, KDOutput, gather_target_logits, student_target_logits
 
 __all__ = ["KDExampleDataset", "KDIterableDataset", "KDCollator", "KDLoss", "KDLossConfig", "KDOutput",
-           "student_target_logits", "gather_target_logits", "as_microbatch", "move_batch", "open_inputs", "save_student",
+           "student_target_logits", "gather_target_logits", "as_microbatch", "move_batch", "open_inputs",
+           "to_hf_iterable", "save_student",
            "KD_FIELDS", "IGNORE_INDEX", "KdError", "open_cache"]
 
 

@@ -262,3 +262,20 @@ def move_batch(batch: dict[str, Any], device: torch.device | str) -> dict[str, A
     """The collator's dict with every tensor (the cache rows too) on `device`."""
     move = lambda v: v.to(device, non_blocking=True) if torch.is_tensor(v) else v  # noqa: E731
     return {k: ({f: move(t) for f, t in v.items()} if isinstance(v, dict) else move(v)) for k, v in batch.items()}
+
+
+def to_hf_iterable(ds: KDExampleDataset) -> Any:
+    """`ds` as a `datasets.IterableDataset` (for trainers that accept only Hugging Face datasets, e.g. TRL's
+    SFTTrainer), yielding the same example dicts as plain Python lists in dataset order; shuffle it with
+    its `.shuffle(seed, buffer_size)`, which Trainer re-seeds every epoch. Lists of float32 values come
+    back bit-exact through `KDCollator` (a Python float holds a float32 exactly)."""
+    import datasets
+
+    def examples(indices: list[int]) -> Iterator[dict[str, Any]]:
+        for i in indices:
+            ex = ds[i]
+            yield {"example": ex["example"], "input_ids": ex["input_ids"].tolist(), "labels": ex["labels"].tolist(),
+                   "target_positions": ex["target_positions"].tolist(),
+                   "cache": {k: v.tolist() for k, v in ex["cache"].items()}}
+
+    return datasets.IterableDataset.from_generator(examples, gen_kwargs={"indices": list(range(len(ds)))})
