@@ -60,6 +60,7 @@ def make_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            self.kd.train(model.training)  # evaluation batches must not count towards LATF's step loss
             out = self.kd(gather_target_logits(outputs.logits, inputs), inputs)
             if model.training:
                 mode = self._metrics["train"]  # SFTTrainer averages these into its log lines

@@ -14,6 +14,8 @@ What the peers read, and where it was read (their code is not copied here):
   masked by labels[j + 1]", the last row and uncovered rows padding with mask 0 (the KD README's
   "Target alignment" and the producer-alignment tests). Older axolotl datasets put row j on token j;
   newer collators read those with `kd_prepared_targets_alignment: legacy`; ours is the current one.
+  Its producers (dataset strategy, online collator) renormalise the K log-probs and rescale them to
+  `kd_temperature` before the loss; a pre-tokenized dataset such as this export skips them.
 - DistillKit, arcee-ai/DistillKit `distillkit/`: `LogprobCompressor.decompress_to_sparse`
   (compression/compressor.py) returns `row["token_ids"], row["top_values"]` unchanged when a row has
   both; `OfflineSignalSource` marks them as log-probs; the sparse losses (lossfuncs/common.py, kl.py)
@@ -128,8 +130,8 @@ AXOLOTL = Layout(
      "target_logprobs": "[L][K] log p over the full vocabulary (not renormalised over K); -1e9 on padded rows",
      "target_mask": "[L][K] 1 where row j holds teacher data (labels[j + 1] != -100), else 0; the last row 0"},
     "row j <-> input_ids[j + 1] (axolotl's current kd_prepared_targets_alignment)",
-    "the tail mass (axolotl has no tail bucket: with kd_normalize_topk it renormalises over the K ids), "
-    "the temperature statistics, entropy and tail draws",
+    "the tail mass (axolotl's loss has no tail bucket; its own producers renormalise the teacher's K log-probs, "
+    "this export keeps them over the full vocabulary), the temperature statistics, entropy and tail draws",
     _axolotl)
 
 DISTILLKIT = Layout(
