@@ -114,20 +114,23 @@ def train(args: argparse.Namespace) -> int:
     data = args.data or ds.cache.meta["data"]["path"]
     model = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
     check_inputs(model, prepared_meta(data), ds.cache)  # vocabulary, tokenizer and data fingerprint, one line each
-    kd = KDLoss.from_cache(ds.cache, KDLossConfig(loss=args.loss, gate=args.gate, latf=args.latf, idts=args.idts,
-                                                  ce_weight=args.ce_weight, total_steps=args.max_steps,
-                                                  seed=args.seed, auto_step=False))
     with tempfile.TemporaryDirectory(prefix="kdcache-hf-") as scratch:  # Trainer's own output: nothing kept
         targs = TrainingArguments(
             output_dir=scratch, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
             gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, seed=args.seed, logging_steps=1,
             save_strategy="no", report_to="none", remove_unused_columns=False, dataloader_num_workers=0,
             use_cpu=not torch.cuda.is_available(), disable_tqdm=True)
+        # each DDP rank gets its own gate stream, as in `kdcache train`
+        kd = KDLoss.from_cache(ds.cache, KDLossConfig(loss=args.loss, gate=args.gate, latf=args.latf, idts=args.idts,
+                                                      ce_weight=args.ce_weight, total_steps=args.max_steps,
+                                                      seed=args.seed, rank=targs.process_index,
+                                                      auto_step=False))
         trainer = make_trainer_class()(model=model, args=targs, train_dataset=ds, data_collator=KDCollator(),
                                        processing_class=load_tokenizer(prepared_meta(data)["tokenizer"]["name"]),
                                        kd=kd)
         result = trainer.train()
-    save_student(model, args.out, data)
+    if trainer.is_world_process_zero():  # under torchrun, one rank writes
+        save_student(model, args.out, data)
     print(f"hf_trainer: {args.max_steps} steps, final train loss {result.training_loss:.4f} -> {args.out}")
     return 0
 

@@ -101,22 +101,25 @@ def train(args: argparse.Namespace) -> int:
     data = args.data or ds.cache.meta["data"]["path"]
     model = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float32)
     check_inputs(model, prepared_meta(data), ds.cache)
-    kd = KDLoss.from_cache(ds.cache, KDLossConfig(loss=args.loss, gate=args.gate, latf=args.latf, idts=args.idts,
-                                                  ce_weight=args.ce_weight, total_steps=args.max_steps,
-                                                  seed=args.seed, auto_step=False))
     with tempfile.TemporaryDirectory(prefix="kdcache-trl-") as scratch:
         cfg = SFTConfig(output_dir=scratch, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
                         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, seed=args.seed,
                         logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
                         dataset_kwargs={"skip_prepare_dataset": True}, use_cpu=not torch.cuda.is_available(),
                         disable_tqdm=True)
+        # each DDP rank gets its own gate stream, as in `kdcache train`
+        kd = KDLoss.from_cache(ds.cache, KDLossConfig(loss=args.loss, gate=args.gate, latf=args.latf, idts=args.idts,
+                                                      ce_weight=args.ce_weight, total_steps=args.max_steps,
+                                                      seed=args.seed, rank=cfg.process_index,
+                                                      auto_step=False))
         # SFTTrainer takes only Hugging Face datasets: the same examples as a streaming one, reshuffled each epoch.
         train = to_hf_iterable(ds).shuffle(seed=args.seed, buffer_size=1024)
         trainer = make_trainer_class()(model=model, args=cfg, train_dataset=train, data_collator=KDCollator(),
                                        processing_class=load_tokenizer(prepared_meta(data)["tokenizer"]["name"]),
                                        kd=kd)
         result = trainer.train()
-    save_student(model, args.out, data)
+    if trainer.is_world_process_zero():  # under torchrun, one rank writes
+        save_student(model, args.out, data)
     print(f"trl_sft: {args.max_steps} steps, final train loss {result.training_loss:.4f} -> {args.out}")
     return 0
 

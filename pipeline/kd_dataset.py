@@ -127,7 +127,8 @@ class KDExampleDataset(torch.utils.data.Dataset):
         self.ids_col = self.data.data.column("input_ids")
         self.mask_col = self.data.data.column("loss_mask")
         self.keep_chunks = max(1, keep_chunks)
-        self._chunks: OrderedDict[tuple[int, int, int], dict[str, np.ndarray]] = OrderedDict()
+        # (shard, first chunk, last chunk) -> (first row, decoded rows), least recently used first
+        self._chunks: OrderedDict[tuple[int, int, int], tuple[int, dict[str, np.ndarray]]] = OrderedDict()
         self._checked: set[int] = set()
 
     def __len__(self) -> int:
@@ -148,18 +149,17 @@ class KDExampleDataset(torch.utils.data.Dataset):
         chunk = self.cache.chunk_rows
         c0, c1 = (a - s["row_start"]) // chunk, (a + n - 1 - s["row_start"]) // chunk
         key = (shard, c0, c1)
-        block = self._chunks.get(key)
-        if block is None:
+        hit = self._chunks.get(key)
+        if hit is None:
             lo = s["row_start"] + c0 * chunk
-            block = self.cache.read(lo, min(s["row_start"] + (c1 + 1) * chunk, s["row_stop"]), self.fields)
-            block["_start"] = np.asarray(lo)
-            self._chunks[key] = block
+            hit = (lo, self.cache.read(lo, min(s["row_start"] + (c1 + 1) * chunk, s["row_stop"]), self.fields))
+            self._chunks[key] = hit
             while len(self._chunks) > self.keep_chunks:
                 self._chunks.popitem(last=False)
         else:
             self._chunks.move_to_end(key)
-        off = a - int(block["_start"])
-        return {k: v[off: off + n] for k, v in block.items() if k != "_start"}
+        lo, block = hit
+        return {k: v[a - lo: a - lo + n] for k, v in block.items()}
 
 
 class KDIterableDataset(torch.utils.data.IterableDataset):
