@@ -284,3 +284,16 @@ def test_other_data_is_refused(tmp_path, cache_dir, data_file, tokenizer_dir):
     with pytest.raises(KdError) as e:
         KDExampleDataset(other, cache_dir)
     assert "other data" in one_line(e)
+
+
+def test_hf_iterable_view_collates_to_the_same_batch(dataset):
+    """TRL reads the examples through `datasets` as Python lists; the batch must come back bit-exact."""
+    from pipeline.api import to_hf_iterable
+
+    view = list(to_hf_iterable(dataset).take(6))
+    a, b = KDCollator()(view), KDCollator()([dataset[i] for i in range(6)])
+    assert a["examples"] == b["examples"]
+    for k in ("input_ids", "attention_mask", "labels", "tgt_b", "tgt_t", "target_ids"):
+        assert torch.equal(a[k], b[k]), k
+    for k in b["cache"]:
+        assert a["cache"][k].dtype == b["cache"][k].dtype and torch.equal(a["cache"][k], b["cache"][k]), k

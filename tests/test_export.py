@@ -162,6 +162,7 @@ def test_every_format_agrees_with_the_teacher_model(exports, reference, llama_di
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    tol = reference["cache"].params.head_step  # the head codec's step: its error is at most half of it
     own, axo, dk = (load(exports[f]).with_format("numpy") for f in ("hf-datasets", "axolotl", "distillkit"))
     checked = 0
     for e in range(0, len(own), 9):
@@ -176,7 +177,7 @@ def test_every_format_agrees_with_the_teacher_model(exports, reference, llama_di
                                     (dk[e]["token_ids"][j], dk[e]["top_values"][j])):
                 got_ids = np.asarray(got_ids)
                 assert got_ids[0] == np.argmax(logp[j])
-                np.testing.assert_allclose(np.asarray(got_lp), logp[j][got_ids], atol=0.03)
+                np.testing.assert_allclose(np.asarray(got_lp), logp[j][got_ids], atol=tol)
             checked += 1
     assert checked > 20
 
