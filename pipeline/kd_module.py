@@ -4,6 +4,7 @@
                                                             ce_weight=0.1, total_steps=1000))
     logits = student_target_logits(model, batch)      # [N, Vs]: the student at the batch's target positions
     out = kd(logits, batch)                             # batch: a `KDCollator` dict or a `MicroBatch`
+    out = kd.from_hidden(hidden, model, batch)          # the same from hidden states [N, H], head in row chunks
     out.loss.backward(); optimizer.step()               # out.metrics: kd_loss, ce_loss, tar, focus_ratio, ...
 
 Per batch (methods.md §5): SpecKD gate -> LATF among the accepted positions -> IDTS temperatures ->
@@ -182,6 +183,44 @@ class KDLoss(torch.nn.Module):
                 self.end_step()
         return KDOutput(loss, metrics)
 
+    def from_hidden(self, hidden: torch.Tensor, model: Any, batch: Any, chunk_rows: int = 0) -> KDOutput:
+        """The same loss from the student's final hidden states and its output head, in row chunks: no
+        [N, Vs] logits tensor is ever built (`pipeline.chunked_loss`; at V = 151,936 one is 40 GB at
+        64k targets). hidden [N, H] at the batch's target positions (`pipeline.student.target_hidden`),
+        model the student (its head, bias, scaling and soft-cap are read from it), chunk_rows 0 = auto.
+        Equal to `forward(head(hidden), batch)` in value and gradient (tests/test_api.py)."""
+        from pipeline.chunked_loss import auto_chunk_rows, chunked_loss, plan_rows
+        from pipeline.models import model_vocab_size
+        from pipeline.teacher_stats import head_spec
+
+        cache, target_ids = self._unpack(batch)
+        head = head_spec(model, model_vocab_size(model))
+        self._check_shapes(head.vocab_size, hidden.shape[0], cache, target_ids)
+        cfg, n = self.config, hidden.shape[0]
+        alpha = cfg.ce_weight
+        chunk = chunk_rows or auto_chunk_rows(head.vocab_size)
+        plan = plan_rows(hidden.detach(), head, target_ids, cache, self.settings, self.vocab_size, self.grid_betas,
+                         self.latf, self._gate_generator(hidden.device), chunk)
+        den = plan.denominator
+        kd_scale = (1.0 - alpha) / den if den > 0 else 0.0
+        loss, _, kd_num = chunked_loss(hidden, head, target_ids, cache, plan, self.settings, self.vocab_size,
+                                       alpha / max(n, 1), kd_scale, chunk)
+        kd_loss = float(kd_num) / den if den > 0 else 0.0
+        ce_loss = float(plan.ce_rows.sum()) / max(n, 1)
+        temps = plan.temps[plan.keep].detach().float()
+        metrics = {"loss": alpha * ce_loss + (1.0 - alpha) * kd_loss, "kd_loss": kd_loss, "ce_loss": ce_loss,
+                   "tar": plan.accepted / n if n else 0.0, "focus_ratio": self.latf.ratio if self.latf else 1.0,
+                   "temp_mean": float(temps.mean()) if temps.numel() else None,
+                   "temp_min": float(temps.min()) if temps.numel() else None,
+                   "temp_max": float(temps.max()) if temps.numel() else None,
+                   "kept_fraction": plan.kept / n if n else 0.0}
+        if self.training:
+            self._pending[0] += float(kd_num)
+            self._pending[1] += den
+            if cfg.auto_step:
+                self.end_step()
+        return KDOutput(loss, metrics)
+
     def end_step(self) -> float:
         """Close one optimizer step: feed LATF the step's kd_loss (sums of the calls since the last
         end_step, as `kdcache train` sums its micro-batches) and return it."""
@@ -208,14 +247,17 @@ class KDLoss(torch.nn.Module):
 
     def _check(self, logits: torch.Tensor, cache: dict[str, torch.Tensor], target_ids: torch.Tensor) -> None:
         """One-line `KdError`s naming the teacher's V and the cache's K when a batch does not fit."""
+        if logits.dim() != 2:
+            raise KdError(f"logits must be [N, V] at the target positions (see student_target_logits), "
+                          f"got shape {tuple(logits.shape)}")
+        self._check_shapes(logits.shape[1], logits.shape[0], cache, target_ids)
+
+    def _check_shapes(self, vs: int, n: int, cache: dict[str, torch.Tensor], target_ids: torch.Tensor) -> None:
+        """The checks of `_check` for a student with `vs` ids and n target rows (logits or hidden states)."""
         fields = KD_FIELDS + (("tail_ids", "tail_counts") if self.config.tail == "sampled" else ())
         need = [f for f in fields if f != "target_rank" and f not in cache]
         if need:
             raise KdError(f"the batch's cache rows lack {need}; make the dataset with fields={fields}")
-        if logits.dim() != 2:
-            raise KdError(f"logits must be [N, V] at the target positions (see student_target_logits), "
-                          f"got shape {tuple(logits.shape)}")
-        n, vs = logits.shape
         ids = cache["topk_ids"]
         if ids.dim() != 2 or ids.shape[1] != self.top_k:
             raise KdError(f"the batch holds {tuple(ids.shape)} top-K ids per target, but this KDLoss was built for a "

@@ -297,3 +297,32 @@ def test_hf_iterable_view_collates_to_the_same_batch(dataset):
         assert torch.equal(a[k], b[k]), k
     for k in b["cache"]:
         assert a["cache"][k].dtype == b["cache"][k].dtype and torch.equal(a["cache"][k], b["cache"][k]), k
+
+
+@pytest.mark.parametrize("config", [dict(loss="fkl", ce_weight=0.2), dict(loss="rkl", gate="topk", gate_k=3,
+                                                                            reject_weight=0.5, idts=True)])
+def test_from_hidden_equals_forward_on_logits(tmp_path, cache_dir, dataset, vocab_size, config):
+    # The chunked path (hidden states + head, 7 rows per chunk) against the same KDLoss on full logits, with a
+    # student that is not the teacher (another seed, a padded head).
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny_model
+    from pipeline.student import target_hidden
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model("llama", vocab_size + 3, tmp_path / "s", seed=9))
+    batch = KDCollator()([dataset[i] for i in range(4)])
+    kd_a = KDLoss.from_cache(cache_dir, KDLossConfig(**config)).eval()
+    kd_b = KDLoss.from_cache(cache_dir, KDLossConfig(**config)).eval()
+    hidden = target_hidden(model, batch["input_ids"], batch["attention_mask"], batch["tgt_b"], batch["tgt_t"])
+    want = kd_a(student_target_logits(model, batch), batch)
+    g_want = torch.autograd.grad(want.loss, [p for p in model.parameters()], allow_unused=True, retain_graph=True)
+    hidden = target_hidden(model, batch["input_ids"], batch["attention_mask"], batch["tgt_b"], batch["tgt_t"])
+    got = kd_b.from_hidden(hidden, model, batch, chunk_rows=7)
+    g_got = torch.autograd.grad(got.loss, [p for p in model.parameters()], allow_unused=True)
+    assert float(got.loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-5)
+    assert want.metrics["kd_loss"] > 0.1  # a real distance to the teacher, not float noise
+    for key in ("kd_loss", "ce_loss", "tar", "kept_fraction"):
+        assert got.metrics[key] == pytest.approx(want.metrics[key], rel=1e-5, abs=1e-7), key
+    for a, b in zip(g_got, g_want):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
