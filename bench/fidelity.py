@@ -1,15 +1,19 @@
 """Fidelity per byte: how close each stored teacher format's KD gradient is to the dense float64 teacher's.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/fidelity.py --quick                 # ~2k rows, a few minutes
-    OMP_NUM_THREADS=1 .venv/bin/python bench/fidelity.py --rows 25000 --json runs/bench/fidelity.json
+    OMP_NUM_THREADS=1 .venv/bin/python bench/fidelity.py --quick      # 2,018 rows, ~2 min once the teachers exist
+    OMP_NUM_THREADS=1 .venv/bin/python bench/fidelity.py --rows 25000 --json runs/bench/fidelity.json   # ~30 min
     ... --distillkit-src /tmp/distillkit     # also DistillKit's compressor, from a local checkout
+    OMP_NUM_THREADS=1 .venv/bin/python bench/fidelity.py --smoke      # pipeline check on 10-step models, ~2 min
 
 The teachers and the student are the real-text ones of `bench/realtext.py` (built first if missing,
-about 20 minutes). On the same held-out target rows, for each teacher (trained, sharpened x2) and
-temperature T (1, 0.5, 2 and the off-grid 1.2), with p^T = softmax(log p / T) and q^T = softmax(z / T)
-(z the student's logits there, float64), the dense forward-KL gradient w.r.t. z is g = (q^T - p^T) / T.
-Each format yields the gradient of its own KD loss (see `bench/peers.py` for the formula and
-`--check`, which compares it with autograd through each loss as its project writes it). Reported:
+about 20 minutes). On the same held-out target rows, for each teacher (trained, sharpened x2), student
+(`trained`: the 4-minute student; `mix0.5`: its log-probs moved halfway to the teacher's, i.e. late in
+distillation, where q^T is close to p^T and a format's own errors are no longer hidden by a large
+gradient) and temperature T (1, 0.5, 2 and the off-grid 1.2), with p^T = softmax(log p / T) and
+q^T = softmax(z / T) (z the student's logits there, float64), the dense forward-KL gradient w.r.t. z
+is g = (q^T - p^T) / T. Each format yields the gradient of its own KD loss (`bench/peers.py` has the
+formula; on the first block every format's formula is compared with autograd through its loss as its
+project writes it, and the fast cosines with the dense ones; `--no-check` skips that). Reported:
 
   bytes/token   every file of the format's stored representation / rows (kdcache: the whole cache
                 directory, `Cache.bytes_on_disk()`; peers: the files their writers produce)
