@@ -63,6 +63,7 @@ class TeacherConfig:
     scheduler: str = ""  # address of an existing Dask scheduler
     threads: int = 0  # torch threads per process; 0 = all cores (one process) or cores // workers (local Dask)
     parallel: str = "none"  # none | tp (tensor parallel over torchrun's ranks) | device_map (layers over this process's GPUs)
+    compile: str = "auto"  # torch.compile the statistics: auto (on CUDA) | always | never
     replica: int = 0  # this run computes the shards with index % replicas == replica (independent launches)
     replicas: int = 1
     seed: int = 0
@@ -92,6 +93,8 @@ class TeacherConfig:
 
         if self.parallel not in PARALLEL:
             raise KdError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        if self.compile not in ("auto", "always", "never"):
+            raise KdError(f"compile must be auto, always or never, got {self.compile!r}")
         if not 0 <= self.replica < self.replicas:
             raise KdError(f"replica must lie in [0, replicas = {self.replicas}), got {self.replica}")
         if self.parallel == "tp" and (self.workers or self.scheduler):
@@ -114,7 +117,7 @@ class TeacherConfig:
         # head_chunk_rows and threads change neither values nor draws (checked bitwise in tests); parallelism
         # changes float summation order only (tests/test_teacher_parallel.py bounds it).
         for k in ("out", "workers", "scheduler", "threads", "overwrite", "device", "head_chunk_rows", "parallel",
-                  "replica", "replicas"):
+                  "replica", "replicas", "compile"):
             d.pop(k)
         return d
 
@@ -315,7 +318,7 @@ def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict
     return {"cache": str(cache), "data": cfg.data, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
             "threads": worker_threads(cfg), "shard": shard, "codec": meta["codec"], "batch_tokens": cfg.batch_tokens,
             "head_chunk_rows": cfg.head_chunk_rows, "chunk_rows": cfg.chunk_rows, "seed": cfg.seed,
-            "revision": meta["teacher"].get("revision"), "parallel": cfg.parallel}
+            "revision": meta["teacher"].get("revision"), "parallel": cfg.parallel, "compile": cfg.compile}
 
 
 def worker_threads(cfg: TeacherConfig) -> int:

@@ -132,14 +132,6 @@ def check_head(model, head: HeadSpec, device: torch.device) -> float:
     return diff
 
 
-class NonFiniteLogits(Exception):
-    """Raised with the row (within the call) whose logits hold NaN or inf."""
-
-    def __init__(self, row: int):
-        super().__init__(row)
-        self.row = row
-
-
 # Rows per block of the statistics on CPU: ~1 MiB of float32 logits, so the block's temporaries
 # (shifted logits, their exp, one scratch buffer) stay in L2/L3 instead of streaming from DRAM on
 # every pass. Measured on a 2-core EPYC, V=16384, one thread, ns per vocabulary entry: blocks of
@@ -351,25 +343,82 @@ def sample_tail(logp: torch.Tensor, top_ids: torch.Tensor, s: int,
 
 @torch.no_grad()
 def rows_from_hidden(hidden: torch.Tensor, target_ids: torch.Tensor, head: HeadSpec, k: int, betas: torch.Tensor,
-                     chunk_rows: int, tail_samples: int = 0,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                     chunk_rows: int, tail_samples: int = 0, generator: torch.Generator | None = None,
+                     compiled: bool = False) -> dict[str, torch.Tensor]:
     """Apply the head to R target hidden states [R, H] in chunks; returns the stats of all R rows.
 
-    Raises `NonFiniteLogits(row)` for the first row whose logits are not all finite.
+    Nothing here waits for the device: a row with NaN/inf logits has a non-finite `log_normaliser`, which
+    the caller checks once the batch's results are on the host (one sync per batch, not per chunk).
+    compiled: the statistics as one `torch.compile`d function (fused kernels on a GPU; see `compiled_stats`).
     """
     parts: list[dict[str, torch.Tensor]] = []
     for a in range(0, hidden.shape[0], chunk_rows):
         z = head.logits(hidden[a: a + chunk_rows])
-        part = distribution_stats(z, target_ids[a: a + chunk_rows], k, betas, tail_samples, generator)
-        bad = ~torch.isfinite(part["log_normaliser"])  # NaN/+inf logits make it NaN (see distribution_stats)
-        if bool(bad.any()):
-            raise NonFiniteLogits(a + int(bad.nonzero()[0, 0]))
+        if compiled:
+            part = compiled_stats(z, target_ids[a: a + chunk_rows], k, betas)
+            if tail_samples:
+                part.update(sample_tail(z, part["topk_ids"], tail_samples, generator))
+        else:
+            part = distribution_stats(z, target_ids[a: a + chunk_rows], k, betas, tail_samples, generator)
         parts.append(part)
     if not parts:
         raise ValueError("rows_from_hidden needs at least one row")
     if len(parts) == 1:
         return parts[0]
     return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
+
+
+def _stats_fn(z: torch.Tensor, target_ids: torch.Tensor, k: int, betas: list[float]) -> dict[str, torch.Tensor]:
+    """`distribution_stats` (without tail draws) as one functional expression: the same formulas, written
+    without out= buffers so that torch.compile can fuse them (a GPU then makes ~3 passes over the logits
+    instead of ~13 kernel launches). Values equal the eager path to float32 rounding (tests)."""
+    z = z.float()
+    c, v = z.shape
+    # A literal K + 1, not min(K + 1, V): torch.compile (2.13, dynamic shapes) miscompiled the min on a symbolic
+    # V (measured: topk_logprobs off by 4.3 nats). K = V takes the eager path (`compiled_stats`).
+    kk = k + 1
+    tz, ti = torch.topk(z, kk, dim=-1)
+    m = tz[:, :1]
+    head_sh = tz[:, :k] - m
+    log_head = torch.log(head_sh.exp().sum(-1))
+    tgt_sh = z.gather(1, target_ids[:, None]).squeeze(1) - m[:, 0]
+    if kk > k:
+        z_t = tz[:, k:]
+        has_tail = torch.isfinite(z_t)
+        shift = torch.where(has_tail, z_t, m)
+        sh = (z - shift).clamp(min=_OUT).scatter(1, ti[:, :k], _OUT)
+        e = sh.exp()
+        s_t = e.sum(-1)
+        log_s_t = s_t.log()
+        log_tail = (shift - m)[:, 0] + log_s_t
+        log_s = torch.logaddexp(log_head, log_tail)
+        tail_lp = torch.where(has_tail[:, 0], log_tail - log_s, torch.full_like(log_s, -math.inf))
+        ent = torch.where(has_tail[:, 0], log_s_t - (e * sh).sum(-1) / s_t, torch.zeros_like(log_s))
+        shape = torch.stack([(b * sh).exp().sum(-1).log() - b * log_s_t for b in betas], -1)
+        shape = torch.where(has_tail, shape, torch.zeros_like(shape))
+    else:
+        log_s = log_head
+        tail_lp = torch.full_like(log_s, -math.inf)
+        ent = torch.zeros_like(log_s)
+        shape = torch.zeros((c, len(betas)), device=z.device)
+    return {"topk_ids": ti[:, :k], "topk_logprobs": head_sh - log_s[:, None], "tail_logprob": tail_lp,
+            "tail_entropy": ent, "tail_shape": shape, "target_logprobs": tgt_sh - log_s,
+            "log_normaliser": log_s + m[:, 0]}
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compiled_stats(z: torch.Tensor, target_ids: torch.Tensor, k: int, betas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`_stats_fn` through torch.compile (compiled once per process, dynamic shapes). Measured on CPU
+    (64 x 32,000, one thread): 3.8 ns per vocabulary entry against 4.3 for the hand-blocked eager path,
+    after ~24 s of compilation, so it is the default on CUDA only (`TeacherConfig.compile`: auto | always | never)."""
+    if z.shape[1] <= k:  # K = V: no tail, the eager path
+        return distribution_stats(z, target_ids, k, betas)
+    fn = _COMPILED.get("stats")
+    if fn is None:
+        fn = _COMPILED["stats"] = torch.compile(_stats_fn, dynamic=True)
+    return fn(z, target_ids, k, [float(b) for b in betas.tolist()])
 
 
 def auto_chunk_rows(vocab_size: int, device: torch.device | str = "cpu") -> int:

@@ -22,8 +22,7 @@ from pipeline.cache.writer import targets_sha256, write_shard
 from pipeline.errors import KdError
 from pipeline.identity import read_json
 from pipeline.models import input_device, load_causal_lm, model_vocab_size, pick_device, pick_dtype
-from pipeline.teacher_stats import (HeadSpec, NonFiniteLogits, auto_chunk_rows, check_head, head_spec,
-                                    rows_from_hidden)
+from pipeline.teacher_stats import HeadSpec, auto_chunk_rows, check_head, head_spec, rows_from_hidden
 
 log = logging.getLogger(__name__)
 
@@ -140,31 +139,52 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
     chunk_rows = job["head_chunk_rows"] or auto_chunk_rows(v, dev)
     gen = _shard_generator(job["seed"], shard["index"], head.weight.device) if s else None
     lengths = [len(x) for x in ids_list]
+    compiled = job.get("compile", "auto") == "always" or (job.get("compile", "auto") == "auto" and dev.type == "cuda")
+    host = _HostBuffers(head.weight.device)
+
+    def finish(p: tuple) -> None:
+        """Wait for batch p's copies, check its rows are finite, scatter them into the shard's arrays."""
+        batch, rb, rt, dst, out, tgt, done = p
+        if done is not None:
+            done.synchronize()
+        bad = ~np.isfinite(out["log_normaliser"].numpy())  # NaN/+inf logits (see distribution_stats)
+        if bad.any():
+            row = int(np.argmax(bad))
+            dt = str(head.weight.dtype).replace("torch.", "")
+            raise KdError(f"teacher logits are not finite for example {shard['example_start'] + batch[rb[row]]} "
+                          f"at position {int(rt[row])} (model {job['model']}, {dt})")
+        for name, arr in stats.items():
+            arr[dst] = out[name].numpy()
+        target_ids[dst] = tgt.numpy()
+        if on_rows:
+            on_rows(len(dst))
+
+    # Batch i's results are copied to pinned host memory asynchronously and scattered only after batch
+    # i + 1's forward is queued, so on a GPU the copies and the host-side work overlap compute: one wait
+    # per batch, none per head chunk.
+    pending = None
     for batch in token_budget_batches(lengths, job["batch_tokens"]):
         batch = [e for e in batch if counts[e]]
         if not batch:
             continue
         ids, att = (torch.from_numpy(a).to(dev, non_blocking=True) for a in pad_right([ids_list[e] for e in batch]))
         hidden = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state  # [B, L, H]
-        rb = torch.as_tensor(np.concatenate([np.full(counts[e], b) for b, e in enumerate(batch)]), device=dev)
-        rt = torch.as_tensor(np.concatenate([targets[e] for e in batch]), device=dev)
-        try:
-            tgt = ids[rb, rt]
-            # With device_map the last layer (and the head) may sit on another GPU than the inputs.
-            hd = hidden[rb.to(hidden.device), (rt - 1).to(hidden.device)].to(head.weight.device)
-            part = rows_from_hidden(hd, tgt.to(head.weight.device), head, k, betas, chunk_rows, s, gen)
-        except NonFiniteLogits as bad:
-            e = batch[int(rb[bad.row])]
-            dt = str(head.weight.dtype).replace("torch.", "")
-            raise KdError(f"teacher logits are not finite for example {shard['example_start'] + e} "
-                          f"at position {int(rt[bad.row])} (model {job['model']}, {dt})") from None
+        rb = np.concatenate([np.full(counts[e], b) for b, e in enumerate(batch)])
+        rt = np.concatenate([targets[e] for e in batch])
+        rb_d, rt_d = torch.as_tensor(rb, device=dev), torch.as_tensor(rt, device=dev)
+        tgt = ids[rb_d, rt_d]
+        # With device_map the last layer (and the head) may sit on another GPU than the inputs.
+        hd = hidden[rb_d.to(hidden.device), (rt_d - 1).to(hidden.device)].to(head.weight.device)
+        part = rows_from_hidden(hd, tgt.to(head.weight.device), head, k, betas, chunk_rows, s, gen, compiled)
         # The batch's rows are grouped per example in batch order: scatter them to dataset order.
         dst = np.concatenate([np.arange(offsets[e], offsets[e + 1]) for e in batch])
-        for name, arr in stats.items():
-            arr[dst] = part[name].cpu().numpy()
-        target_ids[dst] = tgt.cpu().numpy()
-        if on_rows:
-            on_rows(len(dst))
+        out, done = host.copy({**part, "target": tgt})
+        tgt_host = out.pop("target")
+        if pending is not None:
+            finish(pending)
+        pending = (batch, rb, rt, dst, out, tgt_host, done)
+    if pending is not None:
+        finish(pending)
     arrays = RowCodec(params).encode(stats, target_ids)
     info = {"dtype": str(head.weight.dtype).replace("torch.", ""), "device": dev.type,
             "targets_sha256": targets_sha256(target_ids)}
@@ -205,3 +225,32 @@ def committed_dtype(cache: Path) -> str | None:
             except KdError:
                 continue
     return None
+
+
+class _HostBuffers:
+    """Two alternating sets of pinned host buffers for a batch's results (a GPU copies into pinned memory
+    asynchronously; pageable memory would make every copy synchronous). On CPU the tensors are returned
+    as they are."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.sets: list[dict[str, torch.Tensor]] = [{}, {}]
+        self.turn = 0
+
+    def copy(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+        """(host tensors, an event to wait on before reading them, or None)."""
+        if not self.cuda:
+            return {n: t.cpu() for n, t in tensors.items()}, None
+        bufs = self.sets[self.turn]
+        self.turn ^= 1
+        out = {}
+        for n, t in tensors.items():
+            b = bufs.get(n)
+            if b is None or b.shape[0] < t.shape[0] or b.shape[1:] != t.shape[1:] or b.dtype != t.dtype:
+                b = bufs[n] = torch.empty((max(t.shape[0], 1024),) + tuple(t.shape[1:]), dtype=t.dtype,
+                                          pin_memory=True)
+            out[n] = b[: t.shape[0]]
+            out[n].copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return out, done

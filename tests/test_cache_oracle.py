@@ -260,3 +260,22 @@ def test_model_smaller_than_tokenizer_is_one_line(tmp_path, prepared_dir, vocab_
     errs = [ln for ln in res.output.splitlines() if "error:" in ln]
     assert len(errs) == 1 and f"{vocab_size - 10} output ids" in errs[0] and str(vocab_size) in errs[0]
     assert "Traceback" not in res.output and not (tmp_path / "cache").exists()
+
+
+def test_compiled_statistics_equal_the_eager_ones():
+    # The fused (torch.compile) statistics, the CUDA default, against the hand-blocked eager path on CPU:
+    # the same formulas, so equal to float32 rounding; adversarial rows included (confident, uniform, -inf).
+    from pipeline.teacher_stats import compiled_stats, distribution_stats
+
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(40, 500, generator=g)
+    z[0, 7] += 60.0  # r ~ e^-55
+    z[1] = 0.0  # uniform
+    z[2, :250] = -math.inf  # half the vocabulary impossible
+    tgt = torch.randint(250, 500, (40,), generator=g)
+    betas = torch.tensor([1.0 / t for t in TEMPS])
+    eager = distribution_stats(z, tgt, 8, betas, threads=1)
+    fused = compiled_stats(z, tgt, 8, betas)
+    assert torch.equal(eager["topk_ids"], fused["topk_ids"])
+    for name in ("topk_logprobs", "tail_logprob", "tail_entropy", "tail_shape", "target_logprobs", "log_normaliser"):
+        torch.testing.assert_close(fused[name], eager[name], rtol=1e-5, atol=2e-5, msg=name)
