@@ -222,15 +222,13 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
 
     device = pick_device(cfg.device)
     model_path = resolve_model_path(cfg.model)
+    tokenizer = _matching_tokenizer(model_path, pmeta, needed=bool(cfg.generate))  # before the weights load
     model = load_causal_lm(model_path, device, pick_dtype(cfg.dtype, device))
     check_inputs(model, pmeta, cache)  # vocabulary; with a cache: complete, same tokenizer, same data
     ctx = context_length(model)
     longest = _longest(ds)
     if ctx is not None and longest > ctx:
         raise KdError(f"{data} has an example of {longest} tokens, longer than the model's context of {ctx}")
-    tokenizer = None
-    if cfg.generate:
-        tokenizer = _matching_tokenizer(model_path, pmeta)
 
     stream = CacheStream(ds, cache, cfg.batch_size, shuffle=False, fields=EVAL_FIELDS)
     n_batches = stream.batches_in_epoch(0)
@@ -277,28 +275,35 @@ def _longest(ds: Any) -> int:
     return int(pc.max(lengths).as_py() or 0)
 
 
-def _matching_tokenizer(model_path: str, pmeta: dict[str, Any]) -> Any:
-    """The model directory's tokenizer, refused when it is not the one the data was prepared with.
+def _matching_tokenizer(model_path: str, pmeta: dict[str, Any], needed: bool) -> Any | None:
+    """The model's own tokenizer, refused (one line naming both) when it is not the one the data was prepared with.
 
-    A model directory without tokenizer files (a bare checkpoint) decodes with the tokenizer the data
-    was prepared with, which is by construction the right one.
+    Checked whenever the model directory carries a tokenizer: scores of a model on ids tokenized for
+    another vocabulary are meaningless. A hub model's tokenizer is loaded only when `needed` (to
+    decode generations). A directory without tokenizer files (a bare checkpoint) decodes with the
+    data's tokenizer, which is by construction the right one. None when not needed and not present.
     """
-    from pathlib import Path
-
-    from pipeline.identity import same_tokenizer, tokenizer_identity
+    from pipeline.identity import describe_tokenizer, same_tokenizer, tokenizer_identity
     from pipeline.models import has_tokenizer_files, load_tokenizer
 
-    local = Path(model_path)
-    has_own = not local.is_dir() or has_tokenizer_files(local)
-    source = model_path if has_own else pmeta["tokenizer"]["name"]
+    local = Path(model_path).expanduser()
+    if has_tokenizer_files(local) if local.is_dir() else needed:
+        try:
+            tok = load_tokenizer(model_path)
+        except KdError as e:
+            raise KdError(f"--generate needs a tokenizer to decode with: {e}" if needed else str(e)) from None
+        own = tokenizer_identity(tok, model_path)
+        if not same_tokenizer(own, pmeta["tokenizer"]):
+            raise KdError(f"the model's tokenizer {describe_tokenizer(own)} is not the one the data was prepared "
+                          f"with, {describe_tokenizer(pmeta['tokenizer'])}: its scores on these ids would be "
+                          "meaningless; prepare the data with the model's tokenizer")
+        return tok
+    if not needed:
+        return None
     try:
-        tok = load_tokenizer(source)
+        return load_tokenizer(pmeta["tokenizer"]["name"])
     except KdError as e:
         raise KdError(f"--generate needs a tokenizer to decode with: {e}") from None
-    if not same_tokenizer(tokenizer_identity(tok, model_path), pmeta["tokenizer"]):
-        raise KdError(f"the tokenizer in {model_path} differs from the one the data was prepared with "
-                      f"({pmeta['tokenizer']['name']}); generations would be decoded wrongly")
-    return tok
 
 
 def summary_line(r: dict[str, Any], out: str) -> str:

@@ -37,11 +37,11 @@ from pipeline.errors import Interrupted, KdError
 from pipeline.interrupts import StopRequest
 from pipeline.kd_loss import gate_generator, kd_terms
 from pipeline.metrics import MetricsLog
-from pipeline.models import load_tokenizer, pick_device
+from pipeline.models import pick_device, set_special_token_ids
 from pipeline.ownership import TRAIN, remove_owned
 from pipeline.prepare import load_prepared, prepared_meta
 from pipeline.stream import CacheStream, MicroBatch
-from pipeline.student import TargetLogits, build_student, check_inputs
+from pipeline.student import TargetLogits, build_student, check_inputs, student_tokenizer
 from pipeline.train_config import TrainConfig
 from pipeline.train_state import (TrainState, continuing, read_state, refused, settings_digest, train_inputs,
                                   write_record)
@@ -109,6 +109,11 @@ class Trainer:
                          if self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else nullcontext())
         self.model = build_student(cfg.student, cfg.student_config, self.device, cfg.seed)
         check_inputs(self.model, self.pmeta, self.cache)
+        # The student's own tokenizer (refused unless it is the data's) is saved with it, and its bos/eos/pad
+        # ids go into config.json and generation_config.json of every checkpoint and of final/.
+        self.tokenizer = student_tokenizer(cfg.student, self.pmeta["tokenizer"])
+        if self.tokenizer is not None:
+            set_special_token_ids(self.model, self.tokenizer)
         if cfg.distills and cfg.gate == "topk" and cfg.gate_k > self.cache.k:
             raise KdError(f"gate_k {cfg.gate_k} exceeds the cache's K = {self.cache.k}: the gate can only verify "
                           f"against cached ids (use --gate-k <= {self.cache.k} or a cache with a larger --top-k)")
@@ -422,7 +427,7 @@ class Trainer:
         save_config(self.cfg, self.out / "config.yaml")
 
     def _save_final(self) -> None:
-        """OUT/final: a Hugging Face model directory with the tokenizer, written then renamed.
+        """OUT/final: a Hugging Face model directory with the student's tokenizer, written then renamed.
 
         Its kdcache_train.json carries the settings digest and inputs, so a student started from this
         model (`init_from`) is retrained when this one is retrained with other settings.
@@ -431,10 +436,8 @@ class Trainer:
         tmp = self.out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
-        try:
-            load_tokenizer(self.pmeta["tokenizer"]["name"]).save_pretrained(tmp)
-        except KdError as e:
-            log.warning("final model saved without tokenizer: %s", e)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
         (tmp / "kdcache_train.json").write_text(json.dumps(
             {"steps": self.step, "data": self.data_path, "cache": self.cfg.cache,
              "tokenizer": self.pmeta["tokenizer"], "settings_sha256": settings_digest(self.cfg),
