@@ -187,6 +187,44 @@ def generate_examples(model: Any, tokenizer: Any, ds: Any, n: int, extra_new_tok
     return out
 
 
+# ---- the figures over a whole split ---------------------------------------------------------
+def score(model: Any, ds: Any, cache: Any | None, batch_size: int, device: torch.device, autocast: Any = None,
+          progress: bool = False) -> dict[str, Any]:
+    """ce, ppl (and with `cache`: teacher_top1_agreement, fkl_to_teacher) of `model` over every target of `ds`.
+
+    The figures of eval.json; training's held-out evaluation (`pipeline.train_eval`) calls this too.
+    `model` is used as it is (put it in eval mode first); `autocast` wraps the forward passes.
+    """
+    from contextlib import nullcontext
+
+    from pipeline.stream import CacheStream
+    from pipeline.student import TargetLogits
+
+    stream = CacheStream(ds, cache, batch_size, shuffle=False, fields=EVAL_FIELDS)
+    n_batches = stream.batches_in_epoch(0)
+    net = TargetLogits(model)
+    totals = Totals(cache.vocab_size if cache is not None else None)
+    batches = iter(stream)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_batches, desc="eval", unit="batch", leave=False)
+    try:
+        for _ in range(n_batches):
+            mb = next(batches).to(device)
+            with torch.no_grad(), autocast or nullcontext():
+                logits = net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
+            totals.add(logits, mb.target_ids, mb.cache)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        batches.close()  # stops the stream's reader threads now, not at garbage collection
+        if bar is not None:
+            bar.close()
+    return totals.result(cache is not None)
+
+
 # ---- the stage -----------------------------------------------------------------------------
 def resolve_model_path(model: str) -> str:
     """A training run directory stands for its final/ model; anything else is used as given."""
@@ -201,8 +239,7 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     from pipeline.cache import open_cache
     from pipeline.models import context_length, load_causal_lm, pick_device, pick_dtype
     from pipeline.prepare import load_prepared, prepared_meta
-    from pipeline.stream import CacheStream
-    from pipeline.student import TargetLogits, check_inputs
+    from pipeline.student import check_inputs
 
     if not cfg.out:
         raise KdError("no output directory given (--out DIR)")
@@ -230,30 +267,10 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     if ctx is not None and longest > ctx:
         raise KdError(f"{data} has an example of {longest} tokens, longer than the model's context of {ctx}")
 
-    stream = CacheStream(ds, cache, cfg.batch_size, shuffle=False, fields=EVAL_FIELDS)
-    n_batches = stream.batches_in_epoch(0)
-    net = TargetLogits(model).eval()
-    totals = Totals(cache.vocab_size if cache is not None else None)
-    batches = iter(stream)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_batches, desc="eval", unit="batch", leave=False)
-    try:
-        for _ in range(n_batches):
-            mb = next(batches).to(device)
-            with torch.no_grad():
-                logits = net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
-            totals.add(logits, mb.target_ids, mb.cache)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    figures = score(model, ds, cache, cfg.batch_size, device, progress=progress)
 
     result: dict[str, Any] = {"model": cfg.model, "data": str(data), "cache": cfg.cache or None,
-                              "examples": len(ds), **totals.result(cache is not None)}
+                              "examples": len(ds), **figures}
     if cfg.generate:
         gens = generate_examples(model, tokenizer, ds, cfg.generate, cfg.extra_new_tokens, device, ctx, progress)
         scores = score_generations([g["reference"] for g in gens], [g["generation"] for g in gens])

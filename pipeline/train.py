@@ -31,20 +31,23 @@ import torch
 
 from pipeline.adakd import LATF
 from pipeline.cache import open_cache
-from pipeline.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from pipeline.config import save_config
+from pipeline.checkpoint import (latest_checkpoint, load_state, recover_dir, replace_dir, rng_state, save_checkpoint,
+                                 set_rng_state)
+from pipeline.config import save_config, to_dict
 from pipeline.errors import Interrupted, KdError
 from pipeline.interrupts import StopRequest
 from pipeline.kd_loss import gate_generator, kd_terms
-from pipeline.metrics import MetricsLog
+from pipeline.identity import write_json
+from pipeline.metrics import MetricsLog, check_reporters
 from pipeline.models import pick_device, set_special_token_ids
 from pipeline.ownership import TRAIN, remove_owned
 from pipeline.prepare import load_prepared, prepared_meta
 from pipeline.stream import CacheStream, MicroBatch
 from pipeline.student import TargetLogits, build_student, check_inputs, student_tokenizer
 from pipeline.train_config import TrainConfig
-from pipeline.train_state import (TrainState, continuing, read_state, refused, settings_digest, train_inputs,
-                                  write_record)
+from pipeline.train_eval import BEST_DIR, Best, HeldOut, write_best
+from pipeline.train_state import (TrainState, continuing, read_state, refused, settings_digest,
+                                  train_inputs, write_record)
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,9 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
     return f
+
+
+SUMMARY_FILENAME = "train_summary.json"  # the end-of-run summary, read by `kdcache report`
 
 
 def _dist() -> tuple[int, int]:
@@ -95,6 +101,7 @@ class Trainer:
             raise KdError("no output directory given (--out DIR)")
         self.out = Path(cfg.out)
         self.rank, self.world = _dist()
+        check_reporters(cfg.report_to)  # before anything is loaded: a missing tracker is a one-line error
         self.cache = open_cache(cfg.cache) if cfg.cache else None
         data = cfg.data or (self.cache.meta["data"]["path"] if self.cache else "")
         if not data:
@@ -110,10 +117,15 @@ class Trainer:
         self.model = build_student(cfg.student, cfg.student_config, self.device, cfg.seed)
         check_inputs(self.model, self.pmeta, self.cache)
         # The student's own tokenizer (refused unless it is the data's) is saved with it, and its bos/eos/pad
-        # ids go into config.json and generation_config.json of every checkpoint and of final/.
+        # ids go into config.json and generation_config.json of every checkpoint, best/ and final/.
         self.tokenizer = student_tokenizer(cfg.student, self.pmeta["tokenizer"])
         if self.tokenizer is not None:
             set_special_token_ids(self.model, self.tokenizer)
+        self.held_out = (HeldOut(cfg.eval_data, cfg.eval_cache, cfg.batch_size, self.model, self.pmeta["tokenizer"])
+                         if cfg.eval_every and self.rank == 0 else None)
+        self.best = Best(cfg.best_metric)
+        self.held_out_last: dict[str, Any] | None = None  # the latest held-out figures, for the model card
+        self.tokens_seen, self.train_seconds, self.eval_seconds = 0, 0.0, 0.0  # over the whole run, resumes included
         if cfg.distills and cfg.gate == "topk" and cfg.gate_k > self.cache.k:
             raise KdError(f"gate_k {cfg.gate_k} exceeds the cache's K = {self.cache.k}: the gate can only verify "
                           f"against cached ids (use --gate-k <= {self.cache.k} or a cache with a larger --top-k)")
@@ -292,7 +304,9 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(self.gen), "reader": self.stream.state_dict(),
-                "latf": self.latf.state_dict() if self.latf else None, "total_steps": self.total}
+                "latf": self.latf.state_dict() if self.latf else None, "total_steps": self.total,
+                "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "best": self.best.state_dict(), "held_out_last": self.held_out_last}
 
     def resume_from(self, path: Path) -> None:
         from pipeline.models import load_causal_lm
@@ -310,6 +324,12 @@ class Trainer:
             self.latf.load_state_dict(st["latf"])
         set_rng_state(st["rng"], self.gen)
         self.step = st["step"]
+        # Checkpoints written before these were recorded resume their counts from 0.
+        self.tokens_seen = int(st.get("tokens_seen", 0))
+        self.train_seconds, self.eval_seconds = float(st.get("train_seconds", 0.0)), float(st.get("eval_seconds", 0.0))
+        self.best.load_state_dict(st.get("best"))
+        self.held_out_last = st.get("held_out_last")
+        recover_dir(self.out / BEST_DIR)
 
     def run(self, progress: bool = False, echo: Callable[[str], None] | None = None,
             state: TrainState | None = None) -> dict[str, Any]:
@@ -342,7 +362,8 @@ class Trainer:
             say("--overwrite: retraining from scratch" if cfg.overwrite
                 else continuing(replace(state, checkpoint_step=None), self.total))
         resume_step = self.step if ckpt is not None else None
-        metrics = MetricsLog(self.out, resume_step, cfg.tensorboard) if self.rank == 0 else None
+        metrics = (MetricsLog(self.out, resume_step, cfg.report_to, run_config=to_dict(cfg))
+                   if self.rank == 0 else None)
         stop_at = min(self.total, self.step + cfg.stop_after) if cfg.stop_after else self.total
         bar = None
         if progress and self.rank == 0:
@@ -350,7 +371,7 @@ class Trainer:
 
             bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", leave=False)
         it = iter(self.stream)
-        t_start, tokens_seen, last = time.perf_counter(), 0, {}
+        last: dict[str, Any] = {}
         stop = StopRequest.install()  # Ctrl-C ends the current step, then checkpoints (see interrupts.py)
         try:
             while self.step < stop_at:
@@ -359,8 +380,12 @@ class Trainer:
                 row = self.train_step(mbs)
                 self.step += 1
                 ntok = sum(int(mb.attention_mask.sum()) for mb in mbs) * self.world
-                tokens_seen += ntok
-                row = {"step": self.step, **row, "tokens_per_s": ntok / max(time.perf_counter() - t0, 1e-9)}
+                dt = time.perf_counter() - t0
+                self.tokens_seen += ntok
+                self.train_seconds += dt
+                row = {"step": self.step, **row, "tokens_per_s": ntok / max(dt, 1e-9), "tokens_seen": self.tokens_seen}
+                if self.held_out is not None and (self.step % cfg.eval_every == 0 or self.step == self.total):
+                    row.update(self._evaluate_held_out())
                 last = row
                 if metrics:
                     metrics.write(row)
@@ -398,9 +423,32 @@ class Trainer:
         if interrupted:
             raise Interrupted(self._interrupted(f"interrupted at step {self.step} of {self.total}; its weights are "
                                                 "not finite, so it was not checkpointed"))
-        elapsed = time.perf_counter() - t_start
-        return {"out": str(self.out), "steps": self.step, "total_steps": self.total, "finished": self.step >= self.total,
-                "last": last, "seconds": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+        summary = {"out": str(self.out), "steps": self.step, "total_steps": self.total,
+                   "finished": self.step >= self.total, "last": last, **self._totals()}
+        if self.rank == 0:
+            write_json(self.out / SUMMARY_FILENAME, summary)  # the report's throughput, among others
+        return summary
+
+    def _totals(self) -> dict[str, Any]:
+        """Throughput and counts over the whole run (resumes included): total tokens / total step time."""
+        return {"tokens_seen": self.tokens_seen, "seconds": self.train_seconds,
+                "tokens_per_s": self.tokens_seen / self.train_seconds if self.train_seconds > 0 else 0.0,
+                "eval_seconds": self.eval_seconds, "best": self.best.state_dict() if self.held_out else None}
+
+    def _evaluate_held_out(self) -> dict[str, Any]:
+        """Score the held-out split now; keep OUT/best when `best_metric` improved. Returns the row's eval_ keys."""
+        t0 = time.perf_counter()
+        figures = self.held_out.score(self.model, self.device, self.autocast)
+        value = figures.get(self.cfg.best_metric)
+        if self.best.improves(value):
+            self.best.update(value, self.step)
+            write_best(self.out, self.model, self.tokenizer,
+                       {"step": self.step, "metric": self.best.metric, "value": value, "figures": figures,
+                        "data": self.held_out.data, "cache": self.cfg.eval_cache or None})
+        self.held_out_last = {"step": self.step, "data": self.held_out.data, "cache": self.cfg.eval_cache or None,
+                              **figures}
+        self.eval_seconds += time.perf_counter() - t0
+        return {f"eval_{k}": v for k, v in figures.items()}
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         """Whether any rank got Ctrl-C: ranks must stop at the same step or the next all-reduce hangs."""
@@ -427,12 +475,12 @@ class Trainer:
         save_config(self.cfg, self.out / "config.yaml")
 
     def _save_final(self) -> None:
-        """OUT/final: a Hugging Face model directory with the student's tokenizer, written then renamed.
+        """OUT/final: a Hugging Face model directory with the student's tokenizer, written under final.tmp and
+        swapped in.
 
         Its kdcache_train.json carries the settings digest and inputs, so a student started from this
         model (`init_from`) is retrained when this one is retrained with other settings.
         """
-        final = self.out / "final"
         tmp = self.out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
@@ -442,8 +490,7 @@ class Trainer:
             {"steps": self.step, "data": self.data_path, "cache": self.cfg.cache,
              "tokenizer": self.pmeta["tokenizer"], "settings_sha256": settings_digest(self.cfg),
              "inputs": train_inputs(self.cfg)}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        replace_dir(tmp, self.out / "final")
 
 
 def _ranges(ids: list[int]) -> str:
@@ -487,5 +534,8 @@ def summary_line(s: dict[str, Any]) -> str:
         parts.append(f"loss {last['loss']:.4f}")
         if "tar" in last:
             parts.append(f"TAR {last['tar']:.3f}")
+    b = s.get("best")
+    if b and b.get("value") is not None:
+        parts.append(f"best held-out {b['metric']} {b['value']:.4f} at step {b['step']}")
     parts.append(f"-> {s['out']}/{'final' if s['finished'] else 'checkpoints'}")
     return ", ".join(parts)
