@@ -281,6 +281,9 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     write_json(out / EVAL_FILENAME, result)
+    from pipeline.model_card import refresh_card
+
+    refresh_card(model_path, {**result, "eval_json": str(out / EVAL_FILENAME)})  # a kdcache-trained model only
     return result
 
 

@@ -46,7 +46,7 @@ from pipeline.stream import CacheStream, MicroBatch
 from pipeline.student import TargetLogits, build_student, check_inputs, student_tokenizer
 from pipeline.train_config import TrainConfig
 from pipeline.train_eval import BEST_DIR, Best, HeldOut, write_best
-from pipeline.train_state import (TrainState, continuing, read_state, refused, settings_digest,
+from pipeline.train_state import (IGNORED_KEYS, TrainState, continuing, read_state, refused, settings_digest,
                                   train_inputs, write_record)
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,10 @@ class Trainer:
         self.out = Path(cfg.out)
         self.rank, self.world = _dist()
         check_reporters(cfg.report_to)  # before anything is loaded: a missing tracker is a one-line error
+        if cfg.push_to_hub and self.rank == 0:
+            from pipeline.hub import check_can_push
+
+            check_can_push(cfg.push_to_hub)
         self.cache = open_cache(cfg.cache) if cfg.cache else None
         data = cfg.data or (self.cache.meta["data"]["path"] if self.cache else "")
         if not data:
@@ -427,6 +431,8 @@ class Trainer:
                    "finished": self.step >= self.total, "last": last, **self._totals()}
         if self.rank == 0:
             write_json(self.out / SUMMARY_FILENAME, summary)  # the report's throughput, among others
+            if summary["finished"] and cfg.push_to_hub:
+                summary["pushed"] = push_final(self.out, cfg.push_to_hub)
         return summary
 
     def _totals(self) -> dict[str, Any]:
@@ -475,21 +481,27 @@ class Trainer:
         save_config(self.cfg, self.out / "config.yaml")
 
     def _save_final(self) -> None:
-        """OUT/final: a Hugging Face model directory with the student's tokenizer, written under final.tmp and
-        swapped in.
+        """OUT/final: a Hugging Face model directory with the student's tokenizer and model card, written
+        under final.tmp and swapped in.
 
         Its kdcache_train.json carries the settings digest and inputs, so a student started from this
-        model (`init_from`) is retrained when this one is retrained with other settings.
+        model (`init_from`) is retrained when this one is retrained with other settings, and what the
+        card says (`pipeline.model_card`).
         """
+        from pipeline.model_card import card_record, write_card
+
         tmp = self.out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp)
-        (tmp / "kdcache_train.json").write_text(json.dumps(
-            {"steps": self.step, "data": self.data_path, "cache": self.cfg.cache,
-             "tokenizer": self.pmeta["tokenizer"], "settings_sha256": settings_digest(self.cfg),
-             "inputs": train_inputs(self.cfg)}, indent=2))
+        record = {"steps": self.step, "data": self.data_path, "cache": self.cfg.cache,
+                  "tokenizer": self.pmeta["tokenizer"], "settings_sha256": settings_digest(self.cfg),
+                  "inputs": train_inputs(self.cfg),
+                  **card_record(self.cfg, IGNORED_KEYS, self.step, self.tokens_seen,
+                                self.cache if self.cfg.distills else None, self.pmeta, self.held_out_last)}
+        (tmp / "kdcache_train.json").write_text(json.dumps(record, indent=2))
+        write_card(tmp, self.out.resolve().name)
         replace_dir(tmp, self.out / "final")
 
 
@@ -509,12 +521,25 @@ def train(cfg: TrainConfig, progress: bool = False, echo: Callable[[str], None] 
     """Train a student per `cfg`; returns a summary dict (`skipped` when OUT/final is already done).
 
     A finished run is recognised before the model and data are loaded, so re-running a finished
-    command costs nothing.
+    command costs nothing (with --push-to-hub it pushes final/: the way to retry a failed upload).
     """
     state = read_state(Path(cfg.out), cfg) if cfg.out else None
     if state is not None and state.kind == "final" and not (cfg.overwrite or cfg.resume):
-        return skipped_summary(Path(cfg.out), state)
+        summary = skipped_summary(Path(cfg.out), state)
+        if cfg.push_to_hub:
+            from pipeline.hub import check_can_push
+
+            check_can_push(cfg.push_to_hub)
+            summary["pushed"] = push_final(Path(cfg.out), cfg.push_to_hub)
+        return summary
     return Trainer(cfg).run(progress=progress, echo=echo, state=state)
+
+
+def push_final(out: Path, repo: str) -> str:
+    """Upload OUT/final to the Hub repo `repo` (see `pipeline.hub`); returns its URL."""
+    from pipeline.hub import push
+
+    return push(out / "final", repo, f"kdcache train: {out.resolve().name}")
 
 
 def skipped_summary(out: Path, state: TrainState) -> dict[str, Any]:
@@ -527,7 +552,8 @@ def skipped_summary(out: Path, state: TrainState) -> dict[str, Any]:
 def summary_line(s: dict[str, Any]) -> str:
     """One line for the end of `kdcache train`."""
     if s.get("skipped"):
-        return f"train: {s['out']}/final is complete for these settings ({s['steps']} steps); nothing to do"
+        pushed = f"; pushed to {s['pushed']}" if s.get("pushed") else ""
+        return f"train: {s['out']}/final is complete for these settings ({s['steps']} steps); nothing to do{pushed}"
     last = s["last"]
     parts = [f"train: {s['steps']}/{s['total_steps']} steps in {s['seconds']:.1f}s ({s['tokens_per_s']:,.0f} tok/s)"]
     if last:
@@ -538,4 +564,6 @@ def summary_line(s: dict[str, Any]) -> str:
     if b and b.get("value") is not None:
         parts.append(f"best held-out {b['metric']} {b['value']:.4f} at step {b['step']}")
     parts.append(f"-> {s['out']}/{'final' if s['finished'] else 'checkpoints'}")
+    if s.get("pushed"):
+        parts.append(f"pushed to {s['pushed']}")
     return ", ".join(parts)

@@ -62,12 +62,13 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bfloat16 autocast on GPU, float32 on CPU
     read_threads: int = 2
     overwrite: bool = False
-    # --- tracking and held-out evaluation ---
+    # --- tracking, held-out evaluation, publishing ---
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb; metrics.jsonl always
     eval_every: int = 0  # held-out evaluation every N steps and at the end (0: none)
     eval_data: str = ""  # prepared held-out split; may be omitted when eval_cache records it
     eval_cache: str = ""  # teacher cache of eval_data: adds teacher_top1_agreement and fkl_to_teacher
     best_metric: str = "ce"  # OUT/best keeps the model with the best held-out value of this figure
+    push_to_hub: str = ""  # OWNER/NAME: upload final/ to the Hugging Face Hub when training ends
 
     def __post_init__(self) -> None:
         for name, allowed in (("loss", LOSSES), ("tail", TAILS), ("gate", GATES), ("schedule", SCHEDULES),
@@ -99,6 +100,10 @@ class TrainConfig:
         if self.eval_every and self.best_metric != "ce" and not self.eval_cache:
             raise KdError(f"--best-metric {self.best_metric} compares with the teacher: it needs --eval-cache "
                           "(a teacher cache of the held-out split)")
+        if self.push_to_hub:
+            from pipeline.hub import check_repo_id
+
+            check_repo_id(self.push_to_hub)
         if self.tail == "sampled" and self.loss != "fkl":
             raise KdError("tail 'sampled' is defined for loss fkl only (its gradient is the unbiased one)")
         if self.tail == "sampled" and (self.idts or self.temperature != 1.0):

@@ -33,7 +33,8 @@ from pipeline.identity import read_json
 RECORD = "kdcache_train.json"
 # Keys that say how to run, not what to compute: changing them never makes a run "other".
 # (tensorboard: the switch --report-to replaced, still in configs saved before it.)
-IGNORED_KEYS = ("resume", "overwrite", "stop_after", "save_every", "read_threads", "report_to", "tensorboard")
+IGNORED_KEYS = ("resume", "overwrite", "stop_after", "save_every", "read_threads", "report_to", "push_to_hub",
+                "tensorboard")
 _INPUT_NAMES = {"data": "prepared data", "cache": "teacher cache", "student": "init_from model"}
 
 

@@ -65,6 +65,8 @@ T = TrainConfig
          help="Teacher cache of --eval-data: adds teacher_top1_agreement and fkl_to_teacher.")
 @setting(T, "--best-metric", type=click.Choice(BEST_METRICS),
          help="Held-out figure that picks OUT/best (ce and fkl_to_teacher: lower is better; agreement: higher).")
+@setting(T, "--push-to-hub", metavar="OWNER/NAME", show="no upload",
+         help="Upload OUT/final (model, tokenizer, model card) to this Hugging Face Hub repo when training ends.")
 @setting(T, "--overwrite", is_flag=True, help="Start over in --out (removes only what train wrote there; anything "
                                               "else refuses).")
 @config_options
