@@ -70,8 +70,9 @@ TRAIN = Layout("train", "a training run directory", ("kdcache_train.json", "metr
                + ("metrics.jsonl", "checkpoints/step_[0-9]*", "final", "final.tmp", "final.old", "best", "best.tmp",
                   "best.old", "tensorboard", "wandb")
                + tuple(f"eval/{p}" for p in EVAL.owned))
-REPORT_PLOTS = ("loss.png", "tar.png", "focus_ratio.png", "temperatures.png", "cache_entropy.png",
-                "cache_tail_mass.png")
+# loss.png: the single mixed-loss curve of reports made before losses.png; listed so a re-run removes it.
+REPORT_PLOTS = ("heldout.png", "losses.png", "loss.png", "tar.png", "focus_ratio.png", "temperatures.png",
+                "cache_entropy.png", "cache_tail_mass.png")
 REPORT = Layout("report", "a report directory", ("report.md",), _atomic("report.md", "config.yaml") + REPORT_PLOTS)
 
 LAYOUTS = (PREPARE, TEACHER, TRAIN, EVAL, REPORT)
