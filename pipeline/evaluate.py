@@ -283,7 +283,8 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     write_json(out / EVAL_FILENAME, result)
     from pipeline.model_card import refresh_card
 
-    refresh_card(model_path, {**result, "eval_json": str(out / EVAL_FILENAME)})  # a kdcache-trained model only
+    if refresh_card(model_path, {**result, "eval_json": str(out / EVAL_FILENAME)}):  # a kdcache-trained model only
+        log.info("eval: added these figures to the model card %s", Path(model_path) / "README.md")
     return result
 
 

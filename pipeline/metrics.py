@@ -69,9 +69,10 @@ class MetricsLog:
         if "wandb" in report_to:
             import wandb
 
+            # quiet: W&B's run summary would bury the stage's own summary line (the JSONL has it all).
             self._wandb = wandb.init(dir=str(out), project=os.environ.get("WANDB_PROJECT", "kdcache"),
                                      mode=os.environ.get("WANDB_MODE", "offline"), name=out.resolve().name,
-                                     config=run_config or {})
+                                     config=run_config or {}, settings=wandb.Settings(quiet=True))
 
     def write(self, row: dict[str, Any]) -> None:
         self._f.write(json.dumps(row) + "\n")

@@ -454,7 +454,7 @@ class Trainer:
         self.held_out_last = {"step": self.step, "data": self.held_out.data, "cache": self.cfg.eval_cache or None,
                               **figures}
         self.eval_seconds += time.perf_counter() - t0
-        return {f"eval_{k}": v for k, v in figures.items()}
+        return {f"eval_{k}": v for k, v in figures.items() if k != "targets"}  # a count, the same every time
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         """Whether any rank got Ctrl-C: ranks must stop at the same step or the next all-reduce hangs."""
