@@ -14,7 +14,8 @@ Writes OUT/eval.json and OUT/config.yaml. Figures, all over every target positio
   template's opening of the assistant turn).
 
 Examples are batched (right padding) in dataset order and the output head runs only at target
-positions (`TargetLogits`), so peak memory is about targets-per-batch x vocabulary x 4 bytes; the
+positions and a chunk of rows at a time (`TargetLogits.hidden`, `HeadSpec.logits`), so peak memory does
+not grow with targets-per-batch x vocabulary; the
 metrics are then computed in float64 over row chunks of at most `ROW_CHUNK_ELEMENTS` logits.
 """
 
@@ -197,12 +198,16 @@ def score(model: Any, ds: Any, cache: Any | None, batch_size: int, device: torch
     """
     from contextlib import nullcontext
 
+    from pipeline.models import model_vocab_size
     from pipeline.stream import CacheStream
     from pipeline.student import TargetLogits
+    from pipeline.teacher_stats import head_spec
 
     stream = CacheStream(ds, cache, batch_size, shuffle=False, fields=EVAL_FIELDS)
     n_batches = stream.batches_in_epoch(0)
     net = TargetLogits(model)
+    head = head_spec(model, model_vocab_size(model))
+    chunk = max(1, ROW_CHUNK_ELEMENTS // model_vocab_size(model))
     totals = Totals(cache.vocab_size if cache is not None else None)
     batches = iter(stream)
     bar = None
@@ -214,8 +219,12 @@ def score(model: Any, ds: Any, cache: Any | None, batch_size: int, device: torch
         for _ in range(n_batches):
             mb = next(batches).to(device)
             with torch.no_grad(), autocast or nullcontext():
-                logits = net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
-            totals.add(logits, mb.target_ids, mb.cache)
+                hidden = net.hidden(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
+                # The head runs a chunk of rows at a time: no [N, V] logits tensor (V = 151,936 x 16k targets
+                # would be 10 GB per copy).
+                for a in range(0, hidden.shape[0], chunk):
+                    part = {k: v[a: a + chunk] for k, v in mb.cache.items()} if mb.cache is not None else None
+                    totals.add(head.logits(hidden[a: a + chunk], fp32=False), mb.target_ids[a: a + chunk], part)
             if bar is not None:
                 bar.update(1)
     finally:

@@ -89,12 +89,38 @@ def speckd_gate(
     rule: topk (ŷ among the first gate_k cached ids), spec (u < min(1, p(ŷ)/q(ŷ)), u ~ U(0,1) from
     `generator`), threshold (p(ŷ) >= threshold). Weight: 1 if accepted else reject_weight.
     """
+    y = propose(logits, proposal, generator)
+    logq = torch.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).squeeze(1) if rule == "spec" else None
+    return verify(y, logq, topk_ids, topk_logprobs, tail_logprob, vocab_size, rule=rule, gate_k=gate_k,
+                  threshold=threshold, reject_weight=reject_weight, generator=generator)
+
+
+@torch.no_grad()
+def verify(
+    proposal: Tensor,
+    log_q_proposal: Tensor | None,
+    topk_ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    vocab_size: int,
+    rule: str = "topk",
+    gate_k: int | None = None,
+    threshold: float | None = None,
+    reject_weight: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> GateResult:
+    """The verify half of the gate, from proposals already made (so proposals can be made chunk by chunk
+    from logits that are never all in memory: `pipeline.chunked_loss`).
+
+    proposal [N] int64, log_q_proposal [N] = log q(ŷ) at T = 1 (the spec rule only; None otherwise), cache
+    fields as in `speckd_gate`. The spec rule's N uniforms are drawn here, after the proposals' draws.
+    """
     if rule not in RULES:
         raise ValueError(f"unknown gate rule {rule!r}; choose one of {RULES}")
     if not 0.0 <= reject_weight <= 1.0:
         raise ValueError(f"reject_weight must lie in [0, 1], got {reject_weight}")
     k = topk_ids.shape[1]
-    y = propose(logits, proposal, generator)
+    y = proposal
     if rule == "topk":
         kv = k if gate_k is None else gate_k
         if not 1 <= kv <= k:
@@ -107,10 +133,11 @@ def speckd_gate(
                 raise ValueError("rule 'threshold' needs a threshold τ (accept iff p(ŷ) >= τ)")
             accepted = p >= threshold
         else:
-            logq = torch.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).squeeze(1)
-            q = logq.exp()
+            if log_q_proposal is None:
+                raise ValueError("rule 'spec' needs log q of the proposals")
+            q = log_q_proposal.float().exp()
             ratio = torch.where(q > 0, p / q.clamp_min(torch.finfo(q.dtype).tiny), torch.ones_like(p))
-            u = torch.rand(y.shape[0], generator=generator, device=logits.device)
+            u = torch.rand(y.shape[0], generator=generator, device=y.device)
             accepted = u < ratio.clamp(max=1.0)
     weight = torch.where(accepted, 1.0, reject_weight).to(torch.float32)
     return GateResult(accepted=accepted, weight=weight, proposal=y)

@@ -80,12 +80,25 @@ class TargetLogits(torch.nn.Module):
         super().__init__()
         self.model = model
 
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tgt_b: torch.Tensor,
+               tgt_t: torch.Tensor) -> torch.Tensor:
+        """[N, H]: the final hidden state that predicts each target (for a head applied in chunks)."""
+        return target_hidden(self.model, input_ids, attention_mask, tgt_b, tgt_t)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tgt_b: torch.Tensor,
                 tgt_t: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # The same head transform as the teacher pass (bias, Cohere/Granite scaling, Gemma soft-cap),
         # over every row of the (possibly padded) student head. Built per call: it only holds references.
-        return head_spec(self.model, model_vocab_size(self.model)).logits(hidden[tgt_b, tgt_t - 1], fp32=False)
+        hidden = target_hidden(self.model, input_ids, attention_mask, tgt_b, tgt_t)
+        return head_spec(self.model, model_vocab_size(self.model)).logits(hidden, fp32=False)
+
+
+def target_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, tgt_b: torch.Tensor,
+                  tgt_t: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [N, H] at the N targets: token t is predicted from position t - 1 (input_ids,
+    attention_mask [B, L]; tgt_b, tgt_t [N])."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return out[tgt_b, tgt_t - 1]
 
 
 def check_inputs(model: Any, prepared_meta: dict[str, Any], cache: Any | None) -> None:

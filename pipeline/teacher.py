@@ -59,7 +59,7 @@ class TeacherConfig:
     scheduler: str = ""  # address of an existing Dask scheduler
     threads: int = 0  # torch threads per process; 0 = all cores (one process) or cores // workers (local Dask)
     seed: int = 0
-    clevel: int = 5
+    clevel: int = 9
     overwrite: bool = False
 
     def __post_init__(self) -> None:

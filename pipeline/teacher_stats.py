@@ -40,7 +40,7 @@ class HeadSpec:
     scale: float | None = None
 
     def logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
-        """[C, H] hidden states -> [C, vocab_size] float32 logits.
+        """[C, H] hidden states -> [C, vocab_size] float32 logits: `transform(product(hidden))`.
 
         fp32=True (the teacher pass): a bf16/fp16 head is multiplied into float32 logits instead of
         rounding them to 16 bits (at |z| ~ 20 a bf16 logit is off by up to 0.06 nats, more than the
@@ -49,6 +49,10 @@ class HeadSpec:
         slices of `_UPCAST_ROWS` ids, so the float32 copy never exceeds one slice.
         fp32=False (the student, under autocast): the plain product in the working dtype, then float32.
         """
+        return self.transform(self.product(hidden, fp32))
+
+    def product(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """[C, H] -> [C, vocab_size] float32: hidden @ W.T + bias, before any scaling or soft-capping."""
         w = self.weight[: self.vocab_size]
         if not fp32 or (w.dtype == torch.float32 and hidden.dtype == torch.float32):
             z = (hidden @ w.T).float()
@@ -56,6 +60,10 @@ class HeadSpec:
             z = _fp32_product(hidden, w)
         if self.bias is not None:
             z = z + self.bias[: self.vocab_size].float()
+        return z
+
+    def transform(self, z: torch.Tensor) -> torch.Tensor:
+        """The model's own logit transform on a product: Cohere/Granite scaling, then Gemma-2 soft-capping."""
         if self.scale is not None:
             z = z * self.scale
         if self.softcap is not None:

@@ -36,14 +36,15 @@ from pipeline.checkpoint import (latest_checkpoint, load_state, recover_dir, rep
 from pipeline.config import save_config, to_dict
 from pipeline.errors import Interrupted, KdError
 from pipeline.interrupts import StopRequest
-from pipeline.kd_loss import gate_generator, kd_terms
+from pipeline.chunked_loss import RowPlan, StudentObjective
 from pipeline.identity import write_json
+from pipeline.kd_loss import gate_generator
 from pipeline.metrics import MetricsLog, check_reporters
 from pipeline.models import pick_device, set_special_token_ids
 from pipeline.ownership import TRAIN, remove_owned
 from pipeline.prepare import load_prepared, prepared_meta
 from pipeline.stream import CacheStream, MicroBatch
-from pipeline.student import TargetLogits, build_student, check_inputs, student_tokenizer
+from pipeline.student import build_student, check_inputs, student_tokenizer
 from pipeline.train_config import TrainConfig
 from pipeline.train_eval import BEST_DIR, Best, HeldOut, write_best
 from pipeline.train_state import (IGNORED_KEYS, TrainState, continuing, read_state, refused, settings_digest,
@@ -172,7 +173,11 @@ class Trainer:
                 except ValueError as e:
                     raise KdError(f"{e}; cache the teacher with a wider --temperatures grid") from None
         self.step = 0
-        self.net: torch.nn.Module = TargetLogits(self.model)
+        # The student and its loss as one module (pipeline/chunked_loss.py): the loss is computed from the
+        # hidden states in row chunks, so no [N, V] logits tensor exists; DDP wraps the whole objective.
+        self.net: torch.nn.Module = StudentObjective(
+            self.model, self.kd if cfg.distills else None, self.cache.vocab_size if cfg.distills else None,
+            self.grid_betas if cfg.distills else None, self.latf, self.gen, cfg.loss_chunk_rows)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -184,22 +189,13 @@ class Trainer:
         """Weight of cross-entropy in the loss: ce_weight when distilling, 1 otherwise."""
         return self.cfg.ce_weight if self.cfg.distills else 1.0
 
-    def _forward(self, mb: MicroBatch, grad: bool) -> tuple[torch.Tensor, Any]:
-        """(summed CE of the micro-batch's targets, its KD terms or None)."""
-        ctx = nullcontext() if grad else torch.no_grad()
+    def _forward(self, mb: MicroBatch, scales: Callable[[RowPlan], tuple[float, float]] | None) -> tuple[Any, RowPlan, Any]:
+        """(loss or None, the micro-batch's row plan, Σ w T² D) of one micro-batch; scales=None: pass 1 only."""
+        ctx = nullcontext() if scales is not None else torch.no_grad()
         with ctx, self.autocast:
-            logits = self.net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
-        if self.alpha > 0.0:
-            ce = torch.nn.functional.cross_entropy(logits, mb.target_ids, reduction="sum")
-        else:
-            # Logged only. Adding 0 * ce to the loss would still backpropagate a full [N, V]
-            # log-softmax: measured 0.22 s of a 1.46 s KD step at V = 32k (bench/student.py).
-            with torch.no_grad():
-                ce = torch.nn.functional.cross_entropy(logits.detach(), mb.target_ids, reduction="sum")
-        terms = None
-        if self.cfg.distills:
-            terms = kd_terms(logits, mb.cache, self.kd, self.cache.vocab_size, self.grid_betas, self.latf, self.gen)
-        return ce, terms
+            loss, plan, _, kd = self.net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t, mb.target_ids,
+                                         mb.cache if self.cfg.distills else None, scales)
+        return loss, plan, kd
 
     def train_step(self, mbs: list[MicroBatch], apply: bool = True) -> dict[str, Any]:
         """One optimizer step over micro-batches `mbs`; returns its metrics (computed before the update).
@@ -215,37 +211,36 @@ class Trainer:
         ce_sum = num_sum = w_sum = 0.0
         accepted = kept = 0
         temps = []
+
+        def scales(plan: RowPlan) -> tuple[float, float]:
+            """(CE scale, KD scale) of this micro-batch's sums. DDP averages gradients over ranks, so both are
+            multiplied by `world`: the result is the global sum over the global normaliser."""
+            nonlocal w_total
+            ce_scale = alpha * world / n_total if alpha > 0.0 else 0.0
+            if not cfg.distills or alpha >= 1.0:
+                return ce_scale, 0.0
+            if len(mbs) == 1:
+                w_total = _all_sum([plan.denominator], world, self.device)[0]
+            if w_total is not None:
+                return ce_scale, ((1 - alpha) * world / w_total) if w_total > 0 else 0.0
+            return ce_scale, 1.0  # alpha = 0 with accumulation: unnormalised now, divided once after the loop
+
         self.optimizer.zero_grad(set_to_none=True)
         for i, mb in enumerate(mbs):
             sync = i == len(mbs) - 1 or world == 1
             ctx = nullcontext() if sync or not hasattr(self.net, "no_sync") else self.net.no_sync()
             with ctx:
-                ce, terms = self._forward(mb, grad=True)
-                # DDP averages gradients over ranks; losses are scaled by `world` so the result is
-                # the global sum divided by the global normaliser.
-                loss = (alpha * world / n_total) * ce if alpha > 0.0 else None
-                if terms is not None:
-                    if len(mbs) == 1:
-                        w_total = _all_sum([terms.denominator], world, self.device)[0]
-                    kd_part = None
-                    if alpha < 1.0 and w_total is not None:
-                        if w_total > 0:
-                            kd_part = ((1 - alpha) * world / w_total) * terms.numerator
-                    elif alpha == 0.0:  # accumulation: unnormalised now, divided once after the loop
-                        kd_part = terms.numerator
-                    if kd_part is not None:
-                        loss = kd_part if loss is None else loss + kd_part
-                    num_sum += float(terms.numerator.detach())
-                    w_sum += terms.denominator
-                    accepted += terms.accepted
-                    kept += terms.kept
-                    temps.append(terms.temps.detach().float().cpu())
-                if loss is None and terms is not None:
-                    # Nothing kept this micro-batch: still run backward (zeros) so DDP ranks stay in step.
-                    loss = terms.numerator * 0.0
-                if loss is not None and loss.requires_grad:
-                    loss.backward()
-            ce_sum += float(ce.detach())
+                # Even when nothing is kept the loss is a (zero) function of the parameters: backward runs,
+                # so DDP ranks stay in step.
+                loss, plan, kd = self._forward(mb, scales)
+                loss.backward()
+            ce_sum += float(plan.ce_rows.sum())
+            if cfg.distills:
+                num_sum += float(kd)
+                w_sum += plan.denominator
+                accepted += plan.accepted
+                kept += plan.kept
+                temps.append(plan.temps[plan.keep].detach().float().cpu())
         ce_sum, num_sum, w_sum, acc_sum, kept_sum = _all_sum([ce_sum, num_sum, w_sum, accepted, kept], world, self.device)
         if cfg.distills and w_total is None and alpha == 0.0:
             scale = (world / w_sum) if w_sum > 0 else 0.0
@@ -297,7 +292,7 @@ class Trainer:
         cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
         total = 0.0
         for mb in mbs:
-            total += self._forward(mb, grad=False)[1].denominator
+            total += self._forward(mb, None)[1].denominator
         torch.set_rng_state(cpu)
         self.gen.set_state(gate)
         if cuda is not None:

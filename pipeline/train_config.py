@@ -61,6 +61,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto = bfloat16 autocast on GPU, float32 on CPU
     read_threads: int = 2
+    loss_chunk_rows: int = 0  # target rows per chunk of the student's logits in the loss; 0 = auto (~64 MiB)
     overwrite: bool = False
     # --- tracking, held-out evaluation, publishing ---
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb; metrics.jsonl always

@@ -58,6 +58,32 @@ def given(opts: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in opts.items() if ctx.get_parameter_source(k) not in defaults}
 
 
+# Which batch setting to lower when a stage runs out of memory (the settings that bound its peak).
+OOM_ADVICE = {
+    "teacher": "lower --batch-tokens (padded tokens per forward pass) or --head-chunk-rows (rows of logits at once)",
+    "train": "lower --batch-size (sequences per micro-batch) and raise --grad-accum to keep the step, or lower "
+             "--set loss_chunk_rows=N (rows of student logits at once)",
+    "eval": "lower --batch-size",
+    "run": "lower the batch_size of the stage that failed (train_defaults / eval) or the teacher's batch_tokens",
+}
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for an allocator failure: CUDA's OutOfMemoryError, CPU's "can't allocate memory", MemoryError."""
+    import torch
+
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(e)
+    return "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
+
+
+def out_of_memory_where(e: BaseException) -> str:
+    """A short description of the failed allocation (the first line of the allocator's message)."""
+    first = (str(e).splitlines() or [type(e).__name__])[0].strip()
+    return first[:160] if first else type(e).__name__
+
+
 def user_errors(name: str) -> Callable:
     """Turn user errors into one line on stderr and exit code 1 (2 for bad usage), never a traceback."""
 
@@ -90,6 +116,13 @@ def user_errors(name: str) -> Callable:
                                "fixed (committed work is kept)", err=True)
                     sys.exit(1)
                 raise
+            except (MemoryError, RuntimeError) as e:
+                if not is_out_of_memory(e):
+                    raise
+                click.echo(f"kdcache {name}: error: out of memory ({out_of_memory_where(e)}); "
+                           f"{OOM_ADVICE.get(name, 'lower the batch size')}; committed work is kept, re-run the "
+                           "same command", err=True)
+                sys.exit(1)
             except Interrupted as e:  # knows what was saved and where the re-run continues
                 click.echo(f"kdcache {name}: {e}", err=True)
                 sys.exit(130)

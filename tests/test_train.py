@@ -309,3 +309,26 @@ def test_mixed_dtype_shards_are_refused(tmp_path, prepared_dir, cache_dir, vocab
     res = CliRunner().invoke(main, ["train", "--cache", str(mixed), "--data", str(prepared_dir), "--student-config", ok,
                                     "--out", str(tmp_path / "m")])
     assert res.exit_code == 1 and "different dtypes" in res.output and "Traceback" not in res.output
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_setting(tmp_path, prepared_dir, cache_dir, vocab_size):
+    # A real allocation failure: the process may use 3 GB of address space, training needs more (a student
+    # whose 4 layers of hidden size 2048 hold 1.1 GB of weights, then gradients and AdamW state).
+    import os
+    import subprocess
+    import sys
+
+    big = student_config(tmp_path, vocab_size, STUDENT_LLAMA, name="big.json", hidden_size=2048,
+                         intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16)
+    kdcache = Path(sys.executable).with_name("kdcache")
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            "from stages.cli import main; sys.argv = sys.argv[1:]; main()")
+    proc = subprocess.run([sys.executable, "-c", code, str(kdcache), "train", "--cache", str(cache_dir),
+                           "--student-config", big, "--out", str(tmp_path / "oom"), "--max-steps", "2",
+                           "--batch-size", "60", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "out of memory" in lines[0] and "--batch-size" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "oom" / "final").exists()

@@ -21,10 +21,10 @@ from pipeline.cache.schema import FORMAT_VERSION, CodecParams, stored_arrays
 from pipeline.identity import file_sha256, write_json
 
 
-def _compressors(clevel: int, itemsize: int) -> list[Any]:
+def _compressors(clevel: int, itemsize: int, shuffle: str) -> list[Any]:
     from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return [BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle", typesize=itemsize), Crc32cCodec()]
+    return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle, typesize=itemsize), Crc32cCodec()]
 
 
 def targets_sha256(target_ids: np.ndarray) -> str:
@@ -65,7 +65,8 @@ def write_shard(cache: Path, index: int, arrays: dict[str, np.ndarray], info: di
             chunks = (chunk,) + a.shape[1:]
             shards = (chunk * max(1, -(-n // chunk)),) + a.shape[1:]
             z = root.create_array(spec.name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
-                                  compressors=_compressors(params.clevel, a.dtype.itemsize), fill_value=0)
+                                  compressors=_compressors(params.clevel, a.dtype.itemsize, spec.shuffle),
+                                  fill_value=0)
             if n:
                 z[...] = a
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

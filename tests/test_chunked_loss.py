@@ -1,0 +1,146 @@
+"""The chunked objective (pipeline/chunked_loss.py) against the unchunked one on full logits: value and
+gradient, for every divergence with the gate, LATF and IDTS; and no tensor the size of N x V, ever.
+
+    .venv/bin/python -m pytest tests/test_chunked_loss.py -q
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pipeline.adakd import LATF
+from pipeline.cache.schema import CodecParams, RowCodec
+from pipeline.chunked_loss import chunked_loss, plan_rows
+from pipeline.divergences import DIVERGENCES
+from pipeline.kd_loss import KD_FIELDS, KdSettings, kd_terms
+from pipeline.teacher_stats import HeadSpec, distribution_stats
+
+GRID = (0.5, 0.7, 1.4, 2.0)
+
+
+def make_case(n=23, h=12, v=61, pad=5, k=6, seed=0, softcap=None, scale=None, bias=True):
+    """A student (hidden states, a padded head with bias/scale/soft-cap) and decoded format-3 cache rows of a
+    random teacher over the first V ids."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float32).requires_grad_()
+    weight = (0.6 * torch.randn(v + pad, h, generator=g)).requires_grad_()
+    b = (0.3 * torch.randn(v + pad, generator=g)).requires_grad_() if bias else None
+    head = HeadSpec(weight=weight, bias=b, vocab_size=v + pad, softcap=softcap, scale=scale)
+    teacher = 3.0 * torch.randn(n, v, generator=g)
+    targets = torch.randint(v, (n,), generator=g)
+    params = CodecParams(top_k=k, vocab_size=v, temperatures=GRID)
+    st = distribution_stats(teacher, targets, k, torch.tensor(params.betas, dtype=torch.float32))
+    codec = RowCodec(params)
+    rows = codec.decode(codec.encode({n_: t.numpy() for n_, t in st.items()}, targets.numpy()))
+    cache = {f: torch.from_numpy(rows[f]) for f in KD_FIELDS if f != "target_rank"}
+    return hidden, head, targets, cache, torch.tensor(params.betas, dtype=torch.float32), v
+
+
+def reference(hidden, head, targets, cache, grid, v, s, ce_scale, kd_scale, latf, gen):
+    """The unchunked objective: full logits, `kd_terms`, CE; autograd for the gradients."""
+    logits = head.logits(hidden, fp32=False)
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    terms = kd_terms(logits, cache, s, v, grid, latf, gen)
+    return ce_scale * ce + kd_scale * terms.numerator, terms
+
+
+def grads(loss, hidden, head):
+    params = [hidden, head.weight] + ([head.bias] if head.bias is not None else [])
+    return torch.autograd.grad(loss, params)
+
+
+SETTINGS = [
+    dict(),
+    dict(gate="topk", gate_k=3, reject_weight=0.25),
+    dict(gate="spec", proposal="greedy"),
+    dict(gate="threshold", gate_threshold=0.02, latf=True, idts=True),
+    dict(latf=True, idts=True, temperature=1.2),
+]
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("extra", SETTINGS)
+def test_chunked_equals_unchunked_value_and_gradient(name, extra):
+    hidden, head, targets, cache, grid, v = make_case(seed=hash((name, str(extra))) % 1000)
+    s = KdSettings(loss=name, **extra)
+    ce_scale, kd_scale = 0.3, 0.7 / 5.0
+    latf_a, latf_b = LATF(10), LATF(10)
+    for latf in (latf_a, latf_b):  # a narrowed focus, so LATF's selection matters
+        latf._ratio = 0.6
+    want, terms = reference(hidden, head, targets, cache, grid, v, s, ce_scale, kd_scale, latf_a,
+                            torch.Generator().manual_seed(4))
+    g_want = grads(want, hidden, head)
+    plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, latf_b, torch.Generator().manual_seed(4), 5)
+    got, ce, kd = chunked_loss(hidden, head, targets, cache, plan, s, v, ce_scale, kd_scale, chunk_rows=5)
+    assert plan.kept == terms.kept and plan.accepted == terms.accepted
+    assert plan.denominator == pytest.approx(terms.denominator, rel=1e-6)
+    assert float(kd) == pytest.approx(float(terms.numerator.detach()), rel=1e-5, abs=1e-6)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6)
+    for a, b in zip(grads(got, hidden, head), g_want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_kw", [dict(softcap=3.0), dict(scale=0.5, bias=False), dict(softcap=2.0, scale=2.0)])
+def test_head_transforms_are_differentiated_through(head_kw):
+    hidden, head, targets, cache, grid, v = make_case(seed=7, **head_kw)
+    s = KdSettings(loss="rkl", gate="topk", gate_k=4, reject_weight=0.5, idts=True)
+    want, _ = reference(hidden, head, targets, cache, grid, v, s, 1.0, 1.0, None, None)
+    plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, None, None, 4)
+    got, _, _ = chunked_loss(hidden, head, targets, cache, plan, s, v, 1.0, 1.0, chunk_rows=4)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    for a, b in zip(grads(got, hidden, head), grads(want, hidden, head)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_ce_only_and_kd_only_scales():
+    hidden, head, targets, cache, grid, v = make_case(seed=3)
+    s = KdSettings(loss="fkl")
+    plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, None, None, 6)
+    # alpha = 0: no CE gradient and no CE recomputation (its value is the plan's), KD only
+    got, ce, kd = chunked_loss(hidden, head, targets, cache, plan, s, v, 0.0, 1.0, chunk_rows=6)
+    assert math.isnan(float(ce))
+    want, terms = reference(hidden, head, targets, cache, grid, v, s, 0.0, 1.0, None, None)
+    assert float(got.detach()) == pytest.approx(float(terms.numerator.detach()), rel=1e-5)
+    ce_full = torch.nn.functional.cross_entropy(head.logits(hidden.detach(), fp32=False), targets, reduction="none")
+    torch.testing.assert_close(plan.ce_rows, ce_full, rtol=1e-5, atol=1e-5)
+    # CE only (no cache): the gradient of the summed cross-entropy
+    plan = plan_rows(hidden.detach(), head, targets, None, None, v, None, None, None, 6)
+    got, ce, _ = chunked_loss(hidden, head, targets, None, plan, None, v, 1.0, 0.0, chunk_rows=6)
+    want = torch.nn.functional.cross_entropy(head.logits(hidden, fp32=False), targets, reduction="sum")
+    assert float(ce) == pytest.approx(float(want.detach()), rel=1e-6)
+    for a, b in zip(grads(got, hidden, head), grads(want, hidden, head)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_tensor_grows_with_n_times_v():
+    # N = 400 rows, V = 3,000: a full [N, V] would be 1.2M elements; chunks of 16 rows never exceed
+    # 16 x V, and the head's own [V, H] gradient is the only other large tensor.
+    n, h, v, chunk = 400, 8, 3000, 16
+    hidden, head, targets, cache, grid, v = make_case(n=n, h=h, v=v, pad=0, k=8, seed=5)
+    s = KdSettings(loss="jsd", gate="spec", proposal="sample", latf=True, idts=True)
+    with _LargestTensor() as mode:
+        plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, LATF(10), torch.Generator().manual_seed(0),
+                         chunk)
+        loss, _, _ = chunked_loss(hidden, head, targets, cache, plan, s, v, 0.5, 0.5, chunk_rows=chunk)
+        loss.backward()
+    assert mode.largest <= max(chunk * v, v * h, n * 8) * 2, mode.largest
+    assert mode.largest < n * v / 4
