@@ -12,6 +12,11 @@ denominator is known only after every micro-batch's forward pass; it is handled 
 one micro-batch -> direct; pure KD (alpha = 0) -> backpropagate unnormalised sums and divide the
 accumulated gradients once; mixed alpha with accumulation -> a no-grad pre-pass (same RNG
 streams) computes the denominator first, costing one extra forward per micro-batch.
+
+OUT holds metrics.jsonl (one row per step; `pipeline.metrics` mirrors it to --report-to trackers),
+checkpoints/step_NNNNNN, final/ (the model, the student's own tokenizer, its bos/eos/pad ids in
+both configs, the model card of `pipeline.model_card`), best/ with --eval-every
+(`pipeline.train_eval`) and train_summary.json (tokens seen, step time, throughput of the whole run).
 """
 
 from __future__ import annotations
