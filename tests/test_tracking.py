@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pipeline.ownership import TRAIN, scan
 from pipeline.train import train
 from pipeline.train_config import TrainConfig
 from stages.cli import main
@@ -96,6 +97,7 @@ def test_held_out_figures_are_kdcache_evals_and_best_is_the_logged_optimum(tmp_p
     assert record["value"] == pytest.approx(best_row["eval_fkl_to_teacher"])
     ev_best = kdcache_eval(straight / "best", setup, tmp_path / "best_eval")
     assert ev_best["fkl_to_teacher"] == pytest.approx(best_row["eval_fkl_to_teacher"], rel=1e-5)
+    assert scan(straight, TRAIN)[1] == []
     # A loadable model directory with its tokenizer.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -212,6 +214,7 @@ def test_tensorboard_receives_every_logged_number(tmp_path, setup):
 
     out = tmp_path / "tb"
     train(config(setup, out, max_steps=4, report_to=["tensorboard"]))
+    assert scan(out, TRAIN)[1] == []
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     for key in ("loss", "kd_loss", "eval_fkl_to_teacher", "tokens_seen"):
@@ -256,6 +259,7 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, setup, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     out = tmp_path / "wb"
     train(config(setup, out, max_steps=4, report_to=["wandb", "tensorboard"] if _has("tensorboard") else ["wandb"]))
+    assert scan(out, TRAIN)[1] == []  # wandb/, tensorboard/, best/ are train's own: --overwrite may remove them
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     history = {int(h["_step"]): h for h in _wandb_history(files[0])}
