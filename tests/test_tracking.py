@@ -259,10 +259,16 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path, setup, monkeypatch):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     out = tmp_path / "wb"
     train(config(setup, out, max_steps=4, report_to=["wandb", "tensorboard"] if _has("tensorboard") else ["wandb"]))
+    # W&B's service process writes the offline file asynchronously, even after run.finish(); the CLI's exit
+    # waits for it, here teardown does (under load the file was still its bare header when read).
+    import wandb
+
+    wandb.teardown()
     assert scan(out, TRAIN)[1] == []  # wandb/, tensorboard/, best/ are train's own: --overwrite may remove them
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     history = {int(h["_step"]): h for h in _wandb_history(files[0])}
+    assert sorted(history) == [r["step"] for r in rows(out)], (sorted(history), files[0].stat().st_size)
     for r in rows(out):
         for key in ("loss", "kd_loss", "lr", "tokens_seen", "eval_ce"):
             if key in r:
