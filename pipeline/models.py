@@ -101,18 +101,47 @@ def set_special_token_ids(model: Any, tokenizer: Any) -> dict[str, int | None]:
     return ids
 
 
-def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype, revision: str | None = None) -> Any:
-    """AutoModelForCausalLM in eval mode on `device` with `dtype` (at hub `revision`); errors are one line."""
+PARALLEL = ("none", "tp", "device_map")
+
+
+def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
+                   parallel: str = "none") -> Any:
+    """AutoModelForCausalLM in eval mode with `dtype` (at hub `revision`); errors are one line.
+
+    parallel: "none" -> the whole model on `device`; "tp" -> transformers' tensor-parallel plan
+    (`tp_plan="auto"`) over the process group torchrun started (every rank holds 1/world of each layer);
+    "device_map" -> accelerate's `device_map="auto"`: the layers spread over the GPUs this process sees
+    (one process, no collectives). Either way the model can exceed one device's memory.
+    """
     from transformers import AutoModelForCausalLM
 
+    if parallel not in PARALLEL:
+        raise KdError(f"parallel must be one of {', '.join(PARALLEL)}, got {parallel!r}")
     if _looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise KdError(f"model directory not found: {name_or_path}")
     path = str(Path(name_or_path).expanduser()) if _looks_local(name_or_path) else name_or_path
+    extra: dict[str, Any] = {}
+    if parallel == "tp":
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise KdError("--parallel tp needs torchrun (one process per GPU of the tensor-parallel group)")
+        extra["tp_plan"] = "auto"
+    elif parallel == "device_map":
+        extra["device_map"] = "auto" if device.type == "cuda" else {"": str(device)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision or None)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, revision=revision or None, **extra)
+    except ImportError as e:  # device_map needs accelerate
+        raise KdError(f"cannot load model {name_or_path!r} with --parallel {parallel}: {e} "
+                      "(pip install 'kdcache[trainers]' for accelerate)") from None
     except (OSError, ValueError, KeyError) as e:
         raise KdError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
+    return (model if parallel != "none" else model.to(device)).eval()
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a (possibly layer-split) model takes its input ids: its input embedding's device."""
+    return model.get_input_embeddings().weight.device
 
 
 def model_vocab_size(model: Any) -> int:

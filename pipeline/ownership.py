@@ -3,7 +3,7 @@
     from pipeline.ownership import TRAIN, remove_owned
     remove_owned(Path("runs/kd"), TRAIN)   # refuses, naming e.g. notes.txt, if anything else is there
 
-Every stage that replaces or removes earlier output (`prepare`/`teacher`/`train --overwrite`, a
+Every stage that replaces or removes earlier output (`prepare`/`teacher`/`train`/`export --overwrite`, a
 re-run of `eval` or `report`) goes through `remove_owned` or `refuse_foreign`. The rule is:
 
 - an entry is *owned* when its path inside the output matches one of the stage's patterns
@@ -74,8 +74,11 @@ TRAIN = Layout("train", "a training run directory", ("kdcache_train.json", "metr
 REPORT_PLOTS = ("heldout.png", "losses.png", "loss.png", "tar.png", "focus_ratio.png", "temperatures.png",
                 "cache_entropy.png", "cache_tail_mass.png")
 REPORT = Layout("report", "a report directory", ("report.md",), _atomic("report.md", "config.yaml") + REPORT_PLOTS)
+# An export is a save_to_disk directory like prepared data, marked by its own record.
+EXPORT = Layout("export", "an export directory", ("kdcache_export.json",),
+                _atomic("kdcache_export.json", "config.yaml") + ("dataset_info.json", "state.json", "data-*.arrow"))
 
-LAYOUTS = (PREPARE, TEACHER, TRAIN, EVAL, REPORT)
+LAYOUTS = (PREPARE, TEACHER, TRAIN, EVAL, REPORT, EXPORT)
 
 
 def scan(root: Path, layout: Layout) -> tuple[list[Path], list[str]]:

@@ -155,8 +155,10 @@ class CacheStream:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
 
     # ---- reading --------------------------------------------------------------------------
-    def _read_block(self, block: list[int]) -> dict[int, dict[str, np.ndarray]]:
-        """Cache rows of the examples of one block, keyed by example (one contiguous read)."""
+    def read_block(self, block: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Cache rows of the examples of one block, keyed by example (one contiguous read).
+
+        Public because `pipeline.kd_dataset.KDIterableDataset` reads through it, in this stream's order."""
         if self.cache is None:
             return {}
         a = int(self.row_start[block].min())
@@ -194,7 +196,7 @@ class CacheStream:
             nonlocal next_w
             while next_w < len(windows) and (next_w <= w_needed or len(pending) < self.prefetch):
                 blocks = windows[next_w][0]
-                pending.append((next_w, [pool.submit(self._read_block, b) for b in blocks]))
+                pending.append((next_w, [pool.submit(self.read_block, b) for b in blocks]))
                 next_w += 1
 
         while self.cursor < len(sequence):

@@ -8,6 +8,10 @@ before the model loads. A shard is committed by an atomic rename; a re-run skips
 and redoes the rest, so `kill -9` at any moment is recovered by running the same command again.
 Execution modes: one process; `workers=N` local Dask processes; `scheduler=ADDRESS` an existing
 Dask cluster (e.g. dask-jobqueue on Slurm); under `torchrun`, ranks take shards round-robin.
+A teacher larger than one GPU: `parallel=tp` under torchrun (transformers' tensor-parallel plan over the
+group's GPUs; the head gathered once for full-vocabulary statistics; rank 0 commits) or
+`parallel=device_map` (its layers spread over one process's GPUs; e.g. one Dask worker per node). Several
+such replicas split the shards as independent launches with `replica=r replicas=R` (configs/teacher-llama3.1-70b.yaml).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class TeacherConfig:
     workers: int = 0  # >0: a local Dask cluster of that many worker processes
     scheduler: str = ""  # address of an existing Dask scheduler
     threads: int = 0  # torch threads per process; 0 = all cores (one process) or cores // workers (local Dask)
+    parallel: str = "none"  # none | tp (tensor parallel over torchrun's ranks) | device_map (layers over this process's GPUs)
+    replica: int = 0  # this run computes the shards with index % replicas == replica (independent launches)
+    replicas: int = 1
     seed: int = 0
     clevel: int = 9
     overwrite: bool = False
@@ -81,6 +88,14 @@ class TeacherConfig:
             raise KdError("give either workers or scheduler, not both")
         if self.workers < 0 or self.threads < 0:
             raise KdError(f"workers and threads must be >= 0, got {self.workers} and {self.threads}")
+        from pipeline.models import PARALLEL
+
+        if self.parallel not in PARALLEL:
+            raise KdError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        if not 0 <= self.replica < self.replicas:
+            raise KdError(f"replica must lie in [0, replicas = {self.replicas}), got {self.replica}")
+        if self.parallel == "tp" and (self.workers or self.scheduler):
+            raise KdError("--parallel tp runs under torchrun (one process per GPU of the group), not on Dask workers")
 
     def codec_params(self, vocab_size: int) -> "CodecParams":
         """The row codec's parameters: the preset, with any explicitly set value on top."""
@@ -96,8 +111,10 @@ class TeacherConfig:
     def identity(self) -> dict[str, Any]:
         """Settings that change the cache's bytes (not where or how many processes compute it)."""
         d = to_dict(self)
-        # head_chunk_rows and threads change neither values nor draws (checked bitwise in tests).
-        for k in ("out", "workers", "scheduler", "threads", "overwrite", "device", "head_chunk_rows"):
+        # head_chunk_rows and threads change neither values nor draws (checked bitwise in tests); parallelism
+        # changes float summation order only (tests/test_teacher_parallel.py bounds it).
+        for k in ("out", "workers", "scheduler", "threads", "overwrite", "device", "head_chunk_rows", "parallel",
+                  "replica", "replicas"):
             d.pop(k)
         return d
 
@@ -298,7 +315,7 @@ def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict
     return {"cache": str(cache), "data": cfg.data, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
             "threads": worker_threads(cfg), "shard": shard, "codec": meta["codec"], "batch_tokens": cfg.batch_tokens,
             "head_chunk_rows": cfg.head_chunk_rows, "chunk_rows": cfg.chunk_rows, "seed": cfg.seed,
-            "revision": meta["teacher"].get("revision")}
+            "revision": meta["teacher"].get("revision"), "parallel": cfg.parallel}
 
 
 def worker_threads(cfg: TeacherConfig) -> int:
@@ -328,12 +345,20 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
     from pipeline.teacher_worker import commit_shard, compute_shard, run_shard_job
 
     rank, world = _torchrun_rank()
+    if cfg.parallel == "tp" and world == 1:  # refused before anything is planned or written
+        raise KdError("--parallel tp needs torchrun (one process per GPU of the tensor-parallel group), e.g. "
+                      "torchrun --nproc_per_node 8 $(which kdcache) teacher ... --parallel tp")
     if world > 1:
         cache, meta = _torchrun_init(cfg)
     else:
         cache, meta = init_cache(cfg)
-    todo = [s for s in meta["shards"] if not is_committed(cache, s["index"])]
-    if world > 1:
+    # Who computes what: independent launches (--replica r --replicas R) split the shards first; within a
+    # launch, torchrun ranks split them round-robin, except under tensor parallelism, where all ranks of the
+    # group run every shard together (the forward is collective) and rank 0 alone commits.
+    tp = cfg.parallel == "tp"
+    committer = rank == 0 or not tp
+    todo = [s for s in meta["shards"] if not is_committed(cache, s["index"]) and s["index"] % cfg.replicas == cfg.replica]
+    if world > 1 and not tp:
         todo = [s for s in todo if s["index"] % world == rank]
     summary = {"cache": str(cache), "shards": len(meta["shards"]), "skipped": len(meta["shards"]) - len(todo),
                "done": 0, "rows": sum(s["row_stop"] - s["row_start"] for s in todo), "seconds": 0.0}
@@ -341,8 +366,8 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
         on_plan(summary)
     t0 = time.perf_counter()
     jobs = [shard_job(cfg, meta, cache, s) for s in todo]
-    if world == 1:
-        clean_tmp(cache)  # leftovers of killed writes; with torchrun each rank cleans its own shards
+    if world == 1 and cfg.replicas == 1:
+        clean_tmp(cache)  # leftovers of killed writes; ranks and replicas clean their own shards (below)
 
     def committed(rec: dict[str, Any]) -> None:
         summary["done"] += 1
@@ -361,11 +386,12 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending = None
             for job in jobs:
-                clean_tmp(cache, job["shard"]["index"])
-                arrays, info = compute_shard(job, on_rows)
+                if committer:
+                    clean_tmp(cache, job["shard"]["index"])
+                arrays, info = compute_shard(job, on_rows if committer else None)
                 if pending is not None:
                     committed(pending.result())
-                pending = writer.submit(commit_shard, job, arrays, info)
+                pending = writer.submit(commit_shard, job, arrays, info) if committer else None
             if pending is not None:
                 committed(pending.result())
     if world > 1:

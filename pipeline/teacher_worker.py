@@ -21,8 +21,9 @@ from pipeline.cache.schema import CodecParams, RowCodec
 from pipeline.cache.writer import targets_sha256, write_shard
 from pipeline.errors import KdError
 from pipeline.identity import read_json
-from pipeline.models import load_causal_lm, model_vocab_size, pick_device, pick_dtype
-from pipeline.teacher_stats import NonFiniteLogits, auto_chunk_rows, check_head, head_spec, rows_from_hidden
+from pipeline.models import input_device, load_causal_lm, model_vocab_size, pick_device, pick_dtype
+from pipeline.teacher_stats import (HeadSpec, NonFiniteLogits, auto_chunk_rows, check_head, head_spec,
+                                    rows_from_hidden)
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,30 @@ def _device_for_worker(device: str) -> str:
         return f"cuda:{local_rank}" if local_rank is not None else "cuda"
 
 
-def get_model(model: str, device: str, dtype: str, revision: str | None = None) -> tuple[Any, torch.device]:
-    """Load (once per process) the teacher in eval mode, at the revision the cache records."""
-    key = f"{model}|{revision}|{device}|{dtype}"
+def get_model(model: str, device: str, dtype: str, revision: str | None = None,
+              parallel: str = "none") -> tuple[Any, torch.device, HeadSpec]:
+    """Load (once per process) the teacher in eval mode, at the revision the cache records.
+
+    Returns (model, the device its inputs go to, the head for the statistics). Under tensor parallelism the
+    head's weight is a vocabulary-sharded DTensor: it is gathered into one full local copy here, once, so
+    the statistics are computed from full-vocabulary float32 logits, never from a shard's slice (every TP
+    rank computes the same rows; rank 0 commits).
+    """
+    key = f"{model}|{revision}|{device}|{dtype}|{parallel}"
     if key not in _MODEL:
         _MODEL.clear()
         dev = pick_device(_device_for_worker(device))
-        m = load_causal_lm(model, dev, pick_dtype(dtype, dev), revision)
-        check_head(m, head_spec(m, model_vocab_size(m)), dev)
-        _MODEL[key] = (m, dev)
+        m = load_causal_lm(model, dev, pick_dtype(dtype, dev), revision, parallel)
+        head = head_spec(m, model_vocab_size(m))
+        head.weight, head.bias = _full(head.weight), _full(head.bias)
+        check_head(m, head, input_device(m))
+        _MODEL[key] = (m, input_device(m), head)
     return _MODEL[key]
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A DTensor (a tensor-parallel shard) as the full tensor on this rank; anything else unchanged."""
+    return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
 def _shard_generator(seed: int, shard: int, device: torch.device) -> torch.Generator:
@@ -97,7 +112,8 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
     set_threads(job.get("threads", 0))
     params = CodecParams.from_meta(job["codec"])
     shard, k, v = job["shard"], params.top_k, params.vocab_size
-    model, dev = get_model(job["model"], job["device"], job["dtype"], job.get("revision"))
+    model, dev, head = get_model(job["model"], job["device"], job["dtype"], job.get("revision"),
+                                 job.get("parallel", "none"))
     ds = load_prepared(job["data"]).select(range(shard["example_start"], shard["example_stop"]))
     ids_list, mask_list = ragged_column(ds, "input_ids"), ragged_column(ds, "loss_mask")
     n = shard["row_stop"] - shard["row_start"]
@@ -119,10 +135,10 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
         raise KdError(f"shard {shard['index']}: the prepared data has {offsets[-1]} target positions where the "
                       f"cache plan says {n}: {job['data']} changed after the cache was started; re-run with --overwrite")
 
-    head = head_spec(model, v)
+    head = HeadSpec(head.weight, head.bias, v, head.softcap, head.scale)  # the tokenizer's ids only
     betas = torch.tensor(params.betas, dtype=torch.float32)
     chunk_rows = job["head_chunk_rows"] or auto_chunk_rows(v, dev)
-    gen = _shard_generator(job["seed"], shard["index"], dev) if s else None
+    gen = _shard_generator(job["seed"], shard["index"], head.weight.device) if s else None
     lengths = [len(x) for x in ids_list]
     for batch in token_budget_batches(lengths, job["batch_tokens"]):
         batch = [e for e in batch if counts[e]]
@@ -134,7 +150,9 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
         rt = torch.as_tensor(np.concatenate([targets[e] for e in batch]), device=dev)
         try:
             tgt = ids[rb, rt]
-            part = rows_from_hidden(hidden[rb, rt - 1], tgt, head, k, betas, chunk_rows, s, gen)
+            # With device_map the last layer (and the head) may sit on another GPU than the inputs.
+            hd = hidden[rb.to(hidden.device), (rt - 1).to(hidden.device)].to(head.weight.device)
+            part = rows_from_hidden(hd, tgt.to(head.weight.device), head, k, betas, chunk_rows, s, gen)
         except NonFiniteLogits as bad:
             e = batch[int(rb[bad.row])]
             dt = str(head.weight.dtype).replace("torch.", "")

@@ -22,7 +22,7 @@ def _register() -> None:
     main.add_command(prepare.prepare)
     main.add_command(teacher.teacher)
     main.add_command(inspect_cmd.inspect)
-    for modname, attr in (("train", "train"), ("eval_cmd", "eval_"), ("report", "report"), ("run", "run")):
+    for modname, attr in (("train", "train"), ("eval_cmd", "eval_"), ("report", "report"), ("run", "run"), ("export", "export")):
         try:
             mod = __import__(f"stages.{modname}", fromlist=[attr])
         except ModuleNotFoundError as e:

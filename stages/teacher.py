@@ -31,6 +31,11 @@ T = TeacherConfig
 @setting(T, "--workers", type=int, help="Run shards on a local Dask cluster of N worker processes (0: in this process).")
 @setting(T, "--scheduler", show="none: see --workers", help="Run shards on an existing Dask cluster at this address.")
 @setting(T, "--threads", type=int, help="Torch threads per process (0: all cores, or cores // workers).")
+@setting(T, "--parallel", type=click.Choice(["none", "tp", "device_map"]),
+         help="A teacher larger than one GPU: tp = tensor parallel over torchrun's ranks; device_map = its layers "
+              "over this process's GPUs.")
+@setting(T, "--replica", type=int, help="This launch computes the shards with index % replicas == replica.")
+@setting(T, "--replicas", type=int, help="Independent launches (e.g. one torchrun TP group each) sharing the cache.")
 @setting(T, "--seed", type=int, help="Seed of the tail sampler.")
 @setting(T, "--clevel", type=int, help="zstd compression level of the shards.")
 @setting(T, "--overwrite", is_flag=True, help="Replace a cache made with other settings (only the files teacher "

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.evaluate import EvalConfig
+from pipeline.export import ExportConfig
 from pipeline.inspection import InspectConfig
 from pipeline.prepare import PrepareConfig
 from pipeline.report import ReportConfig
@@ -21,7 +22,7 @@ from pipeline.train_config import TrainConfig
 from stages.cli import main
 
 CONFIGS = {"prepare": PrepareConfig, "teacher": TeacherConfig, "train": TrainConfig, "eval": EvalConfig,
-           "report": ReportConfig, "inspect": InspectConfig}
+           "report": ReportConfig, "inspect": InspectConfig, "export": ExportConfig}
 
 
 def options(name: str) -> list[click.Option]:
@@ -34,7 +35,7 @@ def help_record(name: str, opt: click.Option) -> str:
 
 
 def test_every_command_is_registered():
-    assert set(main.commands) == {"prepare", "teacher", "train", "eval", "report", "inspect", "run"}
+    assert set(main.commands) == {"prepare", "teacher", "train", "eval", "report", "inspect", "run", "export"}
 
 
 @pytest.mark.parametrize("name", sorted(main.commands))

@@ -27,9 +27,10 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", YAMLS, ids=[p.name for p in YAMLS])
 def test_config_loads_and_starts_with_its_command(path):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# kdcache "), f"{path.name} must start with the command that runs it"
+    assert first.startswith(("# kdcache ", "# torchrun ")), f"{path.name} must start with the command that runs it"
     words = shlex.split(first[2:].replace("$(which kdcache)", "kdcache"))
-    command = words[1]
+    command = words[words.index("kdcache") + 1]
+    assert f"configs/{path.name}" in words, f"{path.name}'s command must name the config itself"
     if command == "run":
         cfg = load_run_config(str(path))
         assert isinstance(cfg, RunConfig) and cfg.students

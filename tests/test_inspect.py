@@ -154,3 +154,15 @@ def test_format_2_cache_is_refused_with_one_line(cache):
     assert res.exit_code == 1 and "Traceback" not in res.output
     err = [ln for ln in res.output.splitlines() if "error:" in ln]
     assert len(err) == 1 and "format-2 cache" in err[0] and "re-run `kdcache teacher`" in err[0]
+
+
+def test_cache_pickles_for_spawned_workers(cache, prepared_dir):
+    import pickle
+
+    import numpy as np
+
+    c = open_cache(cache, data=str(prepared_dir))
+    before = c.read(10, 50)
+    again = pickle.loads(pickle.dumps(c))
+    after = again.read(10, 50)
+    assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)

@@ -16,7 +16,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.errors import KdError
-from pipeline.ownership import EVAL, LAYOUTS, PREPARE, REPORT, TEACHER, TRAIN, remove_owned, scan
+from pipeline.ownership import EVAL, EXPORT, LAYOUTS, PREPARE, REPORT, TEACHER, TRAIN, remove_owned, scan
 from stages.cli import main
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -96,7 +96,7 @@ def artifacts(tmp_path_factory, data_file, tokenizer_dir, llama_dir, vocab_size)
     student = root / "student.json"
     student.write_text(json.dumps({**STUDENT, "vocab_size": vocab_size}))
     paths = {"prepare": root / "prepared", "teacher": root / "cache", "train": root / "run",
-             "eval": root / "run" / "eval", "report": root / "report"}
+             "eval": root / "run" / "eval", "report": root / "report", "export": root / "export"}
     for args in (["prepare", "--data", data_file, "--tokenizer", tokenizer_dir, "--out", paths["prepare"],
                   "--max-length", 64],
                  ["teacher", "--data", paths["prepare"], "--model", llama_dir, "--out", paths["teacher"],
@@ -105,7 +105,8 @@ def artifacts(tmp_path_factory, data_file, tokenizer_dir, llama_dir, vocab_size)
                   "--max-steps", 2, "--batch-size", 8, "--device", "cpu"],
                  ["eval", "--model", paths["train"], "--cache", paths["teacher"], "--out", paths["eval"],
                   "--device", "cpu"],
-                 ["report", paths["train"], "--out", paths["report"]]):
+                 ["report", paths["train"], "--out", paths["report"]],
+                 ["export", paths["teacher"], "--format", "axolotl", "--out", paths["export"]]):
         res = invoke(*args)
         assert res.exit_code == 0, res.output
     return {**paths, "student": student, "tokenizer": tokenizer_dir, "data": data_file, "llama": llama_dir}
@@ -130,10 +131,11 @@ def rerun_args(a: dict[str, Path], stage: str, out: Path) -> list:
         "eval": ["eval", "--model", a["train"], "--data", a["prepare"], "--out", out, "--batch-size", 4,
                  "--device", "cpu"],
         "report": ["report", a["train"], "--out", out, "--bins", 10],
+        "export": ["export", a["teacher"], "--format", "distillkit", "--out", out, "--overwrite"],
     }[stage]
 
 
-@pytest.mark.parametrize("stage", ["prepare", "teacher", "train", "eval", "report"])
+@pytest.mark.parametrize("stage", ["prepare", "teacher", "train", "eval", "report", "export"])
 @pytest.mark.parametrize("planted", ["notes.txt", "sub/thesis.tex"])
 def test_stage_keeps_foreign_files_then_replaces_its_own(tmp_path, artifacts, stage, planted):
     out = tmp_path / stage
@@ -163,6 +165,8 @@ def test_stage_keeps_foreign_files_then_replaces_its_own(tmp_path, artifacts, st
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_000003"]
     elif stage == "eval":
         assert yaml.safe_load((out / "config.yaml").read_text())["batch_size"] == 4
+    elif stage == "export":
+        assert json.loads((out / "kdcache_export.json").read_text())["format"] == "distillkit"
     else:
         assert yaml.safe_load((out / "config.yaml").read_text())["bins"] == 10
 
@@ -185,6 +189,7 @@ def test_layouts_do_not_claim_each_others_markers():
             if other is not lay:
                 assert not any(other.owns(m) for m in lay.markers), (lay.stage, other.stage)
     assert PREPARE.owns("data-00000-of-00001.arrow") and TEACHER.owns("shards/shard_00003")
+    assert EXPORT.owns("data-00000-of-00001.arrow") and not EXPORT.owns("kdcache_prepare.json")
     assert not REPORT.owns("diagram.png")
 
 

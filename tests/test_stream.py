@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache import open_cache
+
+from conftest import free_port
 from pipeline.prepare import load_prepared
 from pipeline.stream import CacheStream
 
@@ -86,9 +88,10 @@ def test_ddp_two_gloo_processes(tmp_path, prepared_dir, cache_dir, vocab_size):
                                 "num_key_value_heads": 1, "max_position_embeddings": 128}))
     torchrun = Path(sys.executable).with_name("torchrun")
     kdcache = Path(sys.executable).with_name("kdcache")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": port}
     out = tmp_path / "ddp"
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(kdcache), "train",
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", port, str(kdcache), "train",
                            "--cache", str(cache_dir), "--student-config", str(scfg), "--out", str(out),
                            "--max-steps", "3", "--batch-size", "4", "--gate", "topk", "--device", "cpu"],
                           capture_output=True, text=True, timeout=240, env=env)

@@ -24,6 +24,8 @@ from click.testing import CliRunner
 
 from pipeline.cache import layout as fmt
 from pipeline.cache import open_cache
+
+from conftest import free_port
 from pipeline.cache.schema import stored_arrays
 from stages.cli import main
 
@@ -174,7 +176,7 @@ def test_torchrun_two_ranks_identical(tmp_path, teacher_args, llama_cache):
     torchrun = Path(sys.executable).with_name("torchrun")
     kdcache = Path(sys.executable).with_name("kdcache")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(kdcache), "teacher",
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(kdcache), "teacher",
                            *teacher_args, "--out", str(out)], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_cache(llama_cache, out)

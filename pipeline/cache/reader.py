@@ -61,6 +61,17 @@ class Cache:
         self._index = None
         self._data = data
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (DataLoader workers started with spawn): open arrays, the lock and decoded target ids
+        are per process and reopened lazily; the data is passed on as given (a path or a dataset)."""
+        state = dict(self.__dict__)
+        state.update(_groups={}, _targets={}, _lock=None, _index=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # ---- metadata -------------------------------------------------------------------------
     @property
     def num_rows(self) -> int:
