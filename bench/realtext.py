@@ -191,7 +191,7 @@ def train_model(b: Bench, which: str, max_steps: int | None = None, out: Path | 
     cfg = TrainConfig(data=str(b.prepared_train), student_config=str(cfg_path), out=str(run_dir), loss="none",
                       max_steps=max_steps or s["max_steps"], batch_size=s["batch_size"], lr=s["lr"],
                       warmup=s["warmup"], weight_decay=s["weight_decay"], schedule="cosine", seed=s["seed"],
-                      device="cpu", tensorboard=False, overwrite=True)
+                      device="cpu", overwrite=True)
     return train(cfg)
 
 

@@ -90,7 +90,7 @@ def main() -> None:
     scfg = str(llama_config(work / "student.json", args.vocab, args.hidden, args.layers))
 
     common = dict(data=str(prepared), student_config=scfg, batch_size=args.batch_size, max_steps=10_000, seed=0,
-                  shuffle=False, device=args.device, tensorboard=False)
+                  shuffle=False, device=args.device)
     ce = Trainer(TrainConfig(out=str(work / "ce"), loss="none", **common))
     kd = Trainer(TrainConfig(out=str(work / "kd"), cache=str(cache), loss="fkl", gate="topk", gate_k=5, latf=True,
                              idts=True, **common))

@@ -57,6 +57,26 @@ def save_checkpoint(out: Path, step: int, model: Any, state: dict[str, Any], kee
     return final
 
 
+def replace_dir(tmp: Path, dst: Path) -> Path:
+    """Swap the finished directory `tmp` in at `dst`: the old one moves aside to DST.old first, so at every
+    instant `dst` is either the old complete directory or the new one (after a kill between the two
+    renames, `recover_dir` puts the old one back)."""
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
+def recover_dir(dst: Path) -> None:
+    """Undo a `replace_dir` killed between its renames: DST.old without DST goes back to DST."""
+    old = dst.with_name(dst.name + ".old")
+    if old.is_dir() and not dst.exists():
+        os.replace(old, dst)
+
+
 def complete_checkpoints(out: Path) -> list[Path]:
     """Complete checkpoint directories, oldest first (temporary ones are ignored)."""
     root = out / "checkpoints"

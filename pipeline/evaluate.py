@@ -188,6 +188,52 @@ def generate_examples(model: Any, tokenizer: Any, ds: Any, n: int, extra_new_tok
     return out
 
 
+# ---- the figures over a whole split ---------------------------------------------------------
+def score(model: Any, ds: Any, cache: Any | None, batch_size: int, device: torch.device, autocast: Any = None,
+          progress: bool = False) -> dict[str, Any]:
+    """ce, ppl (and with `cache`: teacher_top1_agreement, fkl_to_teacher) of `model` over every target of `ds`.
+
+    The figures of eval.json; training's held-out evaluation (`pipeline.train_eval`) calls this too.
+    `model` is used as it is (put it in eval mode first); `autocast` wraps the forward passes.
+    """
+    from contextlib import nullcontext
+
+    from pipeline.models import model_vocab_size
+    from pipeline.stream import CacheStream
+    from pipeline.student import TargetLogits
+    from pipeline.teacher_stats import head_spec
+
+    stream = CacheStream(ds, cache, batch_size, shuffle=False, fields=EVAL_FIELDS)
+    n_batches = stream.batches_in_epoch(0)
+    net = TargetLogits(model)
+    head = head_spec(model, model_vocab_size(model))
+    chunk = max(1, ROW_CHUNK_ELEMENTS // model_vocab_size(model))
+    totals = Totals(cache.vocab_size if cache is not None else None)
+    batches = iter(stream)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_batches, desc="eval", unit="batch", leave=False)
+    try:
+        for _ in range(n_batches):
+            mb = next(batches).to(device)
+            with torch.no_grad(), autocast or nullcontext():
+                hidden = net.hidden(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
+                # The head runs a chunk of rows at a time: no [N, V] logits tensor (V = 151,936 x 16k targets
+                # would be 10 GB per copy).
+                for a in range(0, hidden.shape[0], chunk):
+                    part = {k: v[a: a + chunk] for k, v in mb.cache.items()} if mb.cache is not None else None
+                    totals.add(head.logits(hidden[a: a + chunk], fp32=False), mb.target_ids[a: a + chunk], part)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        batches.close()  # stops the stream's reader threads now, not at garbage collection
+        if bar is not None:
+            bar.close()
+    return totals.result(cache is not None)
+
+
 # ---- the stage -----------------------------------------------------------------------------
 def resolve_model_path(model: str) -> str:
     """A training run directory stands for its final/ model; anything else is used as given."""
@@ -202,10 +248,7 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     from pipeline.cache import open_cache
     from pipeline.models import context_length, load_causal_lm, pick_device, pick_dtype
     from pipeline.prepare import load_prepared, prepared_meta
-    from pipeline.stream import CacheStream
-    from pipeline.models import model_vocab_size
-    from pipeline.student import TargetLogits, check_inputs
-    from pipeline.teacher_stats import head_spec
+    from pipeline.student import check_inputs
 
     if not cfg.out:
         raise KdError("no output directory given (--out DIR)")
@@ -225,46 +268,18 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
 
     device = pick_device(cfg.device)
     model_path = resolve_model_path(cfg.model)
+    tokenizer = _matching_tokenizer(model_path, pmeta, needed=bool(cfg.generate))  # before the weights load
     model = load_causal_lm(model_path, device, pick_dtype(cfg.dtype, device))
     check_inputs(model, pmeta, cache)  # vocabulary; with a cache: complete, same tokenizer, same data
     ctx = context_length(model)
     longest = _longest(ds)
     if ctx is not None and longest > ctx:
         raise KdError(f"{data} has an example of {longest} tokens, longer than the model's context of {ctx}")
-    tokenizer = None
-    if cfg.generate:
-        tokenizer = _matching_tokenizer(model_path, pmeta)
 
-    stream = CacheStream(ds, cache, cfg.batch_size, shuffle=False, fields=EVAL_FIELDS)
-    n_batches = stream.batches_in_epoch(0)
-    net = TargetLogits(model).eval()
-    head = head_spec(model, model_vocab_size(model))
-    chunk = max(1, ROW_CHUNK_ELEMENTS // model_vocab_size(model))
-    totals = Totals(cache.vocab_size if cache is not None else None)
-    batches = iter(stream)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_batches, desc="eval", unit="batch", leave=False)
-    try:
-        for _ in range(n_batches):
-            mb = next(batches).to(device)
-            with torch.no_grad():
-                hidden = net.hidden(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t)
-                # The head runs a chunk of rows at a time: no [N, V] logits tensor (V = 151,936 x 16k targets
-                # would be 10 GB per copy).
-                for a in range(0, hidden.shape[0], chunk):
-                    part = {k: v[a: a + chunk] for k, v in mb.cache.items()} if mb.cache is not None else None
-                    totals.add(head.logits(hidden[a: a + chunk], fp32=False), mb.target_ids[a: a + chunk], part)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    figures = score(model, ds, cache, cfg.batch_size, device, progress=progress)
 
     result: dict[str, Any] = {"model": cfg.model, "data": str(data), "cache": cfg.cache or None,
-                              "examples": len(ds), **totals.result(cache is not None)}
+                              "examples": len(ds), **figures}
     if cfg.generate:
         gens = generate_examples(model, tokenizer, ds, cfg.generate, cfg.extra_new_tokens, device, ctx, progress)
         scores = score_generations([g["reference"] for g in gens], [g["generation"] for g in gens])
@@ -275,6 +290,10 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     write_json(out / EVAL_FILENAME, result)
+    from pipeline.model_card import refresh_card
+
+    if refresh_card(model_path, {**result, "eval_json": str(out / EVAL_FILENAME)}):  # a kdcache-trained model only
+        log.info("eval: added these figures to the model card %s", Path(model_path) / "README.md")
     return result
 
 
@@ -286,28 +305,35 @@ def _longest(ds: Any) -> int:
     return int(pc.max(lengths).as_py() or 0)
 
 
-def _matching_tokenizer(model_path: str, pmeta: dict[str, Any]) -> Any:
-    """The model directory's tokenizer, refused when it is not the one the data was prepared with.
+def _matching_tokenizer(model_path: str, pmeta: dict[str, Any], needed: bool) -> Any | None:
+    """The model's own tokenizer, refused (one line naming both) when it is not the one the data was prepared with.
 
-    A model directory without tokenizer files (a bare checkpoint) decodes with the tokenizer the data
-    was prepared with, which is by construction the right one.
+    Checked whenever the model directory carries a tokenizer: scores of a model on ids tokenized for
+    another vocabulary are meaningless. A hub model's tokenizer is loaded only when `needed` (to
+    decode generations). A directory without tokenizer files (a bare checkpoint) decodes with the
+    data's tokenizer, which is by construction the right one. None when not needed and not present.
     """
-    from pathlib import Path
-
-    from pipeline.identity import same_tokenizer, tokenizer_identity
+    from pipeline.identity import describe_tokenizer, same_tokenizer, tokenizer_identity
     from pipeline.models import has_tokenizer_files, load_tokenizer
 
-    local = Path(model_path)
-    has_own = not local.is_dir() or has_tokenizer_files(local)
-    source = model_path if has_own else pmeta["tokenizer"]["name"]
+    local = Path(model_path).expanduser()
+    if has_tokenizer_files(local) if local.is_dir() else needed:
+        try:
+            tok = load_tokenizer(model_path)
+        except KdError as e:
+            raise KdError(f"--generate needs a tokenizer to decode with: {e}" if needed else str(e)) from None
+        own = tokenizer_identity(tok, model_path)
+        if not same_tokenizer(own, pmeta["tokenizer"]):
+            raise KdError(f"the model's tokenizer {describe_tokenizer(own)} is not the one the data was prepared "
+                          f"with, {describe_tokenizer(pmeta['tokenizer'])}: its scores on these ids would be "
+                          "meaningless; prepare the data with the model's tokenizer")
+        return tok
+    if not needed:
+        return None
     try:
-        tok = load_tokenizer(source)
+        return load_tokenizer(pmeta["tokenizer"]["name"])
     except KdError as e:
         raise KdError(f"--generate needs a tokenizer to decode with: {e}") from None
-    if not same_tokenizer(tokenizer_identity(tok, model_path), pmeta["tokenizer"]):
-        raise KdError(f"the tokenizer in {model_path} differs from the one the data was prepared with "
-                      f"({pmeta['tokenizer']['name']}); generations would be decoded wrongly")
-    return tok
 
 
 def summary_line(r: dict[str, Any], out: str) -> str:

@@ -33,6 +33,11 @@ def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("vocab_sha256") == b.get("vocab_sha256") and a.get("vocab_size") == b.get("vocab_size")
 
 
+def describe_tokenizer(ident: dict[str, Any]) -> str:
+    """'data/demo/tokenizer (512 ids, sha256 3f2a9c01b7de)': how messages name a recorded tokenizer."""
+    return f"{ident.get('name')} ({ident.get('vocab_size')} ids, sha256 {str(ident.get('vocab_sha256'))[:12]})"
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """sha256 of one file, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -68,6 +68,39 @@ def load_tokenizer(name_or_path: str) -> Any:
         raise KdError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
 
 
+def own_tokenizer(name_or_path: str) -> Any | None:
+    """The tokenizer a model carries: a local directory's tokenizer files (None when it has none: a bare
+    checkpoint), or a hub id's tokenizer. Loading failures are one-line `KdError`s."""
+    if _looks_local(name_or_path):
+        d = Path(name_or_path).expanduser()
+        return load_tokenizer(str(d)) if has_tokenizer_files(d) else None
+    return load_tokenizer(name_or_path)
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def set_special_token_ids(model: Any, tokenizer: Any) -> dict[str, int | None]:
+    """Make the model's config and generation config carry the tokenizer's bos/eos/pad ids; returns them.
+
+    The tokenizer is the authority: a config built from defaults says eos = 2 (LlamaConfig), which in
+    the demo tokenizer is the pad token, so `model.generate` never stopped. A generation config that
+    already stops at several ids including the tokenizer's eos (chat models: end of turn and end of
+    text) keeps its list.
+    """
+    ids = {key: getattr(tokenizer, key, None) for key in SPECIAL_IDS}
+    gen = getattr(model, "generation_config", None)
+    for key, value in ids.items():
+        setattr(model.config, key, value)
+        if gen is None:
+            continue
+        old = getattr(gen, key, None)
+        if key == "eos_token_id" and isinstance(old, list) and value in old:
+            continue
+        setattr(gen, key, value)
+    return ids
+
+
 PARALLEL = ("none", "tp", "device_map")
 
 

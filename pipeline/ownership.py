@@ -64,12 +64,15 @@ EVAL = Layout("eval", "an eval output directory", ("eval.json",), _atomic("eval.
 # The run's eval/ (where `kdcache run` and the README put it) describes the model being replaced,
 # so retraining removes it with the run; anything else in eval/ still refuses.
 # metrics.jsonl also marks one: runs made before kdcache_train.json existed have only that.
+# final/ and best/ are swapped in from NAME.tmp, the old one moving aside to NAME.old (checkpoint.replace_dir).
 TRAIN = Layout("train", "a training run directory", ("kdcache_train.json", "metrics.jsonl"),
-               _atomic("kdcache_train.json", "config.yaml")
-               + ("metrics.jsonl", "checkpoints/step_[0-9]*", "final", "final.tmp", "tensorboard")
+               _atomic("kdcache_train.json", "config.yaml", "train_summary.json")
+               + ("metrics.jsonl", "checkpoints/step_[0-9]*", "final", "final.tmp", "final.old", "best", "best.tmp",
+                  "best.old", "tensorboard", "wandb")
                + tuple(f"eval/{p}" for p in EVAL.owned))
-REPORT_PLOTS = ("loss.png", "tar.png", "focus_ratio.png", "temperatures.png", "cache_entropy.png",
-                "cache_tail_mass.png")
+# loss.png: the single mixed-loss curve of reports made before losses.png; listed so a re-run removes it.
+REPORT_PLOTS = ("heldout.png", "losses.png", "loss.png", "tar.png", "focus_ratio.png", "temperatures.png",
+                "cache_entropy.png", "cache_tail_mass.png")
 REPORT = Layout("report", "a report directory", ("report.md",), _atomic("report.md", "config.yaml") + REPORT_PLOTS)
 # An export is a save_to_disk directory like prepared data, marked by its own record.
 EXPORT = Layout("export", "an export directory", ("kdcache_export.json",),

@@ -1,14 +1,20 @@
 """Stage 4: one Markdown report comparing training runs, with plots.
 
-    kdcache report runs/demo/ce runs/demo/kd runs/demo/speckd --out runs/demo/report
+    kdcache report runs/demo/ce runs/demo/kd runs/demo/speckd --teacher runs/demo/teacher --out runs/demo/report
 
-DIR/report.md holds one table (run, method, eval figures, final TAR, mean tokens/s) and embeds
-PNG plots: loss, TAR, LATF focus ratio and IDTS temperatures over steps, and histograms of the
-teacher's entropy and tail mass (log scale) over the WHOLE cache. Those two are computed out of core with
-dask (one lazy array per shard, concatenated), so the cache never has to fit in memory.
+DIR/report.md opens with what a reader wants first: the best student by held-out cross-entropy and
+its margin over the others, set against the seed-to-seed spread when a method ran with several seeds
+(`pipeline.comparison`), and one chart of every student's held-out figures (bars, error bars over
+seeds). Then the table (run, method, eval figures, final TAR, training tokens/s = total tokens /
+total step time from the run's train_summary.json), each distilled student against the CE-only
+baseline, and the curves: CE and KD losses on separate axes, TAR, LATF focus ratio, IDTS
+temperatures; last, histograms of the teacher's entropy and tail mass (log scale) over the WHOLE
+cache, computed out of core with dask (one lazy array per Zarr chunk), so the cache never has to fit
+in memory. A method keeps its colour in every plot (`pipeline.report_plots`).
 
-A run directory is what `kdcache train` writes (config.yaml, metrics.jsonl, final/) plus an
-eval.json from `kdcache eval`, in RUN/eval/ or RUN/ itself. Whatever a run lacks is shown as "—".
+A run directory is what `kdcache train` writes (config.yaml, metrics.jsonl, train_summary.json,
+final/) plus an eval.json from `kdcache eval`, in RUN/eval/ or RUN/ itself. Whatever a run lacks is
+shown as "—". The teacher (`--teacher`, a directory with its eval) is a reference: shown, never ranked.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from typing import Any
 import numpy as np
 import yaml
 
+from pipeline.comparison import best_student, group_runs
 from pipeline.config import save_config
 from pipeline.errors import KdError
 from pipeline.ownership import REPORT, REPORT_PLOTS, refuse_foreign
+from pipeline.report_plots import (assign_styles, plot_heldout, plot_histogram, plot_losses, plot_metric,
+                                   plot_temperatures, series)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,7 @@ class ReportConfig:
 
     runs: list[str] = field(default_factory=list)  # training run directories
     out: str = ""
+    teacher: str = ""  # the teacher's directory (its eval/ or eval.json): a reference row and line, not ranked
     cache: str = ""  # default: the cache recorded in the runs' configs
     bins: int = 50  # histogram bins for the cache plots
 
@@ -120,17 +130,6 @@ def method_name(cfg: dict[str, Any] | None) -> str:
     return " + ".join(parts) + f" + {loss}" + (f"/{tail}" if tail != "bucket" else "") + ce
 
 
-def series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the rows that log a finite `key`."""
-    pts = [(r["step"], float(r[key])) for r in rows
-           if isinstance(r.get(key), (int, float)) and isinstance(r.get("step"), (int, float))
-           and math.isfinite(float(r[key]))]
-    if not pts:
-        return np.zeros(0), np.zeros(0)
-    s, v = zip(*pts)
-    return np.asarray(s, dtype=float), np.asarray(v, dtype=float)
-
-
 def collect_run(path: str) -> dict[str, Any]:
     """Everything the report shows about one run directory."""
     run = Path(path)
@@ -139,16 +138,28 @@ def collect_run(path: str) -> dict[str, Any]:
     cfg = read_run_config(run)
     metrics = read_jsonl(run / "metrics.jsonl")
     _, tar = series(metrics, "tar")
-    _, tps = series(metrics, "tokens_per_s")
+    summary = read_summary(run)
+    tps = summary.get("tokens_per_s")
     return {"name": run.name or str(run), "path": str(run), "config": cfg, "method": method_name(cfg),
+            "distills": bool(cfg and cfg.get("cache") and cfg.get("loss", "fkl") != "none"),
             "eval": read_eval(run), "metrics": metrics, "final_tar": float(tar[-1]) if len(tar) else None,
-            "tokens_per_s": float(tps.mean()) if len(tps) else None}
+            "tokens_per_s": float(tps) if isinstance(tps, (int, float)) and tps > 0 else None}
+
+
+def read_summary(run: Path) -> dict[str, Any]:
+    """RUN/train_summary.json (written by `kdcache train` at its end), or {}."""
+    p = run / "train_summary.json"
+    try:
+        data = json.loads(p.read_text()) if p.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def table(runs: list[dict[str, Any]]) -> str:
     """The report's one Markdown table; eval columns appear when at least one run has the figure."""
     cols = [c for c in EVAL_COLUMNS if any(isinstance(r["eval"].get(c[0]), (int, float)) for r in runs)]
-    head = ["run", "method"] + [t for _, t, _ in cols] + ["final TAR", "mean tokens/s"]
+    head = ["run", "method"] + [t for _, t, _ in cols] + ["final TAR", "train tokens/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
 
     def fmt(v: Any, f: str) -> str:
@@ -241,70 +252,6 @@ def cache_histograms(cache_path: str | Path, bins: int = 50) -> dict[str, Any]:
                            "mean": float(t_mean) if np.isfinite(t_mean) else float("nan"), "zero": int(zero)}}
 
 
-# ---- plots ---------------------------------------------------------------------------------
-def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.0, 4.2), dpi=120)
-    FigureCanvasAgg(fig)  # Agg, without pyplot's global state
-    ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    return fig, ax
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-
-
-def plot_metric(runs: list[dict[str, Any]], key: str, path: Path, title: str, ylabel: str) -> bool:
-    """One line per run that logs `key`; False (no file) when none does."""
-    lines = [(r["name"], *series(r["metrics"], key)) for r in runs]
-    lines = [ln for ln in lines if len(ln[1])]
-    if not lines:
-        return False
-    fig, ax = _figure(title, "optimizer step", ylabel)
-    for name, s, v in lines:
-        ax.plot(s, v, label=name, linewidth=1.4)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return True
-
-
-def plot_temperatures(runs: list[dict[str, Any]], path: Path) -> bool:
-    """Per run: the step's mean IDTS temperature as a line, its min-max range as a band."""
-    fig, ax = _figure("IDTS temperatures per step (line: mean, band: min-max)", "optimizer step", "temperature T")
-    drawn = False
-    for r in runs:
-        s, mean = series(r["metrics"], "temp_mean")
-        if not len(s):
-            continue
-        lo_s, lo = series(r["metrics"], "temp_min")
-        hi_s, hi = series(r["metrics"], "temp_max")
-        line = ax.plot(s, mean, label=r["name"], linewidth=1.4)[0]
-        if len(lo) == len(hi) == len(s):
-            ax.fill_between(s, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
-        drawn = True
-    if not drawn:
-        return False
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return True
-
-
-def plot_histogram(h: dict[str, Any], path: Path, title: str, xlabel: str) -> None:
-    """A filled step histogram from precomputed counts and edges."""
-    fig, ax = _figure(title, xlabel, "target positions")
-    ax.stairs(h["counts"], h["edges"], fill=True, alpha=0.75, label=f"mean {h['mean']:.3f}")
-    ax.axvline(h["mean"], color="black", linestyle="--", linewidth=1)
-    ax.legend(fontsize=8)
-    _save(fig, path)
-
-
 # ---- the stage -----------------------------------------------------------------------------
 def default_cache(runs: list[dict[str, Any]]) -> str:
     """The cache the runs' configs record (the first one; a note is logged when they differ)."""
@@ -323,34 +270,49 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     refuse_foreign(out, REPORT)  # a re-run replaces only what report wrote; anything else refuses, first
     runs = [collect_run(p) for p in cfg.runs]
+    teacher = None
+    if cfg.teacher:
+        teacher = collect_run(cfg.teacher)
+        teacher["method"] = "teacher (reference)"
+    groups = group_runs(runs)
+    assign_styles(groups)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
 
-    sections: list[str] = []
+    plots: list[str] = []
+    notes: list[str] = []
 
-    def embed(fname: str, caption: str) -> None:
-        sections.append(f"![{fname.removesuffix('.png').replace('_', ' ')}]({fname})\n\n*{caption}*\n")
+    def figure(fname: str, drawn: bool, caption: str, missing: str) -> list[str]:
+        if not drawn:
+            notes.append(missing)
+            return []
+        plots.append(fname)
+        return [f"![{fname.removesuffix('.png').replace('_', ' ')}]({fname})", "", f"*{caption}*", ""]
 
-    plots = []
-    curves = (("loss", "loss.png", "Training loss per step", "loss (nats)",
-               "Training loss per optimizer step (alpha·CE + (1-alpha)·KD; CE alone for CE-only runs), all runs."),
-              ("tar", "tar.png", "SpecKD token acceptance rate (TAR)", "TAR",
-               "Token acceptance rate per step: accepted / target positions (1.0 without a gate)."),
-              ("focus_ratio", "focus_ratio.png", "LATF focus ratio r", "focus ratio r",
-               "LATF focus ratio per step: fraction of eligible positions kept (1.0 without LATF)."))
-    notes = []
-    for key, fname, title, ylabel, caption in curves:
-        if plot_metric(runs, key, out / fname, title, ylabel):
-            plots.append(fname)
-            embed(fname, caption)
-        else:
-            notes.append(f"No run logged `{key}`: no {fname}.")
-    if plot_temperatures(runs, out / "temperatures.png"):
-        plots.append("temperatures.png")
-        embed("temperatures.png", "IDTS temperatures over steps: per run, the mean temperature of the step's kept "
-                                  "positions (line) and its min-max range (band); a flat line at T_base means no IDTS.")
-    else:
-        notes.append("No run logged temperatures: no temperatures.png.")
+    seeds = any(len(g.runs) > 1 for g in groups)
+    head = figure("heldout.png", plot_heldout(groups, teacher, out / "heldout.png"),
+                  "Held-out figures of every student (one colour per method in every plot"
+                  + ("; bars: mean over seeds, error bars: standard deviation over seeds, dots: single seeds"
+                     if seeds else "") + "; axes zoomed to the values"
+                  + (", dashed: the teacher's CE" if teacher is not None else "") + ").",
+                  "No run has held-out figures (eval.json): no heldout.png.")
+    curves = figure("losses.png", plot_losses(runs, out / "losses.png"),
+                    "Training losses per optimizer step, each on its own axis: cross-entropy on the labels (every "
+                    "run), and the KD loss to the cached teacher (distilled runs); faint: per step, solid: moving "
+                    "average; the y axis fits the runs after their first tenth. The logged total, "
+                    "alpha·CE + (1-alpha)·KD, is in metrics.jsonl as `loss`.",
+                    "No run logged losses: no losses.png.")
+    for key, fname, title, ylabel, caption in (
+            ("tar", "tar.png", "SpecKD token acceptance rate (TAR)", "TAR",
+             "Token acceptance rate per step: accepted / target positions (1.0 without a gate)."),
+            ("focus_ratio", "focus_ratio.png", "LATF focus ratio r", "focus ratio r",
+             "LATF focus ratio per step: fraction of eligible positions kept (1.0 without LATF).")):
+        curves += figure(fname, plot_metric(runs, key, out / fname, title, ylabel), caption,
+                         f"No run logged `{key}`: no {fname}.")
+    curves += figure("temperatures.png", plot_temperatures(runs, out / "temperatures.png"),
+                     "IDTS temperatures over steps: per run, the mean temperature of the step's kept positions "
+                     "(line) and its min-max range (band); a flat line at T_base means no IDTS.",
+                     "No run logged temperatures: no temperatures.png.")
 
     cache_path = cfg.cache or default_cache(runs)
     hist = None
@@ -365,20 +327,23 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
                        "teacher entropy H(p) (nats)")
         plot_histogram(hist["log10_tail"], out / "cache_tail_mass.png",
                        f"Teacher mass outside its top-{hist['k']} ({rows})", "log10 r,  r = 1 - top-K mass")
-        plots += ["cache_entropy.png", "cache_tail_mass.png"]
-        embed("cache_entropy.png", f"Teacher entropy H(p) at every cached position of {cache_path} "
-                                   f"({cfg.bins} bins; dashed: mean).")
         zero = hist["log10_tail"]["zero"]
-        embed("cache_tail_mass.png", f"Mass the teacher puts outside its cached top-{hist['k']} ids (the tail "
-                                     f"bucket), log10 scale, every cached position ({cfg.bins} bins; dashed: mean)"
-                                     + (f"; {zero:,} rows with no tail (K = V) not shown." if zero else "."))
+        curves += figure("cache_entropy.png", True, f"Teacher entropy H(p) at every cached position of {cache_path} "
+                                                    f"({cfg.bins} bins; dashed: mean).", "")
+        curves += figure("cache_tail_mass.png", True,
+                         f"Mass the teacher puts outside its cached top-{hist['k']} ids (the tail bucket), log10 "
+                         f"scale, every cached position ({cfg.bins} bins; dashed: mean)"
+                         + (f"; {zero:,} rows with no tail (K = V) not shown." if zero else "."), "")
         if hist["rows"] < hist["cache_rows"]:
             notes.append(f"The cache is incomplete: histograms cover {hist['rows']:,} of {hist['cache_rows']:,} rows.")
 
-    text = ["# kdcache report", "",
-            f"{len(runs)} run(s); eval figures from each run's eval.json (CE over target tokens in nats, "
-            "FKL on the K + 1 buckets at T = 1); final TAR from the last metrics row; tokens/s averaged over steps.",
-            "", table(runs), "", *versus_baseline(runs), *sections]
+    listed = ([teacher] if teacher is not None else []) + runs
+    text = ["# kdcache report", "", *best_student(groups), *head,
+            "## All runs", "",
+            f"{len(runs)} run(s); eval figures from each run's eval.json (CE over target tokens in nats, FKL on the "
+            "K + 1 buckets at T = 1); final TAR from the last metrics row; train tokens/s = total tokens / total "
+            "step time of the whole run (train_summary.json).", "", table(listed), "", *versus_baseline(runs),
+            "## Training curves", "", *curves]
     if notes:
         text += ["", *[f"- {n}" for n in notes]]
     path = out / REPORT_FILENAME
@@ -387,7 +352,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     tmp.replace(path)
     for stale in set(REPORT_PLOTS) - set(plots):  # an earlier report's plots this one did not redraw
         (out / stale).unlink(missing_ok=True)
-    return {"path": str(path), "runs": runs, "plots": plots, "cache": hist}
+    return {"path": str(path), "runs": runs, "plots": plots, "cache": hist, "groups": groups}
 
 
 def report(cfg: ReportConfig) -> str:

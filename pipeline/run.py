@@ -231,9 +231,9 @@ class Pipeline:
         from pipeline.report import ReportConfig, report
 
         runs = [str(self.student_dir(n)) for n in self.cfg.students]
-        extra = [str(self.out / "teacher")] if (self.out / "teacher" / "eval").exists() else []
-        rc = from_dict(ReportConfig, {**self.cfg.report, "runs": extra + runs, "out": str(self.out / "report"),
-                                      "cache": str(self.cache)})
+        teacher = str(self.out / "teacher") if (self.out / "teacher" / "eval").exists() else ""
+        rc = from_dict(ReportConfig, {**self.cfg.report, "runs": runs, "teacher": teacher,
+                                      "out": str(self.out / "report"), "cache": str(self.cache)})
         path = report(rc)
         self.echo(f"report: {path}")
 

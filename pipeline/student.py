@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from pipeline.errors import KdError
-from pipeline.identity import same_tokenizer
-from pipeline.models import load_causal_lm, model_vocab_size
+from pipeline.identity import describe_tokenizer, same_tokenizer, tokenizer_identity
+from pipeline.models import load_causal_lm, load_tokenizer, model_vocab_size, own_tokenizer
 from pipeline.teacher_stats import head_spec
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,37 @@ def build_student(student: str, student_config: str, device: torch.device, seed:
     else:
         raise KdError("no student given: pass --student PATH_OR_ID or --student-config CONFIG.json")
     return model.train()
+
+
+def student_tokenizer(student: str, data_tok: dict[str, Any]) -> Any | None:
+    """The tokenizer the trained student is saved with: its own, or the data's for a student built from a config.
+
+    A student that carries a tokenizer must carry the very one the data (and so the cache) was made
+    with: same sha256 of every (token, id) pair, else a one-line `KdError` naming both. Its own files
+    are kept (chat template, special-token roles), not replaced by the data's. A hub student whose
+    tokenizer cannot be loaded, or data whose tokenizer is gone, gives None: the model is saved
+    without one (logged).
+    """
+    if student:
+        try:
+            own = own_tokenizer(student)
+        except KdError as e:
+            if Path(student).expanduser().exists():
+                raise
+            log.warning("student %s: no loadable tokenizer (%s); final/ gets the data's", student, e)
+            own = None
+        if own is not None:
+            ident = tokenizer_identity(own, student)
+            if not same_tokenizer(ident, data_tok):
+                raise KdError(f"the student's tokenizer {describe_tokenizer(ident)} is not the one the data and cache "
+                              f"were made with, {describe_tokenizer(data_tok)}: the cached ids would mean other "
+                              "tokens to it; prepare the data with the student's tokenizer or pick another student")
+            return own
+    try:
+        return load_tokenizer(data_tok["name"])
+    except KdError as e:
+        log.warning("the data's tokenizer cannot be loaded (%s): the student is saved without one", e)
+        return None
 
 
 class TargetLogits(torch.nn.Module):

@@ -12,6 +12,11 @@ denominator is known only after every micro-batch's forward pass; it is handled 
 one micro-batch -> direct; pure KD (alpha = 0) -> backpropagate unnormalised sums and divide the
 accumulated gradients once; mixed alpha with accumulation -> a no-grad pre-pass (same RNG
 streams) computes the denominator first, costing one extra forward per micro-batch.
+
+OUT holds metrics.jsonl (one row per step; `pipeline.metrics` mirrors it to --report-to trackers),
+checkpoints/step_NNNNNN, final/ (the model, the student's own tokenizer, its bos/eos/pad ids in
+both configs, the model card of `pipeline.model_card`), best/ with --eval-every
+(`pipeline.train_eval`) and train_summary.json (tokens seen, step time, throughput of the whole run).
 """
 
 from __future__ import annotations
@@ -31,21 +36,24 @@ import torch
 
 from pipeline.adakd import LATF
 from pipeline.cache import open_cache
-from pipeline.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
-from pipeline.config import save_config
+from pipeline.checkpoint import (latest_checkpoint, load_state, recover_dir, replace_dir, rng_state, save_checkpoint,
+                                 set_rng_state)
+from pipeline.config import save_config, to_dict
 from pipeline.errors import Interrupted, KdError
 from pipeline.interrupts import StopRequest
+from pipeline.chunked_loss import RowPlan, StudentObjective
+from pipeline.identity import write_json
 from pipeline.kd_loss import gate_generator
-from pipeline.metrics import MetricsLog
-from pipeline.models import load_tokenizer, pick_device
+from pipeline.metrics import MetricsLog, check_reporters
+from pipeline.models import pick_device, set_special_token_ids
 from pipeline.ownership import TRAIN, remove_owned
 from pipeline.prepare import load_prepared, prepared_meta
 from pipeline.stream import CacheStream, MicroBatch
-from pipeline.chunked_loss import RowPlan, StudentObjective
-from pipeline.student import build_student, check_inputs
+from pipeline.student import build_student, check_inputs, student_tokenizer
 from pipeline.train_config import TrainConfig
-from pipeline.train_state import (TrainState, continuing, read_state, refused, settings_digest, train_inputs,
-                                  write_record)
+from pipeline.train_eval import BEST_DIR, Best, HeldOut, write_best
+from pipeline.train_state import (IGNORED_KEYS, TrainState, continuing, read_state, refused, settings_digest,
+                                  train_inputs, write_record)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,9 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
         return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
     return f
+
+
+SUMMARY_FILENAME = "train_summary.json"  # the end-of-run summary, read by `kdcache report`
 
 
 def _dist() -> tuple[int, int]:
@@ -96,6 +107,11 @@ class Trainer:
             raise KdError("no output directory given (--out DIR)")
         self.out = Path(cfg.out)
         self.rank, self.world = _dist()
+        check_reporters(cfg.report_to)  # before anything is loaded: a missing tracker is a one-line error
+        if cfg.push_to_hub and self.rank == 0:
+            from pipeline.hub import check_can_push
+
+            check_can_push(cfg.push_to_hub)
         self.cache = open_cache(cfg.cache) if cfg.cache else None
         data = cfg.data or (self.cache.meta["data"]["path"] if self.cache else "")
         if not data:
@@ -110,6 +126,16 @@ class Trainer:
                          if self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else nullcontext())
         self.model = build_student(cfg.student, cfg.student_config, self.device, cfg.seed)
         check_inputs(self.model, self.pmeta, self.cache)
+        # The student's own tokenizer (refused unless it is the data's) is saved with it, and its bos/eos/pad
+        # ids go into config.json and generation_config.json of every checkpoint, best/ and final/.
+        self.tokenizer = student_tokenizer(cfg.student, self.pmeta["tokenizer"])
+        if self.tokenizer is not None:
+            set_special_token_ids(self.model, self.tokenizer)
+        self.held_out = (HeldOut(cfg.eval_data, cfg.eval_cache, cfg.batch_size, self.model, self.pmeta["tokenizer"])
+                         if cfg.eval_every and self.rank == 0 else None)
+        self.best = Best(cfg.best_metric)
+        self.held_out_last: dict[str, Any] | None = None  # the latest held-out figures, for the model card
+        self.tokens_seen, self.train_seconds, self.eval_seconds = 0, 0.0, 0.0  # over the whole run, resumes included
         if cfg.distills and cfg.gate == "topk" and cfg.gate_k > self.cache.k:
             raise KdError(f"gate_k {cfg.gate_k} exceeds the cache's K = {self.cache.k}: the gate can only verify "
                           f"against cached ids (use --gate-k <= {self.cache.k} or a cache with a larger --top-k)")
@@ -282,7 +308,9 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(self.gen), "reader": self.stream.state_dict(),
-                "latf": self.latf.state_dict() if self.latf else None, "total_steps": self.total}
+                "latf": self.latf.state_dict() if self.latf else None, "total_steps": self.total,
+                "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "best": self.best.state_dict(), "held_out_last": self.held_out_last}
 
     def resume_from(self, path: Path) -> None:
         from pipeline.models import load_causal_lm
@@ -300,6 +328,12 @@ class Trainer:
             self.latf.load_state_dict(st["latf"])
         set_rng_state(st["rng"], self.gen)
         self.step = st["step"]
+        # Checkpoints written before these were recorded resume their counts from 0.
+        self.tokens_seen = int(st.get("tokens_seen", 0))
+        self.train_seconds, self.eval_seconds = float(st.get("train_seconds", 0.0)), float(st.get("eval_seconds", 0.0))
+        self.best.load_state_dict(st.get("best"))
+        self.held_out_last = st.get("held_out_last")
+        recover_dir(self.out / BEST_DIR)
 
     def run(self, progress: bool = False, echo: Callable[[str], None] | None = None,
             state: TrainState | None = None) -> dict[str, Any]:
@@ -332,7 +366,8 @@ class Trainer:
             say("--overwrite: retraining from scratch" if cfg.overwrite
                 else continuing(replace(state, checkpoint_step=None), self.total))
         resume_step = self.step if ckpt is not None else None
-        metrics = MetricsLog(self.out, resume_step, cfg.tensorboard) if self.rank == 0 else None
+        metrics = (MetricsLog(self.out, resume_step, cfg.report_to, run_config=to_dict(cfg))
+                   if self.rank == 0 else None)
         stop_at = min(self.total, self.step + cfg.stop_after) if cfg.stop_after else self.total
         bar = None
         if progress and self.rank == 0:
@@ -340,7 +375,7 @@ class Trainer:
 
             bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", leave=False)
         it = iter(self.stream)
-        t_start, tokens_seen, last = time.perf_counter(), 0, {}
+        last: dict[str, Any] = {}
         stop = StopRequest.install()  # Ctrl-C ends the current step, then checkpoints (see interrupts.py)
         try:
             while self.step < stop_at:
@@ -349,8 +384,12 @@ class Trainer:
                 row = self.train_step(mbs)
                 self.step += 1
                 ntok = sum(int(mb.attention_mask.sum()) for mb in mbs) * self.world
-                tokens_seen += ntok
-                row = {"step": self.step, **row, "tokens_per_s": ntok / max(time.perf_counter() - t0, 1e-9)}
+                dt = time.perf_counter() - t0
+                self.tokens_seen += ntok
+                self.train_seconds += dt
+                row = {"step": self.step, **row, "tokens_per_s": ntok / max(dt, 1e-9), "tokens_seen": self.tokens_seen}
+                if self.held_out is not None and (self.step % cfg.eval_every == 0 or self.step == self.total):
+                    row.update(self._evaluate_held_out())
                 last = row
                 if metrics:
                     metrics.write(row)
@@ -388,9 +427,34 @@ class Trainer:
         if interrupted:
             raise Interrupted(self._interrupted(f"interrupted at step {self.step} of {self.total}; its weights are "
                                                 "not finite, so it was not checkpointed"))
-        elapsed = time.perf_counter() - t_start
-        return {"out": str(self.out), "steps": self.step, "total_steps": self.total, "finished": self.step >= self.total,
-                "last": last, "seconds": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9)}
+        summary = {"out": str(self.out), "steps": self.step, "total_steps": self.total,
+                   "finished": self.step >= self.total, "last": last, **self._totals()}
+        if self.rank == 0:
+            write_json(self.out / SUMMARY_FILENAME, summary)  # the report's throughput, among others
+            if summary["finished"] and cfg.push_to_hub:
+                summary["pushed"] = push_final(self.out, cfg.push_to_hub)
+        return summary
+
+    def _totals(self) -> dict[str, Any]:
+        """Throughput and counts over the whole run (resumes included): total tokens / total step time."""
+        return {"tokens_seen": self.tokens_seen, "seconds": self.train_seconds,
+                "tokens_per_s": self.tokens_seen / self.train_seconds if self.train_seconds > 0 else 0.0,
+                "eval_seconds": self.eval_seconds, "best": self.best.state_dict() if self.held_out else None}
+
+    def _evaluate_held_out(self) -> dict[str, Any]:
+        """Score the held-out split now; keep OUT/best when `best_metric` improved. Returns the row's eval_ keys."""
+        t0 = time.perf_counter()
+        figures = self.held_out.score(self.model, self.device, self.autocast)
+        value = figures.get(self.cfg.best_metric)
+        if self.best.improves(value):
+            self.best.update(value, self.step)
+            write_best(self.out, self.model, self.tokenizer,
+                       {"step": self.step, "metric": self.best.metric, "value": value, "figures": figures,
+                        "data": self.held_out.data, "cache": self.cfg.eval_cache or None})
+        self.held_out_last = {"step": self.step, "data": self.held_out.data, "cache": self.cfg.eval_cache or None,
+                              **figures}
+        self.eval_seconds += time.perf_counter() - t0
+        return {f"eval_{k}": v for k, v in figures.items() if k != "targets"}  # a count, the same every time
 
     def _stop_requested(self, stop: StopRequest) -> bool:
         """Whether any rank got Ctrl-C: ranks must stop at the same step or the next all-reduce hangs."""
@@ -417,25 +481,28 @@ class Trainer:
         save_config(self.cfg, self.out / "config.yaml")
 
     def _save_final(self) -> None:
-        """OUT/final: a Hugging Face model directory with the tokenizer, written then renamed.
+        """OUT/final: a Hugging Face model directory with the student's tokenizer and model card, written
+        under final.tmp and swapped in.
 
         Its kdcache_train.json carries the settings digest and inputs, so a student started from this
-        model (`init_from`) is retrained when this one is retrained with other settings.
+        model (`init_from`) is retrained when this one is retrained with other settings, and what the
+        card says (`pipeline.model_card`).
         """
-        final = self.out / "final"
+        from pipeline.model_card import card_record, write_card
+
         tmp = self.out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
-        try:
-            load_tokenizer(self.pmeta["tokenizer"]["name"]).save_pretrained(tmp)
-        except KdError as e:
-            log.warning("final model saved without tokenizer: %s", e)
-        (tmp / "kdcache_train.json").write_text(json.dumps(
-            {"steps": self.step, "data": self.data_path, "cache": self.cfg.cache,
-             "tokenizer": self.pmeta["tokenizer"], "settings_sha256": settings_digest(self.cfg),
-             "inputs": train_inputs(self.cfg)}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
+        record = {"steps": self.step, "data": self.data_path, "cache": self.cfg.cache,
+                  "tokenizer": self.pmeta["tokenizer"], "settings_sha256": settings_digest(self.cfg),
+                  "inputs": train_inputs(self.cfg),
+                  **card_record(self.cfg, IGNORED_KEYS, self.step, self.tokens_seen,
+                                self.cache if self.cfg.distills else None, self.pmeta, self.held_out_last)}
+        (tmp / "kdcache_train.json").write_text(json.dumps(record, indent=2))
+        write_card(tmp, self.out.resolve().name)
+        replace_dir(tmp, self.out / "final")
 
 
 def _ranges(ids: list[int]) -> str:
@@ -454,12 +521,25 @@ def train(cfg: TrainConfig, progress: bool = False, echo: Callable[[str], None] 
     """Train a student per `cfg`; returns a summary dict (`skipped` when OUT/final is already done).
 
     A finished run is recognised before the model and data are loaded, so re-running a finished
-    command costs nothing.
+    command costs nothing (with --push-to-hub it pushes final/: the way to retry a failed upload).
     """
     state = read_state(Path(cfg.out), cfg) if cfg.out else None
     if state is not None and state.kind == "final" and not (cfg.overwrite or cfg.resume):
-        return skipped_summary(Path(cfg.out), state)
+        summary = skipped_summary(Path(cfg.out), state)
+        if cfg.push_to_hub:
+            from pipeline.hub import check_can_push
+
+            check_can_push(cfg.push_to_hub)
+            summary["pushed"] = push_final(Path(cfg.out), cfg.push_to_hub)
+        return summary
     return Trainer(cfg).run(progress=progress, echo=echo, state=state)
+
+
+def push_final(out: Path, repo: str) -> str:
+    """Upload OUT/final to the Hub repo `repo` (see `pipeline.hub`); returns its URL."""
+    from pipeline.hub import push
+
+    return push(out / "final", repo, f"kdcache train: {out.resolve().name}")
 
 
 def skipped_summary(out: Path, state: TrainState) -> dict[str, Any]:
@@ -472,12 +552,18 @@ def skipped_summary(out: Path, state: TrainState) -> dict[str, Any]:
 def summary_line(s: dict[str, Any]) -> str:
     """One line for the end of `kdcache train`."""
     if s.get("skipped"):
-        return f"train: {s['out']}/final is complete for these settings ({s['steps']} steps); nothing to do"
+        pushed = f"; pushed to {s['pushed']}" if s.get("pushed") else ""
+        return f"train: {s['out']}/final is complete for these settings ({s['steps']} steps); nothing to do{pushed}"
     last = s["last"]
     parts = [f"train: {s['steps']}/{s['total_steps']} steps in {s['seconds']:.1f}s ({s['tokens_per_s']:,.0f} tok/s)"]
     if last:
         parts.append(f"loss {last['loss']:.4f}")
         if "tar" in last:
             parts.append(f"TAR {last['tar']:.3f}")
+    b = s.get("best")
+    if b and b.get("value") is not None:
+        parts.append(f"best held-out {b['metric']} {b['value']:.4f} at step {b['step']}")
     parts.append(f"-> {s['out']}/{'final' if s['finished'] else 'checkpoints'}")
+    if s.get("pushed"):
+        parts.append(f"pushed to {s['pushed']}")
     return ", ".join(parts)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipeline.errors import KdError
 from pipeline.kd_loss import KdSettings
@@ -11,6 +11,8 @@ LOSSES = ("none", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
 TAILS = ("bucket", "renorm", "ignore", "sampled")
 GATES = ("none", "topk", "spec", "threshold")
 SCHEDULES = ("constant", "linear", "cosine")
+REPORTERS = ("none", "jsonl", "tensorboard", "wandb")  # pipeline.metrics
+BEST_METRICS = ("ce", "fkl_to_teacher", "teacher_top1_agreement")  # pipeline.train_eval
 
 
 @dataclass
@@ -60,8 +62,14 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bfloat16 autocast on GPU, float32 on CPU
     read_threads: int = 2
     loss_chunk_rows: int = 0  # target rows per chunk of the student's logits in the loss; 0 = auto (~64 MiB)
-    tensorboard: bool = True
     overwrite: bool = False
+    # --- tracking, held-out evaluation, publishing ---
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb; metrics.jsonl always
+    eval_every: int = 0  # held-out evaluation every N steps and at the end (0: none)
+    eval_data: str = ""  # prepared held-out split; may be omitted when eval_cache records it
+    eval_cache: str = ""  # teacher cache of eval_data: adds teacher_top1_agreement and fkl_to_teacher
+    best_metric: str = "ce"  # OUT/best keeps the model with the best held-out value of this figure
+    push_to_hub: str = ""  # OWNER/NAME: upload final/ to the Hugging Face Hub when training ends
 
     def __post_init__(self) -> None:
         for name, allowed in (("loss", LOSSES), ("tail", TAILS), ("gate", GATES), ("schedule", SCHEDULES),
@@ -81,6 +89,22 @@ class TrainConfig:
                 raise KdError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.epochs < 0 or self.lr <= 0:
             raise KdError("max_steps and epochs must be >= 0 and lr > 0")
+        bad = [r for r in self.report_to if r not in REPORTERS]
+        if bad or ("none" in self.report_to and len(self.report_to) > 1):
+            raise KdError(f"report_to must be none, or any of jsonl, tensorboard, wandb; got {','.join(self.report_to)}")
+        if self.eval_every < 0:
+            raise KdError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.best_metric not in BEST_METRICS:
+            raise KdError(f"best_metric must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
+        if self.eval_every and not (self.eval_data or self.eval_cache):
+            raise KdError("--eval-every needs --eval-data (a `kdcache prepare` output of the held-out split)")
+        if self.eval_every and self.best_metric != "ce" and not self.eval_cache:
+            raise KdError(f"--best-metric {self.best_metric} compares with the teacher: it needs --eval-cache "
+                          "(a teacher cache of the held-out split)")
+        if self.push_to_hub:
+            from pipeline.hub import check_repo_id
+
+            check_repo_id(self.push_to_hub)
         if self.tail == "sampled" and self.loss != "fkl":
             raise KdError("tail 'sampled' is defined for loss fkl only (its gradient is the unbiased one)")
         if self.tail == "sampled" and (self.idts or self.temperature != 1.0):

@@ -32,7 +32,9 @@ from pipeline.identity import read_json
 
 RECORD = "kdcache_train.json"
 # Keys that say how to run, not what to compute: changing them never makes a run "other".
-IGNORED_KEYS = ("resume", "overwrite", "stop_after", "save_every", "read_threads", "tensorboard")
+# (tensorboard: the switch --report-to replaced, still in configs saved before it.)
+IGNORED_KEYS = ("resume", "overwrite", "stop_after", "save_every", "read_threads", "report_to", "push_to_hub",
+                "tensorboard")
 _INPUT_NAMES = {"data": "prepared data", "cache": "teacher cache", "student": "init_from model"}
 
 
@@ -87,6 +89,19 @@ def write_record(out: Path, cfg: Any) -> None:
                               "inputs": train_inputs(cfg)})
 
 
+def _defaults(cls: type) -> dict[str, Any]:
+    """{field: default} of a config dataclass (fields without one are left out)."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return to_dict(out)
+
+
 def _last_step(metrics: Path) -> int:
     step = 0
     if metrics.is_file():
@@ -110,6 +125,8 @@ def read_state(out: Path, cfg: Any) -> TrainState:
         saved = {}
     if not isinstance(saved, dict):
         raise KdError(f"{cfg_file} is not a training config (expected a mapping)")
+    # A key added to the config after this run was made counts as unchanged while it keeps its default.
+    saved = {**_defaults(type(cfg)), **saved}
     diff = changes(saved, to_dict(cfg), (*IGNORED_KEYS, "out"))
     inputs = []
     if (out / RECORD).is_file():  # runs made before the record existed are compared on settings alone

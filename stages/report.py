@@ -14,13 +14,15 @@ R = ReportConfig
 @click.argument("run_dirs", nargs=-1, type=click.Path())
 @setting(R, "--out", type=click.Path(file_okay=False), show="required",
          help="Report directory (report.md and PNGs; a previous report there is replaced).")
+@setting(R, "--teacher", show="none", help="The teacher's directory (with its eval/): a reference in the table and "
+                                           "chart, not ranked among the students.")
 @setting(R, "--cache", show="the runs' cache", help="Teacher cache for the entropy / top-K mass histograms.")
 @setting(R, "--bins", type=int, help="Histogram bins.")
 @config_options
 @user_errors("report")
 def report(run_dirs, config_file, sets, **opts):
-    """Compare training runs (RUN_DIRS, or `runs` in --config): eval figures, final TAR, throughput, curves and
-    cache histograms."""
+    """Compare training runs (RUN_DIRS, or `runs` in --config): the best student and its margin against the seed
+    spread, held-out chart, eval figures, final TAR, throughput, curves and cache histograms."""
     from pipeline.config import resolve
     from pipeline.report import build_report, summary_line
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pipeline.train_config import GATES, LOSSES, SCHEDULES, TAILS, TrainConfig
+from pipeline.train_config import BEST_METRICS, GATES, LOSSES, SCHEDULES, TAILS, TrainConfig
 from stages.common import config_options, given, setting, user_errors
 
 T = TrainConfig
@@ -53,7 +53,20 @@ T = TrainConfig
 @setting(T, "--dtype", type=click.Choice(["auto", "float32", "bfloat16"]),
          help="auto: bfloat16 autocast on GPU, float32 on CPU.")
 @setting(T, "--read-threads", type=int, help="Background threads decoding the cache.")
-@setting(T, "--tensorboard/--no-tensorboard", help="Also log metrics to OUT/tensorboard when it is installed.")
+@setting(T, "--report-to", metavar="TRACKERS",
+         help="Where metrics go besides OUT/metrics.jsonl (always written): none, jsonl, tensorboard (OUT/tensorboard, "
+              "extra [tensorboard]), wandb (offline unless WANDB_MODE says otherwise, extra [wandb]); "
+              "comma-separated for several.")
+@setting(T, "--eval-every", type=int, help="Score the held-out split every N steps and at the end, logged as eval_* "
+                                           "metrics; keeps OUT/best (0: never).")
+@setting(T, "--eval-data", show="the data --eval-cache records",
+         help="Held-out split for --eval-every (a `kdcache prepare` output, same tokenizer).")
+@setting(T, "--eval-cache", show="none: ce and ppl only",
+         help="Teacher cache of --eval-data: adds teacher_top1_agreement and fkl_to_teacher.")
+@setting(T, "--best-metric", type=click.Choice(BEST_METRICS),
+         help="Held-out figure that picks OUT/best (ce and fkl_to_teacher: lower is better; agreement: higher).")
+@setting(T, "--push-to-hub", metavar="OWNER/NAME", show="no upload",
+         help="Upload OUT/final (model, tokenizer, model card) to this Hugging Face Hub repo when training ends.")
 @setting(T, "--overwrite", is_flag=True, help="Start over in --out (removes only what train wrote there; anything "
                                               "else refuses).")
 @config_options

@@ -182,7 +182,7 @@ def test_kdloss_gives_the_numbers_of_kdcache_train(tmp_path, prepared_dir, cache
 
     cfg = TrainConfig(data=str(prepared_dir), cache=str(cache_dir), student_config=student_config(tmp_path, vocab_size),
                       out=str(tmp_path / "run"), batch_size=4, grad_accum=1, max_steps=4, max_grad_norm=0.0,
-                      seed=7, lr=1e-2, tensorboard=False, **settings)
+                      seed=7, lr=1e-2, **settings)
     trainer = Trainer(cfg)
     student = AutoModelForCausalLM.from_config(trainer.model.config)
     if cfg.tail == "sampled":

@@ -199,5 +199,5 @@ def test_report_rerun_drops_its_own_stale_plots_only(tmp_path, artifacts):
     assert (out / "cache_entropy.png").is_file()
     res = invoke("report", artifacts["train"], "--out", out, "--cache", tmp_path / "no-cache")
     assert res.exit_code == 0, res.output
-    assert not (out / "cache_entropy.png").exists() and (out / "loss.png").is_file()
+    assert not (out / "cache_entropy.png").exists() and (out / "losses.png").is_file()
     assert "no cache histograms" in (out / "report.md").read_text()

@@ -103,7 +103,7 @@ def test_report_files_table_and_plots(tmp_path, runs, cache_dir):
     out = tmp_path / "report"
     r = build_report(ReportConfig(runs=[str(p) for p in runs], out=str(out)))  # cache from the runs' configs
     md = (out / "report.md").read_text()
-    table = [ln for ln in md.splitlines() if ln.startswith("|")]
+    table = all_runs_table(md)
     assert len(table) == 2 + len(runs)  # header, separator, one row per run
     assert "teacher top-1 agr." in table[0] and "ROUGE-L" in table[0] and "final TAR" in table[0]
     rows = {ln.split("|")[1].strip(): ln for ln in table[2:]}
@@ -114,13 +114,22 @@ def test_report_files_table_and_plots(tmp_path, runs, cache_dir):
     assert rows["speckd_all"].split("|")[-3].strip() == "0.800"  # final TAR: last complete row (torn line skipped)
     bare = [c.strip() for c in rows["bare"].split("|")[2:-1]]
     assert bare and all(c == "—" for c in bare)
-    assert set(r["plots"]) == {"loss.png", "tar.png", "focus_ratio.png", "temperatures.png", "cache_entropy.png",
-                               "cache_tail_mass.png"}
+    assert set(r["plots"]) == {"heldout.png", "losses.png", "tar.png", "focus_ratio.png", "temperatures.png",
+                               "cache_entropy.png", "cache_tail_mass.png"}
+    # The reader's first section: the best student by held-out CE, with the honest caveat of one seed each.
+    first = md.split("## All runs")[0]
+    assert "**speckd_all** (SpecKD topk k=5 + LATF + IDTS + fkl) has the lowest held-out cross-entropy: 2.9000" in first
+    assert "| kd (KD fkl/bucket) | 3.0000 | 0.1000 |\n" in first and "seed-to-seed spread is unknown" in first
+    assert first.index("## Best student") < first.index("](heldout.png)")
     for name in r["plots"]:
         data = (out / name).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1024, name
         assert f"]({name})" in md  # embedded by relative path
     assert (out / "config.yaml").is_file()
+
+
+def all_runs_table(md: str) -> list[str]:
+    return [ln for ln in md.split("## All runs")[1].split("##")[0].splitlines() if ln.startswith("|")]
 
 
 def test_cache_histograms_cover_every_row(cache_dir):
@@ -144,7 +153,7 @@ def test_report_without_cache_or_metrics(tmp_path):
     run = write_run(tmp_path, "only_eval", None, None, {"ce": 1.0, "ppl": 2.718})
     r = build_report(ReportConfig(runs=[str(run)], out=str(tmp_path / "rep")))
     md = Path(r["path"]).read_text()
-    assert r["plots"] == [] and r["cache"] is None
+    assert r["plots"] == ["heldout.png"] and r["cache"] is None  # its held-out figures, nothing else
     assert "| only_eval | — | 1.0000 | 2.72 | — | — |" in md
     assert "No cache given" in md
 
@@ -182,3 +191,73 @@ def test_versus_baseline_states_ahead_and_behind():
     spec = text.split("**spec**")[1]
     assert "perplexity behind" in spec and "teacher agreement ahead (0.520 vs 0.500)" in spec
     assert versus_baseline([run("ce", "CE only", 2.0, 0.5, 10)]) == []
+
+
+# ---- seeds, the best student, throughput ---------------------------------------------------------
+
+def seed_runs(root: Path) -> dict[str, list[float]]:
+    """Three methods: kd (3 seeds), ce (3 seeds), spec (1 seed, another gate_k); held-out CE per run."""
+    ces = {"kd": [2.00, 2.03, 1.98], "ce": [2.10, 2.14, 2.09], "spec": [2.02]}
+    for method, values in ces.items():
+        for seed, ce in enumerate(values):
+            cfg = {"cache": "c" if method != "ce" else "", "loss": "fkl" if method != "ce" else "none",
+                   "tail": "bucket", "gate": "topk" if method == "spec" else "none", "gate_k": 7, "seed": seed,
+                   "lr": 0.01, "out": str(root / f"{method}_s{seed}")}
+            write_run(root, f"{method}_s{seed}", cfg, fake_metrics(5, method != "ce", seed),
+                      {"ce": ce, "ppl": float(np.exp(ce)), "teacher_top1_agreement": 0.5 - ce / 10})
+    return ces
+
+
+def test_best_student_and_its_margins_against_the_seed_spread(tmp_path):
+    ces = seed_runs(tmp_path / "runs")
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    r = build_report(ReportConfig(runs=[str(tmp_path / "runs" / n) for n in names], out=str(tmp_path / "rep")))
+    groups = {g.label: [run["name"] for run in g.runs] for g in r["groups"]}
+    assert groups == {"ce": ["ce_s0", "ce_s1", "ce_s2"], "kd": ["kd_s0", "kd_s1", "kd_s2"], "spec_s0": ["spec_s0"]}
+    # The truth, computed here: pooled within-method standard deviation, standard error of each margin.
+    ss = sum(((np.asarray(v) - np.mean(v)) ** 2).sum() for v in ces.values() if len(v) > 1)
+    s = float(np.sqrt(ss / 4))  # 2 methods x (3 - 1) degrees of freedom
+    best = float(np.mean(ces["kd"]))
+    md = Path(r["path"]).read_text().split("## All runs")[0]
+    assert f"**kd** (KD fkl/bucket) has the lowest held-out cross-entropy: {best:.4f} nats, mean of 3 seeds" in md
+    assert f"Seed-to-seed spread of held-out CE: {s:.4f} nats" in md and "pooled over 2 method(s), 4 degree" in md
+    margin_ce = float(np.mean(ces["ce"])) - best
+    ratio_ce = margin_ce / (s * np.sqrt(2 / 3))
+    assert ratio_ce >= 2 and f"| ce (CE only) | {np.mean(ces['ce']):.4f} | {margin_ce:.4f} | ahead ({ratio_ce:.1f} SE) |" in md
+    margin_spec = ces["spec"][0] - best
+    ratio_spec = margin_spec / (s * np.sqrt(1 / 3 + 1))
+    assert ratio_spec < 2 and f"| {margin_spec:.4f} | within noise ({ratio_spec:.1f} SE) |" in md
+    assert "heldout.png" in r["plots"]
+
+
+def test_a_method_keeps_its_colour_and_seeds_their_line_styles(tmp_path):
+    seed_runs(tmp_path / "runs")
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    r = build_report(ReportConfig(runs=[str(tmp_path / "runs" / n) for n in names], out=str(tmp_path / "rep")))
+    by_group = [{tuple(run["colour"]) for run in g.runs} for g in r["groups"]]
+    assert all(len(c) == 1 for c in by_group) and len(set().union(*by_group)) == len(by_group)
+    for g in r["groups"]:
+        assert len({run["style"] for run in g.runs}) == len(g.runs)
+
+
+def test_throughput_is_the_training_summarys(tmp_path, prepared_dir, vocab_size):
+    """The table shows total tokens / total step time (train_summary.json), not the mean of per-step rates."""
+    from pipeline.train import train
+    from pipeline.train_config import TrainConfig
+
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({"model_type": "llama", "vocab_size": vocab_size, "hidden_size": 16,
+                                   "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                   "num_key_value_heads": 1, "max_position_embeddings": 128,
+                                   "tie_word_embeddings": True}))
+    run = tmp_path / "ce"
+    train(TrainConfig(data=str(prepared_dir), student_config=str(student), out=str(run), epochs=1, batch_size=8,
+                      shuffle=False, device="cpu"))
+    summary = json.loads((run / "train_summary.json").read_text())
+    pmeta = json.loads((prepared_dir / "kdcache_prepare.json").read_text())
+    assert summary["tokens_seen"] == pmeta["tokens"]  # one epoch: every token once
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["seconds"])
+    r = build_report(ReportConfig(runs=[str(run)], out=str(tmp_path / "rep")))
+    row = all_runs_table(Path(r["path"]).read_text())[2]
+    assert row.split("|")[-2].strip() == f"{summary['tokens_per_s']:,.0f}"
+    assert "losses.png" in r["plots"] and "heldout.png" not in r["plots"]

@@ -30,7 +30,7 @@ def write_config(tmp_path: Path, data_file: Path, heldout_file: Path, tokenizer_
                     "heldout": {"data": str(heldout_file), "tokenizer": str(tokenizer_dir), "max_length": 64}},
         "teacher": {"model": str(teacher_dir), "top_k": 8, "shard_rows": 200},
         "train_defaults": {"student_config": str(student), "max_steps": 4, "batch_size": 8, "lr": 1e-2,
-                           "tensorboard": False, **train_over},
+                           **train_over},
         "students": {"ce": {"loss": "none"}, "kd": {"loss": "fkl"},
                      "spec_ada": {"gate": "topk", "gate_k": 3, "reject_weight": 0.2, "latf": True, "idts": True}},
         "eval": {"split": "heldout", "generate": 3},

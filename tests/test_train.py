@@ -76,8 +76,7 @@ def test_resume_gives_the_same_weights(tmp_path, prepared_dir, cache_dir, vocab_
     """2N steps straight == N steps, stop, resume, N steps (sampled gate, LATF, IDTS, dropout, shuffle)."""
     scfg = student_config(tmp_path, vocab_size, STUDENT_GPT2)
     common = dict(data=str(prepared_dir), cache=str(cache_dir), student_config=scfg, max_steps=8, batch_size=4,
-                  gate="spec", proposal="sample", latf=True, latf_warmup=0.25, idts=True, seed=5, lr=3e-3,
-                  tensorboard=False)
+                  gate="spec", proposal="sample", latf=True, latf_warmup=0.25, idts=True, seed=5, lr=3e-3)
     straight = train(TrainConfig(out=str(tmp_path / "straight"), **common))
     assert straight["finished"]
     half = train(TrainConfig(out=str(tmp_path / "resumed"), stop_after=4, **common))
@@ -203,8 +202,7 @@ def test_corrupted_chunk_stops_training_naming_the_shard(tmp_path, prepared_dir,
 
 def test_plain_ce_training_without_cache(tmp_path, prepared_dir, vocab_size):
     scfg = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
-    common = dict(data=str(prepared_dir), student_config=scfg, out=str(tmp_path / "ce"), batch_size=16, lr=1e-2,
-                  tensorboard=False)
+    common = dict(data=str(prepared_dir), student_config=scfg, out=str(tmp_path / "ce"), batch_size=16, lr=1e-2)
     s = train(TrainConfig(epochs=1, **common))
     assert s["finished"] and s["steps"] == 4  # 60 examples / 16 per step, last one partial
     rows = [json.loads(ln) for ln in (tmp_path / "ce" / "metrics.jsonl").read_text().splitlines()]
@@ -296,7 +294,7 @@ def test_gate_draws_differ_per_rank_and_the_trainer_uses_them(tmp_path, prepared
     assert not torch.equal(a, b)
     assert torch.equal(a, torch.rand(64, generator=gate_generator(3, 0)))
     t = Trainer(TrainConfig(cache=str(cache_dir), student_config=student_config(tmp_path, vocab_size, STUDENT_LLAMA),
-                            out=str(tmp_path / "r"), max_steps=1, seed=3, gate="spec", tensorboard=False))
+                            out=str(tmp_path / "r"), max_steps=1, seed=3, gate="spec"))
     assert torch.equal(t.gen.get_state(), gate_generator(3, 0).get_state())
 
 

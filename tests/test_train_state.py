@@ -46,7 +46,7 @@ def args(tmp_path_factory, cache_dir, vocab_size) -> list[str]:
     scfg.write_text(json.dumps({**STUDENT_GPT2, "vocab_size": vocab_size}))
     return ["train", "--cache", str(cache_dir), "--student-config", str(scfg), "--max-steps", str(STEPS),
             "--batch-size", "4", "--gate", "spec", "--proposal", "sample", "--latf", "--latf-warmup", "0.25",
-            "--idts", "--seed", "5", "--lr", "3e-3", "--no-tensorboard", "--device", "cpu"]
+            "--idts", "--seed", "5", "--lr", "3e-3", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_state_follows_the_inputs_not_only_the_config(tmp_path, args, straight, 
     cfg = resolve(TrainConfig, None, [], {"out": str(run), "cache": str(cache_dir), "student_config": args[4],
                                           "max_steps": STEPS, "batch_size": 4, "gate": "spec", "proposal": "sample",
                                           "latf": True, "latf_warmup": 0.25, "idts": True, "seed": 5, "lr": 3e-3,
-                                          "tensorboard": False, "device": "cpu"})
+                                          "device": "cpu"})
     assert read_state(run, cfg).kind == "final"
     record = json.loads((run / "kdcache_train.json").read_text())
     record["inputs"]["cache"] = "0" * 64  # as if made from a cache since rebuilt
