@@ -223,7 +223,6 @@ class SampledKD:
 
     def sample(self, p: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """p [n, V] float64 (= p^T) -> ids [n, N] (distinct ids first, pads = -1), q7 [n, N] uint8 codes."""
-        n = p.shape[0]
         draws = torch.multinomial(p, self.draws, replacement=True, generator=gen)  # [n, N]
         s = draws.sort(dim=1).values
         first = torch.ones_like(s, dtype=torch.bool)

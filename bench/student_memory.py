@@ -92,7 +92,7 @@ def main() -> None:
                 raise
             print(json.dumps({"path": args.one[0], "oom": True}))
         return
-    print(f"| path | targets (seqs x tokens) | V | peak RSS | step (s) | kept |")
+    print("| path | targets (seqs x tokens) | V | peak RSS | step (s) | kept |")
     print("|---|---|---|---|---|---|")
     for tokens in args.tokens:
         for path in args.paths:

@@ -96,8 +96,19 @@ class TargetLogits(torch.nn.Module):
 def target_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, tgt_b: torch.Tensor,
                   tgt_t: torch.Tensor) -> torch.Tensor:
     """Final hidden states [N, H] at the N targets: token t is predicted from position t - 1 (input_ids,
-    attention_mask [B, L]; tgt_b, tgt_t [N])."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    attention_mask [B, L]; tgt_b, tgt_t [N]).
+
+    The mask is not passed to the model: rows are right-padded and attention is causal, so no target's
+    position attends to the padding after it (the same hidden states bitwise, tests/test_train.py), and
+    without a mask SDPA can use its causal flash / memory-efficient kernels. `attention_mask` stays in the
+    signature for callers that pad otherwise: a mask on the CPU is checked to be right padding (on a GPU the
+    check would cost a host sync per micro-batch; kdcache's collators always pad on the right)."""
+    left_padded = (attention_mask is not None and attention_mask.device.type == "cpu"
+                   and not bool((attention_mask.cummin(dim=1).values == attention_mask).all()))
+    if left_padded:
+        out = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    else:
+        out = model.base_model(input_ids=input_ids).last_hidden_state
     return out[tgt_b, tgt_t - 1]
 
 

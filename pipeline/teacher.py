@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from pipeline.config import save_config, to_dict
 from pipeline.errors import KdError, StaleOutput
 from pipeline.identity import read_json, weights_hash, write_json
 from pipeline.ownership import TEACHER, refuse_foreign, remove_owned
+
+if TYPE_CHECKING:
+    from pipeline.cache.schema import CodecParams
 
 log = logging.getLogger(__name__)
 

@@ -168,7 +168,10 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
         if not batch:
             continue
         ids, att = (torch.from_numpy(a).to(dev, non_blocking=True) for a in pad_right([ids_list[e] for e in batch]))
-        hidden = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state  # [B, L, H]
+        # No attention mask: rows are right-padded and attention is causal, so no position we read attends to
+        # the padding after it (bitwise the same hidden states: tests/test_train.py), and without a mask SDPA can
+        # take its causal flash / memory-efficient kernels instead of a masked one.
+        hidden = model.base_model(input_ids=ids).last_hidden_state  # [B, L, H]
         rb = np.concatenate([np.full(counts[e], b) for b, e in enumerate(batch)])
         rt = np.concatenate([targets[e] for e in batch])
         rb_d, rt_d = torch.as_tensor(rb, device=dev), torch.as_tensor(rt, device=dev)

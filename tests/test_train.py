@@ -332,3 +332,25 @@ def test_out_of_memory_is_one_line_naming_the_batch_setting(tmp_path, prepared_d
     assert len(lines) == 1 and "out of memory" in lines[0] and "--batch-size" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "oom" / "final").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+def test_hidden_states_at_targets_do_not_need_the_attention_mask(tmp_path, kind, vocab_size):
+    # Right padding + causal attention: a position never attends to the padding after it, so the forward
+    # without a mask (SDPA's causal kernels) gives the masked forward's hidden states at every valid position.
+    from transformers import AutoModelForCausalLM
+
+    from conftest import save_tiny_model
+    from pipeline.batching import pad_right
+    from pipeline.student import target_hidden
+
+    model = AutoModelForCausalLM.from_pretrained(save_tiny_model(kind, vocab_size, tmp_path / kind)).eval()
+    g = np.random.default_rng(0)
+    seqs = [g.integers(1, vocab_size, n) for n in (30, 17, 5, 22)]
+    ids, att = (torch.from_numpy(a) for a in pad_right(seqs))
+    tb = torch.cat([torch.full((len(s) - 1,), b) for b, s in enumerate(seqs)])
+    tt = torch.cat([torch.arange(1, len(s)) for s in seqs])
+    with torch.no_grad():
+        masked = model.base_model(input_ids=ids, attention_mask=att).last_hidden_state[tb, tt - 1]
+        ours = target_hidden(model, ids, att, tb, tt)
+    torch.testing.assert_close(ours, masked, rtol=0, atol=1e-6)

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.cache.codecs import GapCode, SplitCode, TargetCode, UnitCode, log1mexp
+from pipeline.cache.codecs import GapCode, SplitCode, TargetCode, UnitCode
 from pipeline.errors import KdError
 
 FORMAT_VERSION = 3
