@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.cache import layout
+from pipeline.cache.chunks import open_array
 from pipeline.cache.schema import DECODED, FORMAT_VERSION, CodecParams, RowCodec, stored_arrays
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256, read_json
@@ -151,9 +152,10 @@ class Cache:
                 if not layout.is_committed(self.path, i):
                     raise KdError(f"{self.path}: {layout.shard_name(i)} is not committed (the cache is incomplete; "
                                   "re-run `kdcache teacher` to finish it)")
-                try:
-                    g = zarr.open_group(str(p), mode="r")
-                    g = {s.name: g[s.name] for s in stored_arrays(self.params)}  # opened once per shard
+                try:  # opened once per shard; zarr only for a layout the fast reader does not know
+                    files = set(layout.read_commit(self.path, i).get("files") or ())
+                    g = {s.name: (open_array(p / s.name, s.dtype(self.params), s.row_shape(self.params), files)
+                                  or zarr.open_array(str(p / s.name), mode="r")) for s in stored_arrays(self.params)}
                 except Exception as e:
                     raise CorruptionError(f"{layout.shard_name(i)}: cannot open "
                                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
