@@ -120,7 +120,7 @@ class Trainer:
         fields = KD_FIELDS + (("tail_ids", "tail_counts") if cfg.tail == "sampled" else ())
         self.stream = CacheStream(self.ds, self.cache if cfg.distills else None, cfg.batch_size, seed=cfg.seed,
                                   shuffle=cfg.shuffle, threads=cfg.read_threads, rank=self.rank, world=self.world,
-                                  fields=fields)
+                                  fields=fields, batch_tokens=cfg.batch_tokens)
         if cfg.max_steps:
             self.total = cfg.max_steps
         else:

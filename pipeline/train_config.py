@@ -48,7 +48,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_steps: int = 0  # optimizer steps; 0 = derive from epochs
     epochs: float = 0.0  # used when max_steps is 0 (default 1 epoch)
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch (when batch_tokens is 0)
+    batch_tokens: int = 0  # > 0: padded tokens per micro-batch, examples bucketed by length (pipeline/epoch_plan.py)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 0
@@ -78,6 +79,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "gate_k"):
             if getattr(self, name) < 1:
                 raise KdError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_tokens < 0:
+            raise KdError(f"batch_tokens must be >= 0 (0: batch_size sequences per micro-batch), got {self.batch_tokens}")
         if self.max_steps < 0 or self.epochs < 0 or self.lr <= 0:
             raise KdError("max_steps and epochs must be >= 0 and lr > 0")
         if self.tail == "sampled" and self.loss != "fkl":
