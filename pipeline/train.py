@@ -108,7 +108,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else nullcontext())
         self.model = build_student(cfg.student, cfg.student_config, self.device, cfg.seed)
-        check_inputs(self.model, self.pmeta, self.cache)
+        check_inputs(self.model, self.pmeta, self.cache, follow=cfg.follow)
         if cfg.distills and cfg.gate == "topk" and cfg.gate_k > self.cache.k:
             raise KdError(f"gate_k {cfg.gate_k} exceeds the cache's K = {self.cache.k}: the gate can only verify "
                           f"against cached ids (use --gate-k <= {self.cache.k} or a cache with a larger --top-k)")
@@ -120,7 +120,8 @@ class Trainer:
         fields = KD_FIELDS + (("tail_ids", "tail_counts") if cfg.tail == "sampled" else ())
         self.stream = CacheStream(self.ds, self.cache if cfg.distills else None, cfg.batch_size, seed=cfg.seed,
                                   shuffle=cfg.shuffle, threads=cfg.read_threads, rank=self.rank, world=self.world,
-                                  fields=fields, batch_tokens=cfg.batch_tokens)
+                                  fields=fields, batch_tokens=cfg.batch_tokens, follow=cfg.follow,
+                                  follow_timeout=cfg.follow_timeout)
         if cfg.max_steps:
             self.total = cfg.max_steps
         else:

@@ -60,6 +60,8 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"  # auto = bfloat16 autocast on GPU, float32 on CPU
     read_threads: int = 2
+    follow: bool = False  # train while `kdcache teacher` still writes the cache: read each shard once committed
+    follow_timeout: float = 3600.0  # --follow: seconds to wait for the next shard's commit before stopping
     tensorboard: bool = True
     overwrite: bool = False
 
@@ -81,6 +83,10 @@ class TrainConfig:
                 raise KdError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_tokens < 0:
             raise KdError(f"batch_tokens must be >= 0 (0: batch_size sequences per micro-batch), got {self.batch_tokens}")
+        if self.follow and not self.cache:
+            raise KdError("--follow reads a teacher cache as it is written: give --cache")
+        if self.follow_timeout <= 0:
+            raise KdError(f"follow_timeout must be positive, got {self.follow_timeout}")
         if self.max_steps < 0 or self.epochs < 0 or self.lr <= 0:
             raise KdError("max_steps and epochs must be >= 0 and lr > 0")
         if self.tail == "sampled" and self.loss != "fkl":

@@ -32,7 +32,7 @@ from pipeline.identity import read_json
 
 RECORD = "kdcache_train.json"
 # Keys that say how to run, not what to compute: changing them never makes a run "other".
-IGNORED_KEYS = ("resume", "overwrite", "stop_after", "save_every", "read_threads", "tensorboard")
+IGNORED_KEYS = ("resume", "overwrite", "stop_after", "save_every", "read_threads", "tensorboard", "follow_timeout")
 _INPUT_NAMES = {"data": "prepared data", "cache": "teacher cache", "student": "init_from model"}
 
 

@@ -55,6 +55,9 @@ T = TrainConfig
 @setting(T, "--dtype", type=click.Choice(["auto", "float32", "bfloat16"]),
          help="auto: bfloat16 autocast on GPU, float32 on CPU.")
 @setting(T, "--read-threads", type=int, help="Background threads decoding the cache.")
+@setting(T, "--follow/--no-follow", help="Train while `kdcache teacher` still writes the cache: the first epoch goes "
+                                         "shard by shard, each read once committed.")
+@setting(T, "--follow-timeout", type=float, help="--follow: seconds to wait for a shard's commit before stopping.")
 @setting(T, "--tensorboard/--no-tensorboard", help="Also log metrics to OUT/tensorboard when it is installed.")
 @setting(T, "--overwrite", is_flag=True, help="Start over in --out (removes only what train wrote there; anything "
                                               "else refuses).")

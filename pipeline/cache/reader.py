@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +62,7 @@ class Cache:
         self._lock = threading.Lock()
         self._index = None
         self._data = data
+        self._first_commit: dict[str, Any] | None = None  # the reference of `wait_committed`'s checks
 
     # ---- metadata -------------------------------------------------------------------------
     @property
@@ -128,6 +130,33 @@ class Cache:
             raise KdError(f"{self.path}: {bad[0]} is not format {FORMAT_VERSION}; re-run `kdcache teacher` --overwrite")
         first = next(iter(recs.values()), {})
         return {"dtype": first.get("dtype"), "device": first.get("device")}
+
+    def wait_committed(self, i: int, timeout: float, poll: float = 1.0, stop: threading.Event | None = None) -> None:
+        """Block until shard `i` is committed, for a reader that trains while the teacher still writes
+        (`kdcache train --follow`); then check it against the shards committed before it (format, dtype).
+
+        Polls the commit record every `poll` seconds: the commit is an atomic rename, so the shard's
+        files are never read before it. Gives up after `timeout` seconds (a `KdError` naming the shard)
+        or when `stop` is set.
+        """
+        waited = 0.0
+        while not layout.is_committed(self.path, i):
+            if waited >= timeout:
+                raise KdError(f"{self.path}: {layout.shard_name(i)} is still not committed after waiting {timeout:.0f} s "
+                              f"(--follow-timeout); {sum(self.committed())} of {len(self.shards)} shards are: is "
+                              "`kdcache teacher` still running? Re-run the same command once it progresses")
+            if stop is None:
+                time.sleep(poll)
+            elif stop.wait(poll):
+                raise KdError(f"stopped while waiting for {layout.shard_name(i)} to be committed")
+            waited += poll
+        rec = layout.read_commit(self.path, i)
+        with self._lock:
+            first = self._first_commit = self._first_commit or rec
+        if rec.get("format_version") != FORMAT_VERSION or rec.get("dtype") != first.get("dtype"):
+            raise KdError(f"{self.path}: {layout.shard_name(i)} was committed as format {rec.get('format_version')}, "
+                          f"{rec.get('dtype')} while earlier shards are format {first.get('format_version')}, "
+                          f"{first.get('dtype')}: one cache holds one precision; re-run `kdcache teacher` --overwrite")
 
     def bytes_on_disk(self) -> int:
         """Everything under the cache directory (metadata, index, shards, leftovers)."""
