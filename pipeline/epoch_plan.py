@@ -16,8 +16,10 @@ replays nothing and skips nothing. The steps:
      (the original plan, kept as it was so older checkpoints resume exactly).
    - `batch_tokens > 0`: length bucketing inside each window: its examples sorted longest first (ties in
      shuffled order) and cut greedily so that count x longest <= batch_tokens (an example longer than the
-     budget is a batch of its own), then the window's batches shuffled. Padding: 48% -> 1.5% on the demo
-     corpus and 39% -> 2.5% on the stdlib corpus (bench/padding.py).
+     budget is a batch of its own), then the window's batches shuffled. Padding at the same tokens per
+     micro-batch (bench/padding.py): demo corpus 48.5% (64 sequences) -> 0.7% (1,100 tokens); stdlib
+     real text 46.0% (16 sequences) -> 2.2% (1,645 tokens), 39.0% (8) -> 1.0% (823). It grows when a
+     window holds few examples per length range (uniform lengths 32-512, 240 per window: 10.6%).
 Under DDP every rank takes the same number of micro-batches: the smallest rank's (`batches_in_epoch`).
 """
 
