@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -104,3 +105,14 @@ def test_layout_check_refuses_a_changed_codec(copy):
     meta_path.write_text(json.dumps(meta))
     params = open_cache(copy).params
     assert open_array(meta_path.parent, np.dtype(np.uint16), (params.top_k - 1,)) is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors through /proc")
+def test_reading_every_shard_holds_no_file_open(llama_cache):
+    """The reader keeps every shard it has read; holding their files open would exhaust descriptors on a
+    cache of thousands of shards."""
+    c = open_cache(llama_cache)
+    before = len(os.listdir("/proc/self/fd"))
+    c.read(0, c.num_rows)
+    assert len(c._groups) == len(c.shards) > 5
+    assert len(os.listdir("/proc/self/fd")) <= before + 2

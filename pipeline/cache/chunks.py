@@ -83,7 +83,8 @@ def _layout(meta: dict[str, Any], dtype: np.dtype, row_shape: tuple[int, ...]) -
 class ShardArray:
     """One stored array of one shard: `a[start:stop]` -> numpy rows, decoded chunk by chunk.
 
-    Thread-safe (reads use `os.pread` on one descriptor, nothing is mutated after opening).
+    Thread-safe (nothing is mutated after opening). The file is opened per chunk read, not held: a
+    reader keeps every shard it has read, and a cache of thousands of shards would exhaust descriptors.
     """
 
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, outer_rows: int,
@@ -92,27 +93,22 @@ class ShardArray:
         self.row_shape, self.name = shape[1:], path.name
         self.chunk_bytes = chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
         n_chunks = outer_rows // chunk_rows
-        file = path / "c" / "/".join(["0"] * len(shape))
-        self.fd: int | None = None
-        if not file.is_file():  # nothing stored: every chunk is fill value, unless the commit record lists it
+        self.file = path / "c" / "/".join(["0"] * len(shape))
+        if not self.file.is_file():  # nothing stored: every chunk is fill value, unless the commit record lists it
             if must_exist:
-                raise ValueError(f"{path.name}: shard file {file.relative_to(path.parent)} is missing")
+                raise ValueError(f"{path.name}: shard file {self.file.relative_to(path.parent)} is missing")
             self.index = np.full((n_chunks, 2), EMPTY, dtype=np.uint64)
             return
-        self.fd = os.open(file, os.O_RDONLY)
-        size = os.fstat(self.fd).st_size
-        index_bytes = n_chunks * 16 + 4
-        if size < index_bytes:
-            raise ValueError(f"{path.name}: shard file of {size} bytes is shorter than its index")
-        body = _checked(os.pread(self.fd, index_bytes, size - index_bytes), f"{path.name} index")
+        with open(self.file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            index_bytes = n_chunks * 16 + 4
+            if size < index_bytes:
+                raise ValueError(f"{path.name}: shard file of {size} bytes is shorter than its index")
+            body = _checked(os.pread(f.fileno(), index_bytes, size - index_bytes), f"{path.name} index")
         self.index = body.view("<u8").reshape(n_chunks, 2)
         stored = self.index[:, 0] != EMPTY
         if np.any(self.index[stored, 0] + self.index[stored, 1] > size - index_bytes):
             raise ValueError(f"{path.name}: shard index points past the end of the file")
-
-    def __del__(self) -> None:
-        if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
 
     def _chunk(self, j: int) -> np.ndarray:
         """Chunk j as [chunk_rows, *row_shape] (a full chunk: the last one is padded with fill)."""
@@ -121,7 +117,8 @@ class ShardArray:
         off, nbytes = (int(x) for x in self.index[j])
         if off == EMPTY:
             return np.zeros((self.chunk_rows,) + self.row_shape, dtype=self.dtype)
-        data = os.pread(self.fd, nbytes, off)
+        with open(self.file, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), nbytes, off)
         if len(data) != nbytes:
             raise ValueError(f"{self.name}: chunk {j} truncated ({len(data)} of {nbytes} bytes)")
         out = np.empty(self.chunk_bytes, dtype=np.uint8)
