@@ -195,21 +195,17 @@ class KDIterableDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        windows = self.stream.epoch_order(self.epoch)
-        limit = self.stream.batches_in_epoch(self.epoch)  # equal per rank under DDP
-        seen = 0
-        for w, (blocks, order) in enumerate(windows):
-            if seen >= limit:
-                return
-            take = order[: limit - seen]
-            seen += len(order)
-            if w % workers != worker:
+        plan = self.stream.plan(self.epoch)
+        ending: dict[int, list[np.ndarray]] = {}  # window -> the (one-example) batches whose rows it holds
+        for batch, (_, last) in zip(plan.batches, plan.spans):
+            ending.setdefault(last, []).append(batch)
+        for w, blocks in enumerate(plan.windows):
+            if w % workers != worker or w not in ending:
                 continue
-            rows: dict[int, dict[str, np.ndarray]] = {}
-            for b in blocks:
-                rows.update(self.stream.read_block(b))
-            for e in take:
-                yield make_example(e, self.ids_col[e].values, self.mask_col[e].values, rows[e])
+            rows = self.stream.read_examples(blocks)
+            for batch in ending[w]:
+                for e in batch.tolist():
+                    yield make_example(e, self.ids_col[e].values, self.mask_col[e].values, rows[e])
 
 
 class KDCollator:

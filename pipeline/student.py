@@ -112,17 +112,18 @@ def target_hidden(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     return out[tgt_b, tgt_t - 1]
 
 
-def check_inputs(model: Any, prepared_meta: dict[str, Any], cache: Any | None) -> None:
-    """Refuse mismatched student/cache/data before any step (each a one-line `KdError`)."""
+def check_inputs(model: Any, prepared_meta: dict[str, Any], cache: Any | None, follow: bool = False) -> None:
+    """Refuse mismatched student/cache/data before any step (each a one-line `KdError`). With `follow`
+    the cache may still be incomplete (`kdcache train --follow` waits for each shard's commit)."""
     vs = model_vocab_size(model)
     tok = prepared_meta["tokenizer"]
     if vs < int(tok["vocab_size"]):
         raise KdError(f"the student has {vs} output ids but the tokenizer has {tok['vocab_size']}")
     if cache is None:
         return
-    if not cache.complete:
+    if not follow and not cache.complete:
         missing = sum(1 for ok in cache.committed() if not ok)
-        raise KdError(f"cache {cache.path} is incomplete ({missing} shard(s) not committed); finish `kdcache teacher` first")
+        raise KdError(f"cache {cache.path} is incomplete ({missing} shard(s) not committed); finish `kdcache teacher` first, or train alongside it with --follow")
     cache.check_consistent()  # one dtype and one format across shards
     if vs < cache.vocab_size:
         raise KdError(f"the student has {vs} output ids but the cache holds ids up to {cache.vocab_size - 1}")

@@ -125,7 +125,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") else nullcontext())
         self.model = build_student(cfg.student, cfg.student_config, self.device, cfg.seed)
-        check_inputs(self.model, self.pmeta, self.cache)
+        check_inputs(self.model, self.pmeta, self.cache, follow=cfg.follow)
         # The student's own tokenizer (refused unless it is the data's) is saved with it, and its bos/eos/pad
         # ids go into config.json and generation_config.json of every checkpoint, best/ and final/.
         self.tokenizer = student_tokenizer(cfg.student, self.pmeta["tokenizer"])
@@ -147,7 +147,8 @@ class Trainer:
         fields = KD_FIELDS + (("tail_ids", "tail_counts") if cfg.tail == "sampled" else ())
         self.stream = CacheStream(self.ds, self.cache if cfg.distills else None, cfg.batch_size, seed=cfg.seed,
                                   shuffle=cfg.shuffle, threads=cfg.read_threads, rank=self.rank, world=self.world,
-                                  fields=fields)
+                                  fields=fields, batch_tokens=cfg.batch_tokens, follow=cfg.follow,
+                                  follow_timeout=cfg.follow_timeout)
         if cfg.max_steps:
             self.total = cfg.max_steps
         else:

@@ -50,7 +50,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_steps: int = 0  # optimizer steps; 0 = derive from epochs
     epochs: float = 0.0  # used when max_steps is 0 (default 1 epoch)
-    batch_size: int = 8  # sequences per micro-batch
+    batch_size: int = 8  # sequences per micro-batch (when batch_tokens is 0)
+    batch_tokens: int = 0  # > 0: padded tokens per micro-batch, examples bucketed by length (pipeline/epoch_plan.py)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 0
@@ -62,6 +63,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bfloat16 autocast on GPU, float32 on CPU
     read_threads: int = 2
     loss_chunk_rows: int = 0  # target rows per chunk of the student's logits in the loss; 0 = auto (~64 MiB)
+    follow: bool = False  # train while `kdcache teacher` still writes the cache: read each shard once committed
+    follow_timeout: float = 3600.0  # --follow: seconds to wait for the next shard's commit before stopping
     overwrite: bool = False
     # --- tracking, held-out evaluation, publishing ---
     report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard / wandb; metrics.jsonl always
@@ -87,6 +90,12 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "gate_k"):
             if getattr(self, name) < 1:
                 raise KdError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_tokens < 0:
+            raise KdError(f"batch_tokens must be >= 0 (0: batch_size sequences per micro-batch), got {self.batch_tokens}")
+        if self.follow and not self.cache:
+            raise KdError("--follow reads a teacher cache as it is written: give --cache")
+        if self.follow_timeout <= 0:
+            raise KdError(f"follow_timeout must be positive, got {self.follow_timeout}")
         if self.max_steps < 0 or self.epochs < 0 or self.lr <= 0:
             raise KdError("max_steps and epochs must be >= 0 and lr > 0")
         bad = [r for r in self.report_to if r not in REPORTERS]

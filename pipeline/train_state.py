@@ -34,7 +34,7 @@ RECORD = "kdcache_train.json"
 # Keys that say how to run, not what to compute: changing them never makes a run "other".
 # (tensorboard: the switch --report-to replaced, still in configs saved before it.)
 IGNORED_KEYS = ("resume", "overwrite", "stop_after", "save_every", "read_threads", "report_to", "push_to_hub",
-                "tensorboard")
+                "tensorboard", "follow_timeout")
 _INPUT_NAMES = {"data": "prepared data", "cache": "teacher cache", "student": "init_from model"}
 
 

@@ -40,7 +40,9 @@ T = TrainConfig
 @setting(T, "--weight-decay", type=float, help="AdamW weight decay (not on norms and biases).")
 @setting(T, "--max-steps", type=int, help="Optimizer steps (0: from --epochs).")
 @setting(T, "--epochs", type=float, help="Passes over the data when --max-steps is 0 (0: one epoch).")
-@setting(T, "--batch-size", type=int, help="Sequences per micro-batch.")
+@setting(T, "--batch-size", type=int, help="Sequences per micro-batch (when --batch-tokens is 0).")
+@setting(T, "--batch-tokens", type=int, help="Padded tokens per micro-batch, sequences bucketed by length "
+                                            "(0: --batch-size sequences each).")
 @setting(T, "--grad-accum", type=int, help="Micro-batches per optimizer step.")
 @setting(T, "--max-grad-norm", type=float, help="Gradient clipping norm (0: none).")
 @setting(T, "--seed", type=int, help="Seed of initialisation, data order and the gate's sampling.")
@@ -67,6 +69,9 @@ T = TrainConfig
          help="Held-out figure that picks OUT/best (ce and fkl_to_teacher: lower is better; agreement: higher).")
 @setting(T, "--push-to-hub", metavar="OWNER/NAME", show="no upload",
          help="Upload OUT/final (model, tokenizer, model card) to this Hugging Face Hub repo when training ends.")
+@setting(T, "--follow/--no-follow", help="Train while `kdcache teacher` still writes the cache: the first epoch goes "
+                                         "shard by shard, each read once committed.")
+@setting(T, "--follow-timeout", type=float, help="--follow: seconds to wait for a shard's commit before stopping.")
 @setting(T, "--overwrite", is_flag=True, help="Start over in --out (removes only what train wrote there; anything "
                                               "else refuses).")
 @config_options

@@ -157,3 +157,18 @@ def test_k_equals_v_rows_have_no_tail():
     assert np.abs(np.logaddexp.reduce(rows["topk_logprobs"].astype(np.float64), axis=1)).max() < 1e-6
     want = truth(logits, v, (0.5, 2.0))
     assert np.abs(rows["log_partition"] - want["A"]).max() < 2 * params.head_step
+
+
+@pytest.mark.parametrize("k", [1, 2, 8, 32])
+def test_decoded_head_is_the_normalised_gap_code(k):
+    """RowCodec._head (written out for speed) against its definition: log p_i = log(1 - r) - d_i minus the
+    logsumexp of -d over the head, with d = GapCode.decode and d_1 = 0, in float64."""
+    c = RowCodec(CodecParams(top_k=k, vocab_size=1000, temperatures=(1.0,), head_step=0.02))
+    codes = RNG.integers(0, 300, size=(500, k - 1)).astype(np.uint16) if k > 1 else None
+    log_head = -RNG.exponential(1.0, 500)
+    rel = np.zeros((500, k))
+    if k > 1:
+        rel[:, 1:] = -GapCode(0.02).decode(codes)
+    want = rel + (log_head - np.log(np.exp(rel).sum(1)))[:, None]
+    got = c._head(codes, log_head)
+    assert got.shape == (500, k) and np.abs(got - want).max() < 1e-12

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.cache import layout
+from pipeline.cache.chunks import open_array
 from pipeline.cache.schema import DECODED, FORMAT_VERSION, CodecParams, RowCodec, stored_arrays
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256, read_json
@@ -60,6 +62,7 @@ class Cache:
         self._lock = threading.Lock()
         self._index = None
         self._data = data
+        self._first_commit: dict[str, Any] | None = None  # the reference of `wait_committed`'s checks
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (DataLoader workers started with spawn): open arrays, the lock and decoded target ids
@@ -139,6 +142,33 @@ class Cache:
         first = next(iter(recs.values()), {})
         return {"dtype": first.get("dtype"), "device": first.get("device")}
 
+    def wait_committed(self, i: int, timeout: float, poll: float = 1.0, stop: threading.Event | None = None) -> None:
+        """Block until shard `i` is committed, for a reader that trains while the teacher still writes
+        (`kdcache train --follow`); then check it against the shards committed before it (format, dtype).
+
+        Polls the commit record every `poll` seconds: the commit is an atomic rename, so the shard's
+        files are never read before it. Gives up after `timeout` seconds (a `KdError` naming the shard)
+        or when `stop` is set.
+        """
+        waited = 0.0
+        while not layout.is_committed(self.path, i):
+            if waited >= timeout:
+                raise KdError(f"{self.path}: {layout.shard_name(i)} is still not committed after waiting {timeout:.0f} s "
+                              f"(--follow-timeout); {sum(self.committed())} of {len(self.shards)} shards are: is "
+                              "`kdcache teacher` still running? Re-run the same command once it progresses")
+            if stop is None:
+                time.sleep(poll)
+            elif stop.wait(poll):
+                raise KdError(f"stopped while waiting for {layout.shard_name(i)} to be committed")
+            waited += poll
+        rec = layout.read_commit(self.path, i)
+        with self._lock:
+            first = self._first_commit = self._first_commit or rec
+        if rec.get("format_version") != FORMAT_VERSION or rec.get("dtype") != first.get("dtype"):
+            raise KdError(f"{self.path}: {layout.shard_name(i)} was committed as format {rec.get('format_version')}, "
+                          f"{rec.get('dtype')} while earlier shards are format {first.get('format_version')}, "
+                          f"{first.get('dtype')}: one cache holds one precision; re-run `kdcache teacher` --overwrite")
+
     def bytes_on_disk(self) -> int:
         """Everything under the cache directory (metadata, index, shards, leftovers)."""
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
@@ -162,9 +192,10 @@ class Cache:
                 if not layout.is_committed(self.path, i):
                     raise KdError(f"{self.path}: {layout.shard_name(i)} is not committed (the cache is incomplete; "
                                   "re-run `kdcache teacher` to finish it)")
-                try:
-                    g = zarr.open_group(str(p), mode="r")
-                    g = {s.name: g[s.name] for s in stored_arrays(self.params)}  # opened once per shard
+                try:  # opened once per shard; zarr only for a layout the fast reader does not know
+                    files = set(layout.read_commit(self.path, i).get("files") or ())
+                    g = {s.name: (open_array(p / s.name, s.dtype(self.params), s.row_shape(self.params), files)
+                                  or zarr.open_array(str(p / s.name), mode="r")) for s in stored_arrays(self.params)}
                 except Exception as e:
                     raise CorruptionError(f"{layout.shard_name(i)}: cannot open "
                                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

@@ -187,11 +187,27 @@ class RowCodec:
 
     # ---- shared pieces (encoder and decoder compute the same bounds from decoded values) -------
     def _head(self, gap_codes: np.ndarray | None, log_head_mass: np.ndarray) -> np.ndarray:
-        """Decoded head log p [n, K] (float64) from gap codes and the decoded log(1 - r)."""
-        rel = np.zeros((log_head_mass.shape[0], self.p.top_k))
-        if gap_codes is not None:
-            rel[:, 1:] = -self.gaps.decode(gap_codes)
-        return rel + (log_head_mass - _logsumexp(rel))[:, None]
+        """Decoded head log p [n, K] (float64) from gap codes and the decoded log(1 - r).
+
+        log p_1 = log(1 - r) - log(1 + sum_i e^-d_i), log p_i = log p_1 - d_i. The top-1 is the row's
+        maximum (d_i >= 0), so the logsumexp needs no max pass: written out, it decodes 8,192 rows at
+        K = 8 in 0.3 ms instead of 0.74 (bench/reader.py), equal to the general form within 1e-15.
+        """
+        n = log_head_mass.shape[0]
+        head = np.empty((n, self.p.top_k))
+        if gap_codes is None or self.p.top_k == 1:
+            head[:, 0] = log_head_mass
+            return head
+        # = GapCode.decode, as column adds: np.cumsum along a short axis runs a loop per row (7x slower at
+        # K = 8, 2x at K = 32). Exact either way: the partial sums are integers below 2^53.
+        d = gap_codes.astype(np.float64)
+        for i in range(1, d.shape[1]):
+            d[:, i] += d[:, i - 1]
+        d *= self.gaps.step
+        log_p1 = log_head_mass - np.log1p(np.exp(-d).sum(1))
+        head[:, 0] = log_p1
+        np.subtract(log_p1[:, None], d, out=head[:, 1:])
+        return head
 
     def _shape_bounds(self, head: np.ndarray, log_r: np.ndarray, h_tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Convexity bounds (lo, hi) [n, G] of A_tail(b_g) (see the module docstring)."""
@@ -301,12 +317,25 @@ class RowCodec:
 
     def _tail_partition(self, shape_codes: np.ndarray, head: np.ndarray, log_r: np.ndarray,
                         h_tail: np.ndarray) -> np.ndarray:
-        """T(b_g) = b_g log r + A_tail(b_g) [n, G] (float64; -inf rows without a tail)."""
-        lo, hi = self._shape_bounds(head, log_r, h_tail)
-        a_tail = lo + self.shape.decode(shape_codes) * (hi - lo)
+        """T(b_g) = b_g log r + A_tail(b_g) [n, G] (float64; -inf rows without a tail).
+
+        The operations of `_shape_bounds` and the decode, one grid point at a time: [n] vectors instead of
+        a dozen [n, G] temporaries: 2.7x faster at G = 4, n = 8,192; bit for bit the same values.
+        """
+        n = len(log_r)
         with np.errstate(invalid="ignore"):
-            t = self.p.betas[None, :] * log_r[:, None] + a_tail
-        return np.where(np.isfinite(log_r)[:, None], t, -np.inf)
+            cap = np.minimum(0.0, head[:, -1] - log_r)  # log(p_K / r) bounds log pi_max
+        cap = np.where(np.isfinite(cap), cap, 0.0)
+        no_tail = ~np.isfinite(log_r)
+        out = np.empty((n, len(self.p.betas)))
+        for g, b in enumerate(self.p.betas.tolist()):
+            lo = (1.0 - b) * h_tail
+            hi = np.maximum((1.0 - b) * max(self.log_n_tail, 0.0), lo) if b < 1.0 else np.maximum((b - 1.0) * cap, lo)
+            with np.errstate(invalid="ignore"):
+                t = b * log_r + (lo + self.shape.decode(shape_codes[:, g]) * (hi - lo))
+            t[no_tail] = -np.inf
+            out[:, g] = t
+        return out
 
     def stored_fields(self, fields: tuple[str, ...]) -> tuple[str, ...]:
         """The stored arrays that decoding `fields` reads."""
