@@ -41,13 +41,17 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> N
         generator.set_state(state["gate"])
 
 
-def save_checkpoint(out: Path, step: int, model: Any, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically; keep only the newest `keep` complete ones."""
+def save_checkpoint(out: Path, step: int, model: Any, state: dict[str, Any], keep: int = 2,
+                    state_dict: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint `step` atomically; keep only the newest `keep` complete ones. `state_dict`: the
+    model's weights when they are not the model's own tensors (gathered from FSDP shards)."""
     final = step_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
+    # A copy: save_pretrained edits the dict it is given (tied weights), and the same gathered weights are saved
+    # again for final/.
+    model.save_pretrained(tmp, state_dict=dict(state_dict) if state_dict is not None else None)
     torch.save(state, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)

@@ -156,12 +156,6 @@ class Trainer:
             per_epoch = [self.stream.batches_in_epoch(e) for e in range(math.ceil(epochs))]
             micro = sum(per_epoch[:-1]) + per_epoch[-1] * (epochs - (len(per_epoch) - 1))
             self.total = max(1, int(micro // cfg.grad_accum))
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total))
         self.latf = (LATF(self.total, warmup_fraction=cfg.latf_warmup, ema_decay=cfg.latf_ema_decay,
                           epsilon=cfg.latf_epsilon, sigma=cfg.latf_sigma, min_ratio=cfg.latf_min_ratio)
                      if cfg.distills and cfg.latf else None)
@@ -181,13 +175,29 @@ class Trainer:
         self.step = 0
         # The student and its loss as one module (pipeline/chunked_loss.py): the loss is computed from the
         # hidden states in row chunks, so no [N, V] logits tensor exists; DDP wraps the whole objective.
+        if cfg.activation_checkpointing:  # recompute each layer's activations in backward: memory for time
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.net: torch.nn.Module = StudentObjective(
             self.model, self.kd if cfg.distills else None, self.cache.vocab_size if cfg.distills else None,
             self.grid_betas if cfg.distills else None, self.latf, self.gen, cfg.loss_chunk_rows)
-        if self.world > 1:
+        if cfg.fsdp:  # pipeline/fsdp.py: layers and the root sharded over the ranks; bf16 compute on CUDA
+            from pipeline import fsdp
+
+            bf16 = self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
+            fsdp.shard(self.net, self.model, self.device, bf16)
+            if bf16:
+                self.autocast = nullcontext()  # FSDP's mixed-precision policy already computes in bf16
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # After sharding: FSDP turns the parameters into DTensors, which the optimizer must hold.
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total))
 
     # ---- one optimizer step ---------------------------------------------------------------
     @property
@@ -260,7 +270,8 @@ class Trainer:
             return {}
         # The norm is computed whether or not it clips: a non-finite gradient must stop the run before
         # the optimizer writes it into the weights (and before anything is saved from them).
-        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf))
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or math.inf)
+        norm = float(norm.full_tensor()) if hasattr(norm, "full_tensor") else float(norm)  # a DTensor under FSDP
         if not math.isfinite(norm):
             self._stop_non_finite("gradient norm", norm, mbs)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -307,8 +318,23 @@ class Trainer:
 
     # ---- the run --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(self.gen), "reader": self.stream.state_dict(),
+        """The checkpoint's trainer state. With several ranks every rank must call this (`_checkpoint` does):
+        each rank's RNG states are gathered, and under FSDP the optimizer's state."""
+        if self.cfg.fsdp:
+            from pipeline.fsdp import full_optimizer_state
+
+            optim = full_optimizer_state(self.model, self.optimizer)
+        else:
+            optim = self.optimizer.state_dict()
+        rng = rng_state(self.gen)
+        if self.world > 1:  # every rank's own streams (the gate draws per rank; dropout too): a collective
+            import torch.distributed as dist
+
+            per_rank: list[Any] = [None] * self.world
+            dist.all_gather_object(per_rank, rng)
+            rng = {"per_rank": per_rank}
+        return {"step": self.step, "optimizer": optim, "scheduler": self.scheduler.state_dict(),
+                "rng": rng, "reader": self.stream.state_dict(),
                 "latf": self.latf.state_dict() if self.latf else None, "total_steps": self.total,
                 "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
                 "best": self.best.state_dict(), "held_out_last": self.held_out_last}
@@ -320,14 +346,26 @@ class Trainer:
         if st["total_steps"] != self.total:
             raise KdError(f"checkpoint {path.name} plans {st['total_steps']} steps, this run {self.total}: "
                           "resume with the same --max-steps/--epochs")
-        weights = load_causal_lm(str(path), self.device, torch.float32).state_dict()
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(st["optimizer"])
+        weights = load_causal_lm(str(path), torch.device("cpu") if self.cfg.fsdp else self.device,
+                                 torch.float32).state_dict()
+        if self.cfg.fsdp:  # every rank reads the full states and keeps its shards
+            from pipeline.fsdp import load_full_states
+
+            load_full_states(self.model, self.optimizer, weights, st["optimizer"])
+        else:
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
         self.stream.load_state_dict(st["reader"])
         if self.latf and st["latf"]:
             self.latf.load_state_dict(st["latf"])
-        set_rng_state(st["rng"], self.gen)
+        rng = st["rng"]
+        if "per_rank" in rng:
+            if len(rng["per_rank"]) != self.world:
+                raise KdError(f"checkpoint {path.name} was made by {len(rng['per_rank'])} ranks, this run has "
+                              f"{self.world}: resume with the same number of processes")
+            rng = rng["per_rank"][self.rank]
+        set_rng_state(rng, self.gen)
         self.step = st["step"]
         # Checkpoints written before these were recorded resume their counts from 0.
         self.tokens_seen = int(st.get("tokens_seen", 0))
@@ -401,8 +439,8 @@ class Trainer:
                     post["tok/s"] = f"{row['tokens_per_s']:.0f}"
                     bar.set_postfix(post)
                     bar.update(1)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop_at and self.rank == 0:
-                    save_checkpoint(self.out, self.step, self.model, self.state())
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < stop_at:
+                    self._checkpoint()
                 if self._stop_requested(stop):
                     break
         except KeyboardInterrupt:
@@ -417,11 +455,11 @@ class Trainer:
                 metrics.close()
         interrupted = stop.requested and self.step < stop_at
         # Weights gone non-finite must not become the checkpoint a re-run continues from.
-        keep = not interrupted or all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
-        if self.rank == 0 and keep:
-            save_checkpoint(self.out, self.step, self.model, self.state())
-            if self.step >= self.total:
-                self._save_final()
+        keep = not interrupted or self._weights_finite()
+        if keep:
+            weights = self._checkpoint()
+            if self.step >= self.total and self.rank == 0:
+                self._save_final(weights)
         if interrupted and keep:
             raise Interrupted(f"interrupted at step {self.step} of {self.total}; saved a checkpoint there: re-run the "
                               "same command to continue (no steps redone)")
@@ -435,6 +473,25 @@ class Trainer:
             if summary["finished"] and cfg.push_to_hub:
                 summary["pushed"] = push_final(self.out, cfg.push_to_hub)
         return summary
+
+    def _weights_finite(self) -> bool:
+        """Whether every parameter is finite, on every rank (each checks its own shard under FSDP; all agree)."""
+        local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                    for p in self.model.parameters())
+        return _all_sum([0.0 if local else 1.0], self.world, self.device)[0] == 0.0
+
+    def _checkpoint(self) -> dict[str, torch.Tensor] | None:
+        """Write checkpoint `step` (rank 0). Under FSDP every rank gathers the full states first (collective);
+        returns the full weights then, for `final/`."""
+        weights = None
+        if self.cfg.fsdp:
+            from pipeline.fsdp import full_model_state
+
+            weights = full_model_state(self.model)
+        state = self.state() if (self.world > 1 or self.rank == 0) else None  # collective with several ranks
+        if self.rank == 0:
+            save_checkpoint(self.out, self.step, self.model, state, state_dict=weights)
+        return weights
 
     def _totals(self) -> dict[str, Any]:
         """Throughput and counts over the whole run (resumes included): total tokens / total step time."""
@@ -481,7 +538,7 @@ class Trainer:
         write_record(self.out, self.cfg)  # first: a directory without it holds nothing of ours but leftovers
         save_config(self.cfg, self.out / "config.yaml")
 
-    def _save_final(self) -> None:
+    def _save_final(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         """OUT/final: a Hugging Face model directory with the student's tokenizer and model card, written
         under final.tmp and swapped in.
 
@@ -493,7 +550,8 @@ class Trainer:
 
         tmp = self.out / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        # weights: the gathered full state under FSDP (a copy: save_pretrained edits the dict it is given)
+        self.model.save_pretrained(tmp, state_dict=dict(weights) if weights is not None else None)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp)
         record = {"steps": self.step, "data": self.data_path, "cache": self.cfg.cache,

@@ -63,6 +63,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto = bfloat16 autocast on GPU, float32 on CPU
     read_threads: int = 2
     loss_chunk_rows: int = 0  # target rows per chunk of the student's logits in the loss; 0 = auto (~64 MiB)
+    fsdp: bool = False  # shard the student over torchrun's ranks (FSDP2; pipeline/fsdp.py) instead of DDP
+    activation_checkpointing: bool = False  # recompute layer activations in backward (less memory, ~30% more time)
     follow: bool = False  # train while `kdcache teacher` still writes the cache: read each shard once committed
     follow_timeout: float = 3600.0  # --follow: seconds to wait for the next shard's commit before stopping
     overwrite: bool = False
@@ -103,6 +105,9 @@ class TrainConfig:
             raise KdError(f"report_to must be none, or any of jsonl, tensorboard, wandb; got {','.join(self.report_to)}")
         if self.eval_every < 0:
             raise KdError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.eval_every and self.fsdp:
+            raise KdError("--eval-every runs the held-out evaluation on rank 0 alone, which a student sharded with "
+                          "--fsdp cannot do; evaluate the checkpoints with `kdcache eval` instead")
         if self.best_metric not in BEST_METRICS:
             raise KdError(f"best_metric must be one of {', '.join(BEST_METRICS)}, got {self.best_metric!r}")
         if self.eval_every and not (self.eval_data or self.eval_cache):

@@ -69,6 +69,10 @@ T = TrainConfig
          help="Held-out figure that picks OUT/best (ce and fkl_to_teacher: lower is better; agreement: higher).")
 @setting(T, "--push-to-hub", metavar="OWNER/NAME", show="no upload",
          help="Upload OUT/final (model, tokenizer, model card) to this Hugging Face Hub repo when training ends.")
+@setting(T, "--fsdp/--no-fsdp", help="Shard the student over torchrun's ranks with FSDP2 (bf16 compute on CUDA) "
+                                     "instead of DDP: for students that do not fit one GPU with their optimizer state.")
+@setting(T, "--activation-checkpointing/--no-activation-checkpointing",
+         help="Recompute each layer's activations in backward: less memory, about a third more compute.")
 @setting(T, "--follow/--no-follow", help="Train while `kdcache teacher` still writes the cache: the first epoch goes "
                                          "shard by shard, each read once committed.")
 @setting(T, "--follow-timeout", type=float, help="--follow: seconds to wait for a shard's commit before stopping.")
