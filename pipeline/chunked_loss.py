@@ -5,8 +5,9 @@ unchunked loss holds several (logits, masked logits for the tail, the CE log-sof
 backward). Here no [N, V] tensor ever exists:
 
     pass 1 (`plan_rows`, no grad): per chunk of C rows, the logits -> cross-entropy per row, the gate's
-        proposal and log q(ŷ), the Hellinger difficulty; then over the whole micro-batch the gate's verdict,
-        LATF's selection and IDTS's temperatures (which rank or take medians across rows);
+        proposal and log q(ŷ), the student's entropy (SE-KD), the Hellinger difficulty; then over the whole
+        micro-batch the gate's verdict, SE-KD's and LATF's selections and IDTS's temperatures (which rank or
+        take medians across rows);
     pass 2 (`chunked_loss`, an autograd Function): per chunk, the logits again, the loss
         ce_scale·Σ CE + kd_scale·Σ_kept w T² D, its gradient with respect to the chunk's pre-transform
         logits by local autograd (any divergence, the Gemma-2 soft-cap, Cohere/Granite scaling), then
@@ -34,6 +35,7 @@ from pipeline.adakd import LATF, idts_temperatures
 from pipeline.divergences import hellinger, kd_divergence, teacher_log_buckets
 from pipeline.gate import propose, verify
 from pipeline.kd_loss import KdSettings, ranking_log_buckets
+from pipeline.selection import select_top_entropy, student_entropy
 from pipeline.student import target_hidden
 from pipeline.teacher_stats import HeadSpec
 from pipeline.temperature import tail_log_partition_at
@@ -77,11 +79,12 @@ class RowPlan:
 @torch.no_grad()
 def plan_rows(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict[str, Tensor] | None,
               s: KdSettings | None, vocab_size: int, grid_betas: Tensor | None, latf: LATF | None,
-              generator: torch.Generator | None, chunk_rows: int) -> RowPlan:
+              generator: torch.Generator | None, chunk_rows: int, groups: Tensor | None = None) -> RowPlan:
     """Pass 1: hidden [N, H] (student, detached), head the student's (all Vs rows), target_ids [N];
     cache rows of the N targets (`kd_loss.KD_FIELDS`) or None for CE only; s the KD settings; vocab_size
-    the teacher's V; grid_betas [G]. The gate's draws: proposals chunk by chunk, then the spec rule's N
-    uniforms (the order `gate.speckd_gate` uses)."""
+    the teacher's V; grid_betas [G]; groups [N] the sequence of each row (SE-KD selects per sequence).
+    The gate's draws: proposals chunk by chunk, then the spec rule's N uniforms (the order
+    `gate.speckd_gate` uses)."""
     n, dev = hidden.shape[0], hidden.device
     ce = torch.empty(n, dtype=torch.float32, device=dev)
     gate = s is not None and s.gate != "none"
@@ -89,6 +92,7 @@ def plan_rows(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict[st
     y = torch.empty(n, dtype=torch.int64, device=dev) if gate else None
     log_q = torch.empty(n, dtype=torch.float32, device=dev) if gate and s.gate == "spec" else None
     diff = torch.empty(n, dtype=torch.float32, device=dev) if ranked else None
+    ent = torch.empty(n, dtype=torch.float32, device=dev) if s is not None and s.select != "none" else None
     for a in range(0, n, chunk_rows):
         b = min(a + chunk_rows, n)
         z = head.logits(hidden[a:b], fp32=False)  # [C, Vs] float32
@@ -98,6 +102,8 @@ def plan_rows(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict[st
             y[a:b] = propose(z, s.proposal, generator)
             if log_q is not None:
                 log_q[a:b] = z.gather(1, y[a:b, None]).squeeze(1) - lse
+        if ent is not None:
+            ent[a:b] = student_entropy(z)
         if ranked:
             ones = torch.ones(b - a, device=dev)
             log_p1 = teacher_log_buckets(cache["topk_logprobs"][a:b].float(), cache["tail_logprob"][a:b].float(), ones)
@@ -115,6 +121,8 @@ def plan_rows(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict[st
     else:
         weight, accepted = torch.ones(n, device=dev), n
     eligible = weight > 0
+    if ent is not None:
+        eligible = select_top_entropy(ent, eligible, groups, s.select_ratio)
     keep = latf.select(diff, eligible) if (s.latf and latf is not None) else eligible
     if s.idts:
         temps = idts_temperatures(diff, keep, t_base=s.temperature, c=s.idts_c)
@@ -249,7 +257,7 @@ class StudentObjective(torch.nn.Module):
         h = target_hidden(self.model, input_ids, attention_mask, tgt_b, tgt_t)
         head = self._head()  # built per call: it only holds references (FSDP swaps the parameters)
         plan = plan_rows(h.detach(), head, target_ids, cache, self.settings, self.vocab_size or head.vocab_size,
-                         self.grid_betas, self.latf, self.generator, self.chunk_rows)
+                         self.grid_betas, self.latf, self.generator, self.chunk_rows, groups=tgt_b)
         if scales is None:
             return None, plan, None, None
         ce_scale, kd_scale = scales(plan)

@@ -1,7 +1,7 @@
 """The distillation objective per micro-batch (methods.md §5), composed from the small pieces:
 
-    target positions -> SpecKD gate (weights) -> LATF among positions with weight > 0
-    -> IDTS temperatures -> divergence per position on K + 1 buckets
+    target positions -> SpecKD gate (weights) -> SE-KD selection among positions with weight > 0
+    -> LATF among those -> IDTS temperatures -> divergence per position on K + 1 buckets
     -> numerator  = sum_t w_t * T_t^2 * D_t,   denominator = sum_t w_t
 
 The caller divides the numerator by the denominator summed over the *whole optimizer step*
@@ -18,6 +18,7 @@ import torch
 from pipeline.adakd import LATF, idts_temperatures
 from pipeline.divergences import hellinger, kd_divergence, teacher_log_buckets
 from pipeline.gate import speckd_gate
+from pipeline.selection import select_top_entropy, student_entropy
 from pipeline.temperature import log1mexp, tail_log_partition_at
 
 
@@ -66,6 +67,8 @@ class KdSettings:
     idts: bool = False
     idts_c: float = 0.5
     temperature: float = 1.0
+    select: str = "none"  # SE-KD position selection: none | student_entropy
+    select_ratio: float = 0.2  # fraction of each sequence's eligible positions kept by the selection
 
 
 @dataclass
@@ -81,13 +84,15 @@ class KdTerms:
 
 
 def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdSettings, vocab_size: int,
-             grid_betas: torch.Tensor, latf: LATF | None, generator: torch.Generator | None) -> KdTerms:
+             grid_betas: torch.Tensor, latf: LATF | None, generator: torch.Generator | None,
+             groups: torch.Tensor | None = None) -> KdTerms:
     """KD sums of N target positions.
 
     logits [N, Vs] (student, at the targets, with gradient; ids >= vocab_size are a padded head and
     belong to neither distribution); cache (decoded, `KD_FIELDS`): topk_ids [N, K] int64,
     topk_logprobs [N, K], tail_logprob [N], tail_entropy [N], tail_log_partition [N, G], optional
-    tail_ids/tail_counts [N, S]; grid_betas [G] = 1 / cache temperatures; vocab_size: the teacher's V.
+    tail_ids/tail_counts [N, S]; grid_betas [G] = 1 / cache temperatures; vocab_size: the teacher's V;
+    groups [N] the sequence of each row (SE-KD selects per sequence; None = one sequence).
     """
     n = logits.shape[0]
     dev = logits.device
@@ -103,6 +108,8 @@ def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdSettings
         else:
             weight, accepted = torch.ones(n, device=dev), n
         eligible = weight > 0
+        if s.select == "student_entropy":
+            eligible = select_top_entropy(student_entropy(detached), eligible, groups, s.select_ratio)
         if s.latf or s.idts:
             log_p1 = teacher_log_buckets(lps, tail_lp, torch.ones(n, device=dev))
             log_q1 = ranking_log_buckets(detached, ids, vocab_size)

@@ -57,6 +57,8 @@ class KDLossConfig:
     idts: bool = False
     idts_c: float = 0.5
     temperature: float = 1.0  # T_base
+    select: str = "none"  # SE-KD position selection: none | student_entropy
+    select_ratio: float = 0.2
     ce_weight: float = 0.0  # alpha
     total_steps: int = 0  # optimizer steps of the run (required with latf)
     seed: int = 0  # the gate's random stream (sampled proposals, the spec rule's uniforms)
@@ -81,14 +83,12 @@ class KDLossConfig:
         return cls(**{k: getattr(cfg, k) for k in _SHARED}, total_steps=total_steps, seed=cfg.seed, **over)
 
     def kd_settings(self) -> KdSettings:
-        return KdSettings(loss=self.loss, tail=self.tail, gate=self.gate, proposal=self.proposal, gate_k=self.gate_k,
-                          gate_threshold=self.gate_threshold, reject_weight=self.reject_weight, latf=self.latf,
-                          idts=self.idts, idts_c=self.idts_c, temperature=self.temperature)
+        return KdSettings(**{f.name: getattr(self, f.name) for f in fields(KdSettings)})
 
 
 _SHARED = ("loss", "tail", "gate", "proposal", "gate_k", "gate_threshold", "reject_weight", "latf", "latf_warmup",
            "latf_ema_decay", "latf_epsilon", "latf_sigma", "latf_min_ratio", "idts", "idts_c", "temperature",
-           "ce_weight")
+           "select", "select_ratio", "ce_weight")
 
 
 @dataclass
@@ -164,7 +164,7 @@ class KDLoss(torch.nn.Module):
             with torch.no_grad():
                 ce_sum = torch.nn.functional.cross_entropy(logits.detach(), target_ids, reduction="sum")
         terms = kd_terms(logits, cache, self.settings, self.vocab_size, self.grid_betas, self.latf,
-                         self._gate_generator(logits.device))
+                         self._gate_generator(logits.device), groups=self._groups(batch))
         kd = terms.numerator / terms.denominator if terms.denominator > 0 else terms.numerator * 0.0
         ce = ce_sum / max(n, 1)
         loss = kd if alpha == 0.0 else alpha * ce + (1.0 - alpha) * kd
@@ -200,7 +200,7 @@ class KDLoss(torch.nn.Module):
         alpha = cfg.ce_weight
         chunk = chunk_rows or auto_chunk_rows(head.vocab_size)
         plan = plan_rows(hidden.detach(), head, target_ids, cache, self.settings, self.vocab_size, self.grid_betas,
-                         self.latf, self._gate_generator(hidden.device), chunk)
+                         self.latf, self._gate_generator(hidden.device), chunk, groups=self._groups(batch))
         den = plan.denominator
         kd_scale = (1.0 - alpha) / den if den > 0 else 0.0
         loss, _, kd_num = chunked_loss(hidden, head, target_ids, cache, plan, self.settings, self.vocab_size,
@@ -244,6 +244,11 @@ class KDLoss(torch.nn.Module):
         if getattr(batch, "cache", None) is None:
             raise KdError("a KDLoss batch needs the cache rows of its targets (a MicroBatch read with a cache)")
         return batch.cache, batch.target_ids
+
+    @staticmethod
+    def _groups(batch: Any) -> torch.Tensor | None:
+        """The sequence of each target row (tgt_b), which SE-KD selects within; None if the batch lacks it."""
+        return batch.get("tgt_b") if isinstance(batch, dict) else getattr(batch, "tgt_b", None)
 
     def _check(self, logits: torch.Tensor, cache: dict[str, torch.Tensor], target_ids: torch.Tensor) -> None:
         """One-line `KdError`s naming the teacher's V and the cache's K when a batch does not fit."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pipeline.errors import KdError
 from pipeline.kd_loss import KdSettings
+from pipeline.selection import SELECTIONS
 
 LOSSES = ("none", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
 TAILS = ("bucket", "renorm", "ignore", "sampled")
@@ -41,6 +42,8 @@ class TrainConfig:
     idts: bool = False
     idts_c: float = 0.5
     temperature: float = 1.0  # T_base
+    select: str = "none"  # SE-KD: none | student_entropy (distil only each sequence's most uncertain positions)
+    select_ratio: float = 0.2  # SE-KD: fraction of each sequence's positions kept (the authors' 20%)
     ce_weight: float = 0.0  # alpha: loss = alpha * ce + (1 - alpha) * kd_loss
     # --- optimisation ---
     lr: float = 3e-4
@@ -78,7 +81,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("loss", LOSSES), ("tail", TAILS), ("gate", GATES), ("schedule", SCHEDULES),
-                              ("proposal", ("greedy", "sample"))):
+                              ("proposal", ("greedy", "sample")), ("select", SELECTIONS)):
             if getattr(self, name) not in allowed:
                 raise KdError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.student and self.student_config:
@@ -87,6 +90,8 @@ class TrainConfig:
             raise KdError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
         if not 0.0 <= self.reject_weight <= 1.0:
             raise KdError(f"reject_weight must be in [0, 1], got {self.reject_weight}")
+        if not 0.0 < self.select_ratio <= 1.0:
+            raise KdError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
         if self.temperature <= 0:
             raise KdError(f"temperature must be positive, got {self.temperature}")
         for name in ("batch_size", "grad_accum", "gate_k"):
@@ -130,6 +135,4 @@ class TrainConfig:
         return bool(self.cache) and self.loss != "none"
 
     def kd_settings(self) -> KdSettings:
-        return KdSettings(loss=self.loss, tail=self.tail, gate=self.gate, proposal=self.proposal, gate_k=self.gate_k,
-                          gate_threshold=self.gate_threshold, reject_weight=self.reject_weight, latf=self.latf,
-                          idts=self.idts, idts_c=self.idts_c, temperature=self.temperature)
+        return KdSettings(**{f.name: getattr(self, f.name) for f in fields(KdSettings)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.selection import SELECTIONS
 from pipeline.train_config import BEST_METRICS, GATES, LOSSES, SCHEDULES, TAILS, TrainConfig
 from stages.common import config_options, given, setting, user_errors
 
@@ -32,6 +33,9 @@ T = TrainConfig
 @setting(T, "--idts/--no-idts", help="AdaKD inverse-difficulty temperature scaling.")
 @setting(T, "--idts-c", type=float, help="IDTS: temperatures span T_base * exp(+-c).")
 @setting(T, "--temperature", type=float, help="T_base, the distillation temperature.")
+@setting(T, "--select", type=click.Choice(SELECTIONS), help="SE-KD: distil only each sequence's positions of highest "
+                                                          "student entropy (student_entropy) or all (none).")
+@setting(T, "--select-ratio", type=float, help="SE-KD: fraction of each sequence's positions distilled.")
 @setting(T, "--ce-weight", type=float, help="alpha: weight of cross-entropy on the labels (loss = alpha*CE + (1-alpha)*KD).")
 @setting(T, "--lr", type=float, help="Peak learning rate (AdamW).")
 @setting(T, "--warmup", type=int, help="Warm-up steps (linear from 0).")

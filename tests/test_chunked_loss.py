@@ -22,9 +22,9 @@ from pipeline.teacher_stats import HeadSpec, distribution_stats
 GRID = (0.5, 0.7, 1.4, 2.0)
 
 
-def make_case(n=23, h=12, v=61, pad=5, k=6, seed=0, softcap=None, scale=None, bias=True):
+def make_case(n=23, h=12, v=61, pad=5, k=6, seed=0, softcap=None, scale=None, bias=True, with_teacher=False):
     """A student (hidden states, a padded head with bias/scale/soft-cap) and decoded format-3 cache rows of a
-    random teacher over the first V ids."""
+    random teacher over the first V ids (with_teacher: also the teacher's full logits [n, V])."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float32).requires_grad_()
     weight = (0.6 * torch.randn(v + pad, h, generator=g)).requires_grad_()
@@ -37,7 +37,8 @@ def make_case(n=23, h=12, v=61, pad=5, k=6, seed=0, softcap=None, scale=None, bi
     codec = RowCodec(params)
     rows = codec.decode(codec.encode({n_: t.numpy() for n_, t in st.items()}, targets.numpy()))
     cache = {f: torch.from_numpy(rows[f]) for f in KD_FIELDS if f != "target_rank"}
-    return hidden, head, targets, cache, torch.tensor(params.betas, dtype=torch.float32), v
+    out = (hidden, head, targets, cache, torch.tensor(params.betas, dtype=torch.float32), v)
+    return out + (teacher,) if with_teacher else out
 
 
 def reference(hidden, head, targets, cache, grid, v, s, ce_scale, kd_scale, latf, gen):

@@ -49,11 +49,13 @@ def grads(trainer: Trainer) -> list[torch.Tensor]:
     {"loss": "fkl"},  # pure KD, unnormalised sums then one division
     {"loss": "rkl", "gate": "topk", "gate_k": 3, "ce_weight": 0.3},  # mixed alpha: the pre-pass path
     {"loss": "jsd", "gate": "threshold", "gate_threshold": 0.02, "reject_weight": 0.25},
+    {"loss": "fkl", "select": "student_entropy", "select_ratio": 0.3},  # SE-KD selects per sequence
     {"loss": "none"},  # plain cross-entropy
 ])
 def test_microbatch_split_does_not_change_the_gradient(tmp_path, prepared_dir, cache_dir, vocab_size, settings):
-    """One micro-batch of 8 sequences and two of 4 give the same gradient (gate weights are per position;
-    LATF and IDTS are per-micro-batch statistics by definition, so they are left out here)."""
+    """One micro-batch of 8 sequences and two of 4 give the same gradient (gate weights are per position,
+    SE-KD's selection per sequence; LATF and IDTS are per-micro-batch statistics by definition, so they
+    are left out here)."""
     scfg = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
     common = dict(data=str(prepared_dir), cache=str(cache_dir), student_config=scfg, shuffle=False, seed=3,
                   max_steps=4, **settings)
