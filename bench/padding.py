@@ -11,7 +11,7 @@ exist (the plan only needs each example's length and row count). The token budge
 BATCH_SIZE x the mean length, so both plans hold about as many tokens per micro-batch.
 Padding = padded positions / all positions of the micro-batches (B x longest, summed).
 
-The stdlib corpus is real text: `data/make_stdlib.py` (branch fidelity) tiles the Python standard
+The stdlib corpus is real text: `pipeline/stdlib_corpus.py` (also `data/make_stdlib.py`) tiles the Python standard
 library's sources into prompt -> completion records; runs/stdlib/prepared/train is its `bench/realtext.py`
 preparation (byte-level BPE, V = 16,384, max length 512, every token a target).
 """

@@ -7,7 +7,7 @@
 What it builds (each stage is skipped when its recorded settings hash matches, so a re-run costs
 seconds; change a setting and that stage and the ones after it are rebuilt):
 
-    runs/bench/stdlib/          data/make_stdlib.py output: {train,heldout}.jsonl + manifest.json
+    runs/bench/stdlib/          pipeline/stdlib_corpus.py output: {train,heldout,text}.jsonl + manifest.json
     runs/bench/tokenizer/       byte-level BPE, V = 16,384, trained on the train split (prompt + response)
     runs/bench/text/train.jsonl the train tiles as {"text": prompt + response} (every token a target)
     runs/bench/prepared/train   `kdcache prepare` of that text (teacher and student training)
@@ -128,30 +128,18 @@ def platform_identity() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__}
 
 
-def _load_make_stdlib():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_stdlib", REPO / "data" / "make_stdlib.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def build_corpus(b: Bench) -> None:
-    import sysconfig
+    from pipeline.stdlib_corpus import CorpusConfig
+    from pipeline.stdlib_corpus import build_corpus as build_stdlib
 
-    ms = _load_make_stdlib()
     c = b.settings["corpus"]
-    m = ms.build(b.corpus, Path(sysconfig.get_paths()["stdlib"]), c["max_prompt_lines"], c["max_line_chars"],
-                 c["heldout_every"], c["seed"])
-    # Plain-text view of the train tiles: training on it makes every token a target, and since the
-    # tiles of a file are disjoint and in order this is each kept line once.
+    m = build_stdlib(CorpusConfig(out=str(b.corpus), max_prompt_lines=c["max_prompt_lines"],
+                                  max_line_chars=c["max_line_chars"], heldout_every=c["heldout_every"], seed=c["seed"]))
+    # The plain-text view of the train tiles (every token a target) where the later stages read it.
     b.train_text.parent.mkdir(parents=True, exist_ok=True)
-    with open(b.corpus / "train.jsonl", encoding="utf-8") as f, open(b.train_text, "w", encoding="utf-8") as g:
-        for line in f:
-            r = json.loads(line)
-            g.write(json.dumps({"text": r["prompt"] + r["response"]}, ensure_ascii=False) + "\n")
-    b.done("corpus", counts=m["counts"], outputs=m["outputs"], python=m["python_version"])
+    shutil.copyfile(b.corpus / "text.jsonl", b.train_text)
+    b.done("corpus", counts=m["counts"], outputs={k: m["outputs"][k] for k in ("train", "heldout")},
+           python=m["python_version"])
 
 
 def build_tokenizer(b: Bench) -> None:

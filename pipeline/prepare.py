@@ -48,6 +48,8 @@ class PrepareConfig:
     split: str = "train"
     text_field: str = "text"
     add_eos: bool = True  # append EOS to text and prompt-response examples (it is a target)
+    max_examples: int = 0  # > 0: a seeded random subset of this many examples, kept in corpus order
+    sample_seed: int = 0  # the subset's seed
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -55,6 +57,8 @@ class PrepareConfig:
             raise KdError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.max_length < 2:
             raise KdError(f"max_length must be at least 2, got {self.max_length}")
+        if self.max_examples < 0:
+            raise KdError(f"max_examples must be >= 0 (0: every example), got {self.max_examples}")
 
     def identity(self) -> dict[str, Any]:
         """The settings that change the output (not where it goes or whether to overwrite)."""
@@ -260,10 +264,17 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     if missing:
         raise KdError(f"format {fmt!r} needs field(s) {missing}; the data has {list(ds.column_names)}")
 
+    places = RecordPlaces(input_files(cfg.data))
+    if 0 < cfg.max_examples < len(ds):  # a subset in corpus order; errors still name the record's own line
+        keep = np.sort(np.random.default_rng(cfg.sample_seed).choice(len(ds), cfg.max_examples, replace=False))
+        ds = ds.select(keep.tolist())
+        where = lambda i: places(int(keep[i]))  # noqa: E731
+    else:
+        where = places
     all_ids, all_masks = [], []
     fp = hashlib.sha256()
     n_tokens = n_targets = n_truncated = 0
-    records = tokenize_records(ds, tokenizer, fmt, cfg, RecordPlaces(input_files(cfg.data)))
+    records = tokenize_records(ds, tokenizer, fmt, cfg, where)
     if progress:
         from tqdm import tqdm
 

@@ -21,6 +21,8 @@ P = PrepareConfig
 @setting(P, "--split", help="Split to read from a dataset dict or hub dataset.")
 @setting(P, "--text-field", help="Field holding the text of text-format records.")
 @setting(P, "--add-eos/--no-add-eos", help="Append EOS (a target) to text and prompt-response examples.")
+@setting(P, "--max-examples", type=int, help="A seeded random subset of this many examples, in corpus order (0: all).")
+@setting(P, "--sample-seed", type=int, help="Seed of the --max-examples subset.")
 @setting(P, "--overwrite", is_flag=True, help="Replace an output prepared with other settings (only the files "
                                               "prepare wrote; anything else refuses).")
 @config_options

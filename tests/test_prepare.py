@@ -311,3 +311,26 @@ def test_record_places_follow_each_input_kind(tmp_path):
                          write_jsonl(tmp_path / "b.jsonl", [{"text": "y"}] * 2)])
     assert both(3) == f"{tmp_path / 'b.jsonl'}:2 (example 3)"
     assert RecordPlaces(None)(5) == "example 5"
+
+
+def test_max_examples_is_a_seeded_subset_in_corpus_order(tmp_path, tokenizer_dir, tok):
+    recs = [{"prompt": f"item {i} is", "response": f" number {i}"} for i in range(40)]
+    data = write_jsonl(tmp_path / "pr.jsonl", recs)
+    out, meta = run(tmp_path, tokenizer_dir, data, name="a", max_examples=10, sample_seed=3)
+    got = [decode(tok, ids[mask == 1]) for ids, mask in rows(out)]
+    kept = [int(g.split()[1].removesuffix("<|eos|>")) for g in got]
+    assert meta["examples"] == 10 and len(set(kept)) == 10 and kept == sorted(kept)
+    again, _ = run(tmp_path, tokenizer_dir, data, name="b", max_examples=10, sample_seed=3)
+    other, _ = run(tmp_path, tokenizer_dir, data, name="c", max_examples=10, sample_seed=4)
+    assert [r[0].tolist() for r in rows(again)] == [r[0].tolist() for r in rows(out)]
+    assert [r[0].tolist() for r in rows(other)] != [r[0].tolist() for r in rows(out)]
+    whole, _ = run(tmp_path, tokenizer_dir, data, name="d", max_examples=40)
+    assert len(rows(whole)) == 40
+
+
+def test_max_examples_errors_still_name_the_file_line(tmp_path, tokenizer_dir):
+    recs = [{"prompt": "a", "response": "b"}] * 3 + [{"prompt": "a", "response": None}] * 3
+    data = write_jsonl(tmp_path / "pr.jsonl", recs)
+    # seed 2 keeps examples 0, 1, 2, 5: the first bad one is the subset's fourth, the file's sixth line
+    with pytest.raises(KdError, match=r"pr\.jsonl:6 \(example 5\)"):
+        run(tmp_path, tokenizer_dir, data, max_examples=4, sample_seed=2)
