@@ -8,6 +8,13 @@ deviation pooled over every group that has several seeds:
     se = s_pooled * sqrt(1/n_best + 1/n_other),   margin / se >= 2  ->  "ahead", else "within noise"
 
 Without repeated seeds the spread is unknown and the report says so rather than guessing.
+
+With seeds, the same test answers the user's question per figure: `seed_table` gives every method's mean ±
+standard deviation, `differences` each method's difference from a baseline (CE only, plain KD from the same
+teacher) in units of its standard error, `verdicts` says in words which methods pay, and
+`teacher_strength` compares one method distilled from teachers of different strength. Each comparison is
+tested on its own at 2 SE (about a 5% two-sided level for large dof; no correction for the number of
+comparisons, which the report states).
 """
 
 from __future__ import annotations
@@ -21,6 +28,11 @@ from pipeline.config import digest
 from pipeline.train_state import IGNORED_KEYS
 
 PRIMARY = "ce"  # the figure the best student is chosen by (lower is better)
+# (key, title, format, +1 when higher is better / -1 when lower is); final_* come from the training metrics.
+FIGURES = (("ce", "held-out CE", "{:.4f}", -1), ("ppl", "PPL", "{:.2f}", -1),
+           ("teacher_top1_agreement", "teacher top-1 agr.", "{:.3f}", 1), ("fkl_to_teacher", "FKL to teacher", "{:.4f}", -1),
+           ("rouge_l", "ROUGE-L", "{:.3f}", 1), ("exact_match", "exact match", "{:.3f}", 1),
+           ("final_tar", "final TAR", "{:.3f}", 0), ("final_focus_ratio", "final focus ratio", "{:.3f}", 0))
 # Config keys that do not make another method: the seed, where the run went, how it was run and watched.
 NOT_METHOD = ("seed", "out", *IGNORED_KEYS, "eval_every", "eval_data", "eval_cache", "best_metric", "device", "dtype")
 
@@ -33,9 +45,43 @@ class Group:
     method: str
     runs: list[dict[str, Any]] = field(default_factory=list)
 
+    @property
+    def teacher(self) -> str | None:
+        """The teacher the runs distil from (`collect_run` sets r["teacher"]; None for CE only)."""
+        return self.runs[0].get("teacher") if self.runs else None
+
     def values(self, key: str) -> list[float]:
-        return [float(r["eval"][key]) for r in self.runs
-                if isinstance(r["eval"].get(key), (int, float)) and math.isfinite(float(r["eval"][key]))]
+        """The figure `key` of every run that has it: from its eval.json, else from the run itself (final_tar)."""
+        out = []
+        for r in self.runs:
+            v = r["eval"].get(key, r.get(key))
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                out.append(float(v))
+        return out
+
+    def mean_run(self) -> dict[str, Any]:
+        """A run-like dict whose metrics are the mean over the seeds at each step every seed logged (what the
+        curves draw for a method); the first run itself when there is one."""
+        if len(self.runs) == 1:
+            return self.runs[0]
+        rows: dict[float, list[dict[str, Any]]] = {}
+        for r in self.runs:
+            for m in r["metrics"]:
+                if isinstance(m.get("step"), (int, float)):
+                    rows.setdefault(m["step"], []).append(m)
+        metrics = []
+        for step in sorted(rows):
+            ms = rows[step]
+            if len(ms) != len(self.runs):
+                continue
+            avg: dict[str, Any] = {"step": step}
+            for k in set().union(*ms):
+                vals = [m.get(k) for m in ms]
+                if k != "step" and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                    avg[k] = sum(vals) / len(vals)
+            metrics.append(avg)
+        first = self.runs[0]
+        return {**first, "name": f"{self.label} (mean of {len(self.runs)})", "metrics": metrics}
 
     def mean(self, key: str) -> float | None:
         v = self.values(key)
@@ -50,11 +96,20 @@ class Group:
         return math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
 
 
-def method_key(cfg: dict[str, Any] | None, name: str) -> str:
-    """Equal for runs that are seeds of one method; a run without a config is its own method."""
+def method_key(cfg: dict[str, Any] | None, name: str, ignore: tuple[str, ...] = ()) -> str:
+    """Equal for runs that are seeds of one method; a run without a config is its own method.
+
+    A base model named after the run's own seed (`students/warm_start_s1/final` in a `seeds:` run, where
+    every seed starts from its own copy of the warm start) counts as the same base for every seed.
+    `ignore`: more keys to leave out (e.g. "cache", to pair one method across teachers).
+    """
     if cfg is None:
         return "run:" + name
-    return digest({k: v for k, v in cfg.items() if k not in NOT_METHOD})
+    kept = {k: v for k, v in cfg.items() if k not in NOT_METHOD and k not in ignore}
+    seed = cfg.get("seed")
+    if isinstance(kept.get("student"), str) and seed is not None:
+        kept["student"] = re.sub(rf"_s{seed}(?=/|$)", "_s*", kept["student"])
+    return digest(kept)
 
 
 def _label(names: list[str], method: str) -> str:
@@ -132,4 +187,135 @@ def best_student(groups: list[Group], key: str = PRIMARY) -> list[str]:
             ratio = margin / se if se > 0 else math.inf
             row += f" ahead ({ratio:.1f} SE) |" if ratio >= 2 else f" within noise ({ratio:.1f} SE) |"
         lines.append(row)
+    return lines + [""]
+
+
+# ---- seeds: every figure, every method ---------------------------------------------------------
+def _fmt(v: float | None, f: str) -> str:
+    return f.format(v) if v is not None else "—"
+
+
+def _mean_sd(g: Group, key: str, f: str) -> str:
+    m, sd = g.mean(key), g.std(key)
+    if m is None:
+        return "—"
+    return f.format(m) + (f" ± {f.format(sd)}" if sd is not None else "")
+
+
+def shown_figures(groups: list[Group]) -> list[tuple[str, str, str, int]]:
+    return [fig for fig in FIGURES if any(g.values(fig[0]) for g in groups)]
+
+
+def seed_table(groups: list[Group]) -> list[str]:
+    """Markdown: one row per method, mean ± standard deviation over its seeds of every figure any run has."""
+    figs = shown_figures(groups)
+    head = ["method", "what", "teacher", "seeds"] + [t for _, t, _, _ in figs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for g in groups:
+        cells = [g.label, g.method, g.teacher or "—", str(len(g.runs))] + [_mean_sd(g, k, f) for k, _, f, _ in figs]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return lines
+
+
+def compare(g: Group, base: Group, key: str, spread: float | None) -> tuple[float, float | None] | None:
+    """(mean difference g - base, difference / standard error or None without a spread); None when either
+    group lacks the figure. SE = pooled sd * sqrt(1/n_g + 1/n_base)."""
+    a, b = g.values(key), base.values(key)
+    if not a or not b:
+        return None
+    d = sum(a) / len(a) - sum(b) / len(b)
+    if spread is None:
+        return d, None
+    se = spread * math.sqrt(1 / len(a) + 1 / len(b))
+    return d, (d / se if se > 0 else (math.inf if d else 0.0))
+
+
+def differences(groups: list[Group], base: Group, title: str, only: list[Group] | None = None) -> list[str]:
+    """Markdown: each group's difference from `base` per figure, `**bold**` when it is at least 2 SE."""
+    figs = [f for f in shown_figures(groups) if f[3] != 0]
+    spreads = {k: (pooled_spread(groups, k) or (None,))[0] for k, _, _, _ in figs}
+    rows = [g for g in (only if only is not None else groups) if g is not base]
+    if not rows:
+        return []
+    lines = [f"### {title}", "",
+             "Difference of the means (method − baseline), and in brackets that difference over its standard error; "
+             "**bold**: at least 2 SE, i.e. beyond the seed-to-seed spread; ↑/↓ marks better/worse.", "",
+             "| method | " + " | ".join(t for _, t, _, _ in figs) + " |", "|---|" + "---:|" * len(figs)]
+    for g in rows:
+        cells = [g.label]
+        for k, _, f, better in figs:
+            c = compare(g, base, k, spreads[k])
+            if c is None:
+                cells.append("—")
+                continue
+            d, t = c
+            sign = "↑" if d * better > 0 else ("↓" if d * better < 0 else "")
+            txt = f"{f.format(d) if d < 0 else '+' + f.format(d)}{sign}" + (f" ({t:.1f})" if t is not None else "")
+            cells.append(f"**{txt}**" if t is not None and abs(t) >= 2 else txt)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def verdict(g: Group, base: Group, key: str, spread: float | None, better: int) -> str:
+    """'pays' / 'costs' / 'no measurable difference' / 'untested' for g against base on `key`."""
+    c = compare(g, base, key, spread)
+    if c is None or c[1] is None:
+        return "untested (one seed)"
+    d, t = c
+    if abs(t) < 2:
+        return "no measurable difference"
+    return "pays" if d * better > 0 else "costs"
+
+
+def verdicts(groups: list[Group], base: Group, base_name: str) -> list[str]:
+    """One sentence per method: does it beat `base` on held-out CE and on ROUGE-L, beyond the spread?"""
+    keys = [(k, t, b) for k, t, _, b in FIGURES if k in ("ce", "rouge_l") and any(g.values(k) for g in groups)]
+    spreads = {k: (pooled_spread(groups, k) or (None,))[0] for k, _, _ in keys}
+    out = []
+    for g in groups:
+        if g is base or not g.values(PRIMARY):
+            continue
+        parts = []
+        for k, t, b in keys:
+            c = compare(g, base, k, spreads[k])
+            if c is not None:
+                parts.append(f"{t} {verdict(g, base, k, spreads[k], b)} ({c[0]:+.4f})")
+        out.append(f"- **{g.label}** against {base_name}: " + "; ".join(parts))
+    return out
+
+
+def teacher_strength(groups: list[Group], strength: dict[str, float]) -> list[str]:
+    """Markdown: methods run with several teachers, one column per teacher (weakest first by the teacher's own
+    held-out CE in `strength`), held-out CE and ROUGE-L mean ± sd, and the change from the weakest to the
+    strongest teacher in SE units. Empty unless some method ran with two teachers."""
+    by_method: dict[str, list[Group]] = {}
+    for g in groups:
+        if g.teacher is not None and g.runs and g.runs[0].get("config") is not None:
+            by_method.setdefault(method_key(g.runs[0]["config"], g.label, ignore=("cache",)), []).append(g)
+    pairs = [gs for gs in by_method.values() if len({g.teacher for g in gs}) > 1]
+    if not pairs:
+        return []
+    order = sorted({g.teacher for gs in pairs for g in gs}, key=lambda t: -strength.get(t, 0.0))  # weak -> strong
+    spread_ce = (pooled_spread(groups, "ce") or (None,))[0]
+    spread_rl = (pooled_spread(groups, "rouge_l") or (None,))[0]
+    lines = ["## Stronger teacher, better student?", "",
+             "The same method distilled from each teacher (teachers ordered weakest to strongest by their own "
+             "held-out CE: " + ", ".join(f"{t} {strength[t]:.3f}" for t in order if t in strength) + "). Last "
+             "columns: strongest minus weakest teacher, in brackets over its standard error (**bold**: ≥ 2 SE).", "",
+             "| method | " + " | ".join(f"CE from {t}" for t in order) + " | " + " | ".join(f"ROUGE-L from {t}" for t in order)
+             + " | Δ CE | Δ ROUGE-L |", "|---|" + "---:|" * (2 * len(order) + 2)]
+    for gs in pairs:
+        by_t = {g.teacher: g for g in gs}
+        cells = [gs[0].method] + [_mean_sd(by_t[t], "ce", "{:.4f}") if t in by_t else "—" for t in order]
+        cells += [_mean_sd(by_t[t], "rouge_l", "{:.3f}") if t in by_t else "—" for t in order]
+        present = [t for t in order if t in by_t]
+        weak, strong = by_t[present[0]], by_t[present[-1]]
+        for key, spread, f in (("ce", spread_ce, "{:+.4f}"), ("rouge_l", spread_rl, "{:+.3f}")):
+            c = compare(strong, weak, key, spread)
+            if c is None:
+                cells.append("—")
+                continue
+            txt = f.format(c[0]) + (f" ({c[1]:.1f})" if c[1] is not None else "")
+            cells.append(f"**{txt}**" if c[1] is not None and abs(c[1]) >= 2 else txt)
+        lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

@@ -14,7 +14,15 @@ in memory. A method keeps its colour in every plot (`pipeline.report_plots`).
 
 A run directory is what `kdcache train` writes (config.yaml, metrics.jsonl, train_summary.json,
 final/) plus an eval.json from `kdcache eval`, in RUN/eval/ or RUN/ itself. Whatever a run lacks is
-shown as "—". The teacher (`--teacher`, a directory with its eval) is a reference: shown, never ranked.
+shown as "—". The teacher (`--teacher`, a directory with its eval; several comma-separated) is a
+reference: shown, never ranked. A run's teacher is the one whose model made its cache (the cache records
+the teacher's model path).
+
+With several seeds per method the report adds what the seeds can answer (`pipeline.comparison`): every
+method's mean ± standard deviation of every figure, each method's difference from CE only and from plain
+KD with the same teacher in standard-error units with a verdict per method, and, when methods ran with
+several teachers, whether the stronger teacher made the better student; the curves become one mean line
+per method.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.comparison import best_student, group_runs
+from pipeline.comparison import (best_student, differences, group_runs, pooled_spread, seed_table, teacher_strength,
+                                 verdicts)
 from pipeline.config import save_config
 from pipeline.errors import KdError
 from pipeline.ownership import REPORT, REPORT_PLOTS, refuse_foreign
@@ -52,7 +61,7 @@ class ReportConfig:
 
     runs: list[str] = field(default_factory=list)  # training run directories
     out: str = ""
-    teacher: str = ""  # the teacher's directory (its eval/ or eval.json): a reference row and line, not ranked
+    teachers: list[str] = field(default_factory=list)  # teacher directories (their eval/): references, not ranked
     cache: str = ""  # default: the cache recorded in the runs' configs
     bins: int = 50  # histogram bins for the cache plots
 
@@ -119,6 +128,8 @@ def method_name(cfg: dict[str, Any] | None) -> str:
         detail = {"topk": f" k={cfg.get('gate_k', 5)}", "threshold": f" τ={cfg.get('gate_threshold', 0.1):g}"}
         rw = float(cfg.get("reject_weight", 0.0) or 0.0)
         parts.append(f"SpecKD {gate}{detail.get(gate, '')}" + (f" (rejected x{rw:g})" if rw > 0 else ""))
+    if cfg.get("select", "none") != "none":
+        parts.append(f"SE-KD {float(cfg.get('select_ratio', 0.2)):.0%}")
     if cfg.get("latf"):
         parts.append("LATF")
     if cfg.get("idts"):
@@ -130,20 +141,40 @@ def method_name(cfg: dict[str, Any] | None) -> str:
     return " + ".join(parts) + f" + {loss}" + (f"/{tail}" if tail != "bucket" else "") + ce
 
 
-def collect_run(path: str) -> dict[str, Any]:
-    """Everything the report shows about one run directory."""
+def collect_run(path: str, teachers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything the report shows about one run directory. `teachers`: resolved teacher model path ->
+    teacher name, to name the teacher of a distilled run from its cache's record."""
     run = Path(path)
     if not run.is_dir():
         raise KdError(f"run directory not found: {run}")
     cfg = read_run_config(run)
     metrics = read_jsonl(run / "metrics.jsonl")
     _, tar = series(metrics, "tar")
+    _, focus = series(metrics, "focus_ratio")
     summary = read_summary(run)
     tps = summary.get("tokens_per_s")
+    distills = bool(cfg and cfg.get("cache") and cfg.get("loss", "fkl") != "none")
     return {"name": run.name or str(run), "path": str(run), "config": cfg, "method": method_name(cfg),
-            "distills": bool(cfg and cfg.get("cache") and cfg.get("loss", "fkl") != "none"),
+            "distills": distills, "teacher": cache_teacher(cfg["cache"], teachers or {}) if distills else None,
             "eval": read_eval(run), "metrics": metrics, "final_tar": float(tar[-1]) if len(tar) else None,
+            "final_focus_ratio": float(focus[-1]) if len(focus) else None,
             "tokens_per_s": float(tps) if isinstance(tps, (int, float)) and tps > 0 else None}
+
+
+def cache_teacher(cache: str, teachers: dict[str, str]) -> str:
+    """The name of the teacher whose model made `cache` (from the cache's kdcache.json), else the cache's
+    directory name."""
+    try:
+        meta = json.loads((Path(cache) / "kdcache.json").read_text())
+        model = str(Path(meta["teacher"]["model"]).resolve())
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(cache).name
+    return teachers.get(model, Path(cache).name)
+
+
+def teacher_name(path: str) -> str:
+    """`runs/x/teacher` -> "teacher", `runs/x/teachers/large` -> "large"."""
+    return Path(path).name
 
 
 def read_summary(run: Path) -> dict[str, Any]:
@@ -269,11 +300,20 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         raise KdError("no run directories given")
     out = Path(cfg.out)
     refuse_foreign(out, REPORT)  # a re-run replaces only what report wrote; anything else refuses, first
-    runs = [collect_run(p) for p in cfg.runs]
-    teacher = None
-    if cfg.teacher:
-        teacher = collect_run(cfg.teacher)
-        teacher["method"] = "teacher (reference)"
+    models = {str((Path(t) / "final").resolve()): teacher_name(t) for t in cfg.teachers}
+    for t in cfg.teachers:  # a teacher given by path (not trained by the run) is recorded by its eval config
+        ev = Path(t) / "eval" / "config.yaml"
+        if ev.is_file():
+            model = (yaml.safe_load(ev.read_text()) or {}).get("model")
+            if model:
+                models[str(Path(model).resolve())] = teacher_name(t)
+    runs = [collect_run(p, models) for p in cfg.runs]
+    teachers = []
+    for t in cfg.teachers:
+        tr = collect_run(t)
+        tr["method"] = "teacher (reference)"
+        tr["name"] = teacher_name(t)
+        teachers.append(tr)
     groups = group_runs(runs)
     assign_styles(groups)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,13 +330,15 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         return [f"![{fname.removesuffix('.png').replace('_', ' ')}]({fname})", "", f"*{caption}*", ""]
 
     seeds = any(len(g.runs) > 1 for g in groups)
-    head = figure("heldout.png", plot_heldout(groups, teacher, out / "heldout.png"),
+    head = figure("heldout.png", plot_heldout(groups, teachers, out / "heldout.png"),
                   "Held-out figures of every student (one colour per method in every plot"
                   + ("; bars: mean over seeds, error bars: standard deviation over seeds, dots: single seeds"
                      if seeds else "") + "; axes zoomed to the values"
-                  + (", dashed: the teacher's CE" if teacher is not None else "") + ").",
+                  + (", dashed: the teachers' CE" if teachers else "") + ").",
                   "No run has held-out figures (eval.json): no heldout.png.")
-    curves = figure("losses.png", plot_losses(runs, out / "losses.png"),
+    # With seeds, one line per method (the mean over its seeds) instead of one per run.
+    lines_of = [g.mean_run() for g in groups] if seeds else runs
+    curves = figure("losses.png", plot_losses(lines_of, out / "losses.png"),
                     "Training losses per optimizer step, each on its own axis: cross-entropy on the labels (every "
                     "run), and the KD loss to the cached teacher (distilled runs); faint: per step, solid: moving "
                     "average; the y axis fits the runs after their first tenth. The logged total, "
@@ -307,9 +349,9 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
              "Token acceptance rate per step: accepted / target positions (1.0 without a gate)."),
             ("focus_ratio", "focus_ratio.png", "LATF focus ratio r", "focus ratio r",
              "LATF focus ratio per step: fraction of eligible positions kept (1.0 without LATF).")):
-        curves += figure(fname, plot_metric(runs, key, out / fname, title, ylabel), caption,
+        curves += figure(fname, plot_metric(lines_of, key, out / fname, title, ylabel), caption,
                          f"No run logged `{key}`: no {fname}.")
-    curves += figure("temperatures.png", plot_temperatures(runs, out / "temperatures.png"),
+    curves += figure("temperatures.png", plot_temperatures(lines_of, out / "temperatures.png"),
                      "IDTS temperatures over steps: per run, the mean temperature of the step's kept positions "
                      "(line) and its min-max range (band); a flat line at T_base means no IDTS.",
                      "No run logged temperatures: no temperatures.png.")
@@ -321,7 +363,11 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     elif not Path(cache_path).is_dir():
         notes.append(f"Cache {cache_path} not found: no cache histograms.")
     else:
-        hist = cache_histograms(cache_path, cfg.bins)
+        try:
+            hist = cache_histograms(cache_path, cfg.bins)
+        except KdError as e:  # the runs are still worth a report; say why the histograms are missing
+            notes.append(f"Cache {cache_path} could not be read ({e}): no cache histograms.")
+    if hist is not None:
         rows = f"{hist['rows']:,} target positions"
         plot_histogram(hist["entropy"], out / "cache_entropy.png", f"Teacher entropy over the cache ({rows})",
                        "teacher entropy H(p) (nats)")
@@ -337,13 +383,13 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         if hist["rows"] < hist["cache_rows"]:
             notes.append(f"The cache is incomplete: histograms cover {hist['rows']:,} of {hist['cache_rows']:,} rows.")
 
-    listed = ([teacher] if teacher is not None else []) + runs
-    text = ["# kdcache report", "", *best_student(groups), *head,
+    listed = teachers + runs
+    text = ["# kdcache report", "", *best_student(groups), *head, *seed_sections(groups, teachers),
             "## All runs", "",
             f"{len(runs)} run(s); eval figures from each run's eval.json (CE over target tokens in nats, FKL on the "
             "K + 1 buckets at T = 1); final TAR from the last metrics row; train tokens/s = total tokens / total "
-            "step time of the whole run (train_summary.json).", "", table(listed), "", *versus_baseline(runs),
-            "## Training curves", "", *curves]
+            "step time of the whole run (train_summary.json).", "", table(listed), "",
+            *([] if seeds else versus_baseline(runs)), "## Training curves", "", *curves]
     if notes:
         text += ["", *[f"- {n}" for n in notes]]
     path = out / REPORT_FILENAME
@@ -353,6 +399,37 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     for stale in set(REPORT_PLOTS) - set(plots):  # an earlier report's plots this one did not redraw
         (out / stale).unlink(missing_ok=True)
     return {"path": str(path), "runs": runs, "plots": plots, "cache": hist, "groups": groups}
+
+
+def seed_sections(groups: list[Any], teachers: list[dict[str, Any]]) -> list[str]:
+    """The sections only seeds can support: per-method means ± sd, differences from the baselines against
+    the seed spread with a verdict per method, and the teacher-strength comparison. [] without seeds."""
+    if not any(len(g.runs) > 1 for g in groups):
+        return []
+    lines = ["## Methods over seeds", "",
+             "Mean ± standard deviation over each method's seeds (eval figures on the held-out split; final TAR "
+             "and focus ratio from the last training step).", "", *seed_table(groups), ""]
+    spread = pooled_spread(groups, "ce")
+    if spread is not None:
+        lines += [f"Pooled seed-to-seed standard deviation of held-out CE: {spread[0]:.4f} nats ({spread[2]} degrees "
+                  "of freedom). Each comparison below is tested on its own at 2 standard errors; with this many "
+                  "comparisons about one in twenty differences that are really zero would still show as bold.", ""]
+    ce_groups = [g for g in groups if g.method == "CE only" and g.values("ce")]
+    base = max(ce_groups, key=lambda g: g.runs[0]["metrics"][-1]["step"] if g.runs[0]["metrics"] else 0, default=None)
+    if base is not None:
+        lines += differences(groups, base, f"Against CE only ({base.label})")
+    kd_bases = {g.teacher: g for g in groups if g.method == "KD fkl/bucket" and g.teacher is not None}
+    for t, kd in kd_bases.items():
+        same = [g for g in groups if g.teacher == t and g is not kd]
+        lines += differences(groups, kd, f"Against plain KD from the same teacher ({kd.label})", only=same)
+    lines += ["### Does each method pay?", ""]
+    if base is not None:
+        lines += verdicts([g for g in groups if g.method != "CE only"], base, f"CE only ({base.label})") + [""]
+    for t, kd in kd_bases.items():
+        lines += verdicts([g for g in groups if g.teacher == t], kd, f"plain KD ({kd.label})") + [""]
+    strength = {t["name"]: float(t["eval"]["ce"]) for t in teachers if isinstance(t["eval"].get("ce"), (int, float))}
+    lines += teacher_strength(groups, strength)
+    return lines
 
 
 def report(cfg: ReportConfig) -> str:

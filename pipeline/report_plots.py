@@ -153,13 +153,17 @@ def plot_temperatures(runs: list[dict[str, Any]], path: Path) -> bool:
 
 HELDOUT_PANELS = (("ce", "held-out CE (nats), lower is better"),
                   ("teacher_top1_agreement", "teacher top-1 agreement, higher is better"),
-                  ("fkl_to_teacher", "FKL to the teacher, lower is better"))
+                  ("fkl_to_teacher", "FKL to the teacher, lower is better"),
+                  ("rouge_l", "ROUGE-L of greedy completions, higher is better"),
+                  ("exact_match", "exact match of greedy completions, higher is better"))
+TEACHER_STYLES = ("--", ":", "-.")
 
 
-def plot_heldout(groups: list[Any], teacher: dict[str, Any] | None, path: Path) -> bool:
+def plot_heldout(groups: list[Any], teachers: list[dict[str, Any]], path: Path) -> bool:
     """One bar per method and held-out figure (mean over seeds; error bar: std over seeds; dots: each seed).
 
-    The teacher's CE is a dashed reference line. False when no student has held-out figures.
+    Each teacher's figure is a black reference line (dashed, dotted, ...) where it has one (not agreement or
+    FKL with itself). False when no student has held-out figures.
     """
     panels = [(k, t) for k, t in HELDOUT_PANELS if any(g.values(k) for g in groups)]
     shown = [g for g in groups if any(g.values(k) for k, _ in panels)]
@@ -167,7 +171,8 @@ def plot_heldout(groups: list[Any], teacher: dict[str, Any] | None, path: Path) 
         return False
     seeds = any(len(g.runs) > 1 for g in shown)
     title = "Held-out figures per student" + (" (bars: mean over seeds, error bars: std, dots: seeds)" if seeds else "")
-    fig, axes = _figure(title, "", "", panels=len(panels), width=max(7.0, 3.4 * len(panels) + 0.5 * len(shown)))
+    fig, axes = _figure(title, "", "", panels=len(panels),
+                        width=min(30.0, max(7.0, 3.4 * len(panels) + 0.25 * len(panels) * len(shown))))
     x = np.arange(len(shown))
     for ax, (key, label) in zip(axes, panels):
         ax.grid(True, axis="y", alpha=0.3)
@@ -185,11 +190,14 @@ def plot_heldout(groups: list[Any], teacher: dict[str, Any] | None, path: Path) 
         drawn = [v for g in shown for v in g.values(key)]
         drawn += [m + e for m, e in zip(means, errs) if np.isfinite(m)] + [m - e for m, e in zip(means, errs)
                                                                           if np.isfinite(m)]
-        if key == "ce" and teacher is not None and isinstance(teacher["eval"].get("ce"), (int, float)):
-            ax.axhline(teacher["eval"]["ce"], color=TEACHER_COLOUR, linestyle="--", linewidth=1,
-                       label=f"teacher {teacher['eval']['ce']:.3f}")
-            drawn.append(teacher["eval"]["ce"])
-            ax.legend(fontsize=8, loc="upper right")
+        refs = [(t["name"], float(t["eval"][key])) for t in teachers
+                if key in ("ce", "rouge_l", "exact_match") and isinstance(t["eval"].get(key), (int, float))]
+        for i, (name, v) in enumerate(refs):
+            ax.axhline(v, color=TEACHER_COLOUR, linestyle=TEACHER_STYLES[i % len(TEACHER_STYLES)], linewidth=1,
+                       label=f"{name} {v:.3f}")
+            drawn.append(v)
+        if refs:
+            ax.legend(fontsize=8, loc="best")
         # Zoomed to the values (bars from 0 would hide differences of a few hundredths; the caption says so).
         lo, hi = min(drawn), max(drawn)
         pad = 0.15 * (hi - lo) if hi > lo else 0.05 * abs(hi) + 1e-3

@@ -4,14 +4,23 @@
 
 Layout under `out` (the run owns every path, so sections only hold settings):
 
+    corpus/               the real-text corpus and its tokenizer (only with a `corpus` section:
+                          `pipeline.stdlib_corpus`); prepare entries name it as "{corpus}/train.jsonl"
     prepared/<split>/     one `kdcache prepare` output per entry of `prepare` (train, heldout, ...)
-    teacher/              the teacher trained with `kdcache train` (only when `teacher.train` is given)
+    teacher/              the teacher trained with `kdcache train` (only when `teacher.train` is given;
+                          `teacher.train.split` names the prepared split it trains on, default train)
     cache/                the teacher cache, made from prepared/train
     cache_<split>/        the teacher cache of the eval split (held-out agreement and KL)
     students/<name>/      one `kdcache train` run per entry of `students`, all from the same cache;
                           `init_from: <other>` starts a student from another's final model
     students/<name>/eval/ `kdcache eval` on prepared/<eval.split> (+ teacher/eval for the teacher)
     report/               `kdcache report` over all students
+
+Several teachers (`teachers: {name: section, ...}` instead of `teacher`): each has teachers/<name>/ (its
+trained model and eval) and caches/<name>/, caches/<name>_<split>/; a distilling student names its own with `teacher: <name>`,
+and students that distil nothing are evaluated against the first teacher listed. `seeds: [0, 1, 2]`
+trains every student once per seed, as students/<name>_s<seed>/, each `init_from` resolved to the same
+seed's copy of the base (so every method of one seed starts from the same warm start).
 
 Every stage is idempotent for the same resolved config (prepare and teacher skip finished work,
 train resumes from its newest checkpoint or is skipped when final, eval is skipped when its
@@ -45,10 +54,13 @@ class RunConfig:
 
     out: str = "runs/demo"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
+    corpus: dict[str, Any] = field(default_factory=dict)  # CorpusConfig keys: built under out/corpus first
     prepare: dict[str, Any] = field(default_factory=dict)  # split name -> PrepareConfig keys
     teacher: dict[str, Any] = field(default_factory=dict)  # model, train (optional TrainConfig keys), cache keys
+    teachers: dict[str, Any] = field(default_factory=dict)  # name -> a `teacher` section (several teachers)
     train_defaults: dict[str, Any] = field(default_factory=dict)  # TrainConfig keys shared by every student
-    students: dict[str, Any] = field(default_factory=dict)  # name -> TrainConfig keys
+    students: dict[str, Any] = field(default_factory=dict)  # name -> TrainConfig keys (+ init_from, teacher)
+    seeds: list[int] = field(default_factory=list)  # train every student once per seed (<name>_s<seed>)
     eval: dict[str, Any] = field(default_factory=dict)  # split + EvalConfig keys
     report: dict[str, Any] = field(default_factory=dict)
 
@@ -58,6 +70,12 @@ class RunConfig:
             raise KdError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
         if "train" not in self.prepare and ("teacher" in self.stages or "train" in self.stages):
             raise KdError("the prepare section needs a 'train' entry (the data the teacher caches)")
+        if self.teacher and self.teachers:
+            raise KdError("give either a teacher section or a teachers section (name -> teacher), not both")
+        if len(set(self.seeds)) != len(self.seeds) or any(not isinstance(x, int) for x in self.seeds):
+            raise KdError(f"seeds must be distinct integers, got {self.seeds}")
+        if self.seeds and any("seed" in (v or {}) for v in self.students.values()):
+            raise KdError("with seeds: [...] the seed of each copy is set by the run; remove 'seed' from the students")
 
 
 def load_run_config(path: str | None, sets: tuple[str, ...] = (), override: str | None = None) -> RunConfig:
@@ -84,37 +102,81 @@ def select_stages(cfg: RunConfig, only: str | None, start: str | None) -> list[s
     return chosen
 
 
+@dataclass
+class TeacherSlot:
+    """One teacher of a run: its section and where its model, caches and eval live."""
+
+    name: str
+    section: dict[str, Any]
+    root: Path  # its run directory (trained model, eval/): out/teacher or out/teachers/<name>
+    cache: Path  # the cache of prepared/train: out/cache or out/caches/<name>
+
+    def cache_of(self, split: str) -> Path:
+        """The cache of another prepared split, beside the train cache: cache_<split> or <name>_<split>."""
+        return self.cache.with_name(f"{self.cache.name}_{split}")
+
+    @property
+    def label(self) -> str:
+        return "teacher" if self.name == "teacher" and self.root.name == "teacher" else f"teacher {self.name}"
+
+    @property
+    def model(self) -> str:
+        if self.section.get("train"):
+            return str(self.root / "final")
+        model = self.section.get("model")
+        if not model:
+            raise KdError(f"{self.label}: the section needs 'model' (a path or hub id) or a 'train' section")
+        return str(model)
+
+
 class Pipeline:
     """Runs the stages of a `RunConfig`; `echo` receives one summary line per stage."""
 
     def __init__(self, cfg: RunConfig, echo: Callable[[str], None] = print, progress: bool = True):
         self.cfg, self.echo, self.progress = cfg, echo, progress
         self.out = Path(cfg.out)
+        if cfg.teachers:
+            self.teachers = [TeacherSlot(n, dict(sec or {}), self.out / "teachers" / n, self.out / "caches" / n)
+                             for n, sec in cfg.teachers.items()]
+        elif cfg.teacher:
+            self.teachers = [TeacherSlot("teacher", dict(cfg.teacher), self.out / "teacher", self.out / "cache")]
+        else:
+            self.teachers = []
+        self.students = expand_seeds(cfg.students, cfg.seeds)
 
     # ---- paths ----------------------------------------------------------------------------
     def prepared(self, split: str) -> Path:
         return self.out / "prepared" / split
 
     @property
-    def cache(self) -> Path:
-        return self.out / "cache"
+    def corpus_dir(self) -> Path:
+        return self.out / "corpus"
 
-    @property
-    def teacher_model(self) -> str:
-        if self.cfg.teacher.get("train"):
-            return str(self.out / "teacher" / "final")
-        model = self.cfg.teacher.get("model")
-        if not model:
-            raise KdError("the teacher section needs 'model' (a path or hub id) or a 'train' section")
-        return str(model)
+    def teacher_slot(self, name: str | None) -> TeacherSlot:
+        """The teacher called `name` (None: the only or the first one)."""
+        if not self.teachers:
+            raise KdError("the run has no teacher section")
+        if name is None:
+            return self.teachers[0]
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise KdError(f"no teacher named {name!r} (teachers: {', '.join(t.name for t in self.teachers)})")
+
+    def student_teacher(self, name: str) -> TeacherSlot | None:
+        """The teacher whose cache student `name` distils from (None: it distils nothing)."""
+        section = merge(self.cfg.train_defaults, self.students[name] or {})
+        wanted = section.get("teacher")
+        if section.get("loss", "fkl") == "none" or section.get("cache", True) is False:
+            return self.teacher_slot(wanted) if wanted else None
+        if wanted is None and len(self.teachers) > 1:
+            raise KdError(f"student {name} distils (loss {section.get('loss', 'fkl')}) but names no teacher; add "
+                          f"teacher: <name> (teachers: {', '.join(t.name for t in self.teachers)})")
+        return self.teacher_slot(wanted)
 
     @property
     def eval_split(self) -> str:
         return str(self.cfg.eval.get("split", "heldout"))
-
-    @property
-    def eval_cache(self) -> Path:
-        return self.out / f"cache_{self.eval_split}"
 
     def student_dir(self, name: str) -> Path:
         return self.out / "students" / name
@@ -124,10 +186,28 @@ class Pipeline:
         for s in stages:
             getattr(self, f"stage_{s}")()
 
+    def build_corpus(self) -> None:
+        """The `corpus` section: the real-text corpus and its tokenizer under out/corpus (skipped when up to date)."""
+        from pipeline.stdlib_corpus import CorpusConfig, build_corpus, summary_line
+
+        cc = from_dict(CorpusConfig, {**self.cfg.corpus, "out": str(self.corpus_dir)})
+        self.echo(summary_line(build_corpus(cc, echo=self.echo), cc.out))
+
+    def _expand(self, value: Any) -> Any:
+        """"{corpus}/x" in a prepare entry -> out/corpus/x."""
+        if isinstance(value, str) and "{corpus}" in value:
+            if not self.cfg.corpus:
+                raise KdError(f"{value!r} names the run's corpus, but the config has no corpus section")
+            return value.replace("{corpus}", str(self.corpus_dir))
+        return value
+
     def stage_prepare(self) -> None:
         from pipeline.prepare import PrepareConfig, prepare, summary_line
 
+        if self.cfg.corpus:
+            self.build_corpus()
         for split, section in self.cfg.prepare.items():
+            section = {k: self._expand(v) for k, v in (section or {}).items()}
             pc = from_dict(PrepareConfig, {**section, "out": str(self.prepared(split))})
             try:
                 meta = prepare(pc, progress=self.progress)
@@ -138,54 +218,68 @@ class Pipeline:
             self.echo(f"prepare[{split}]: " + summary_line(meta, pc.out).removeprefix("prepare: "))
 
     def stage_teacher(self) -> None:
+        if not self.teachers:
+            raise KdError("the teacher stage needs a teacher (or teachers) section")
+        for slot in self.teachers:
+            self._teacher(slot)
+
+    def _teacher(self, slot: TeacherSlot) -> None:
         from pipeline.teacher import TeacherConfig, run_teacher
 
-        section = dict(self.cfg.teacher)
+        section = dict(slot.section)
         train_section = section.pop("train", None)
         section.pop("model", None)
+        label = slot.label
         if train_section:
-            self._train_one("teacher", self.out / "teacher", train_section, with_cache=False)
+            train_section = dict(train_section)
+            split = train_section.pop("split", "train")
+            if split not in self.cfg.prepare:
+                raise KdError(f"{label}: train.split {split!r} is not a prepare entry ({', '.join(self.cfg.prepare)})")
+            self._train_one(label, slot.root, train_section, teacher=None, split=split)
         # The train split feeds the students; the eval split's cache lets `eval` measure held-out
         # teacher agreement and KL (a few seconds: it is small).
-        targets = [("train", self.cache)]
+        targets = [("train", slot.cache)]
         split = self.eval_split
         if "eval" in self.cfg.stages and split in self.cfg.prepare and split != "train":
-            targets.append((split, self.eval_cache))
+            targets.append((split, slot.cache_of(split)))
         for name, cache in targets:
-            tc = from_dict(TeacherConfig, {**section, "data": str(self.prepared(name)), "model": self.teacher_model,
+            tc = from_dict(TeacherConfig, {**section, "data": str(self.prepared(name)), "model": slot.model,
                                            "out": str(cache)})
             try:
                 s = run_teacher(tc)
             except StaleOutput as e:
-                raise KdError(f"teacher[{name}]: {cache} holds a cache made with other settings "
+                key = "teacher" if slot.name == "teacher" else f"teachers.{slot.name}"
+                raise KdError(f"{label}[{name}]: {cache} holds a cache made with other settings "
                               f"({', '.join(e.changes)}); it is kept (a teacher pass can take hours): re-run with "
-                              "--set teacher.overwrite=true to replace it") from None
+                              f"--set {key}.overwrite=true to replace it") from None
             if s["done"] == 0 and s["skipped"] == s["shards"]:
-                self.echo(f"teacher[{name}]: cache {cache} already complete; skipped")
+                self.echo(f"{label}[{name}]: cache {cache} already complete; skipped")
             else:
-                self.echo(f"teacher[{name}]: cached {s['rows']} rows in {s['done']} shard(s), "
+                self.echo(f"{label}[{name}]: cached {s['rows']} rows in {s['done']} shard(s), "
                           f"{s['seconds']:.1f}s -> {cache}")
 
     def stage_train(self) -> None:
-        if not self.cfg.students:
+        if not self.students:
             raise KdError("the students section is empty: nothing to train")
-        for name in student_order(self.cfg.students):
-            section = merge(self.cfg.train_defaults, self.cfg.students[name] or {})
+        for name in student_order(self.students):
+            section = merge(self.cfg.train_defaults, self.students[name] or {})
             base = section.pop("init_from", None)
+            section.pop("teacher", None)
             if base:  # start from another student's final model (e.g. a shared CE warm start)
                 section.pop("student_config", None)
                 section["student"] = str(self.student_dir(base) / "final")
-            self._train_one(name, self.student_dir(name), section, with_cache=True)
+            self._train_one(name, self.student_dir(name), section, teacher=self.student_teacher(name))
 
-    def _train_one(self, name: str, out: Path, section: dict[str, Any], with_cache: bool) -> None:
+    def _train_one(self, name: str, out: Path, section: dict[str, Any], teacher: TeacherSlot | None,
+                   split: str = "train") -> None:
         from pipeline.train import summary_line, train
         from pipeline.train_config import TrainConfig
         from pipeline.train_state import read_state
 
-        keys = {**section, "data": str(self.prepared("train")), "out": str(out)}
+        keys = {**section, "data": str(self.prepared(split)), "out": str(out)}
         # The run owns the cache path; `cache: false` in a section opts a student out of it.
-        if keys.pop("cache", True) is not False and with_cache and keys.get("loss", "fkl") != "none":
-            keys["cache"] = str(self.cache)
+        if keys.pop("cache", True) is not False and teacher is not None and keys.get("loss", "fkl") != "none":
+            keys["cache"] = str(teacher.cache)
         tc = from_dict(TrainConfig, keys)
         state = read_state(out, tc)
         if state.kind == "final" and not tc.overwrite:
@@ -206,17 +300,21 @@ class Pipeline:
         section = dict(self.cfg.eval)
         section.pop("split", None)
         data = self.prepared(self.eval_split)
-        if (self.eval_cache / "kdcache.json").exists():
-            section.setdefault("cache", str(self.eval_cache))
-        models = [(name, self.student_dir(name)) for name in self.cfg.students]
-        if self.cfg.teacher.get("train") or self.cfg.teacher.get("model"):
-            models.insert(0, ("teacher", self.out / "teacher"))
-        for name, run_dir in models:
-            model = self.teacher_model if name == "teacher" else str(run_dir / "final")
-            if name != "teacher" and not Path(model).is_dir():  # e.g. trained with stop_after: not finished
+        # (label, model, run dir, the teacher it is compared with)
+        models: list[tuple[str, str | None, Path, TeacherSlot | None]] = [
+            (t.label, t.model, t.root, t) for t in self.teachers]
+        for name in self.students:
+            teacher = self.student_teacher(name) or (self.teachers[0] if self.teachers else None)
+            models.append((name, None, self.student_dir(name), teacher))
+        for name, model, run_dir, teacher in models:
+            model = model or str(run_dir / "final")
+            if not name.startswith("teacher") and not Path(model).is_dir():  # e.g. trained with stop_after
                 self.echo(f"eval[{name}]: {model} is not written yet (training unfinished); skipped")
                 continue
-            ec = from_dict(EvalConfig, {**section, "model": model, "data": str(data), "out": str(run_dir / "eval")})
+            keys = {**section, "model": model, "data": str(data), "out": str(run_dir / "eval")}
+            if teacher is not None and (teacher.cache_of(self.eval_split) / "kdcache.json").exists():
+                keys.setdefault("cache", str(teacher.cache_of(self.eval_split)))
+            ec = from_dict(EvalConfig, keys)
             if eval_done(ec):
                 self.echo(f"eval[{name}]: {ec.out}/eval.json is up to date; skipped")
                 continue
@@ -230,12 +328,29 @@ class Pipeline:
     def stage_report(self) -> None:
         from pipeline.report import ReportConfig, report
 
-        runs = [str(self.student_dir(n)) for n in self.cfg.students]
-        teacher = str(self.out / "teacher") if (self.out / "teacher" / "eval").exists() else ""
-        rc = from_dict(ReportConfig, {**self.cfg.report, "runs": runs, "teacher": teacher,
-                                      "out": str(self.out / "report"), "cache": str(self.cache)})
+        runs = [str(self.student_dir(n)) for n in self.students]
+        teachers = [str(t.root) for t in self.teachers if (t.root / "eval").exists()]
+        rc = from_dict(ReportConfig, {**self.cfg.report, "runs": runs, "teachers": teachers,
+                                      "out": str(self.out / "report"),
+                                      "cache": str(self.teachers[0].cache) if self.teachers else ""})
         path = report(rc)
         self.echo(f"report: {path}")
+
+
+def expand_seeds(students: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+    """Every student once per seed: name -> name_s<seed> with `seed` set and `init_from` pointing at the same
+    seed's copy of its base. Without seeds the students are returned as they are."""
+    if not seeds:
+        return dict(students)
+    out: dict[str, Any] = {}
+    for name, section in students.items():
+        for seed in seeds:
+            sec = dict(section or {})
+            sec["seed"] = seed
+            if sec.get("init_from"):
+                sec["init_from"] = f"{sec['init_from']}_s{seed}"
+            out[f"{name}_s{seed}"] = sec
+    return out
 
 
 def student_order(students: dict[str, Any]) -> list[str]:

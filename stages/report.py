@@ -14,8 +14,9 @@ R = ReportConfig
 @click.argument("run_dirs", nargs=-1, type=click.Path())
 @setting(R, "--out", type=click.Path(file_okay=False), show="required",
          help="Report directory (report.md and PNGs; a previous report there is replaced).")
-@setting(R, "--teacher", show="none", help="The teacher's directory (with its eval/): a reference in the table and "
-                                           "chart, not ranked among the students.")
+@setting(R, "--teacher", field="teachers", show="none",
+         help="Teacher directories (with their eval/), comma-separated: references in the table and chart, not "
+              "ranked among the students.")
 @setting(R, "--cache", show="the runs' cache", help="Teacher cache for the entropy / top-K mass histograms.")
 @setting(R, "--bins", type=int, help="Histogram bins.")
 @config_options

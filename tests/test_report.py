@@ -261,3 +261,95 @@ def test_throughput_is_the_training_summarys(tmp_path, prepared_dir, vocab_size)
     row = all_runs_table(Path(r["path"]).read_text())[2]
     assert row.split("|")[-2].strip() == f"{summary['tokens_per_s']:,.0f}"
     assert "losses.png" in r["plots"] and "heldout.png" not in r["plots"]
+
+
+# ---- seeds and teachers: what each method pays, against the spread --------------------------------
+
+ARMS = {  # name: (cache teacher or None, gate, max_steps, held-out CE per seed, ROUGE-L per seed)
+    "warm_start": (None, "none", 2, [3.00, 3.05, 2.98], [0.20, 0.21, 0.19]),
+    "ce_only": (None, "none", 5, [2.50, 2.52, 2.48], [0.30, 0.31, 0.29]),
+    "kd_large": ("large", "none", 5, [2.40, 2.42, 2.38], [0.33, 0.34, 0.32]),
+    "spec_large": ("large", "topk", 5, [2.49, 2.53, 2.50], [0.30, 0.32, 0.29]),
+    "kd_small": ("small", "none", 5, [2.45, 2.47, 2.43], [0.31, 0.33, 0.31]),
+}
+
+
+def two_teacher_runs(root: Path) -> tuple[list[str], list[str]]:
+    """Fake runs of 5 methods x 3 seeds distilled from two teachers whose caches record their models."""
+    teachers = []
+    for name, ce in (("large", 2.1), ("small", 2.3)):
+        t = root / "teachers" / name
+        (t / "eval").mkdir(parents=True)
+        (t / "eval" / "eval.json").write_text(json.dumps({"ce": ce, "rouge_l": 0.5}))
+        cache = root / "caches" / name
+        cache.mkdir(parents=True)
+        (cache / "kdcache.json").write_text(json.dumps({"teacher": {"model": str(t / "final")}}))
+        teachers.append(str(t))
+    runs = []
+    for arm, (teacher, gate, steps, ces, rls) in ARMS.items():
+        for seed, (ce, rl) in enumerate(zip(ces, rls)):
+            distil = teacher is not None
+            cfg = {"cache": str(root / "caches" / teacher) if distil else "", "loss": "fkl" if distil else "none",
+                   "tail": "bucket", "gate": gate, "gate_k": 5, "seed": seed, "max_steps": steps,
+                   "student": str(root / "students" / f"warm_start_s{seed}" / "final") if arm != "warm_start" else "",
+                   "out": str(root / "students" / f"{arm}_s{seed}")}
+            d = write_run(root / "students", f"{arm}_s{seed}", cfg, fake_metrics(steps, distil, seed),
+                          {"ce": ce, "ppl": float(np.exp(ce)), "rouge_l": rl})
+            runs.append(str(d))
+    return runs, teachers
+
+
+def test_seed_sections_say_which_methods_pay_and_whether_the_stronger_teacher_helps(tmp_path):
+    runs, teachers = two_teacher_runs(tmp_path)
+    r = build_report(ReportConfig(runs=runs, teachers=teachers, out=str(tmp_path / "rep")))
+    md = Path(r["path"]).read_text()
+    assert {g.label: g.teacher for g in r["groups"]} == {"warm_start": None, "ce_only": None, "kd_large": "large",
+                                                        "spec_large": "large", "kd_small": "small"}
+    # the truth, computed here: pooled within-method sd per figure, each difference over its standard error
+    def pooled(i):
+        vals = [v[i] for v in ARMS.values()]
+        return float(np.sqrt(sum(((np.asarray(v) - np.mean(v)) ** 2).sum() for v in vals) / (len(vals) * 2)))
+
+    s_ce, s_rl = pooled(3), pooled(4)
+    se = np.sqrt(2 / 3)
+
+    def t(arm, base, i, s):
+        return (np.mean(ARMS[arm][i]) - np.mean(ARMS[base][i])) / (s * se)
+
+    seeds = md.split("## Methods over seeds")[1].split("## All runs")[0]
+    mean_sd = f"{np.mean(ARMS['kd_large'][3]):.4f} ± {np.std(ARMS['kd_large'][3], ddof=1):.4f}"
+    assert mean_sd in seeds.split("| kd_large |")[1].split("\n")[0]
+    # against CE only (the CE-only method with the most steps, not the warm start)
+    vs_ce = seeds.split("### Against CE only (ce_only)")[1].split("###")[0]
+    row = vs_ce.split("| kd_large |")[1].split("\n")[0]
+    assert f"**-0.1000↑ ({t('kd_large', 'ce_only', 3, s_ce):.1f})**" in row  # better CE by > 2 SE
+    row = vs_ce.split("| spec_large |")[1].split("\n")[0]
+    assert abs(t("spec_large", "ce_only", 3, s_ce)) < 2 and f"({t('spec_large', 'ce_only', 3, s_ce):.1f}) |" in row
+    assert "**" not in row.split("|")[1]  # within the spread: not bold
+    # against plain KD from the same teacher: only that teacher's methods
+    vs_kd = seeds.split("### Against plain KD from the same teacher (kd_large)")[1].split("###")[0]
+    assert "| spec_large |" in vs_kd and "| kd_small |" not in vs_kd and "| ce_only |" not in vs_kd
+    pay = seeds.split("### Does each method pay?")[1]
+    assert "**kd_large** against CE only (ce_only): held-out CE pays (-0.1000)" in pay
+    assert "**spec_large** against CE only (ce_only): held-out CE no measurable difference" in pay
+    assert "**spec_large** against plain KD (kd_large): held-out CE costs" in pay
+    # the same method from two teachers: weakest (small, CE 2.3) first, strongest minus weakest last
+    strong = md.split("## Stronger teacher, better student?")[1].split("## All runs")[0]
+    assert "small 2.300, large 2.100" in strong
+    row = strong.split("| KD fkl/bucket |")[1].split("\n")[0]
+    d = np.mean(ARMS["kd_large"][3]) - np.mean(ARMS["kd_small"][3])
+    assert f"{d:+.4f} ({t('kd_large', 'kd_small', 3, s_ce):.1f})" in row
+    assert f"{np.mean(ARMS['kd_large'][4]) - np.mean(ARMS['kd_small'][4]):+.3f}" in row
+    assert abs(s_rl) > 0
+    # with seeds the curves are one mean line per method; the teachers are reference rows of the table
+    assert "kd_large (mean of 3)" in " ".join(run["name"] for run in [g.mean_run() for g in r["groups"]])
+    assert "| large | teacher (reference) |" in md and "| small | teacher (reference) |" in md
+
+
+def test_mean_run_averages_the_seeds_step_by_step():
+    from pipeline.comparison import Group
+
+    runs = [{"name": f"a_s{i}", "eval": {}, "metrics": [{"step": 1, "ce_loss": 1.0 + i}, {"step": 2, "ce_loss": 3.0 * i}]
+             + ([{"step": 3, "ce_loss": 9.0}] if i else [])} for i in range(2)]
+    m = Group("a", "CE only", runs).mean_run()
+    assert m["metrics"] == [{"step": 1, "ce_loss": 1.5}, {"step": 2, "ce_loss": 1.5}]  # step 3: one seed only
