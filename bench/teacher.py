@@ -18,7 +18,8 @@ nothing. Without training, the head weights are scaled by `--head-scale` (defaul
 
 Output: a markdown table row (header with --header) and, with --json, the raw numbers.
 
-Measured (2-core EPYC VM shared with other jobs, so +-10%; `--repeats 3`):
+Current measurements (format 3) are in docs/benchmarks.md. The table and byte counts below were
+measured on format 2 (2-core EPYC VM shared with other jobs, so +-10%; `--repeats 3`):
 
 | device | model (h x layers, V) | K | rows | bare tok/s | teacher tok/s | ratio | bytes/row (budget) | teacher |
 |---|---|---|---|---|---|---|---|---|
@@ -183,7 +184,7 @@ def main() -> None:
     cfg = TeacherConfig(data=str(work / "prepared"), model=str(work / "model"), out=str(work / "cache"),
                         top_k=args.top_k, batch_tokens=args.batch_tokens, device=args.device, dtype=args.dtype,
                         overwrite=True)
-    model, dev = get_model(cfg.model, cfg.device, cfg.dtype)  # loaded once; run_teacher reuses it
+    model, dev, _ = get_model(cfg.model, cfg.device, cfg.dtype)  # loaded once; run_teacher reuses it
     batches = token_budget_batches([args.seq_len] * n_seq, args.batch_tokens)
     n_tokens = n_seq * args.seq_len
 
