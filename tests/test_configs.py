@@ -34,16 +34,23 @@ def test_config_loads_and_starts_with_its_command(path):
     if command == "run":
         cfg = load_run_config(str(path))
         assert isinstance(cfg, RunConfig) and cfg.students
+        teachers = cfg.teachers or {"teacher": cfg.teacher}
         for section in cfg.students.values():  # every student resolves to a valid TrainConfig
             keys = {**cfg.train_defaults, **(section or {})}
             if keys.pop("init_from", None):  # the run substitutes the base student's final model
                 keys.pop("student_config", None)
                 keys["student"] = "base-student/final"
+            named = keys.pop("teacher", None)
+            assert named is None or named in teachers, f"{path.name}: no teacher {named!r}"
             from_dict(TrainConfig, keys)
         for split in cfg.prepare.values():
-            from_dict(PrepareConfig, split)
-        teacher = {k: v for k, v in cfg.teacher.items() if k not in ("model", "train")}
-        from_dict(TeacherConfig, teacher)
+            from_dict(PrepareConfig, {k: v.replace("{corpus}", "corpus") if isinstance(v, str) else v
+                                      for k, v in split.items()})
+        for section in teachers.values():
+            from_dict(TeacherConfig, {k: v for k, v in section.items() if k not in ("model", "train")})
+            if section.get("train"):
+                assert section["train"].get("split", "train") in cfg.prepare
+                from_dict(TrainConfig, {k: v for k, v in section["train"].items() if k != "split"})
         eval_keys = {k: v for k, v in cfg.eval.items() if k != "split"}
         from_dict(EvalConfig, eval_keys)
     else:
@@ -56,3 +63,17 @@ def test_model_configs_build(name):
 
     cfg = AutoConfig.from_pretrained(str(ROOT / "configs" / "models" / name))
     assert cfg.vocab_size == json.loads((ROOT / "data" / "demo" / "teacher" / "config.json").read_text())["vocab_size"]
+
+
+def test_bench_quality_models_have_the_stated_sizes():
+    """configs/bench-quality.yaml says 0.62M / 2.90M / 6.84M parameters (4.7x and 11.1x): keep it true."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {}
+    for name in ("bq_student", "bq_teacher_small", "bq_teacher_large"):
+        cfg = AutoConfig.from_pretrained(str(ROOT / "configs" / "models" / f"{name}.json"))
+        assert cfg.vocab_size == 8192
+        sizes[name] = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    assert round(sizes["bq_student"] / 1e6, 2) == 0.62
+    assert round(sizes["bq_teacher_small"] / 1e6, 2) == 2.90 and round(sizes["bq_teacher_large"] / 1e6, 2) == 6.84
+    assert sizes["bq_teacher_large"] >= 10 * sizes["bq_student"]
