@@ -9,7 +9,9 @@ and caches a small random Llama teacher over it (default preset, K = 8), then ti
 *same* student on the *same* micro-batches two ways, interleaved step by step so machine noise hits both:
   A: cross-entropy only (no cache),
   B: KD fkl on K+1 buckets with the SpecKD topk gate (rejected rows down-weighted x0.5, so EVERY row
-     reaches the divergence), and IDTS (alpha = 0).
+     reaches the divergence), and IDTS (alpha = 0),
+and, with --compare-autograd, B and A again with the gradient of each chunk taken by local autograd (the path
+before the closed-form gradients of `divergences.bucket_kd_grad`), in the same interleaved loop.
 Both go through the trainer's chunked objective (pipeline/chunked_loss.py). Reports median step times and
 their ratio B/A (goal <= 1.10), the kept fraction of B's steps (a step where the gate kept nothing measures
 no divergence and is refused), and the reader's rows/s (CacheStream alone) against what the student consumes.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -26,6 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+# The synthetic data's tokenizer is named "synthetic": without this the trainer's tokenizer lookup retries the
+# Hugging Face hub for minutes on a machine with no network before giving up.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def synthetic_prepared(out: Path, vocab: int, n_examples: int, seq: int, seed: int = 0) -> None:
@@ -65,12 +72,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--compare-autograd", action="store_true",
+                    help="also time both steps with local autograd in the loss (the pre-closed-form path)")
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from pipeline.cache import open_cache
+    from pipeline.chunked_loss import _ChunkedLoss
     from pipeline.prepare import load_prepared
     from pipeline.stream import CacheStream
     from pipeline.teacher import TeacherConfig, run_teacher
@@ -102,9 +112,13 @@ def main() -> None:
     it = iter(kd.stream)
     batches = [next(it).to(kd.device) for _ in range(args.steps + 2)]
     sync = torch.cuda.synchronize if kd.device.type == "cuda" else (lambda: None)
-    t_ce, t_kd, kept = [], [], []
+    t_ce, t_kd, t_ce_auto, t_kd_auto, kept = [], [], [], [], []
+    pairs = [(ce, t_ce, True), (kd, t_kd, True)]
+    if args.compare_autograd:
+        pairs += [(ce, t_ce_auto, False), (kd, t_kd_auto, False)]
     for i, mb in enumerate(batches):
-        for trainer, times in ((ce, t_ce), (kd, t_kd)) if i % 2 == 0 else ((kd, t_kd), (ce, t_ce)):
+        for trainer, times, closed in (pairs if i % 2 == 0 else pairs[::-1]):
+            _ChunkedLoss.closed_form = closed
             sync()
             t0 = time.perf_counter()
             row = trainer.train_step([mb])
@@ -113,6 +127,7 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             if trainer is kd:
                 kept.append(row["kept_fraction"])
+    _ChunkedLoss.closed_form = True
     if min(kept) <= 0.0:
         raise SystemExit("a KD step kept no row: its time would measure no divergence")
     a, b = statistics.median(t_ce), statistics.median(t_kd)
@@ -131,6 +146,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.device} | {args.vocab:,} | {args.layers}x{args.hidden} | {args.batch_size}x{args.seq} | {a:.4f} | "
           f"{b:.4f} | {b / a:.3f} | {statistics.mean(kept):.2f} | {reader_rows_s:,.0f} | {student_rows_s:,.0f} |")
+    if args.compare_autograd:
+        a2, b2 = statistics.median(t_ce_auto), statistics.median(t_kd_auto)
+        print(f"\nlocal autograd in the loss (before): CE step {a2:.4f} s, KD step {b2:.4f} s, ratio {b2 / a2:.3f}; "
+              f"closed form / autograd: CE {a / a2:.3f}, KD {b / b2:.3f}")
 
 
 if __name__ == "__main__":

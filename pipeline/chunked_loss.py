@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from pipeline.adakd import LATF, idts_temperatures
-from pipeline.divergences import hellinger, kd_divergence, teacher_log_buckets
+from pipeline.divergences import bucket_kd_grad, hellinger, kd_divergence, teacher_log_buckets
 from pipeline.gate import propose, verify
 from pipeline.kd_loss import KdSettings, ranking_log_buckets
 from pipeline.selection import select_top_entropy, student_entropy
@@ -156,6 +156,9 @@ class _ChunkedLoss(torch.autograd.Function):
     """loss = ce_scale·Σ CE + kd_scale·Σ w T² D from hidden [N, H] and the head's weight [Vs, H] / bias [Vs].
     Returns (loss, Σ CE of pass 2 or NaN when not computed, Σ w T² D), the last two non-differentiable."""
 
+    # False sends every chunk through local autograd, the pre-closed-form path: bench/student.py times both.
+    closed_form = True
+
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, spec: _LossSpec):  # noqa: D401
         n = hidden.shape[0]
@@ -167,32 +170,19 @@ class _ChunkedLoss(torch.autograd.Function):
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         use_kd = s is not None and spec.kd_scale != 0.0
         tail_ids = cache.get("tail_ids") if (cache is not None and s is not None and s.tail == "sampled") else None
+        # Closed-form gradients (`divergences.bucket_kd_grad`, softmax - onehot for CE) for the K + 1 bucket
+        # tail; the renorm/ignore/sampled tails take local autograd through the divergence.
+        closed = _ChunkedLoss.closed_form and (s is None or (s.tail == "bucket" and tail_ids is None))
         for a in range(0, n, spec.chunk_rows):
             b = min(a + spec.chunk_rows, n)
             rows = plan.keep[a:b].nonzero().squeeze(1) if use_kd else None
             if spec.ce_scale == 0.0 and (rows is None or rows.numel() == 0):
                 continue  # nothing in this chunk has a gradient
             h = hidden[a:b].detach()
-            with torch.enable_grad():
-                u = head.product(h, fp32=False).detach().requires_grad_()  # [C, Vs] float32, bias included
-                z = head.transform(u)
-                loss = z.new_zeros(())
-                if spec.ce_scale != 0.0:
-                    ce = (torch.logsumexp(z, dim=-1) - z.gather(1, spec.target_ids[a:b, None]).squeeze(1)).sum()
-                    loss = loss + spec.ce_scale * ce
-                    ce_total += ce.detach()
-                if rows is not None and rows.numel():
-                    g = rows + a
-                    t = plan.temps[g]
-                    d = kd_divergence(s.loss, z[rows], cache["topk_ids"][g], cache["topk_logprobs"][g].float(),
-                                      plan.tail_beta[g], 1.0 / t, t, spec.vocab_size,
-                                      tail="bucket" if s.tail == "sampled" else s.tail,
-                                      tail_ids=tail_ids[g] if tail_ids is not None else None,
-                                      tail_counts=cache["tail_counts"][g] if tail_ids is not None else None)
-                    kd = (plan.weight[g] * t * t * d).sum()
-                    loss = loss + spec.kd_scale * kd
-                    kd_total += kd.detach()
-                (du,) = torch.autograd.grad(loss, u)
+            if closed:
+                du = _closed_form_grad(head, h, spec, a, b, rows, ce_total, kd_total)
+            else:
+                du = _autograd_grad(head, h, spec, a, b, rows, tail_ids, ce_total, kd_total)
             grad_h[a:b] = (du.to(weight.dtype) @ weight).to(hidden.dtype)
             grad_w += (du.T.to(h.dtype) @ h).float()
             if grad_b is not None:
@@ -213,6 +203,70 @@ class _ChunkedLoss(torch.autograd.Function):
         gw = (grad_w * g_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         gb = (grad_b * g_loss) if (ctx.has_bias and ctx.needs_input_grad[2]) else None
         return gh, gw, gb, None
+
+
+def _closed_form_grad(head: HeadSpec, h: Tensor, spec: _LossSpec, a: int, b: int, rows: Tensor | None,
+                      ce_total: Tensor, kd_total: Tensor) -> Tensor:
+    """∂loss/∂u [C, Vs] of one chunk (u = the head's product) without autograd over [C, Vs]: CE's softmax - onehot
+    and the bucket divergence's closed form; adds the chunk's Σ CE and Σ w T² D to the totals."""
+    plan, cache, s = spec.plan, spec.cache, spec.s
+    u = head.product(h, fp32=False)  # [C, Vs] float32
+    z = head.transform(u)
+    grad = None
+    if spec.ce_scale != 0.0:
+        lse = torch.logsumexp(z, dim=-1)
+        tgt = spec.target_ids[a:b]
+        ce_total += (lse - z.gather(1, tgt[:, None]).squeeze(1)).sum()
+        grad = z.sub(lse[:, None]).exp_().mul_(spec.ce_scale)
+        grad.scatter_add_(1, tgt[:, None], torch.full((b - a, 1), -spec.ce_scale, dtype=grad.dtype, device=grad.device))
+    if rows is not None and rows.numel():
+        g = rows + a
+        t = plan.temps[g]
+        beta = 1.0 / t
+        log_p = teacher_log_buckets(cache["topk_logprobs"][g].float(), plan.tail_beta[g], beta)
+        scale = spec.kd_scale * plan.weight[g] * t * t
+        whole = rows.numel() == b - a
+        d, gk = bucket_kd_grad(s.loss, z if whole else z[rows], cache["topk_ids"][g], log_p, beta, scale,
+                               spec.vocab_size)
+        kd_total += (plan.weight[g] * t * t * d).sum()
+        v = spec.vocab_size
+        if grad is None and whole and v == z.shape[1]:
+            grad = gk
+        else:
+            if grad is None:
+                grad = torch.zeros_like(z)
+            if whole:
+                grad[:, :v] += gk
+            else:
+                grad[rows, :v] += gk
+    return head.transform_backward(u, grad)
+
+
+def _autograd_grad(head: HeadSpec, h: Tensor, spec: _LossSpec, a: int, b: int, rows: Tensor | None,
+                   tail_ids: Tensor | None, ce_total: Tensor, kd_total: Tensor) -> Tensor:
+    """∂loss/∂u of one chunk by local autograd through the divergence (the renorm/ignore/sampled tails)."""
+    plan, cache, s = spec.plan, spec.cache, spec.s
+    with torch.enable_grad():
+        u = head.product(h, fp32=False).detach().requires_grad_()  # [C, Vs] float32, bias included
+        z = head.transform(u)
+        loss = z.new_zeros(())
+        if spec.ce_scale != 0.0:
+            ce = (torch.logsumexp(z, dim=-1) - z.gather(1, spec.target_ids[a:b, None]).squeeze(1)).sum()
+            loss = loss + spec.ce_scale * ce
+            ce_total += ce.detach()
+        if rows is not None and rows.numel():
+            g = rows + a
+            t = plan.temps[g]
+            d = kd_divergence(s.loss, z[rows], cache["topk_ids"][g], cache["topk_logprobs"][g].float(),
+                              plan.tail_beta[g], 1.0 / t, t, spec.vocab_size,
+                              tail="bucket" if s.tail == "sampled" else s.tail,
+                              tail_ids=tail_ids[g] if tail_ids is not None else None,
+                              tail_counts=cache["tail_counts"][g] if tail_ids is not None else None)
+            kd = (plan.weight[g] * t * t * d).sum()
+            loss = loss + spec.kd_scale * kd
+            kd_total += kd.detach()
+        (du,) = torch.autograd.grad(loss, u)
+    return du
 
 
 def chunked_loss(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict[str, Tensor] | None,

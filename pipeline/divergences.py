@@ -302,6 +302,59 @@ def kd_divergence(
     return divergence(name, log_p, log_q, **constants)
 
 
+@torch.no_grad()
+def bucket_kd_grad(name: str, z: Tensor, topk_ids: Tensor, log_p: Tensor, beta: Tensor, scale: Tensor,
+                   vocab_size: int, **constants: float) -> tuple[Tensor, Tensor]:
+    """D on the K + 1 buckets per row and the gradient of Σ_r scale_r·D_r w.r.t. the logits, in closed form.
+
+    z [N,Vs] float32 student logits (detached), topk_ids [N,K], log_p [N,K+1] the teacher's tempered buckets
+    (`teacher_log_buckets`), beta [N] = 1/T, scale [N] -> (D [N], grad [N,V] float32 for columns < V; columns
+    >= V, a padded student head, get none). Equal to autograd through `kd_divergence(tail="bucket")`.
+
+    Why: D depends on z only through the student's bucket log-masses log Q_b (s = beta·z), so with
+    g = ∂(Σ scale·D)/∂log Q [N,K+1] (autograd on that small tensor) and G = Σ_b g_b,
+        ∂/∂s_j = g_b(j)·q_j/Q_b(j) − q_j·G:  head id k: g_k − q_k·G;  tail id j: q_j·(g_tail/Q_tail − G).
+    Autograd through the [N,V] masked logsumexp makes ~15 passes over [N,V] (divide, scatter, masked_fill,
+    logsumexp and their backwards, the index/gather backwards' zero-filled copies); this makes 6. The tail is
+    summed relative to its own maximum (the K ids masked to -inf first), as `student_log_buckets` does, so a
+    confident student's tiny tail mass neither underflows nor cancels.
+    """
+    n, k = topk_ids.shape
+    b = beta.to(torch.float32)[:, None]
+    e = z[:, :vocab_size] * b  # [N,V] s = z/T, the one full-size buffer; becomes the gradient in place
+    head = e.gather(1, topk_ids)  # [N,K] s at the cached ids
+    e.scatter_(1, topk_ids, NEG_INF)
+    mt = e.amax(dim=-1)  # the tail's maximum; -inf when K = V
+    has_rest = mt > NEG_INF
+    mt0 = torch.where(has_rest, mt, torch.zeros_like(mt))
+    e.sub_(mt0[:, None]).exp_()  # tail: exp(s_j - mt) in (0, 1]; head and an empty tail: 0
+    tail_sum = e.sum(dim=-1)  # >= 1 where has_rest
+    # The bucket-level math is on [N, K+1] only, so it runs in float64: the head's g_k - q_k·G and the tail's
+    # g_tail/Q_tail - G are differences of nearly equal terms where the student is close to the teacher
+    # (rkl's "+1" in Q(log Q/P + 1)); float64 keeps them to the precision of the float32 logits.
+    f64 = torch.float64
+    mt64, has = mt0.to(f64), has_rest
+    tail64 = tail_sum.to(f64)
+    head64 = head.to(f64)
+    log_tail = torch.where(has, tail64.log() + mt64, torch.full_like(mt64, NEG_INF))
+    log_total = _logaddexp(torch.logsumexp(head64, dim=-1), log_tail)
+    log_q = torch.cat([head64 - log_total[:, None], (log_tail - log_total)[:, None]], dim=1)
+    with torch.enable_grad():
+        lq = log_q.requires_grad_()
+        d = divergence(name, log_p.to(f64), lq, **constants)
+        s64 = scale.to(f64)
+        weighted = torch.where(s64 > 0, s64 * d.masked_fill(s64 <= 0, 0.0), torch.zeros_like(d))
+        (g,) = torch.autograd.grad(weighted.sum(), lq)
+    g_sum = g.sum(-1)
+    b64 = beta.to(f64)
+    # tail ids: beta·(e_j/tail_sum·g_tail − e_j·exp(mt − log_total)·G); head ids: beta·(g_k − q_k·G)
+    coeff = torch.where(has, g[:, k] / tail64 - g_sum * (mt64 - log_total).exp(), torch.zeros_like(g_sum))
+    e.mul_((coeff * b64).to(torch.float32)[:, None])
+    e.scatter_(1, topk_ids, (b64[:, None] * (g[:, :k] - g_sum[:, None] * (head64 - log_total[:, None]).exp()))
+               .to(torch.float32))
+    return d.detach(), e
+
+
 def weighted_kd_loss(per_position: Tensor, weight: Tensor, temperature: Tensor | None = None) -> Tensor:
     """kd_loss = Σ_t w_t·T_t²·D_t / Σ_t w_t (methods.md §5), a scalar; 0 when no weight is positive.
 

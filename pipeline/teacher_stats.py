@@ -70,6 +70,16 @@ class HeadSpec:
             z = torch.tanh(z / self.softcap) * self.softcap
         return z
 
+    def transform_backward(self, u: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
+        """The gradient w.r.t. the product u [C, V] given the gradient w.r.t. transform(u) [C, V]: the chain rule
+        of `transform` (scaling, then soft-capping), in place on grad_z."""
+        if self.softcap is not None:
+            t = torch.tanh((u * self.scale if self.scale is not None else u) / self.softcap)
+            grad_z.mul_(1.0 - t.square_())
+        if self.scale is not None:
+            grad_z.mul_(self.scale)
+        return grad_z
+
 
 _UPCAST_ROWS = 16384  # head rows upcast at a time off CUDA: 16384 x H x 4 bytes (256 MiB at H = 4096)
 

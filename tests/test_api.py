@@ -212,7 +212,10 @@ def test_kdloss_gives_the_numbers_of_kdcache_train(tmp_path, prepared_dir, cache
         kept.append(row["kept_fraction"])
     assert max(kept) > 0  # the divergence itself was compared
     if settings.get("latf"):
-        assert len(set(ratios)) > 1 and kd.latf.state_dict() == trainer.latf.state_dict()
+        a, b = kd.latf.state_dict(), trainer.latf.state_dict()
+        assert len(set(ratios)) > 1 and a.keys() == b.keys()
+        for k in a:  # the trainer's KD sums are float64 per chunk (divergences.bucket_kd_grad): equal to ~1e-8
+            assert a[k] == (b[k] if not isinstance(b[k], float) else pytest.approx(b[k], rel=1e-6)), k
 
 
 def test_full_logits_and_target_logits_agree(cache_dir, dataset, llama_dir):
