@@ -26,52 +26,31 @@ calls since the last one, summed as the trainer sums them).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline.adakd import LATF
 from pipeline.errors import KdError
-from pipeline.kd_loss import KD_FIELDS, KdSettings, gate_generator, kd_terms
+from pipeline.kd_loss import KD_FIELDS, gate_generator, kd_terms
+from pipeline.kd_options import KdOptions
 
 
 @dataclass
-class KDLossConfig:
-    """Settings of `KDLoss`: the KD options of `kdcache train` (same names, defaults and rules), plus
-    `total_steps` (LATF's warm-up is a fraction of it), the gate's `seed`/`rank` and `auto_step`."""
+class KDLossConfig(KdOptions):
+    """Settings of `KDLoss`: the KD options of `kdcache train` (`KdOptions`: the same names, defaults and rules),
+    plus `total_steps` (LATF's warm-up is a fraction of it), the gate's `seed`/`rank` and `auto_step`."""
 
-    loss: str = "fkl"  # fkl | rkl | jsd | tvd | skl | srkl | akl
-    tail: str = "bucket"  # bucket | renorm | ignore | sampled (needs tail_ids/tail_counts in the batch)
-    gate: str = "none"  # SpecKD rule: none | topk | spec | threshold
-    proposal: str = "greedy"  # greedy | sample
-    gate_k: int = 5
-    gate_threshold: float = 0.1
-    reject_weight: float = 0.0
-    latf: bool = False
-    latf_warmup: float = 0.05
-    latf_ema_decay: float = 0.99
-    latf_epsilon: float = 0.05
-    latf_sigma: float = 0.05
-    latf_min_ratio: float = 0.1
-    idts: bool = False
-    idts_c: float = 0.5
-    temperature: float = 1.0  # T_base
-    select: str = "none"  # SE-KD position selection: none | student_entropy
-    select_ratio: float = 0.2
-    ce_weight: float = 0.0  # alpha
     total_steps: int = 0  # optimizer steps of the run (required with latf)
     seed: int = 0  # the gate's random stream (sampled proposals, the spec rule's uniforms)
     rank: int = 0  # DDP rank: each rank gets its own gate stream, as in `kdcache train`
     auto_step: bool = True  # every training-mode call is one optimizer step (see the module docstring)
 
     def __post_init__(self) -> None:
-        from pipeline.train_config import TrainConfig
-
         if self.loss == "none":
             raise KdError("KDLoss needs a divergence (loss none is plain cross-entropy: use the model's own loss)")
-        # The same validation as `kdcache train`, so both accept exactly the same settings.
-        TrainConfig(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in _SHARED})
+        self.check_kd()
         if self.latf and self.total_steps < 1:
             raise KdError("latf needs total_steps (the run's optimizer steps): its warm-up is a fraction of them")
         if self.total_steps < 0:
@@ -80,15 +59,7 @@ class KDLossConfig:
     @classmethod
     def from_train_config(cls, cfg: Any, total_steps: int, **over: Any) -> "KDLossConfig":
         """The KDLoss settings of a `TrainConfig` (the gate seeded by its seed)."""
-        return cls(**{k: getattr(cfg, k) for k in _SHARED}, total_steps=total_steps, seed=cfg.seed, **over)
-
-    def kd_settings(self) -> KdSettings:
-        return KdSettings(**{f.name: getattr(self, f.name) for f in fields(KdSettings)})
-
-
-_SHARED = ("loss", "tail", "gate", "proposal", "gate_k", "gate_threshold", "reject_weight", "latf", "latf_warmup",
-           "latf_ema_decay", "latf_epsilon", "latf_sigma", "latf_min_ratio", "idts", "idts_c", "temperature",
-           "select", "select_ratio", "ce_weight")
+        return cls(**cfg.kd_options(), total_steps=total_steps, seed=cfg.seed, **over)
 
 
 @dataclass
@@ -168,20 +139,8 @@ class KDLoss(torch.nn.Module):
         kd = terms.numerator / terms.denominator if terms.denominator > 0 else terms.numerator * 0.0
         ce = ce_sum / max(n, 1)
         loss = kd if alpha == 0.0 else alpha * ce + (1.0 - alpha) * kd
-        kd_loss, ce_loss = float(kd.detach()), float(ce.detach())
-        temps = terms.temps.detach().float()
-        metrics = {"loss": alpha * ce_loss + (1.0 - alpha) * kd_loss, "kd_loss": kd_loss, "ce_loss": ce_loss,
-                   "tar": terms.accepted / n if n else 0.0, "focus_ratio": self.latf.ratio if self.latf else 1.0,
-                   "temp_mean": float(temps.mean()) if temps.numel() else None,
-                   "temp_min": float(temps.min()) if temps.numel() else None,
-                   "temp_max": float(temps.max()) if temps.numel() else None,
-                   "kept_fraction": terms.kept / n if n else 0.0}
-        if self.training:
-            self._pending[0] += float(terms.numerator.detach())
-            self._pending[1] += terms.denominator
-            if cfg.auto_step:
-                self.end_step()
-        return KDOutput(loss, metrics)
+        return self._finish(loss, float(kd.detach()), float(ce.detach()), n, terms.accepted, terms.kept,
+                            terms.temps, float(terms.numerator.detach()), terms.denominator)
 
     def from_hidden(self, hidden: torch.Tensor, model: Any, batch: Any, chunk_rows: int = 0) -> KDOutput:
         """The same loss from the student's final hidden states and its output head, in row chunks: no
@@ -207,17 +166,25 @@ class KDLoss(torch.nn.Module):
                                        alpha / max(n, 1), kd_scale, chunk)
         kd_loss = float(kd_num) / den if den > 0 else 0.0
         ce_loss = float(plan.ce_rows.sum()) / max(n, 1)
-        temps = plan.temps[plan.keep].detach().float()
+        return self._finish(loss, kd_loss, ce_loss, n, plan.accepted, plan.kept, plan.temps[plan.keep],
+                            float(kd_num), den)
+
+    def _finish(self, loss: torch.Tensor, kd_loss: float, ce_loss: float, n: int, accepted: int, kept: int,
+                temps: torch.Tensor, numerator: float, denominator: float) -> KDOutput:
+        """The metrics of one call (the keys `kdcache train` logs) and, in training mode, the call's KD sums
+        towards LATF's step (temps [kept]: the temperatures of the kept positions)."""
+        alpha = self.config.ce_weight
+        temps = temps.detach().float()
         metrics = {"loss": alpha * ce_loss + (1.0 - alpha) * kd_loss, "kd_loss": kd_loss, "ce_loss": ce_loss,
-                   "tar": plan.accepted / n if n else 0.0, "focus_ratio": self.latf.ratio if self.latf else 1.0,
+                   "tar": accepted / n if n else 0.0, "focus_ratio": self.latf.ratio if self.latf else 1.0,
                    "temp_mean": float(temps.mean()) if temps.numel() else None,
                    "temp_min": float(temps.min()) if temps.numel() else None,
                    "temp_max": float(temps.max()) if temps.numel() else None,
-                   "kept_fraction": plan.kept / n if n else 0.0}
+                   "kept_fraction": kept / n if n else 0.0}
         if self.training:
-            self._pending[0] += float(kd_num)
-            self._pending[1] += den
-            if cfg.auto_step:
+            self._pending[0] += numerator
+            self._pending[1] += denominator
+            if self.config.auto_step:
                 self.end_step()
         return KDOutput(loss, metrics)
 

@@ -2,49 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from pipeline.errors import KdError
-from pipeline.kd_loss import KdSettings
-from pipeline.selection import SELECTIONS
+from pipeline.kd_options import KdOptions
 
-LOSSES = ("none", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
-TAILS = ("bucket", "renorm", "ignore", "sampled")
-GATES = ("none", "topk", "spec", "threshold")
 SCHEDULES = ("constant", "linear", "cosine")
 REPORTERS = ("none", "jsonl", "tensorboard", "wandb")  # pipeline.metrics
 BEST_METRICS = ("ce", "fkl_to_teacher", "teacher_top1_agreement")  # pipeline.train_eval
 
 
 @dataclass
-class TrainConfig:
-    """Settings of `kdcache train`. Without `cache` this is plain causal-LM training on the targets."""
+class TrainConfig(KdOptions):
+    """Settings of `kdcache train`: the distillation options (`KdOptions`: loss, gate, LATF, IDTS, SE-KD, ...)
+    and the ones below. Without `cache` this is plain causal-LM training on the targets."""
 
     data: str = ""  # prepared data; may be omitted when the cache records where it lives
     cache: str = ""
     student: str = ""  # model directory or hub id to start from
     student_config: str = ""  # transformers config.json: a student built from scratch
     out: str = ""
-    # --- distillation (methods.md §2-5) ---
-    loss: str = "fkl"
-    tail: str = "bucket"  # bucket | renorm | ignore | sampled (tail bucket split over cached draws)
-    gate: str = "none"  # SpecKD verification rule: none | topk | spec | threshold
-    proposal: str = "greedy"  # greedy | sample
-    gate_k: int = 5  # topk rule: accept when the proposal is among the teacher's top gate_k
-    gate_threshold: float = 0.1  # threshold rule: accept when p(proposal) >= this
-    reject_weight: float = 0.0  # weight of rejected positions (0 = masked)
-    latf: bool = False
-    latf_warmup: float = 0.05  # fraction of the run before the reference EMA is taken
-    latf_ema_decay: float = 0.99
-    latf_epsilon: float = 0.05
-    latf_sigma: float = 0.05
-    latf_min_ratio: float = 0.1
-    idts: bool = False
-    idts_c: float = 0.5
-    temperature: float = 1.0  # T_base
-    select: str = "none"  # SE-KD: none | student_entropy (distil only each sequence's most uncertain positions)
-    select_ratio: float = 0.2  # SE-KD: fraction of each sequence's positions kept (the authors' 20%)
-    ce_weight: float = 0.0  # alpha: loss = alpha * ce + (1 - alpha) * kd_loss
     # --- optimisation ---
     lr: float = 3e-4
     warmup: int = 0  # warm-up steps (linear from 0)
@@ -80,21 +57,12 @@ class TrainConfig:
     push_to_hub: str = ""  # OWNER/NAME: upload final/ to the Hugging Face Hub when training ends
 
     def __post_init__(self) -> None:
-        for name, allowed in (("loss", LOSSES), ("tail", TAILS), ("gate", GATES), ("schedule", SCHEDULES),
-                              ("proposal", ("greedy", "sample")), ("select", SELECTIONS)):
-            if getattr(self, name) not in allowed:
-                raise KdError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self.check_kd()
+        if self.schedule not in SCHEDULES:
+            raise KdError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.student and self.student_config:
             raise KdError("give either --student or --student-config, not both")
-        if not 0.0 <= self.ce_weight <= 1.0:
-            raise KdError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
-        if not 0.0 <= self.reject_weight <= 1.0:
-            raise KdError(f"reject_weight must be in [0, 1], got {self.reject_weight}")
-        if not 0.0 < self.select_ratio <= 1.0:
-            raise KdError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
-        if self.temperature <= 0:
-            raise KdError(f"temperature must be positive, got {self.temperature}")
-        for name in ("batch_size", "grad_accum", "gate_k"):
+        for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise KdError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_tokens < 0:
@@ -124,15 +92,8 @@ class TrainConfig:
             from pipeline.hub import check_repo_id
 
             check_repo_id(self.push_to_hub)
-        if self.tail == "sampled" and self.loss != "fkl":
-            raise KdError("tail 'sampled' is defined for loss fkl only (its gradient is the unbiased one)")
-        if self.tail == "sampled" and (self.idts or self.temperature != 1.0):
-            raise KdError("tail 'sampled' is exact only at T = 1 (its draws come from p, not p^T): it cannot be "
-                          "combined with --idts or --temperature != 1; use --tail bucket")
 
     @property
     def distills(self) -> bool:
         return bool(self.cache) and self.loss != "none"
 
-    def kd_settings(self) -> KdSettings:
-        return KdSettings(**{f.name: getattr(self, f.name) for f in fields(KdSettings)})

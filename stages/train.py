@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from pipeline.selection import SELECTIONS
-from pipeline.train_config import BEST_METRICS, GATES, LOSSES, SCHEDULES, TAILS, TrainConfig
+from pipeline.kd_options import GATES, LOSSES, TAILS
+from pipeline.train_config import BEST_METRICS, SCHEDULES, TrainConfig
 from stages.common import config_options, given, setting, user_errors
 
 T = TrainConfig
