@@ -123,13 +123,17 @@ class Totals:
 def score_generations(references: list[str], generations: list[str]) -> dict[str, Any]:
     """Exact match (stripped equality) and ROUGE-L F-measure, per pair and averaged.
 
+    ROUGE-L is over rouge_score's default word tokens (lower-cased runs of letters and digits: on code, the
+    identifiers, keywords and numbers; punctuation is not scored), no stemming.
     Returns {"exact_match": mean, "rouge_l": mean, "per_example": [(em, rouge_l), ...]}.
     """
     from rouge_score.rouge_scorer import RougeScorer
+    from rouge_score.tokenizers import DefaultTokenizer
 
     if len(references) != len(generations):
         raise ValueError(f"{len(references)} references but {len(generations)} generations")
-    scorer = RougeScorer(["rougeL"])
+    # The tokenizer given explicitly: left to default, rouge_score logs "Using default tokenizer." per call.
+    scorer = RougeScorer(["rougeL"], tokenizer=DefaultTokenizer(use_stemmer=False))
     per = [(float(r.strip() == g.strip()), float(scorer.score(r, g)["rougeL"].fmeasure))
            for r, g in zip(references, generations)]
     n = max(len(per), 1)
