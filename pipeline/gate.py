@@ -8,7 +8,8 @@ Rules the paper leaves open, fixed here (methods.md §3):
 - p(ŷ) outside the cached top-K is the tail spread evenly, r/(V-K) (0 when V = K), with r the cached
   tail mass. A proposal id >= V (a padded student id) is one the teacher cannot emit: p = 0.
 - `spec` draws u ~ U(0,1) per position and accepts iff u < min(1, p(ŷ)/q(ŷ)). With proposal="sample"
-  the generator is used first for the N proposals (torch.multinomial), then for the N uniforms.
+  the generator is used first for the N proposals (one float64 uniform each, inverse CDF), then for the N
+  uniforms.
 - `topk` uses the first gate_k cached ids (default all K); `threshold` has no default τ and must be given.
 - The token acceptance rate of an empty mask is 0.0.
 """
@@ -42,10 +43,13 @@ def propose(logits: Tensor, mode: str = "greedy", generator: torch.Generator | N
     if mode == "greedy":
         return logits.argmax(dim=-1)
     if mode == "sample":
-        probs = torch.softmax(logits.float(), dim=-1)
-        if probs.shape[0] == 0:
-            return torch.zeros(0, dtype=torch.long, device=logits.device)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        # Inverse CDF: one uniform per row against the row's cumulative sum (float64, so the last of 150k
+        # ids keeps its share). torch.multinomial does the same draw ~4x slower on CPU at V = 8k.
+        cdf = torch.softmax(logits.float(), dim=-1).cumsum(-1, dtype=torch.float64)  # [N, Vs]
+        u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device)
+        # The first id whose cumulative mass exceeds u·total: ids of probability 0 are never drawn.
+        ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+        return ids.clamp_(max=logits.shape[-1] - 1)
     raise ValueError(f"unknown proposal mode {mode!r}; choose one of {PROPOSALS}")
 
 

@@ -181,7 +181,7 @@ def test_kdloss_gives_the_numbers_of_kdcache_train(tmp_path, prepared_dir, cache
     from pipeline.train_config import TrainConfig
 
     cfg = TrainConfig(data=str(prepared_dir), cache=str(cache_dir), student_config=student_config(tmp_path, vocab_size),
-                      out=str(tmp_path / "run"), batch_size=4, grad_accum=1, max_steps=4, max_grad_norm=0.0,
+                      out=str(tmp_path / "run"), batch_size=4, grad_accum=1, max_steps=6, max_grad_norm=0.0,
                       seed=7, lr=1e-2, **settings)
     trainer = Trainer(cfg)
     student = AutoModelForCausalLM.from_config(trainer.model.config)
@@ -192,7 +192,7 @@ def test_kdloss_gives_the_numbers_of_kdcache_train(tmp_path, prepared_dir, cache
     collate = KDCollator()
     it = iter(trainer.stream)
     ratios, kept = [], []
-    for _ in range(4):
+    for _ in range(cfg.max_steps):
         mb = next(it)
         student.load_state_dict(trainer.model.state_dict())  # the weights this step starts from
         row = trainer.train_step([mb])  # max_grad_norm 0: .grad keeps the unclipped gradient

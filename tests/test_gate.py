@@ -41,6 +41,27 @@ def test_propose_greedy_and_seeded_sample():
         propose(logits, "beam")
 
 
+def test_sampled_proposal_follows_the_student_distribution():
+    """Frequencies of 200,000 seeded draws against softmax(logits) in float64 (chi-square; every live id's
+    expected count >= 24), on a confident row, a near-uniform row and a row with zero-probability ids (never
+    drawn)."""
+    v = 6
+    rows = torch.tensor([[6.0, 0.0, -1.0, 2.0, 0.5, -3.0],
+                         [0.01, 0.0, -0.01, 0.02, 0.0, 0.01],
+                         [1.0, -math.inf, 0.0, -math.inf, 2.0, -0.5]])
+    n = 200_000
+    draws = propose(rows.repeat_interleave(n, 0), "sample", torch.Generator().manual_seed(3)).view(3, n)
+    p = torch.softmax(rows.double(), -1)
+    for i in range(3):
+        counts = torch.bincount(draws[i], minlength=v).double()
+        expected = p[i] * n
+        assert counts[expected == 0].sum() == 0
+        live = expected > 0
+        chi2 = float(((counts[live] - expected[live]) ** 2 / expected[live]).sum())
+        # 99.9% point of chi-square with <= 5 degrees of freedom is 20.5: fails only on a wrong sampler.
+        assert chi2 < 20.5, (i, chi2, counts.tolist(), expected.tolist())
+
+
 def test_teacher_prob_of_head_tail_and_padded_id():
     _, ids, lp = _case()
     p = teacher_prob_of(torch.tensor([1, 4, 5]), ids, lp, _tail(lp), V)
@@ -112,7 +133,8 @@ def test_spec_rule_with_sampled_proposal_is_seeded():
     assert torch.equal(a.accepted, b.accepted) and torch.equal(a.proposal, b.proposal)
     # Order of draws: N proposals first, then N uniforms.
     g = torch.Generator().manual_seed(7)
-    y = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+    y = a.proposal
+    torch.rand(3, generator=g, dtype=torch.float64)  # the proposals' draws come first
     u = torch.rand(3, generator=g)
     # p(ŷ) by hand from the rows of _case (head value, else r / (V - K), 0 for a padded id)
     head = {0: {3: 0.2, 1: 0.6}, 1: {0: 0.5, 2: 0.3}, 2: {0: 0.7, 1: 0.1}}
