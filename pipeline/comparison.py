@@ -2,10 +2,18 @@
 
 Runs whose configs differ only in `seed` (and in keys that do not change the weights) are seeds of
 one method: a *group*. The best group is the one with the lowest mean held-out cross-entropy; its
-margin over every other group is set against the seed-to-seed spread, the within-group standard
-deviation pooled over every group that has several seeds:
+margin over every other group is set against the seed-to-seed noise (`Spread`):
 
-    se = s_pooled * sqrt(1/n_best + 1/n_other),   margin / se >= 2  ->  "ahead", else "within noise"
+- **Seeds as blocks** (the usual case, `seeds:` in `kdcache run`): when methods ran with the same seeds,
+  seed s of every method starts from the same weights (its own warm start) and reads the data in the same
+  order, so what one seed does to a method it does to the others. The methods x seeds table is then a
+  randomised block design: the noise is the residual of the additive model y[m, s] = mu_m + b_s + e, its
+  standard deviation pooled over every method with that seed set ((M - 1)(S - 1) degrees of freedom), and a
+  difference of two such methods' means has se = s_resid * sqrt(2 / S) (the paired comparison).
+- **Otherwise** (different or single seeds): the within-method standard deviation pooled over every method
+  with several seeds, se = s_pooled * sqrt(1/n_a + 1/n_b).
+
+    difference / se >= 2  ->  "ahead" (bold in the tables), else "within noise"
 
 Without repeated seeds the spread is unknown and the report says so rather than guessing.
 
@@ -13,8 +21,8 @@ With seeds, the same test answers the user's question per figure: `seed_table` g
 standard deviation, `differences` each method's difference from a baseline (CE only, plain KD from the same
 teacher) in units of its standard error, `verdicts` says in words which methods pay, and
 `teacher_strength` compares one method distilled from teachers of different strength. Each comparison is
-tested on its own at 2 SE (about a 5% two-sided level for large dof; no correction for the number of
-comparisons, which the report states).
+tested on its own at 2 SE (about a 5% two-sided level for 20 or more degrees of freedom; no correction for
+the number of comparisons, which the report states).
 """
 
 from __future__ import annotations
@@ -83,6 +91,15 @@ class Group:
         first = self.runs[0]
         return {**first, "name": f"{self.label} (mean of {len(self.runs)})", "metrics": metrics}
 
+    def by_seed(self, key: str) -> dict[Any, float]:
+        """{seed: figure} for the runs that have both (a run without a config seed is left out)."""
+        out = {}
+        for r, v in ((r, r["eval"].get(key, r.get(key))) for r in self.runs):
+            seed = (r.get("config") or {}).get("seed")
+            if seed is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+                out[seed] = float(v)
+        return out
+
     def mean(self, key: str) -> float | None:
         v = self.values(key)
         return sum(v) / len(v) if v else None
@@ -132,8 +149,72 @@ def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
     return [Group(_label([r["name"] for r in rs], rs[0]["method"]), rs[0]["method"], rs) for rs in by_key.values()]
 
 
-def pooled_spread(groups: list[Group], key: str = PRIMARY) -> tuple[float, int, int] | None:
-    """(pooled within-group std, groups with >= 2 seeds, degrees of freedom), None without repeated seeds."""
+@dataclass
+class Spread:
+    """The seed-to-seed noise of one figure, and the standard error of a difference of two methods' means.
+
+    `within`: the within-method standard deviation pooled over methods with >= 2 seeds (`within_dof`, over
+    `within_methods`). `resid`: the residual standard deviation of the methods x seeds table of the methods
+    whose seeds are exactly `seeds` (`resid_dof` = (M - 1)(S - 1), over `resid_methods`), None when fewer than
+    two methods share a seed set of two or more.
+    """
+
+    within: float
+    within_dof: int
+    within_methods: int
+    resid: float | None = None
+    resid_dof: int = 0
+    resid_methods: int = 0
+    seeds: frozenset = frozenset()
+
+    @property
+    def blocked(self) -> bool:
+        return self.resid is not None
+
+    def se(self, a: Group, b: Group, key: str) -> float:
+        """Standard error of mean(a) - mean(b): paired by seed when both ran exactly the block seeds."""
+        if self.resid is not None and set(a.by_seed(key)) == set(b.by_seed(key)) == self.seeds \
+                and len(a.values(key)) == len(b.values(key)) == len(self.seeds):
+            return self.resid * math.sqrt(2 / len(self.seeds))
+        return self.within * math.sqrt(1 / len(a.values(key)) + 1 / len(b.values(key)))
+
+    def describe(self, unit: str = "nats") -> str:
+        """One sentence for the report: which noise the margins are tested against."""
+        if self.resid is not None:
+            return (f"Seeds are blocks (every method's seed s starts from the same weights and reads the data in "
+                    f"the same order), so methods are compared seed by seed: residual standard deviation of the "
+                    f"methods x seeds table {self.resid:.4f} {unit} ({self.resid_methods} methods x "
+                    f"{len(self.seeds)} seeds, {self.resid_dof} degrees of freedom), against a within-method "
+                    f"standard deviation of {self.within:.4f} {unit} that includes each seed's own luck.")
+        return (f"Seed-to-seed spread: {self.within:.4f} {unit} (standard deviation within a method, pooled over "
+                f"{self.within_methods} method(s), {self.within_dof} degree(s) of freedom).")
+
+
+def _residual_sd(groups: list[Group], key: str) -> tuple[float, int, int, frozenset] | None:
+    """(residual sd, dof, methods, seeds) of the additive methods x seeds model over the methods whose seed
+    set is the most common one of >= 2 seeds; None when fewer than two methods share it."""
+    sets: dict[frozenset, list[dict[Any, float]]] = {}
+    for g in groups:
+        v = g.by_seed(key)
+        if len(v) >= 2 and len(v) == len(g.values(key)):
+            sets.setdefault(frozenset(v), []).append(v)
+    if not sets:
+        return None
+    seeds, rows = max(sets.items(), key=lambda kv: (len(kv[1]), len(kv[0])))
+    m, n = len(rows), len(seeds)
+    if m < 2:
+        return None
+    order = sorted(seeds, key=str)
+    row_mean = [sum(r[s] for s in order) / n for r in rows]
+    col_mean = {s: sum(r[s] for r in rows) / m for s in order}
+    grand = sum(row_mean) / m
+    ss = sum((r[s] - row_mean[i] - col_mean[s] + grand) ** 2 for i, r in enumerate(rows) for s in order)
+    dof = (m - 1) * (n - 1)
+    return math.sqrt(ss / dof), dof, m, seeds
+
+
+def spread(groups: list[Group], key: str = PRIMARY) -> Spread | None:
+    """The noise of figure `key` (see `Spread`); None without repeated seeds."""
     ss = dof = used = 0
     for g in groups:
         v = g.values(key)
@@ -144,7 +225,11 @@ def pooled_spread(groups: list[Group], key: str = PRIMARY) -> tuple[float, int, 
             used += 1
     if dof == 0:
         return None
-    return math.sqrt(ss / dof), used, dof
+    out = Spread(math.sqrt(ss / dof), dof, used)
+    resid = _residual_sd(groups, key)
+    if resid is not None:
+        out.resid, out.resid_dof, out.resid_methods, out.seeds = resid
+    return out
 
 
 def best_student(groups: list[Group], key: str = PRIMARY) -> list[str]:
@@ -164,26 +249,24 @@ def best_student(groups: list[Group], key: str = PRIMARY) -> list[str]:
     lines = ["## Best student", "",
              f"**{best.label}** ({best.method}) has the lowest held-out cross-entropy: {mean:.4f} nats{seeds}{also}.",
              ""]
-    spread = pooled_spread(groups, key)
-    if spread is None:
+    sp = spread(groups, key)
+    if sp is None:
         lines += ["Every method ran with one seed, so the seed-to-seed spread is unknown and the margins below are "
                   "not tested against it: train a method again with another `seed` to measure it.", ""]
     else:
-        s, used, dof = spread
-        lines += [f"Seed-to-seed spread of held-out CE: {s:.4f} nats (standard deviation within a method, pooled "
-                  f"over {used} method(s), {dof} degree(s) of freedom). A margin counts as ahead when it is at "
-                  "least twice its standard error.", ""]
+        lines += [f"Held-out CE. {sp.describe()} A margin counts as ahead when it is at least twice its standard "
+                  "error.", ""]
     if not others:
         return lines
-    if spread is None:
+    if sp is None:
         lines += ["| behind it | held-out CE | margin (nats) |", "|---|---:|---:|"]
     else:
         lines += ["| behind it | held-out CE | margin (nats) | against the spread |", "|---|---:|---:|---|"]
     for g in others:
         margin = g.mean(key) - mean
         row = f"| {g.label} ({g.method}) | {g.mean(key):.4f} | {margin:.4f} |"
-        if spread is not None:
-            se = spread[0] * math.sqrt(1 / n + 1 / len(g.values(key)))
+        if sp is not None:
+            se = sp.se(g, best, key)
             ratio = margin / se if se > 0 else math.inf
             row += f" ahead ({ratio:.1f} SE) |" if ratio >= 2 else f" within noise ({ratio:.1f} SE) |"
         lines.append(row)
@@ -217,23 +300,23 @@ def seed_table(groups: list[Group]) -> list[str]:
     return lines
 
 
-def compare(g: Group, base: Group, key: str, spread: float | None) -> tuple[float, float | None] | None:
+def compare(g: Group, base: Group, key: str, sp: Spread | None) -> tuple[float, float | None] | None:
     """(mean difference g - base, difference / standard error or None without a spread); None when either
-    group lacks the figure. SE = pooled sd * sqrt(1/n_g + 1/n_base)."""
+    group lacks the figure. SE: `Spread.se` (paired by seed when both ran the block seeds)."""
     a, b = g.values(key), base.values(key)
     if not a or not b:
         return None
     d = sum(a) / len(a) - sum(b) / len(b)
-    if spread is None:
+    if sp is None:
         return d, None
-    se = spread * math.sqrt(1 / len(a) + 1 / len(b))
+    se = sp.se(g, base, key)
     return d, (d / se if se > 0 else (math.inf if d else 0.0))
 
 
 def differences(groups: list[Group], base: Group, title: str, only: list[Group] | None = None) -> list[str]:
     """Markdown: each group's difference from `base` per figure, `**bold**` when it is at least 2 SE."""
     figs = [f for f in shown_figures(groups) if f[3] != 0]
-    spreads = {k: (pooled_spread(groups, k) or (None,))[0] for k, _, _, _ in figs}
+    spreads = {k: spread(groups, k) for k, _, _, _ in figs}
     rows = [g for g in (only if only is not None else groups) if g is not base]
     if not rows:
         return []
@@ -256,9 +339,9 @@ def differences(groups: list[Group], base: Group, title: str, only: list[Group] 
     return lines + [""]
 
 
-def verdict(g: Group, base: Group, key: str, spread: float | None, better: int) -> str:
+def verdict(g: Group, base: Group, key: str, sp: Spread | None, better: int) -> str:
     """'pays' / 'costs' / 'no measurable difference' / 'untested' for g against base on `key`."""
-    c = compare(g, base, key, spread)
+    c = compare(g, base, key, sp)
     if c is None or c[1] is None:
         return "untested (one seed)"
     d, t = c
@@ -270,7 +353,7 @@ def verdict(g: Group, base: Group, key: str, spread: float | None, better: int) 
 def verdicts(groups: list[Group], base: Group, base_name: str) -> list[str]:
     """One sentence per method: does it beat `base` on held-out CE and on ROUGE-L, beyond the spread?"""
     keys = [(k, t, b) for k, t, _, b in FIGURES if k in ("ce", "rouge_l") and any(g.values(k) for g in groups)]
-    spreads = {k: (pooled_spread(groups, k) or (None,))[0] for k, _, _ in keys}
+    spreads = {k: spread(groups, k) for k, _, _ in keys}
     out = []
     for g in groups:
         if g is base or not g.values(PRIMARY):
@@ -296,8 +379,7 @@ def teacher_strength(groups: list[Group], strength: dict[str, float]) -> list[st
     if not pairs:
         return []
     order = sorted({g.teacher for gs in pairs for g in gs}, key=lambda t: -strength.get(t, 0.0))  # weak -> strong
-    spread_ce = (pooled_spread(groups, "ce") or (None,))[0]
-    spread_rl = (pooled_spread(groups, "rouge_l") or (None,))[0]
+    spread_ce, spread_rl = spread(groups, "ce"), spread(groups, "rouge_l")
     lines = ["## Stronger teacher, better student?", "",
              "The same method distilled from each teacher (teachers ordered weakest to strongest by their own "
              "held-out CE: " + ", ".join(f"{t} {strength[t]:.3f}" for t in order if t in strength) + "). Last "
@@ -310,8 +392,8 @@ def teacher_strength(groups: list[Group], strength: dict[str, float]) -> list[st
         cells += [_mean_sd(by_t[t], "rouge_l", "{:.3f}") if t in by_t else "—" for t in order]
         present = [t for t in order if t in by_t]
         weak, strong = by_t[present[0]], by_t[present[-1]]
-        for key, spread, f in (("ce", spread_ce, "{:+.4f}"), ("rouge_l", spread_rl, "{:+.3f}")):
-            c = compare(strong, weak, key, spread)
+        for key, sp, f in (("ce", spread_ce, "{:+.4f}"), ("rouge_l", spread_rl, "{:+.3f}")):
+            c = compare(strong, weak, key, sp)
             if c is None:
                 cells.append("—")
                 continue

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.comparison import (best_student, differences, group_runs, pooled_spread, seed_table, teacher_strength,
+from pipeline.comparison import (best_student, differences, group_runs, seed_table, spread, teacher_strength,
                                  verdicts)
 from pipeline.config import save_config
 from pipeline.errors import KdError
@@ -409,11 +409,11 @@ def seed_sections(groups: list[Any], teachers: list[dict[str, Any]]) -> list[str
     lines = ["## Methods over seeds", "",
              "Mean ± standard deviation over each method's seeds (eval figures on the held-out split; final TAR "
              "and focus ratio from the last training step).", "", *seed_table(groups), ""]
-    spread = pooled_spread(groups, "ce")
-    if spread is not None:
-        lines += [f"Pooled seed-to-seed standard deviation of held-out CE: {spread[0]:.4f} nats ({spread[2]} degrees "
-                  "of freedom). Each comparison below is tested on its own at 2 standard errors; with this many "
-                  "comparisons about one in twenty differences that are really zero would still show as bold.", ""]
+    sp = spread(groups, "ce")
+    if sp is not None:
+        lines += [f"Held-out CE. {sp.describe()} Every figure below is tested the same way, each against its own "
+                  "noise; each comparison on its own at 2 standard errors: with this many comparisons about one in "
+                  "twenty differences that are really zero would still show as bold.", ""]
     ce_groups = [g for g in groups if g.method == "CE only" and g.values("ce")]
     base = max(ce_groups, key=lambda g: g.runs[0]["metrics"][-1]["step"] if g.runs[0]["metrics"] else 0, default=None)
     if base is not None:

@@ -214,20 +214,49 @@ def test_best_student_and_its_margins_against_the_seed_spread(tmp_path):
     r = build_report(ReportConfig(runs=[str(tmp_path / "runs" / n) for n in names], out=str(tmp_path / "rep")))
     groups = {g.label: [run["name"] for run in g.runs] for g in r["groups"]}
     assert groups == {"ce": ["ce_s0", "ce_s1", "ce_s2"], "kd": ["kd_s0", "kd_s1", "kd_s2"], "spec_s0": ["spec_s0"]}
-    # The truth, computed here: pooled within-method standard deviation, standard error of each margin.
+    # The truth, computed here. kd and ce ran the same seeds: a paired comparison, the standard error of the
+    # mean of the per-seed differences. spec (one seed) against kd: the pooled within-method sd.
     ss = sum(((np.asarray(v) - np.mean(v)) ** 2).sum() for v in ces.values() if len(v) > 1)
     s = float(np.sqrt(ss / 4))  # 2 methods x (3 - 1) degrees of freedom
+    d = np.asarray(ces["ce"]) - np.asarray(ces["kd"])
+    se_paired = float(np.std(d, ddof=1) / np.sqrt(3))
     best = float(np.mean(ces["kd"]))
     md = Path(r["path"]).read_text().split("## All runs")[0]
     assert f"**kd** (KD fkl/bucket) has the lowest held-out cross-entropy: {best:.4f} nats, mean of 3 seeds" in md
-    assert f"Seed-to-seed spread of held-out CE: {s:.4f} nats" in md and "pooled over 2 method(s), 4 degree" in md
+    resid = se_paired / np.sqrt(2 / 3)  # the residual sd of the 2 x 3 table
+    assert f"methods x seeds table {resid:.4f} nats (2 methods x 3 seeds, 2 degrees of freedom)" in md
+    assert f"within-method standard deviation of {s:.4f} nats" in md
     margin_ce = float(np.mean(ces["ce"])) - best
-    ratio_ce = margin_ce / (s * np.sqrt(2 / 3))
+    ratio_ce = margin_ce / se_paired
     assert ratio_ce >= 2 and f"| ce (CE only) | {np.mean(ces['ce']):.4f} | {margin_ce:.4f} | ahead ({ratio_ce:.1f} SE) |" in md
     margin_spec = ces["spec"][0] - best
     ratio_spec = margin_spec / (s * np.sqrt(1 / 3 + 1))
     assert ratio_spec < 2 and f"| {margin_spec:.4f} | within noise ({ratio_spec:.1f} SE) |" in md
     assert "heldout.png" in r["plots"]
+
+
+def test_seeds_are_paired_only_when_both_methods_ran_them():
+    """Shared seeds: se of a difference from the per-seed differences (a method that is uniformly 0.1 better
+    than another on every seed is far beyond the noise even when each seed moves both by 0.5). Disjoint seeds:
+    the pooled within-method sd."""
+    from pipeline.comparison import Group, compare, spread
+
+    def group(label, values, seeds):
+        return Group(label, "m", [{"name": f"{label}_s{s}", "config": {"seed": s}, "eval": {"ce": v}, "metrics": []}
+                                  for v, s in zip(values, seeds)])
+
+    luck = [0.0, 0.5, -0.4]  # what each seed's warm start does to every method
+    a = group("a", [2.0 + x for x in luck], [0, 1, 2])
+    b = group("b", [2.1 + x + e for x, e in zip(luck, (0.01, -0.02, 0.0))], [0, 1, 2])
+    c = group("c", [2.1 + x for x in luck], [3, 4, 5])  # other seeds: not paired with a
+    sp = spread([a, b, c], "ce")
+    d = np.asarray(b.values("ce")) - np.asarray(a.values("ce"))
+    diff, t = compare(b, a, "ce", sp)
+    assert diff == pytest.approx(d.mean()) and t == pytest.approx(d.mean() / (np.std(d, ddof=1) / np.sqrt(3)))
+    within = np.sqrt(sum(np.var(g.values("ce"), ddof=1) * 2 for g in (a, b, c)) / 6)
+    diff, t = compare(c, a, "ce", sp)
+    assert t == pytest.approx(diff / (within * np.sqrt(2 / 3))) and abs(t) < 2
+    assert sp.resid_methods == 2 and sp.seeds == {0, 1, 2}
 
 
 def test_a_method_keeps_its_colour_and_seeds_their_line_styles(tmp_path):
@@ -305,12 +334,15 @@ def test_seed_sections_say_which_methods_pay_and_whether_the_stronger_teacher_he
     md = Path(r["path"]).read_text()
     assert {g.label: g.teacher for g in r["groups"]} == {"warm_start": None, "ce_only": None, "kd_large": "large",
                                                         "spec_large": "large", "kd_small": "small"}
-    # the truth, computed here: pooled within-method sd per figure, each difference over its standard error
-    def pooled(i):
-        vals = [v[i] for v in ARMS.values()]
-        return float(np.sqrt(sum(((np.asarray(v) - np.mean(v)) ** 2).sum() for v in vals) / (len(vals) * 2)))
+    # the truth, computed here: every method ran seeds 0-2 from its seed's warm start, so the noise is the
+    # residual of the methods x seeds table (two-way, additive; 4 x 2 degrees of freedom) and a difference of
+    # two methods' means has se = s_resid * sqrt(2 / 3)
+    def resid(i):
+        y = np.asarray([v[i] for v in ARMS.values()])
+        r = y - y.mean(1, keepdims=True) - y.mean(0, keepdims=True) + y.mean()
+        return float(np.sqrt((r ** 2).sum() / ((len(y) - 1) * 2)))
 
-    s_ce, s_rl = pooled(3), pooled(4)
+    s_ce, s_rl = resid(3), resid(4)
     se = np.sqrt(2 / 3)
 
     def t(arm, base, i, s):
