@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from pipeline.divergences import DIVERGENCES, TAIL_POLICIES
 from pipeline.errors import KdError
+from pipeline.gate import PROPOSALS, RULES
 from pipeline.kd_loss import KdSettings
 from pipeline.selection import SELECTIONS
 
-LOSSES = ("none", "fkl", "rkl", "jsd", "tvd", "skl", "srkl", "akl")
-TAILS = ("bucket", "renorm", "ignore", "sampled")
-GATES = ("none", "topk", "spec", "threshold")
-PROPOSALS = ("greedy", "sample")
+# The choices each option takes, from the modules that own them ("none": the option is off).
+LOSSES = ("none", *DIVERGENCES)
+TAILS = (*TAIL_POLICIES, "sampled")  # sampled: the tail bucket split over cached draws (kd_loss)
+GATES = ("none", *RULES)
+__all__ = ["GATES", "LOSSES", "PROPOSALS", "TAILS", "KdOptions"]
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.selection import SELECTIONS
-from pipeline.kd_options import GATES, LOSSES, TAILS
+from pipeline.kd_options import GATES, LOSSES, PROPOSALS, TAILS
 from pipeline.train_config import BEST_METRICS, SCHEDULES, TrainConfig
 from stages.common import config_options, given, setting, user_errors
 
@@ -21,7 +21,7 @@ T = TrainConfig
 @setting(T, "--loss", type=click.Choice(LOSSES), help="Divergence to the teacher (none: cross-entropy only).")
 @setting(T, "--tail", type=click.Choice(TAILS), help="What the loss does with the mass outside the cached top-K.")
 @setting(T, "--gate", type=click.Choice(GATES), help="SpecKD rule deciding which positions the teacher accepts.")
-@setting(T, "--proposal", type=click.Choice(["greedy", "sample"]), help="SpecKD: how the student proposes a token.")
+@setting(T, "--proposal", type=click.Choice(PROPOSALS), help="SpecKD: how the student proposes a token.")
 @setting(T, "--gate-k", type=int, help="topk rule: accept when the proposal is among the teacher's top k.")
 @setting(T, "--gate-threshold", type=float, help="threshold rule: minimum teacher probability of the proposal.")
 @setting(T, "--reject-weight", type=float, help="Weight of rejected positions (0 = masked).")
