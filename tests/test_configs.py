@@ -32,7 +32,10 @@ def test_config_loads_and_starts_with_its_command(path):
     command = words[words.index("kdcache") + 1]
     assert f"configs/{path.name}" in words, f"{path.name}'s command must name the config itself"
     if command == "run":
-        cfg = load_run_config(str(path))
+        # an override (`kdcache run BASE.yaml --config THIS.yaml`) is loaded over its base, as the run does
+        override = "--config" in words and words[words.index("--config") + 1] == f"configs/{path.name}"
+        base = words[words.index("run") + 1] if override else None
+        cfg = load_run_config(base, override=str(path)) if override else load_run_config(str(path))
         assert isinstance(cfg, RunConfig) and cfg.students
         teachers = cfg.teachers or {"teacher": cfg.teacher}
         for section in cfg.students.values():  # every student resolves to a valid TrainConfig
