@@ -28,7 +28,8 @@ eval.json was made with the same settings), so re-running after an interruption 
 When settings changed, each stage says what it redoes and why, naming the changed keys:
 prepared data and students are redone (a student also when its cache, data or `init_from` base
 changed: `pipeline.train_state`); a teacher cache, hours of GPU time, is never replaced unasked
-(`--set teacher.overwrite=true` does). Replacing an output removes only what kdcache wrote there.
+(`--set teacher.overwrite=true` does), except that of a teacher the run trains itself (`train:`), which
+follows its teacher. Replacing an output removes only what kdcache wrote there.
 """
 
 from __future__ import annotations
@@ -248,10 +249,17 @@ class Pipeline:
             try:
                 s = run_teacher(tc)
             except StaleOutput as e:
-                key = "teacher" if slot.name == "teacher" else f"teachers.{slot.name}"
-                raise KdError(f"{label}[{name}]: {cache} holds a cache made with other settings "
-                              f"({', '.join(e.changes)}); it is kept (a teacher pass can take hours): re-run with "
-                              f"--set {key}.overwrite=true to replace it") from None
+                if not train_section:
+                    key = "teacher" if slot.name == "teacher" else f"teachers.{slot.name}"
+                    raise KdError(f"{label}[{name}]: {cache} holds a cache made with other settings "
+                                  f"({', '.join(e.changes)}); it is kept (a teacher pass can take hours): re-run "
+                                  f"with --set {key}.overwrite=true to replace it") from None
+                # A teacher this run trains is this run's own: its cache follows it, as a student follows
+                # its base. (A cache of a teacher given as `model` is never replaced unasked.)
+                self.echo(f"{label}[{name}]: {cache} was made with other settings ({', '.join(e.changes)}); "
+                          "this run trains that teacher, so its cache is made again")
+                tc.overwrite = True
+                s = run_teacher(tc)
             if s["done"] == 0 and s["skipped"] == s["shards"]:
                 self.echo(f"{label}[{name}]: cache {cache} already complete; skipped")
             else:

@@ -68,3 +68,12 @@ def test_bench_quality_reduced_runs_end_to_end(tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["run", str(config), "--config", str(override)])
     assert res.exit_code == 0, res.output[-3000:]
     assert "up to date, skipped" in res.output and "cached" not in res.output and "steps in" not in res.output
+    # A teacher the run trains is the run's own: when its training changes, its caches are made again from
+    # the new weights instead of being refused (a cache of a teacher given as a model is never replaced unasked).
+    before = json.loads((out / "caches" / "small" / "kdcache.json").read_text())["teacher"]
+    res = CliRunner().invoke(main, ["run", str(config), "--config", str(override), "--only", "teacher",
+                                    "--set", "teachers.small.train.max_steps=4"])
+    assert res.exit_code == 0, res.output[-3000:]
+    assert "retraining from scratch" in res.output and "so its cache is made again" in res.output
+    after = json.loads((out / "caches" / "small" / "kdcache.json").read_text())["teacher"]
+    assert after != before and "large[train]: cache" in res.output  # the large teacher's caches are kept
