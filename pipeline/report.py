@@ -332,8 +332,9 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     seeds = any(len(g.runs) > 1 for g in groups)
     head = figure("heldout.png", plot_heldout(groups, teachers, out / "heldout.png"),
                   "Held-out figures of every student (one colour per method in every plot"
-                  + ("; bars: mean over seeds, error bars: standard deviation over seeds, dots: single seeds"
-                     if seeds else "") + "; axes zoomed to the values"
+                  + ("; bars: mean over seeds, error bars: standard deviation over seeds, dots: single seeds. "
+                     "The error bars include each seed's own luck, which every method of that seed shares: "
+                     "the tables below compare methods seed by seed" if seeds else "") + "; axes zoomed to the values"
                   + (", dashed: the teachers' CE" if teachers else "") + ").",
                   "No run has held-out figures (eval.json): no heldout.png.")
     # With seeds, one line per method (the mean over its seeds) instead of one per run.

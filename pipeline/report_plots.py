@@ -38,13 +38,17 @@ def assign_styles(groups: list[Any]) -> None:
             r["style"] = LINE_STYLES[j % len(LINE_STYLES)]
 
 
-def _figure(title: str, xlabel: str, ylabel: str, panels: int = 1, width: float = 7.0) -> tuple[Any, list[Any]]:
+def _figure(title: str, xlabel: str, ylabel: str, panels: int = 1, width: float = 7.0,
+            cols: int | None = None) -> tuple[Any, list[Any]]:
+    """A figure of `panels` axes, `cols` per row (default: all in one row); `width` is one row's width."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, 4.2), dpi=120)
+    cols = min(cols or panels, panels)
+    rows = math.ceil(panels / cols)
+    fig = Figure(figsize=(width, 4.2 * rows), dpi=120)
     FigureCanvasAgg(fig)  # Agg, without pyplot's global state
-    axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(panels)]
     for ax in axes:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -171,8 +175,11 @@ def plot_heldout(groups: list[Any], teachers: list[dict[str, Any]], path: Path) 
         return False
     seeds = any(len(g.runs) > 1 for g in shown)
     title = "Held-out figures per student" + (" (bars: mean over seeds, error bars: std, dots: seeds)" if seeds else "")
-    fig, axes = _figure(title, "", "", panels=len(panels),
-                        width=min(30.0, max(7.0, 3.4 * len(panels) + 0.25 * len(panels) * len(shown))))
+    # Each panel needs ~0.3 in per method to keep its labels apart: a row holds as many panels as fit in
+    # 24 in, so 18 methods x 6 figures is a 2-column grid rather than a 40-inch strip.
+    per_panel = 2.0 + 0.3 * len(shown)
+    cols = max(1, min(len(panels), int(24.0 // per_panel)))
+    fig, axes = _figure(title, "", "", panels=len(panels), cols=cols, width=max(7.0, per_panel * cols))
     x = np.arange(len(shown))
     for ax, (key, label) in zip(axes, panels):
         ax.grid(True, axis="y", alpha=0.3)

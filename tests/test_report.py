@@ -385,3 +385,20 @@ def test_mean_run_averages_the_seeds_step_by_step():
              + ([{"step": 3, "ce_loss": 9.0}] if i else [])} for i in range(2)]
     m = Group("a", "CE only", runs).mean_run()
     assert m["metrics"] == [{"step": 1, "ce_loss": 1.5}, {"step": 2, "ce_loss": 1.5}]  # step 3: one seed only
+
+
+def test_heldout_chart_wraps_many_methods_into_rows(tmp_path):
+    """18 methods x 5 figures: panels wrap into rows no wider than 24 in (at 120 dpi), not one 40-inch strip."""
+    from PIL import Image
+
+    from pipeline.comparison import Group
+    from pipeline.report_plots import assign_styles, plot_heldout
+
+    groups = [Group(f"m{i}", "m", [{"name": f"m{i}_s{s}", "config": {"seed": s}, "metrics": [],
+                                    "eval": {"ce": 2.0 + 0.01 * i + 0.1 * s, "teacher_top1_agreement": 0.5,
+                                             "fkl_to_teacher": 0.3, "rouge_l": 0.1, "exact_match": 0.0}}
+                                   for s in range(3)]) for i in range(18)]
+    assign_styles(groups)
+    assert plot_heldout(groups, [], tmp_path / "h.png")
+    w, h = Image.open(tmp_path / "h.png").size
+    assert w <= 24 * 120 and h >= 2 * 4.2 * 120 - 1  # several rows
