@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.selection import keep_top_fraction
+
 
 class LATF:
     """Loss-driven adaptive token focusing: keep the hardest fraction r of eligible positions.
@@ -113,17 +115,7 @@ class LATF:
         difficulty [N] float, eligible bool [N] -> keep bool [N] (a subset of eligible). Ties keep the
         lower index. No host sync: the count stays on the device.
         """
-        n = difficulty.shape[0]
-        if n == 0:
-            return torch.zeros(0, dtype=torch.bool, device=difficulty.device)
-        d = difficulty.detach().to(torch.float64)
-        # Two stable sorts: by difficulty (descending), then eligible first; equal keys keep index order.
-        order = torch.sort(d, descending=True, stable=True).indices
-        order = order[torch.sort(eligible[order].to(torch.int8), descending=True, stable=True).indices]
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=d.device))
-        n_eligible = eligible.sum().to(torch.float64)
-        n_keep = torch.ceil(self._ratio * n_eligible - 1e-9)
-        return eligible & (rank < n_keep)
+        return keep_top_fraction(difficulty, eligible, self._ratio)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able state: enough, with the same constructor arguments, to resume exactly."""

@@ -31,23 +31,29 @@ def student_entropy(logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def select_top_entropy(entropy: Tensor, eligible: Tensor, groups: Tensor | None, ratio: float) -> Tensor:
-    """Keep the top `ratio` of each group's eligible rows by entropy.
+def keep_top_fraction(score: Tensor, eligible: Tensor, ratio: float, groups: Tensor | None = None) -> Tensor:
+    """Keep ceil(ratio·n − 1e-9) of the n eligible rows with the highest score, per group (at least one of a
+    group with any); ties keep the lower row index. The one selection rule of SE-KD (per sequence) and
+    LATF (per micro-batch, `groups` None: no host sync, the count stays on the device).
 
-    entropy [N] float, eligible [N] bool, groups [N] int64 (the sequence of each row; None = one group),
-    ratio in (0, 1] -> keep [N] bool, a subset of `eligible`.
+    score [N] float, eligible [N] bool, ratio in (0, 1], groups [N] int64 or None -> keep [N] bool ⊆ eligible.
     """
-    n = entropy.shape[0]
+    n = score.shape[0]
     if n == 0:
         return eligible.clone()
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
-    dev = entropy.device
-    g = groups.to(dev, torch.int64) if groups is not None else torch.zeros(n, dtype=torch.int64, device=dev)
-    # Order rows by group, then entropy descending, then index: two stable sorts (the second keeps the first's
-    # order within a group). Ineligible rows go last in their group (-inf) and are never counted or kept.
-    score = torch.where(eligible, entropy.float(), torch.full_like(entropy, -math.inf, dtype=torch.float32))
-    by_score = torch.sort(score, descending=True, stable=True).indices
+    dev = score.device
+    # Ineligible rows sort last (-inf) and are never counted or kept; float64 keeps every float32 score distinct.
+    key = torch.where(eligible, score.detach().to(torch.float64), torch.full((n,), -math.inf, dtype=torch.float64,
+                                                                             device=dev))
+    by_score = torch.sort(key, descending=True, stable=True).indices
+    if groups is None:
+        rank = torch.empty_like(by_score).scatter_(0, by_score, torch.arange(n, device=dev))
+        quota = torch.ceil(eligible.sum().to(torch.float64) * ratio - 1e-9).clamp(min=1.0)
+        return eligible & (rank < quota)
+    # Per group: then a stable sort by group keeps the score order within each group.
+    g = groups.to(dev, torch.int64)
     order = by_score[torch.sort(g[by_score], stable=True).indices]
     gs = g[order]
     start = torch.ones(n, dtype=torch.bool, device=dev)
@@ -63,3 +69,12 @@ def select_top_entropy(entropy: Tensor, eligible: Tensor, groups: Tensor | None,
     keep = torch.zeros(n, dtype=torch.bool, device=dev)
     keep[order] = keep_sorted
     return keep
+
+
+def select_top_entropy(entropy: Tensor, eligible: Tensor, groups: Tensor | None, ratio: float) -> Tensor:
+    """SE-KD: keep the top `ratio` of each group's eligible rows by student entropy (`keep_top_fraction`).
+
+    entropy [N] float, eligible [N] bool, groups [N] int64 (the sequence of each row; None = one group),
+    ratio in (0, 1] -> keep [N] bool, a subset of `eligible`.
+    """
+    return keep_top_fraction(entropy, eligible, ratio, groups)
