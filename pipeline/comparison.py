@@ -45,6 +45,14 @@ FIGURES = (("ce", "held-out CE", "{:.4f}", -1), ("ppl", "PPL", "{:.2f}", -1),
 NOT_METHOD = ("seed", "out", *IGNORED_KEYS, "eval_every", "eval_data", "eval_cache", "best_metric", "device", "dtype")
 
 
+def _figure_of(run: dict[str, Any], key: str) -> float | None:
+    """A run's finite figure `key` (eval.json first, then the run's own, e.g. final_tar), else None."""
+    v = run["eval"].get(key, run.get(key))
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+        return float(v)
+    return None
+
+
 @dataclass
 class Group:
     """Seeds of one method: runs with the same settings but the seed."""
@@ -60,12 +68,7 @@ class Group:
 
     def values(self, key: str) -> list[float]:
         """The figure `key` of every run that has it: from its eval.json, else from the run itself (final_tar)."""
-        out = []
-        for r in self.runs:
-            v = r["eval"].get(key, r.get(key))
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-                out.append(float(v))
-        return out
+        return [v for v in (_figure_of(r, key) for r in self.runs) if v is not None]
 
     def mean_run(self) -> dict[str, Any]:
         """A run-like dict whose metrics are the mean over the seeds at each step every seed logged (what the
@@ -94,10 +97,10 @@ class Group:
     def by_seed(self, key: str) -> dict[Any, float]:
         """{seed: figure} for the runs that have both (a run without a config seed is left out)."""
         out = {}
-        for r, v in ((r, r["eval"].get(key, r.get(key))) for r in self.runs):
-            seed = (r.get("config") or {}).get("seed")
-            if seed is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-                out[seed] = float(v)
+        for r in self.runs:
+            seed, v = (r.get("config") or {}).get("seed"), _figure_of(r, key)
+            if seed is not None and v is not None:
+                out[seed] = v
         return out
 
     def mean(self, key: str) -> float | None:
