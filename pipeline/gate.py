@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 PROPOSALS = ("greedy", "sample")
+_CDF_ELEMENTS = 1 << 24  # a sampled proposal's float64 CDF is built this many elements at a time
 RULES = ("topk", "spec", "threshold")
 
 
@@ -45,11 +46,15 @@ def propose(logits: Tensor, mode: str = "greedy", generator: torch.Generator | N
     if mode == "sample":
         # Inverse CDF: one uniform per row against the row's cumulative sum (float64, so the last of 150k
         # ids keeps its share). torch.multinomial does the same draw ~4x slower on CPU at V = 8k.
-        cdf = torch.softmax(logits.float(), dim=-1).cumsum(-1, dtype=torch.float64)  # [N, Vs]
-        u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=logits.device)
-        # The first id whose cumulative mass exceeds u·total: ids of probability 0 are never drawn.
-        ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
-        return ids.clamp_(max=logits.shape[-1] - 1)
+        n, v = logits.shape
+        u = torch.rand(n, 1, generator=generator, dtype=torch.float64, device=logits.device)  # all drawn first
+        ids = torch.empty(n, dtype=torch.long, device=logits.device)
+        step = max(1, _CDF_ELEMENTS // max(v, 1))  # rows per block: the float64 CDF stays <= 128 MiB
+        for a in range(0, n, step):
+            cdf = torch.softmax(logits[a:a + step].float(), dim=-1).cumsum(-1, dtype=torch.float64)  # [rows, Vs]
+            # The first id whose cumulative mass exceeds u·total: ids of probability 0 are never drawn.
+            ids[a:a + step] = torch.searchsorted(cdf, u[a:a + step] * cdf[:, -1:], right=True).squeeze(1)
+        return ids.clamp_(max=v - 1)
     raise ValueError(f"unknown proposal mode {mode!r}; choose one of {PROPOSALS}")
 
 

@@ -166,3 +166,14 @@ def test_token_acceptance_rate():
     assert token_acceptance_rate(acc, mask) == pytest.approx(2 / 3)
     assert token_acceptance_rate(acc) == pytest.approx(3 / 4)
     assert token_acceptance_rate(acc, torch.zeros(4, dtype=torch.bool)) == 0.0
+
+
+def test_sampled_proposal_does_not_depend_on_its_block_size(monkeypatch):
+    """The CDF is built a block of rows at a time (bounded memory at a large vocabulary); the uniforms are all
+    drawn first, so the draws are the same whatever the block."""
+    import pipeline.gate as gate
+
+    logits = torch.randn(37, 11, generator=torch.Generator().manual_seed(4))
+    whole = propose(logits, "sample", torch.Generator().manual_seed(9))
+    monkeypatch.setattr(gate, "_CDF_ELEMENTS", 11 * 4)  # 4 rows per block, the last one partial
+    assert torch.equal(propose(logits, "sample", torch.Generator().manual_seed(9)), whole)
