@@ -74,8 +74,8 @@ def kdcache_rows(cache: Any, a: int, b: int, temperature: float) -> tuple[Decode
     interpolated from the cached tail statistics (`tail_log_partition_at`) and the tempered buckets, which
     sum to one by construction, come from `teacher_log_buckets`.
     """
-    from pipeline.divergences import kd_divergence, teacher_log_buckets
-    from pipeline.temperature import tail_log_partition_at
+    from pipeline.losses.divergences import kd_divergence, teacher_log_buckets
+    from pipeline.losses.temperature import tail_log_partition_at
 
     r = cache.read(a, b, ("topk_ids", "topk_logprobs", "tail_logprob", "tail_entropy", "tail_log_partition"))
     ids = torch.as_tensor(r["topk_ids"])
@@ -101,7 +101,7 @@ def kdcache_build(prepared: Path, model: Path, out: Path, k: int) -> Any:
     default preset's codec for K <= 8, the hifi preset's beyond."""
     from pipeline.cache import open_cache
     from pipeline.errors import KdError
-    from pipeline.teacher import TeacherConfig, run_teacher
+    from pipeline.teacher.runner import TeacherConfig, run_teacher
 
     # K <= 8: the default preset's precisions; larger K: the hifi preset's (docs/cache-format.md).
     cfg = TeacherConfig(data=str(prepared), model=str(model), out=str(out), top_k=k, device="cpu",
@@ -278,11 +278,11 @@ def _kl(p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def subset_prepared(b: Any, rows: int, out: Path) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """Held-out examples holding >= `rows` targets, written as a prepared dataset for `run_teacher`."""
-    from pipeline.prepare import prepared_meta, write_prepared
+    from pipeline.data.prepare import prepared_meta, write_prepared
 
     ids, masks, n = realtext.heldout_subset(b, rows)
     fp = hashlib.sha256()
-    for a, m in zip(ids, masks):  # the same fingerprint formula as `pipeline.prepare.prepare`
+    for a, m in zip(ids, masks):  # the same fingerprint formula as `pipeline.data.prepare.prepare`
         fp.update(np.int64(len(a)).tobytes() + a.astype(np.int64).tobytes() + m.astype(np.int8).tobytes())
     meta = dict(prepared_meta(b.prepared_heldout))
     meta.update({"fingerprint": fp.hexdigest(), "examples": len(ids), "tokens": int(sum(map(len, ids))),

@@ -11,7 +11,7 @@ exist (the plan only needs each example's length and row count). The token budge
 BATCH_SIZE x the mean length, so both plans hold about as many tokens per micro-batch.
 Padding = padded positions / all positions of the micro-batches (B x longest, summed).
 
-The stdlib corpus is real text: `pipeline/stdlib_corpus.py` (also `data/make_stdlib.py`) tiles the Python standard
+The stdlib corpus is real text: `pipeline/data/stdlib_corpus.py` (also `data/make_stdlib.py`) tiles the Python standard
 library's sources into prompt -> completion records; runs/stdlib/prepared/train is its `bench/realtext.py`
 preparation (byte-level BPE, V = 16,384, max length 512, every token a target).
 """
@@ -42,10 +42,10 @@ def main() -> None:
     ap.add_argument("--buffer-blocks", type=int, default=8)
     args = ap.parse_args()
 
-    from pipeline.batching import target_counts
-    from pipeline.epoch_plan import PlanSettings, chunk_blocks, plan_epoch
-    from pipeline.prepare import load_prepared
-    from pipeline.teacher import plan_shards
+    from pipeline.data.batching import target_counts
+    from pipeline.data.epoch_plan import PlanSettings, chunk_blocks, plan_epoch
+    from pipeline.data.prepare import load_prepared
+    from pipeline.teacher.runner import plan_shards
 
     print("| corpus | examples | mean / p90 / max length | plan | tokens per micro-batch | micro-batches | padding |")
     print("|---|---|---|---|---|---|---|")

@@ -5,7 +5,7 @@
 
 The first run builds a synthetic prepared dataset and its cache under `--workdir` (default
 runs/bench-reader/<settings>, ~30 s); later runs reuse them. The cache is real format 3, written by
-`pipeline.cache.writer.write_shard` from statistics that `pipeline.teacher_stats.distribution_stats`
+`pipeline.cache.writer.write_shard` from statistics that `pipeline.teacher.stats.distribution_stats`
 computes over synthetic logits shaped like a language model's (a Zipf prior over V = 16,384 ids plus a
 few strongly boosted candidates per row, so heads are peaked and ids recur, as on real text); each
 sequence's tokens are drawn from those distributions, so about as many targets fall in the head as
@@ -42,14 +42,14 @@ def build(work: Path, rows: int, k: int, vocab: int, chunk_rows: int, shard_rows
     """A prepared dataset and a format-3 cache over it under `work` (see the module docstring)."""
     import torch
 
-    from pipeline.batching import target_ids_of
+    from pipeline.data.batching import target_ids_of
     from pipeline.cache import layout
     from pipeline.cache.schema import FORMAT_VERSION, CodecParams, RowCodec
     from pipeline.cache.writer import targets_sha256, write_shard
     from pipeline.identity import write_json
-    from pipeline.prepare import load_prepared, write_prepared
-    from pipeline.teacher import plan_shards, write_index
-    from pipeline.teacher_stats import distribution_stats
+    from pipeline.data.prepare import load_prepared, write_prepared
+    from pipeline.teacher.runner import plan_shards, write_index
+    from pipeline.teacher.stats import distribution_stats
 
     rng = np.random.default_rng(seed)
     params = CodecParams(top_k=k, vocab_size=vocab, temperatures=(0.5, 0.7, 1.4, 2.0))
@@ -125,7 +125,7 @@ def time_read(cache, fields: tuple[str, ...]) -> float:
 def time_stream(data, cache, threads: int, batch_tokens: int, batch_size: int) -> tuple[float, float, int]:
     """(rows/s, padding fraction, micro-batches) of CacheStream's epoch 1, timed whole (its start-up
     included); epoch 0 before it opens the shards and checks their alignment hashes (once per run)."""
-    from pipeline.stream import CacheStream
+    from pipeline.data.stream import CacheStream
 
     kw = {"batch_tokens": batch_tokens} if "batch_tokens" in inspect.signature(CacheStream).parameters else {}
     s = CacheStream(data, cache, batch_size, seed=0, threads=threads, **kw)
@@ -163,8 +163,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from pipeline.cache import open_cache
-    from pipeline.kd_loss import KD_FIELDS
-    from pipeline.prepare import load_prepared
+    from pipeline.losses.objective import KD_FIELDS
+    from pipeline.data.prepare import load_prepared
 
     if args.cache:
         cache_dir, data_dir = Path(args.cache), Path(args.data or open_cache(args.cache).meta["data"]["path"])

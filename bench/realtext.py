@@ -7,14 +7,14 @@
 What it builds (each stage is skipped when its recorded settings hash matches, so a re-run costs
 seconds; change a setting and that stage and the ones after it are rebuilt):
 
-    runs/bench/stdlib/          pipeline/stdlib_corpus.py output: {train,heldout,text}.jsonl + manifest.json
+    runs/bench/stdlib/          pipeline/data/stdlib_corpus.py output: {train,heldout,text}.jsonl + manifest.json
     runs/bench/tokenizer/       byte-level BPE, V = 16,384, trained on the train split (prompt + response)
     runs/bench/text/train.jsonl the train tiles as {"text": prompt + response} (every token a target)
     runs/bench/prepared/train   `kdcache prepare` of that text (teacher and student training)
     runs/bench/prepared/heldout `kdcache prepare` of the held-out prompt -> response pairs (targets =
                                 completion tokens + EOS): the positions every benchmark measures
     runs/bench/models/*.json    transformers LlamaConfig files of teacher and student
-    runs/bench/teacher/final    the teacher, trained by `pipeline.train.train` (plain CE, no cache)
+    runs/bench/teacher/final    the teacher, trained by `pipeline.training.trainer.train` (plain CE, no cache)
     runs/bench/student/final    a ~10x smaller student trained the same way for a few minutes
     runs/bench/teacher_sharp    the teacher with its output head scaled x2 (logits x 2 = temperature 0.5):
                                 a second, more confident teacher
@@ -129,8 +129,8 @@ def platform_identity() -> dict[str, str]:
 
 
 def build_corpus(b: Bench) -> None:
-    from pipeline.stdlib_corpus import CorpusConfig
-    from pipeline.stdlib_corpus import build_corpus as build_stdlib
+    from pipeline.data.stdlib_corpus import CorpusConfig
+    from pipeline.data.stdlib_corpus import build_corpus as build_stdlib
 
     c = b.settings["corpus"]
     m = build_stdlib(CorpusConfig(out=str(b.corpus), max_prompt_lines=c["max_prompt_lines"],
@@ -143,7 +143,7 @@ def build_corpus(b: Bench) -> None:
 
 
 def build_tokenizer(b: Bench) -> None:
-    from pipeline.tokenizer_train import train_tokenizer
+    from pipeline.data.bpe_tokenizer import train_tokenizer
 
     with open(b.train_text, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in f]
@@ -155,7 +155,7 @@ def build_tokenizer(b: Bench) -> None:
 
 
 def build_prepared(b: Bench) -> None:
-    from pipeline.prepare import PrepareConfig, prepare
+    from pipeline.data.prepare import PrepareConfig, prepare
 
     ml = b.settings["prepare"]["max_length"]
     tr = prepare(PrepareConfig(data=str(b.train_text), tokenizer=str(b.tokenizer), out=str(b.prepared_train),
@@ -167,9 +167,9 @@ def build_prepared(b: Bench) -> None:
 
 
 def train_model(b: Bench, which: str, max_steps: int | None = None, out: Path | None = None) -> dict[str, Any]:
-    """Train the teacher or the student from scratch with `pipeline.train.train` (plain CE)."""
-    from pipeline.train import train
-    from pipeline.train_config import TrainConfig
+    """Train the teacher or the student from scratch with `pipeline.training.trainer.train` (plain CE)."""
+    from pipeline.training.trainer import train
+    from pipeline.training.config import TrainConfig
 
     s = b.settings[which]
     cfg_path = b.root / "models" / f"{which}.json"
@@ -229,7 +229,7 @@ def heldout_subset(b: Bench, rows: int) -> tuple[list[np.ndarray], list[np.ndarr
 
     -> input_ids list [L_e] int64, loss_mask list [L_e] int8, number of target rows they hold.
     """
-    from pipeline.prepare import load_prepared
+    from pipeline.data.prepare import load_prepared
 
     ds = load_prepared(b.prepared_heldout).with_format("numpy")
     ids, masks, n = [], [], 0
@@ -252,7 +252,7 @@ def target_logits(model: Any, ids: list[np.ndarray], masks: list[np.ndarray], ba
     whole examples, so a caller can stream rows without holding [rows, V].
     """
     from pipeline.models import model_vocab_size
-    from pipeline.teacher_stats import head_spec
+    from pipeline.head import head_spec
 
     head = head_spec(model, model_vocab_size(model))
     order = list(range(len(ids)))

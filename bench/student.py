@@ -12,7 +12,7 @@ and caches a small random Llama teacher over it (default preset, K = 8), then ti
      reaches the divergence), and IDTS (alpha = 0),
 and, with --compare-autograd, B and A again with the gradient of each chunk taken by local autograd (the path
 before the closed-form gradients of `divergences.bucket_kd_grad`), in the same interleaved loop.
-Both go through the trainer's chunked objective (pipeline/chunked_loss.py). Reports median step times and
+Both go through the trainer's chunked objective (pipeline/losses/chunked.py). Reports median step times and
 their ratio B/A (goal <= 1.10), the kept fraction of B's steps (a step where the gate kept nothing measures
 no divergence and is refused), and the reader's rows/s (CacheStream alone) against what the student consumes.
 """
@@ -80,12 +80,12 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from pipeline.cache import open_cache
-    from pipeline.chunked_loss import _ChunkedLoss
-    from pipeline.prepare import load_prepared
-    from pipeline.stream import CacheStream
-    from pipeline.teacher import TeacherConfig, run_teacher
-    from pipeline.train import Trainer
-    from pipeline.train_config import TrainConfig
+    from pipeline.losses.chunked import _ChunkedLoss
+    from pipeline.data.prepare import load_prepared
+    from pipeline.data.stream import CacheStream
+    from pipeline.teacher.runner import TeacherConfig, run_teacher
+    from pipeline.training.trainer import Trainer
+    from pipeline.training.config import TrainConfig
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

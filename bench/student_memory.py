@@ -10,9 +10,9 @@ SpecKD topk gate with reject weight 0.5 so every row is kept, IDTS, alpha = 0.1 
 then prints its peak resident memory (`ru_maxrss`). The process's address space is capped (`--cap-gb`,
 default 20) so a path that needs more fails with out-of-memory instead of taking the machine down; that is
 reported as "> cap".
-  chunked   `pipeline.chunked_loss.StudentObjective`, the trainer's path (rows per chunk: auto, ~64 MiB)
+  chunked   `pipeline.losses.chunked.StudentObjective`, the trainer's path (rows per chunk: auto, ~64 MiB)
   full      logits [N, V] for every target at once, `kd_loss.kd_terms` + cross-entropy, autograd: the
-            trainer's path before the chunked loss (kept as the reference in tests/test_chunked_loss.py)
+            trainer's path before the chunked loss (kept as the reference in tests/losses/test_chunked_loss.py)
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def one(path: str, tokens: int, vocab: int, seqs: int, chunk_rows: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from pipeline.adakd import LATF
-    from pipeline.chunked_loss import StudentObjective
-    from pipeline.kd_loss import KdSettings, kd_terms
-    from pipeline.student import TargetLogits
+    from pipeline.losses.adakd import LATF
+    from pipeline.training.student import StudentObjective
+    from pipeline.losses.objective import KdSettings, kd_terms
+    from pipeline.training.student import TargetLogits
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=192, num_hidden_layers=2,

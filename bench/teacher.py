@@ -51,8 +51,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.batching import token_budget_batches  # noqa: E402
-from pipeline.prepare import META_FILENAME, write_prepared  # noqa: E402
+from pipeline.data.batching import token_budget_batches  # noqa: E402
+from pipeline.data.prepare import META_FILENAME, write_prepared  # noqa: E402
 
 PRESETS = {  # Llama-shaped configurations
     "tiny": dict(hidden=256, layers=4, heads=4, kv_heads=4, intermediate=688, vocab=16384),
@@ -148,8 +148,8 @@ def main() -> None:
 
     from pipeline.cache import open_cache
     from pipeline.models import pick_device
-    from pipeline.teacher import TeacherConfig, run_teacher
-    from pipeline.teacher_worker import get_model
+    from pipeline.teacher.runner import TeacherConfig, run_teacher
+    from pipeline.teacher.worker import get_model
 
     device = pick_device(args.device)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kdbench-"))

@@ -31,7 +31,7 @@ from fidelity import kdcache_build, subset_prepared  # noqa: E402
 def log_partition_error(cache, ids, masks, model_dir: Path, betas: torch.Tensor, block_tokens: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (max |ΔA| [B], mean |ΔA| [B]) per β in `betas` [B], over every row of `cache`."""
-    from pipeline.temperature import tail_log_partition_at
+    from pipeline.losses.temperature import tail_log_partition_at
 
     grid = torch.tensor([1.0 / t for t in cache.temperatures], dtype=torch.float64)
     teacher = realtext._load(model_dir)

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.tokenizer_train import train_tokenizer  # noqa: E402
+from pipeline.data.bpe_tokenizer import train_tokenizer  # noqa: E402
 
 SEED = 1234
 N_PEOPLE = 150

@@ -3,7 +3,7 @@
     python data/make_stdlib.py                          # -> runs/stdlib/data/{train,heldout,text}.jsonl + manifest
     python data/make_stdlib.py --out DIR --max-prompt-lines 12 --heldout-every 20 --vocab-size 8192
 
-The corpus, its rules and its licence (PSF-2.0) are described in `pipeline/stdlib_corpus.py`; `kdcache run`
+The corpus, its rules and its licence (PSF-2.0) are described in `pipeline/data/stdlib_corpus.py`; `kdcache run`
 builds the same thing from a `corpus:` section (configs/bench-quality.yaml). This script is the stand-alone
 way to get the files, e.g. to prepare them with another tokenizer.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.errors import KdError  # noqa: E402
-from pipeline.stdlib_corpus import CorpusConfig, build_corpus, summary_line  # noqa: E402
+from pipeline.data.stdlib_corpus import CorpusConfig, build_corpus, summary_line  # noqa: E402
 
 
 def main() -> None:

@@ -105,8 +105,8 @@ def train(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     from pipeline.models import load_tokenizer
-    from pipeline.prepare import prepared_meta
-    from pipeline.student import check_inputs
+    from pipeline.data.prepare import prepared_meta
+    from pipeline.training.student import check_inputs
 
     if Path(args.out).exists():
         raise KdError(f"{args.out} already exists; choose a new --out")

@@ -92,8 +92,8 @@ def train(args: argparse.Namespace) -> int:
     from trl import SFTConfig
 
     from pipeline.models import load_tokenizer
-    from pipeline.prepare import prepared_meta
-    from pipeline.student import check_inputs
+    from pipeline.data.prepare import prepared_meta
+    from pipeline.training.student import check_inputs
 
     if Path(args.out).exists():
         raise KdError(f"{args.out} already exists; choose a new --out")

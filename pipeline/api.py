@@ -37,10 +37,10 @@ from typing import Any
 
 from pipeline.cache import open_cache
 from pipeline.errors import KdError
-from pipeline.kd_dataset import (IGNORE_INDEX, KDCollator, KDExampleDataset, KDIterableDataset, as_microbatch,
+from pipeline.interop.datasets import (IGNORE_INDEX, KDCollator, KDExampleDataset, KDIterableDataset, as_microbatch,
                                  move_batch, open_inputs, to_hf_iterable)
-from pipeline.kd_loss import KD_FIELDS
-from pipeline.kd_module import KDLoss, KDLossConfig, KDOutput, gather_target_logits, student_target_logits
+from pipeline.losses.objective import KD_FIELDS
+from pipeline.interop.loss_module import KDLoss, KDLossConfig, KDOutput, gather_target_logits, student_target_logits
 
 __all__ = ["KDExampleDataset", "KDIterableDataset", "KDCollator", "KDLoss", "KDLossConfig", "KDOutput",
            "student_target_logits", "gather_target_logits", "as_microbatch", "move_batch", "open_inputs",
@@ -57,7 +57,7 @@ def save_student(model: Any, out: str | Path, data: str | Path) -> Path:
     import tempfile
 
     from pipeline.models import load_tokenizer
-    from pipeline.prepare import prepared_meta
+    from pipeline.data.prepare import prepared_meta
 
     out = Path(out)
     if out.exists():

@@ -1,6 +1,6 @@
 """Typed stage configs: YAML files, `--set key=value` overrides and command-line options.
 
-Each stage owns one dataclass (e.g. `pipeline.prepare.PrepareConfig`) that is the single source of
+Each stage owns one dataclass (e.g. `pipeline.data.prepare.PrepareConfig`) that is the single source of
 truth for its settings and validates itself in `__post_init__`. This module turns the three ways a
 user can give settings into one instance, in increasing priority:
 

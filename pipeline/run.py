@@ -5,7 +5,7 @@
 Layout under `out` (the run owns every path, so sections only hold settings):
 
     corpus/               the real-text corpus and its tokenizer (only with a `corpus` section:
-                          `pipeline.stdlib_corpus`); prepare entries name it as "{corpus}/train.jsonl"
+                          `pipeline.data.stdlib_corpus`); prepare entries name it as "{corpus}/train.jsonl"
     prepared/<split>/     one `kdcache prepare` output per entry of `prepare` (train, heldout, ...)
     teacher/              the teacher trained with `kdcache train` (only when `teacher.train` is given;
                           `teacher.train.split` names the prepared split it trains on, default train)
@@ -27,7 +27,7 @@ train resumes from its newest checkpoint or is skipped when final, eval is skipp
 eval.json was made with the same settings), so re-running after an interruption continues.
 When settings changed, each stage says what it redoes and why, naming the changed keys:
 prepared data and students are redone (a student also when its cache, data or `init_from` base
-changed: `pipeline.train_state`); a teacher cache, hours of GPU time, is never replaced unasked
+changed: `pipeline.training.state`); a teacher cache, hours of GPU time, is never replaced unasked
 (`--set teacher.overwrite=true` does), except that of a teacher the run trains itself (`train:`), which
 follows its teacher. Replacing an output removes only what kdcache wrote there.
 """
@@ -189,7 +189,7 @@ class Pipeline:
 
     def build_corpus(self) -> None:
         """The `corpus` section: the real-text corpus and its tokenizer under out/corpus (skipped when up to date)."""
-        from pipeline.stdlib_corpus import CorpusConfig, build_corpus, summary_line
+        from pipeline.data.stdlib_corpus import CorpusConfig, build_corpus, summary_line
 
         cc = from_dict(CorpusConfig, {**self.cfg.corpus, "out": str(self.corpus_dir)})
         self.echo(summary_line(build_corpus(cc, echo=self.echo), cc.out))
@@ -203,7 +203,7 @@ class Pipeline:
         return value
 
     def stage_prepare(self) -> None:
-        from pipeline.prepare import PrepareConfig, prepare, summary_line
+        from pipeline.data.prepare import PrepareConfig, prepare, summary_line
 
         if self.cfg.corpus:
             self.build_corpus()
@@ -225,7 +225,7 @@ class Pipeline:
             self._teacher(slot)
 
     def _teacher(self, slot: TeacherSlot) -> None:
-        from pipeline.teacher import TeacherConfig, run_teacher
+        from pipeline.teacher.runner import TeacherConfig, run_teacher
 
         section = dict(slot.section)
         train_section = section.pop("train", None)
@@ -280,9 +280,9 @@ class Pipeline:
 
     def _train_one(self, name: str, out: Path, section: dict[str, Any], teacher: TeacherSlot | None,
                    split: str = "train") -> None:
-        from pipeline.train import summary_line, train
-        from pipeline.train_config import TrainConfig
-        from pipeline.train_state import read_state
+        from pipeline.training.trainer import summary_line, train
+        from pipeline.training.config import TrainConfig
+        from pipeline.training.state import read_state
 
         keys = {**section, "data": str(self.prepared(split)), "out": str(out)}
         # The run owns the cache path; `cache: false` in a section opts a student out of it.
@@ -303,7 +303,7 @@ class Pipeline:
         self.echo(f"train[{name}]: " + summary_line(s).removeprefix("train: "))
 
     def stage_eval(self) -> None:
-        from pipeline.evaluate import EvalConfig, evaluate
+        from pipeline.evaluation.evaluate import EvalConfig, evaluate
 
         section = dict(self.cfg.eval)
         section.pop("split", None)
@@ -334,7 +334,7 @@ class Pipeline:
                       + (f", exact match {res['exact_match']:.3f}" if "exact_match" in res else "") + f" -> {ec.out}")
 
     def stage_report(self) -> None:
-        from pipeline.report import ReportConfig, report
+        from pipeline.evaluation.report import ReportConfig, report
 
         runs = [str(self.student_dir(n)) for n in self.students]
         teachers = [str(t.root) for t in self.teachers if (t.root / "eval").exists()]

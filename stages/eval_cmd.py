@@ -1,10 +1,10 @@
-"""`kdcache eval`: cross-entropy, agreement with the teacher cache, greedy generation (see pipeline/evaluate.py)."""
+"""`kdcache eval`: cross-entropy, agreement with the teacher cache, greedy generation (see pipeline/evaluation/evaluate.py)."""
 
 from __future__ import annotations
 
 import click
 
-from pipeline.evaluate import EvalConfig
+from pipeline.evaluation.evaluate import EvalConfig
 from stages.common import config_options, given, setting, user_errors
 
 E = EvalConfig
@@ -28,7 +28,7 @@ E = EvalConfig
 def eval_(config_file, sets, **opts):
     """Score a model on prepared data: CE/perplexity, teacher agreement and FKL, exact match and ROUGE-L."""
     from pipeline.config import resolve
-    from pipeline.evaluate import evaluate, summary_line
+    from pipeline.evaluation.evaluate import evaluate, summary_line
 
     cfg = resolve(EvalConfig, config_file, sets, given(opts))
     click.echo(summary_line(evaluate(cfg, progress=True), cfg.out))

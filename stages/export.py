@@ -1,11 +1,11 @@
 """`kdcache export CACHE --format F --out DIR`: the cache and its data as a Hugging Face dataset in the layout of
-kdcache itself, axolotl's KD plugin or DistillKit (see pipeline/export.py and docs/api.md)."""
+kdcache itself, axolotl's KD plugin or DistillKit (see pipeline/interop/export.py and docs/api.md)."""
 
 from __future__ import annotations
 
 import click
 
-from pipeline.export import FORMATS, ExportConfig
+from pipeline.interop.export import FORMATS, ExportConfig
 from stages.common import config_options, given, setting, user_errors
 
 E = ExportConfig
@@ -27,7 +27,7 @@ def export(cache, config_file, sets, **opts):
     from tqdm import tqdm
 
     from pipeline.config import resolve
-    from pipeline.export import export as run_export, summary_line
+    from pipeline.interop.export import export as run_export, summary_line
 
     cfg = resolve(ExportConfig, config_file, sets, {**given(opts), "cache": cache})
     bar = None

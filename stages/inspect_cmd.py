@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from pipeline.inspection import InspectConfig
+from pipeline.cache.inspection import InspectConfig
 from stages.common import config_options, given, setting, user_errors
 
 I = InspectConfig  # noqa: E741
@@ -21,7 +21,7 @@ I = InspectConfig  # noqa: E741
 def inspect(cache, config_file, sets, **opts):
     """Summarise a teacher cache (rows, K, bytes/row, statistics, shard status); CACHE or `cache` in --config."""
     from pipeline.config import resolve
-    from pipeline.inspection import format_summary, inspect_cache, verify_cache
+    from pipeline.cache.inspection import format_summary, inspect_cache, verify_cache
 
     cfg = resolve(InspectConfig, config_file, sets, {**given(opts), "cache": cache})
     summary = inspect_cache(cfg)

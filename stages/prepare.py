@@ -1,10 +1,10 @@
-"""`kdcache prepare`: tokenize a corpus into input_ids + loss_mask (see pipeline/prepare.py)."""
+"""`kdcache prepare`: tokenize a corpus into input_ids + loss_mask (see pipeline/data/prepare.py)."""
 
 from __future__ import annotations
 
 import click
 
-from pipeline.prepare import FORMATS, PrepareConfig
+from pipeline.data.prepare import FORMATS, PrepareConfig
 from stages.common import config_options, given, setting, user_errors
 
 P = PrepareConfig
@@ -30,7 +30,7 @@ P = PrepareConfig
 def prepare(config_file, sets, **opts):
     """Tokenize a corpus; mark the positions that are training targets."""
     from pipeline.config import resolve
-    from pipeline.prepare import prepare as run_prepare, summary_line
+    from pipeline.data.prepare import prepare as run_prepare, summary_line
 
     cfg = resolve(PrepareConfig, config_file, sets, given(opts))
     meta = run_prepare(cfg, progress=True)

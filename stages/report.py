@@ -1,10 +1,10 @@
-"""`kdcache report RUN_DIR... --out DIR`: one table and plots comparing runs (see pipeline/report.py)."""
+"""`kdcache report RUN_DIR... --out DIR`: one table and plots comparing runs (see pipeline/evaluation/report.py)."""
 
 from __future__ import annotations
 
 import click
 
-from pipeline.report import ReportConfig
+from pipeline.evaluation.report import ReportConfig
 from stages.common import config_options, given, setting, user_errors
 
 R = ReportConfig
@@ -25,7 +25,7 @@ def report(run_dirs, config_file, sets, **opts):
     """Compare training runs (RUN_DIRS, or `runs` in --config): the best student and its margin against the seed
     spread, held-out chart, eval figures, final TAR, throughput, curves and cache histograms."""
     from pipeline.config import resolve
-    from pipeline.report import build_report, summary_line
+    from pipeline.evaluation.report import build_report, summary_line
 
     cfg = resolve(ReportConfig, config_file, sets, {**given(opts), "runs": list(run_dirs) or None})
     click.echo(summary_line(build_report(cfg)))

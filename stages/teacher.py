@@ -1,10 +1,10 @@
-"""`kdcache teacher`: run a teacher once and write the sharded cache (see pipeline/teacher.py)."""
+"""`kdcache teacher`: run a teacher once and write the sharded cache (see pipeline/teacher/runner.py)."""
 
 from __future__ import annotations
 
 import click
 
-from pipeline.teacher import TeacherConfig
+from pipeline.teacher.runner import TeacherConfig
 from stages.common import config_options, given, setting, user_errors
 
 T = TeacherConfig
@@ -47,7 +47,7 @@ def teacher(config_file, sets, **opts):
     from tqdm import tqdm
 
     from pipeline.config import resolve
-    from pipeline.teacher import run_teacher
+    from pipeline.teacher.runner import run_teacher
 
     cfg = resolve(TeacherConfig, config_file, sets, given(opts))
     bar = None

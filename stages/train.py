@@ -1,12 +1,12 @@
-"""`kdcache train`: distill a student from the cache, or plain CE training without one (see pipeline/train.py)."""
+"""`kdcache train`: distill a student from the cache, or plain CE training without one (see pipeline/training/trainer.py)."""
 
 from __future__ import annotations
 
 import click
 
-from pipeline.selection import SELECTIONS
-from pipeline.kd_options import GATES, LOSSES, PROPOSALS, TAILS
-from pipeline.train_config import BEST_METRICS, SCHEDULES, TrainConfig
+from pipeline.losses.selection import SELECTIONS
+from pipeline.losses.options import GATES, LOSSES, PROPOSALS, TAILS
+from pipeline.training.config import BEST_METRICS, SCHEDULES, TrainConfig
 from stages.common import config_options, given, setting, user_errors
 
 T = TrainConfig
@@ -92,7 +92,7 @@ def train(config_file, sets, **opts):
     nothing for a finished one.
     """
     from pipeline.config import resolve
-    from pipeline.train import summary_line, train as run_train
+    from pipeline.training.trainer import summary_line, train as run_train
 
     cfg = resolve(TrainConfig, config_file, sets, given(opts))
     click.echo(summary_line(run_train(cfg, progress=True)))

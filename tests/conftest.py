@@ -43,7 +43,7 @@ def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from pipeline.tokenizer_train import train_tokenizer
+    from pipeline.data.bpe_tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp("tokenizer")
     texts = [f"{r['prompt']} {r['response']}" for r in make_pairs(400, seed=1)]
@@ -98,14 +98,14 @@ def data_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory, data_file, tokenizer_dir) -> Path:
-    from pipeline.prepare import PrepareConfig, prepare
+    from pipeline.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("prep") / "prepared"
     prepare(PrepareConfig(data=str(data_file), tokenizer=str(tokenizer_dir), out=str(out), max_length=64))
     return out
 
 
-# ---- teacher-cache fixtures (tests/test_cache_oracle.py, test_teacher_*.py, test_inspect.py) ----------
+# ---- teacher-cache fixtures (tests/cache/test_cache_oracle.py, test_teacher_*.py, test_inspect.py) ----------
 
 CACHE_SHARD_ROWS = 60  # ~11 shards over `prepared_dir`: restart, multi-worker and verify tests need several
 

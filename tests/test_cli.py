@@ -12,13 +12,13 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from pipeline.evaluate import EvalConfig
-from pipeline.export import ExportConfig
-from pipeline.inspection import InspectConfig
-from pipeline.prepare import PrepareConfig
-from pipeline.report import ReportConfig
-from pipeline.teacher import TeacherConfig
-from pipeline.train_config import TrainConfig
+from pipeline.evaluation.evaluate import EvalConfig
+from pipeline.interop.export import ExportConfig
+from pipeline.cache.inspection import InspectConfig
+from pipeline.data.prepare import PrepareConfig
+from pipeline.evaluation.report import ReportConfig
+from pipeline.teacher.runner import TeacherConfig
+from pipeline.training.config import TrainConfig
 from stages.cli import main
 
 CONFIGS = {"prepare": PrepareConfig, "teacher": TeacherConfig, "train": TrainConfig, "eval": EvalConfig,
@@ -82,7 +82,7 @@ def test_help_shows_the_config_dataclass_defaults(name):
 def test_explicit_default_value_still_beats_the_config_file(tmp_path, data_file, tokenizer_dir):
     """Options carry their real defaults now; typing one must still override --config, and not typing it
     must not."""
-    from pipeline.prepare import META_FILENAME
+    from pipeline.data.prepare import META_FILENAME
     import json
 
     cfg = tmp_path / "p.yaml"

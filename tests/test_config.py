@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from pipeline.config import from_dict, parse_sets, resolve, save_config, to_dict
 from pipeline.errors import KdError
-from pipeline.prepare import PrepareConfig
-from pipeline.teacher import TeacherConfig
+from pipeline.data.prepare import PrepareConfig
+from pipeline.teacher.runner import TeacherConfig
 from stages.cli import main
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

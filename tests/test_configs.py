@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import from_dict, load_yaml
-from pipeline.evaluate import EvalConfig
-from pipeline.prepare import PrepareConfig
+from pipeline.evaluation.evaluate import EvalConfig
+from pipeline.data.prepare import PrepareConfig
 from pipeline.run import RunConfig, load_run_config
-from pipeline.teacher import TeacherConfig
-from pipeline.train_config import TrainConfig
+from pipeline.teacher.runner import TeacherConfig
+from pipeline.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import open_cache
-from pipeline.teacher import TeacherConfig, run_teacher
+from pipeline.teacher.runner import TeacherConfig, run_teacher
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

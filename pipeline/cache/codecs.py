@@ -2,7 +2,7 @@
 and back with a stated error. `pipeline.cache.schema` composes them into the row codec.
 
 Every codec is a pure function of its parameters (recorded in the cache metadata), works on numpy
-arrays of any shape, and is tested by a round trip (`tests/test_cache_codecs.py`).
+arrays of any shape, and is tested by a round trip (`tests/cache/test_cache_codecs.py`).
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ class Cache:
                               f"and {path or 'its recorded path'} is gone; pass it with open_cache(path, data=DIR)")
             self._data = path
         if isinstance(self._data, (str, Path)):
-            from pipeline.prepare import load_prepared
+            from pipeline.data.prepare import load_prepared
 
             self._data = load_prepared(self._data)
         return self._data
@@ -273,7 +273,7 @@ class Cache:
             hit = self._targets.get(i)
         if hit is not None:
             return hit
-        from pipeline.batching import target_ids_of
+        from pipeline.data.batching import target_ids_of
         from pipeline.cache.writer import targets_sha256
 
         s = self.shards[i]

@@ -1,0 +1,349 @@
+"""Stage 0: tokenize a corpus into `input_ids` + `loss_mask`, the rows every later stage indexes.
+
+    kdcache prepare --data data/demo/train.jsonl --tokenizer data/demo/tokenizer --out runs/demo/prepared
+
+Position t (t >= 1) of an example is a *target* when `loss_mask[t] == 1`: it is predicted from
+`input_ids[:t]`. The teacher caches one row per target, in dataset order then position order, so
+the row range of every example is known from `loss_mask` alone before any model runs.
+
+Output: a `datasets.load_from_disk` directory plus `kdcache_prepare.json` recording the tokenizer
+identity, a fingerprint of the produced columns, counts and the resolved config. The directory is
+built under a temporary name and renamed into place, so a killed run leaves nothing to mistake
+for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.config import changes, save_config, to_dict
+from pipeline.data.corpus import RecordPlaces, input_files, load_records, looks_like_path
+from pipeline.errors import KdError, StaleOutput
+from pipeline.identity import file_sha256, read_json, tokenizer_identity, write_json
+from pipeline.models import load_tokenizer
+from pipeline.ownership import PREPARE, refuse_foreign, remove_owned
+
+log = logging.getLogger(__name__)
+
+META_FILENAME = "kdcache_prepare.json"
+FORMATS = ("auto", "text", "prompt-response", "chat")
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of `kdcache prepare`."""
+
+    data: str = ""  # file, directory of files, `load_from_disk` directory, or a datasets hub name
+    tokenizer: str = ""  # local directory or hub id
+    out: str = ""
+    max_length: int = 2048  # longer examples are truncated (counted in the summary)
+    format: str = "auto"  # auto | text | prompt-response | chat
+    split: str = "train"
+    text_field: str = "text"
+    add_eos: bool = True  # append EOS to text and prompt-response examples (it is a target)
+    max_examples: int = 0  # > 0: a seeded random subset of this many examples, kept in corpus order
+    sample_seed: int = 0  # the subset's seed
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise KdError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.max_length < 2:
+            raise KdError(f"max_length must be at least 2, got {self.max_length}")
+        if self.max_examples < 0:
+            raise KdError(f"max_examples must be >= 0 (0: every example), got {self.max_examples}")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that change the output (not where it goes or whether to overwrite)."""
+        d = to_dict(self)
+        d.pop("out")
+        d.pop("overwrite")
+        return d
+
+
+def source_sha256(data: str) -> str | None:
+    """sha256 over the bytes of a local input (a file, or every file under a directory); None for a
+    hub name. Recorded so that a re-run notices an input file edited in place."""
+    p = Path(data).expanduser()
+    if p.is_file():
+        files, root = [p], p.parent
+    elif p.is_dir():
+        files, root = sorted(f for f in p.rglob("*") if f.is_file()), p
+    elif looks_like_path(data):
+        raise KdError(f"data not found: {data}")
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        try:
+            h.update(f"{f.relative_to(root)}\t{file_sha256(f)}\n".encode())
+        except OSError as e:
+            raise KdError(f"cannot read data {str(f)!r}: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
+def detect_format(columns: list[str], text_field: str) -> str:
+    """Pick the format from the dataset's fields: messages -> chat, prompt+response, else text."""
+    if "messages" in columns:
+        return "chat"
+    if "prompt" in columns and "response" in columns:
+        return "prompt-response"
+    if text_field in columns:
+        return "text"
+    raise KdError(f"cannot tell the data format from fields {columns}: expected 'messages', "
+                  f"'prompt'+'response' or '{text_field}' (or pass --format)")
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_text(tokenizer: Any, text: str, add_eos: bool) -> tuple[list[int], list[int]]:
+    """Every token after the first is a target; a BOS is prepended when the tokenizer has one."""
+    ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, text)
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids, [0] + [1] * (len(ids) - 1)
+
+
+def encode_prompt_response(tokenizer: Any, prompt: str, response: str, add_eos: bool) -> tuple[list[int], list[int]]:
+    """Only response tokens and the final EOS are targets."""
+    head = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, prompt)
+    tail = _encode(tokenizer, response)
+    if add_eos and tokenizer.eos_token_id is not None:
+        tail.append(tokenizer.eos_token_id)
+    return head + tail, [0] * len(head) + [1] * len(tail)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Render with the tokenizer's chat template; only assistant turns (their content and the
+    template's closing tokens up to the next turn) are targets.
+
+    Assistant spans are found as character ranges by rendering growing prefixes of the
+    conversation (prefix + generation prompt vs prefix including the turn), then mapped to tokens
+    with the fast tokenizer's offsets, so any template works without knowing its markup.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise KdError("format 'chat' needs a tokenizer with a chat_template")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise KdError(f"'messages' must be a list of {{role, content}} objects, got {type(messages).__name__}")
+    for j, m in enumerate(messages):
+        missing = [k for k in ("role", "content") if m.get(k) is None]
+        if missing:
+            raise KdError(f"message {j} has no {' or '.join(repr(k) for k in missing)}")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        if i:
+            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        else:  # templates refuse an empty conversation: the turn opens where an empty reply's render stops matching
+            empty = tokenizer.apply_chat_template([{**m, "content": ""}], tokenize=False)
+            one = tokenizer.apply_chat_template(messages[:1], tokenize=False)
+            n = next((j for j, (a, b) in enumerate(zip(empty, one)) if a != b), min(len(empty), len(one)))
+            head = one[:n]
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        # The span method needs renders of prefixes to be prefixes of the full render.
+        if not (full.startswith(upto) and upto.startswith(head)):
+            raise KdError("the tokenizer's chat template does not render a conversation's prefix as a prefix "
+                          "of the whole; use --format prompt-response or text for this tokenizer")
+        spans.append((len(head), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    mask = [0] * len(ids)
+    for t, (a, b) in enumerate(offsets):
+        if t > 0 and any(s <= a and b <= e and b > a for s, e in spans):
+            mask[t] = 1
+    return ids, mask
+
+
+FIELDS = {"text": None, "prompt-response": ("prompt", "response"), "chat": ("messages",)}
+
+
+def tokenize_records(ds: Any, tokenizer: Any, fmt: str, cfg: PrepareConfig,
+                     where: Any = None) -> Iterator[tuple[list[int], list[int], bool]]:
+    """Yield (input_ids, loss_mask, truncated) per record.
+
+    `where(i)` names record i in errors (`FILE:LINE (example i)`); a missing or null field is an
+    error rather than an empty string, so a broken record is never trained on as an empty one.
+    """
+    where = where or (lambda i: f"example {i}")
+    fields = FIELDS[fmt] or (cfg.text_field,)
+    for i, rec in enumerate(ds):
+        try:
+            absent = [f for f in fields if rec.get(f) is None]
+            if absent:
+                raise KdError(f"field {absent[0]!r} is missing or null")
+            if fmt == "text":
+                ids, mask = encode_text(tokenizer, str(rec[cfg.text_field]), cfg.add_eos)
+            elif fmt == "prompt-response":
+                ids, mask = encode_prompt_response(tokenizer, str(rec["prompt"]), str(rec["response"]), cfg.add_eos)
+            else:
+                ids, mask = encode_chat(tokenizer, rec["messages"])
+        except KdError as e:
+            raise KdError(f"{where(i)}: {e}") from None
+        except Exception as e:  # a template error, a malformed record: name the example, not a traceback
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise KdError(f"{where(i)}: cannot encode as {fmt} ({type(e).__name__}: {msg})") from None
+        truncated = len(ids) > cfg.max_length
+        mask = mask[: cfg.max_length]
+        if mask:
+            mask[0] = 0  # position 0 has no context: never a target (the teacher caches t >= 1 only)
+        yield ids[: cfg.max_length], mask, truncated
+
+
+def prepared_meta(path: str | Path) -> dict[str, Any]:
+    """The `kdcache_prepare.json` of a prepared directory (a `KdError` if it is not one)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise KdError(f"prepared data not found: {p} (run `kdcache prepare` first)")
+    return read_json(p / META_FILENAME, "prepared-data record (kdcache_prepare.json)")
+
+
+def load_prepared(path: str | Path) -> Any:
+    """The prepared `datasets.Dataset` at `path`, checked to be one that `prepare` finished."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    meta = prepared_meta(path)
+    if meta.get("examples") == 0:
+        raise KdError(f"prepared data {path} is empty (0 examples): nothing to do")
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:  # an empty or damaged Arrow directory fails deep inside datasets
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise KdError(f"cannot load prepared data {path}: {type(e).__name__}: {msg}") from None
+
+
+def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
+    """Tokenize `cfg.data` into `cfg.out`; returns the record written to `kdcache_prepare.json`.
+
+    Re-running with the same settings on a finished output does nothing; different settings on an
+    existing output are refused unless `cfg.overwrite`.
+    """
+    if not cfg.out:
+        raise KdError("no output directory given (--out DIR)")
+    out = Path(cfg.out)
+    if not cfg.data:
+        raise KdError("no input data given (--data FILE_OR_DIR_OR_NAME)")
+    source = source_sha256(cfg.data)
+    if out.exists() and not out.is_dir():
+        raise KdError(f"--out {out} is a file, not a directory")
+    meta_path = out / META_FILENAME
+    if meta_path.exists():
+        meta = read_json(meta_path, "prepared-data record")
+        diff = changes(meta.get("config_identity") or {}, cfg.identity())
+        if meta.get("source_sha256") != source:
+            diff.append(f"input changed: {cfg.data}")
+        if not cfg.overwrite:
+            if diff:
+                raise StaleOutput(f"{out} holds data prepared with other settings ({', '.join(diff)}); "
+                                  "pass --overwrite to replace it", diff)
+            meta["skipped"] = True
+            return meta
+    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        refuse_foreign(out, PREPARE)  # names the first file that is not ours
+        raise KdError(f"{out} exists and is not a prepared dataset; choose another --out or pass --overwrite")
+    refuse_foreign(out, PREPARE)  # before tokenizing: --overwrite never deletes what prepare did not write
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    ds = load_records(cfg.data, cfg.split)
+    if len(ds) == 0:
+        raise KdError(f"the dataset {cfg.data} is empty")
+    fmt = cfg.format if cfg.format != "auto" else detect_format(list(ds.column_names), cfg.text_field)
+    need = {"text": [cfg.text_field], "prompt-response": ["prompt", "response"], "chat": ["messages"]}[fmt]
+    missing = [c for c in need if c not in ds.column_names]
+    if missing:
+        raise KdError(f"format {fmt!r} needs field(s) {missing}; the data has {list(ds.column_names)}")
+
+    places = RecordPlaces(input_files(cfg.data))
+    if 0 < cfg.max_examples < len(ds):  # a subset in corpus order; errors still name the record's own line
+        keep = np.sort(np.random.default_rng(cfg.sample_seed).choice(len(ds), cfg.max_examples, replace=False))
+        ds = ds.select(keep.tolist())
+        where = lambda i: places(int(keep[i]))  # noqa: E731
+    else:
+        where = places
+    all_ids, all_masks = [], []
+    fp = hashlib.sha256()
+    n_tokens = n_targets = n_truncated = 0
+    records = tokenize_records(ds, tokenizer, fmt, cfg, where)
+    if progress:
+        from tqdm import tqdm
+
+        records = tqdm(records, total=len(ds), desc="prepare", unit="ex", leave=False)
+    for ids, mask, truncated in records:
+        all_ids.append(ids)
+        all_masks.append(mask)
+        a, m = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8)
+        fp.update(np.int64(len(a)).tobytes() + a.tobytes() + m.tobytes())
+        n_tokens += len(ids)
+        n_targets += int(m.sum())
+        n_truncated += truncated
+    if n_targets == 0:
+        raise KdError(f"no target positions in {cfg.data} (format {fmt}): nothing to distill")
+
+    meta = {
+        "kind": "kdcache-prepared",
+        "format": fmt,
+        "data": str(cfg.data),
+        "source_sha256": source,
+        "tokenizer": tokenizer_identity(tokenizer, cfg.tokenizer),
+        "fingerprint": fp.hexdigest(),
+        "examples": len(all_ids),
+        "tokens": n_tokens,
+        "targets": n_targets,
+        "truncated": n_truncated,
+        "max_length": cfg.max_length,
+        "config_identity": cfg.identity(),
+    }
+    write_prepared(out, all_ids, all_masks, meta, cfg)
+    return meta
+
+
+def write_prepared(out: str | Path, input_ids: list[list[int]], loss_masks: list[list[int]],
+                   meta: dict[str, Any], cfg: Any = None) -> None:
+    """Save columns + `kdcache_prepare.json` (+ the config) under a temporary name, then rename into place.
+
+    Also used by `bench/teacher.py` to write synthetic token data without a tokenizer.
+    """
+    import datasets
+
+    out = Path(out)
+    if not input_ids:
+        raise KdError(f"refusing to write an empty prepared dataset to {out}")
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "loss_mask": datasets.Sequence(datasets.Value("int8"))})
+    out_ds = datasets.Dataset.from_dict({"input_ids": input_ids, "loss_mask": loss_masks}, features=features)
+    tmp = out.with_name(out.name + ".tmp-prepare")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        out_ds.save_to_disk(str(tmp))
+        write_json(tmp / META_FILENAME, meta)
+        if cfg is not None:
+            save_config(cfg, tmp / "config.yaml")
+        if out.exists():  # only what an earlier prepare wrote; anything else refuses (nothing deleted)
+            remove_owned(out, PREPARE)
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def summary_line(meta: dict[str, Any], out: str) -> str:
+    """One-line human summary of a prepare run."""
+    if meta.get("skipped"):
+        return f"prepare: {out} already up to date ({meta['examples']} examples, {meta['targets']} targets); nothing to do"
+    trunc = f", {meta['truncated']} truncated to {meta['max_length']}" if meta["truncated"] else ""
+    return (f"prepare: {meta['examples']} examples, {meta['tokens']} tokens, {meta['targets']} targets "
+            f"({meta['format']}{trunc}) -> {out}")
+
+

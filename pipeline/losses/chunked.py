@@ -1,0 +1,282 @@
+"""The student's objective from its hidden states and output head, in row chunks: memory flat in V.
+
+At V = 151,936 one float32 [N, V] copy of the student's logits at N = 8 x 8,192 targets is 40 GB, and the
+unchunked loss holds several (logits, masked logits for the tail, the CE log-softmax, the logsumexp
+backward). Here no [N, V] tensor ever exists:
+
+    pass 1 (`plan_rows`, no grad): per chunk of C rows, the logits -> cross-entropy per row, the gate's
+        proposal and log q(ŷ), the student's entropy (SE-KD), the Hellinger difficulty; then over the whole
+        micro-batch the gate's verdict, SE-KD's and LATF's selections and IDTS's temperatures (which rank or
+        take medians across rows);
+    pass 2 (`chunked_loss`, an autograd Function): per chunk, the logits again, the loss
+        ce_scale·Σ CE + kd_scale·Σ_kept w T² D, its gradient with respect to the chunk's pre-transform
+        logits by local autograd (any divergence, the Gemma-2 soft-cap, Cohere/Granite scaling), then
+        grad_hidden = du @ W and grad_W += du^T @ hidden (grad_bias += Σ du): stored for backward, which
+        only scales them by the incoming gradient.
+
+Peak memory is one chunk's logits and the divergence's temporaries on them, plus grad_W (the head's own
+size), independent of N. The price is a second head product (pass 1) - the technique of Liger-Kernel's
+fused linear losses and torchtune's chunked losses, here with the KD composition of methods.md §5.
+Value and gradient equal the unchunked path (`kd_loss.kd_terms` on full logits + CE): tests/losses/test_chunked_loss.py.
+The scales are known before pass 2 (the trainer computes them from the plan: CE over the step's targets,
+KD over the step's Σw), so the stored gradients are the final ones.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.losses.adakd import LATF, idts_temperatures
+from pipeline.losses.divergences import bucket_kd_grad, hellinger, kd_divergence, teacher_log_buckets
+from pipeline.losses.gate import propose, verify
+from pipeline.losses.objective import KdSettings, ranking_log_buckets
+from pipeline.losses.selection import select_top_entropy, student_entropy
+from pipeline.head import HeadSpec
+from pipeline.losses.temperature import tail_log_partition_at
+
+# Logits per chunk: 2^24 float32 elements (64 MiB) per copy; the divergence holds ~6 copies of its rows.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def auto_chunk_rows(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk of logits is about `CHUNK_ELEMENTS` floats."""
+    return max(1, CHUNK_ELEMENTS // max(vocab_size, 1))
+
+
+@dataclass
+class RowPlan:
+    """Per-row decisions of pass 1 for N target rows (all detached).
+
+    ce_rows [N] cross-entropy of each row (nats; the student's full head, padded ids included, as a
+    Hugging Face model's own loss); weight [N] the gate's weight (1 without a gate); keep [N] bool, rows
+    whose divergence enters the loss; temps [N] per-row temperature; tail_beta [N] the teacher's tail power
+    sum T(1/T) at each kept row's temperature (-inf elsewhere); accepted: rows the gate accepted.
+    """
+
+    ce_rows: Tensor
+    weight: Tensor
+    keep: Tensor
+    temps: Tensor
+    tail_beta: Tensor
+    accepted: int
+
+    @property
+    def kept(self) -> int:
+        return int(self.keep.sum())
+
+    @property
+    def denominator(self) -> float:
+        """Σ w over the kept rows: the micro-batch's share of the KD normaliser."""
+        return float(self.weight[self.keep].sum())
+
+
+@torch.no_grad()
+def plan_rows(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict[str, Tensor] | None,
+              s: KdSettings | None, vocab_size: int, grid_betas: Tensor | None, latf: LATF | None,
+              generator: torch.Generator | None, chunk_rows: int, groups: Tensor | None = None) -> RowPlan:
+    """Pass 1: hidden [N, H] (student, detached), head the student's (all Vs rows), target_ids [N];
+    cache rows of the N targets (`kd_loss.KD_FIELDS`) or None for CE only; s the KD settings; vocab_size
+    the teacher's V; grid_betas [G]; groups [N] the sequence of each row (SE-KD selects per sequence).
+    The gate's draws: proposals chunk by chunk, then the spec rule's N uniforms (the order
+    `gate.speckd_gate` uses)."""
+    n, dev = hidden.shape[0], hidden.device
+    ce = torch.empty(n, dtype=torch.float32, device=dev)
+    gate = s is not None and s.gate != "none"
+    ranked = s is not None and (s.latf or s.idts)
+    y = torch.empty(n, dtype=torch.int64, device=dev) if gate else None
+    log_q = torch.empty(n, dtype=torch.float32, device=dev) if gate and s.gate == "spec" else None
+    diff = torch.empty(n, dtype=torch.float32, device=dev) if ranked else None
+    ent = torch.empty(n, dtype=torch.float32, device=dev) if s is not None and s.select != "none" else None
+    for a in range(0, n, chunk_rows):
+        b = min(a + chunk_rows, n)
+        z = head.logits(hidden[a:b], fp32=False)  # [C, Vs] float32
+        lse = torch.logsumexp(z, dim=-1)
+        ce[a:b] = lse - z.gather(1, target_ids[a:b, None]).squeeze(1)
+        if gate:
+            y[a:b] = propose(z, s.proposal, generator)
+            if log_q is not None:
+                log_q[a:b] = z.gather(1, y[a:b, None]).squeeze(1) - lse
+        if ent is not None:
+            ent[a:b] = student_entropy(z)
+        if ranked:
+            ones = torch.ones(b - a, device=dev)
+            log_p1 = teacher_log_buckets(cache["topk_logprobs"][a:b].float(), cache["tail_logprob"][a:b].float(), ones)
+            diff[a:b] = hellinger(log_p1, ranking_log_buckets(z, cache["topk_ids"][a:b], vocab_size))
+        del z
+    if s is None:
+        nothing = torch.zeros(n, dtype=torch.bool, device=dev)
+        return RowPlan(ce, torch.zeros(n, device=dev), nothing, torch.ones(n, device=dev),
+                       torch.full((n,), -math.inf, device=dev), 0)
+    ids, lps, tail_lp = cache["topk_ids"], cache["topk_logprobs"].float(), cache["tail_logprob"].float()
+    if gate:
+        g = verify(y, log_q, ids, lps, tail_lp, vocab_size, rule=s.gate, gate_k=s.gate_k,
+                   threshold=s.gate_threshold, reject_weight=s.reject_weight, generator=generator)
+        weight, accepted = g.weight.float(), int(g.accepted.sum())
+    else:
+        weight, accepted = torch.ones(n, device=dev), n
+    eligible = weight > 0
+    if ent is not None:
+        eligible = select_top_entropy(ent, eligible, groups, s.select_ratio)
+    keep = latf.select(diff, eligible) if (s.latf and latf is not None) else eligible
+    if s.idts:
+        temps = idts_temperatures(diff, keep, t_base=s.temperature, c=s.idts_c)
+    else:
+        temps = torch.full((n,), float(s.temperature), device=dev)
+    tail_beta = torch.full((n,), -math.inf, device=dev)
+    rows = keep.nonzero().squeeze(1)
+    if rows.numel():
+        tail_beta[rows] = tail_log_partition_at(1.0 / temps[rows], grid_betas.to(dev),
+                                                cache["tail_log_partition"][rows].float(), tail_lp[rows],
+                                                cache["tail_entropy"][rows].float(), vocab_size - ids.shape[1])
+    return RowPlan(ce, weight, keep, temps, tail_beta, accepted)
+
+
+@dataclass
+class _LossSpec:
+    """Everything pass 2 needs besides the differentiable tensors (a plain bag for the Function)."""
+
+    head: HeadSpec
+    target_ids: Tensor
+    cache: dict[str, Tensor] | None
+    plan: RowPlan
+    s: KdSettings | None
+    vocab_size: int
+    ce_scale: float
+    kd_scale: float
+    chunk_rows: int
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """loss = ce_scale·Σ CE + kd_scale·Σ w T² D from hidden [N, H] and the head's weight [Vs, H] / bias [Vs].
+    Returns (loss, Σ CE of pass 2 or NaN when not computed, Σ w T² D), the last two non-differentiable."""
+
+    # False sends every chunk through local autograd, the pre-closed-form path: bench/student.py times both.
+    closed_form = True
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, spec: _LossSpec):  # noqa: D401
+        n = hidden.shape[0]
+        plan, head, cache, s = spec.plan, spec.head, spec.cache, spec.s
+        grad_h = torch.zeros_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None
+        ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        use_kd = s is not None and spec.kd_scale != 0.0
+        tail_ids = cache.get("tail_ids") if (cache is not None and s is not None and s.tail == "sampled") else None
+        # Closed-form gradients (`divergences.bucket_kd_grad`, softmax - onehot for CE) for the K + 1 bucket
+        # tail; the renorm/ignore/sampled tails take local autograd through the divergence.
+        closed = _ChunkedLoss.closed_form and (s is None or (s.tail == "bucket" and tail_ids is None))
+        for a in range(0, n, spec.chunk_rows):
+            b = min(a + spec.chunk_rows, n)
+            rows = plan.keep[a:b].nonzero().squeeze(1) if use_kd else None
+            if spec.ce_scale == 0.0 and (rows is None or rows.numel() == 0):
+                continue  # nothing in this chunk has a gradient
+            h = hidden[a:b].detach()
+            if closed:
+                du = _closed_form_grad(head, h, spec, a, b, rows, ce_total, kd_total)
+            else:
+                du = _autograd_grad(head, h, spec, a, b, rows, tail_ids, ce_total, kd_total)
+            grad_h[a:b] = (du.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_w += (du.T.to(h.dtype) @ h).float()
+            if grad_b is not None:
+                grad_b += du.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b if grad_b is not None else grad_w.new_zeros(0))
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        if spec.ce_scale == 0.0:
+            ce_total = torch.full((), math.nan, device=hidden.device)
+        ctx.mark_non_differentiable(ce_total, kd_total)
+        loss_value = spec.ce_scale * ce_total.nan_to_num(0.0) + spec.kd_scale * kd_total
+        return loss_value, ce_total, kd_total
+
+    @staticmethod
+    def backward(ctx: Any, g_loss: Tensor, _g_ce: Tensor, _g_kd: Tensor):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        gh = grad_h * g_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad_w * g_loss).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        gb = (grad_b * g_loss) if (ctx.has_bias and ctx.needs_input_grad[2]) else None
+        return gh, gw, gb, None
+
+
+def _closed_form_grad(head: HeadSpec, h: Tensor, spec: _LossSpec, a: int, b: int, rows: Tensor | None,
+                      ce_total: Tensor, kd_total: Tensor) -> Tensor:
+    """∂loss/∂u [C, Vs] of one chunk (u = the head's product) without autograd over [C, Vs]: CE's softmax - onehot
+    and the bucket divergence's closed form; adds the chunk's Σ CE and Σ w T² D to the totals."""
+    plan, cache, s = spec.plan, spec.cache, spec.s
+    u = head.product(h, fp32=False)  # [C, Vs] float32
+    z = head.transform(u)
+    grad = None
+    if spec.ce_scale != 0.0:
+        lse = torch.logsumexp(z, dim=-1)
+        tgt = spec.target_ids[a:b]
+        ce_total += (lse - z.gather(1, tgt[:, None]).squeeze(1)).sum()
+        grad = z.sub(lse[:, None]).exp_().mul_(spec.ce_scale)
+        grad.scatter_add_(1, tgt[:, None], torch.full((b - a, 1), -spec.ce_scale, dtype=grad.dtype, device=grad.device))
+    if rows is not None and rows.numel():
+        g = rows + a
+        t = plan.temps[g]
+        beta = 1.0 / t
+        log_p = teacher_log_buckets(cache["topk_logprobs"][g].float(), plan.tail_beta[g], beta)
+        scale = spec.kd_scale * plan.weight[g] * t * t
+        whole = rows.numel() == b - a
+        d, gk = bucket_kd_grad(s.loss, z if whole else z[rows], cache["topk_ids"][g], log_p, beta, scale,
+                               spec.vocab_size)
+        kd_total += (plan.weight[g] * t * t * d).sum()
+        v = spec.vocab_size
+        if grad is None and whole and v == z.shape[1]:
+            grad = gk
+        else:
+            if grad is None:
+                grad = torch.zeros_like(z)
+            if whole:
+                grad[:, :v] += gk
+            else:
+                grad[rows, :v] += gk
+    return head.transform_backward(u, grad)
+
+
+def _autograd_grad(head: HeadSpec, h: Tensor, spec: _LossSpec, a: int, b: int, rows: Tensor | None,
+                   tail_ids: Tensor | None, ce_total: Tensor, kd_total: Tensor) -> Tensor:
+    """∂loss/∂u of one chunk by local autograd through the divergence (the renorm/ignore/sampled tails)."""
+    plan, cache, s = spec.plan, spec.cache, spec.s
+    with torch.enable_grad():
+        u = head.product(h, fp32=False).detach().requires_grad_()  # [C, Vs] float32, bias included
+        z = head.transform(u)
+        loss = z.new_zeros(())
+        if spec.ce_scale != 0.0:
+            ce = (torch.logsumexp(z, dim=-1) - z.gather(1, spec.target_ids[a:b, None]).squeeze(1)).sum()
+            loss = loss + spec.ce_scale * ce
+            ce_total += ce.detach()
+        if rows is not None and rows.numel():
+            g = rows + a
+            t = plan.temps[g]
+            d = kd_divergence(s.loss, z[rows], cache["topk_ids"][g], cache["topk_logprobs"][g].float(),
+                              plan.tail_beta[g], 1.0 / t, t, spec.vocab_size,
+                              tail="bucket" if s.tail == "sampled" else s.tail,
+                              tail_ids=tail_ids[g] if tail_ids is not None else None,
+                              tail_counts=cache["tail_counts"][g] if tail_ids is not None else None)
+            kd = (plan.weight[g] * t * t * d).sum()
+            loss = loss + spec.kd_scale * kd
+            kd_total += kd.detach()
+        (du,) = torch.autograd.grad(loss, u)
+    return du
+
+
+def chunked_loss(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict[str, Tensor] | None,
+                 plan: RowPlan, s: KdSettings | None, vocab_size: int, ce_scale: float, kd_scale: float,
+                 chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pass 2: (loss, Σ CE, Σ w T² D) with loss differentiable w.r.t. `hidden` and the head's parameters.
+
+    hidden [N, H] the student's hidden states at the targets (with grad), head the student's `HeadSpec`
+    over all its Vs rows, plan from `plan_rows`. Σ CE is NaN when ce_scale = 0 (it was not recomputed:
+    `plan.ce_rows` has it).
+    """
+    spec = _LossSpec(head, target_ids, cache, plan, s, vocab_size, float(ce_scale), float(kd_scale), chunk_rows)
+    weight = head.weight  # all Vs rows: the student's padded ids are in its CE, never in its KD buckets
+    return _ChunkedLoss.apply(hidden, weight, head.bias, spec)

@@ -1,0 +1,103 @@
+"""The distillation options (methods.md §2-5), declared once: `kdcache train`'s `TrainConfig` and the public
+`KDLossConfig` both inherit them, so the two accept the same names, defaults and values by construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from pipeline.losses.divergences import DIVERGENCES, TAIL_POLICIES
+from pipeline.errors import KdError
+from pipeline.losses.gate import PROPOSALS, RULES
+from pipeline.losses.objective import KdSettings
+from pipeline.losses.selection import SELECTIONS
+
+# The choices each option takes, from the modules that own them ("none": the option is off).
+LOSSES = ("none", *DIVERGENCES)
+TAILS = (*TAIL_POLICIES, "sampled")  # sampled: the tail bucket split over cached draws (kd_loss)
+GATES = ("none", *RULES)
+__all__ = ["GATES", "LOSSES", "PROPOSALS", "TAILS", "KdOptions", "method_name"]
+
+
+@dataclass
+class KdOptions:
+    """What the student's loss does with the cached teacher; `check_kd()` validates them."""
+
+    loss: str = "fkl"  # none (cross-entropy only) | fkl | rkl | jsd | tvd | skl | srkl | akl
+    tail: str = "bucket"  # bucket | renorm | ignore | sampled (tail bucket split over cached draws)
+    gate: str = "none"  # SpecKD verification rule: none | topk | spec | threshold
+    proposal: str = "greedy"  # greedy | sample
+    gate_k: int = 5  # topk rule: accept when the proposal is among the teacher's top gate_k
+    gate_threshold: float = 0.1  # threshold rule: accept when p(proposal) >= this
+    reject_weight: float = 0.0  # weight of rejected positions (0 = masked)
+    latf: bool = False
+    latf_warmup: float = 0.05  # fraction of the run before the reference EMA is taken
+    latf_ema_decay: float = 0.99
+    latf_epsilon: float = 0.05
+    latf_sigma: float = 0.05
+    latf_min_ratio: float = 0.1
+    idts: bool = False
+    idts_c: float = 0.5
+    temperature: float = 1.0  # T_base
+    select: str = "none"  # SE-KD: none | student_entropy (distil only each sequence's most uncertain positions)
+    select_ratio: float = 0.2  # SE-KD: fraction of each sequence's positions kept (the authors' 20%)
+    ce_weight: float = 0.0  # alpha: loss = alpha * ce + (1 - alpha) * kd_loss
+
+    def check_kd(self) -> None:
+        """One-line `KdError`s for values no run can use."""
+        for name, allowed in (("loss", LOSSES), ("tail", TAILS), ("gate", GATES), ("proposal", PROPOSALS),
+                              ("select", SELECTIONS)):
+            if getattr(self, name) not in allowed:
+                raise KdError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.ce_weight <= 1.0:
+            raise KdError(f"ce_weight must be in [0, 1], got {self.ce_weight}")
+        if not 0.0 <= self.reject_weight <= 1.0:
+            raise KdError(f"reject_weight must be in [0, 1], got {self.reject_weight}")
+        if not 0.0 < self.select_ratio <= 1.0:
+            raise KdError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
+        if self.temperature <= 0:
+            raise KdError(f"temperature must be positive, got {self.temperature}")
+        if self.gate_k < 1:
+            raise KdError(f"gate_k must be at least 1, got {self.gate_k}")
+        if self.tail == "sampled" and self.loss != "fkl":
+            raise KdError("tail 'sampled' is defined for loss fkl only (its gradient is the unbiased one)")
+        if self.tail == "sampled" and (self.idts or self.temperature != 1.0):
+            raise KdError("tail 'sampled' is exact only at T = 1 (its draws come from p, not p^T): it cannot be "
+                          "combined with --idts or --temperature != 1; use --tail bucket")
+
+    def kd_settings(self) -> KdSettings:
+        return KdSettings(**{f.name: getattr(self, f.name) for f in fields(KdSettings)})
+
+    def kd_options(self) -> dict:
+        """These options as a mapping (what a `KDLossConfig` copies from a `TrainConfig`)."""
+        return {f.name: getattr(self, f.name) for f in fields(KdOptions)}
+
+
+def method_name(cfg: dict[str, Any] | None) -> str:
+    """A short name of a run's training objective, from its config.yaml mapping.
+
+    "CE only" without a cache (or loss none); "KD fkl/bucket" for plain sparse KD; otherwise the
+    switched-on parts joined with " + ", e.g. "SpecKD topk k=5 + LATF + IDTS + fkl".
+    """
+    if cfg is None:
+        return "—"
+    if not cfg.get("cache") or cfg.get("loss", "fkl") == "none":
+        return "CE only"
+    loss, tail = cfg.get("loss", "fkl"), cfg.get("tail", "bucket")
+    parts = []
+    gate = cfg.get("gate", "none")
+    if gate != "none":
+        detail = {"topk": f" k={cfg.get('gate_k', 5)}", "threshold": f" τ={cfg.get('gate_threshold', 0.1):g}"}
+        rw = float(cfg.get("reject_weight", 0.0) or 0.0)
+        parts.append(f"SpecKD {gate}{detail.get(gate, '')}" + (f" (rejected x{rw:g})" if rw > 0 else ""))
+    if cfg.get("select", "none") != "none":
+        parts.append(f"SE-KD {float(cfg.get('select_ratio', 0.2)):.0%}")
+    if cfg.get("latf"):
+        parts.append("LATF")
+    if cfg.get("idts"):
+        parts.append("IDTS")
+    alpha = float(cfg.get("ce_weight", 0.0) or 0.0)
+    ce = f" + {alpha:g}·CE" if alpha > 0 else ""
+    if not parts:
+        return f"KD {loss}/{tail}{ce}"
+    return " + ".join(parts) + f" + {loss}" + (f"/{tail}" if tail != "bucket" else "") + ce

@@ -1,0 +1,428 @@
+"""Stage 1: run a teacher once over prepared data and write the cache, shard by shard.
+
+    kdcache teacher --data runs/demo/prepared --model runs/demo/teacher/final --out runs/demo/cache
+
+The work is planned up front: the prepared data's `loss_mask` gives every example's row count, so
+shards (contiguous example ranges of about `shard_rows` rows) and their row ranges are fixed
+before the model loads. A shard is committed by an atomic rename; a re-run skips committed shards
+and redoes the rest, so `kill -9` at any moment is recovered by running the same command again.
+Execution modes: one process; `workers=N` local Dask processes; `scheduler=ADDRESS` an existing
+Dask cluster (e.g. dask-jobqueue on Slurm); under `torchrun`, ranks take shards round-robin.
+A teacher larger than one GPU: `parallel=tp` under torchrun (transformers' tensor-parallel plan over the
+group's GPUs; the head gathered once for full-vocabulary statistics; rank 0 commits) or
+`parallel=device_map` (its layers spread over one process's GPUs; e.g. one Dask worker per node). Several
+such replicas split the shards as independent launches with `replica=r replicas=R` (configs/teacher-llama3.1-70b.yaml).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from pipeline.data.batching import target_counts
+from pipeline.cache import layout
+from pipeline.cache.layout import clean_tmp, is_committed
+from pipeline.cache.schema import FORMAT_VERSION
+from pipeline.config import save_config, to_dict
+from pipeline.errors import KdError, StaleOutput
+from pipeline.identity import read_json, weights_hash, write_json
+from pipeline.ownership import TEACHER, refuse_foreign, remove_owned
+
+if TYPE_CHECKING:
+    from pipeline.cache.schema import CodecParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherConfig:
+    """Settings of `kdcache teacher`."""
+
+    data: str = ""  # a `kdcache prepare` output directory
+    model: str = ""  # local directory or hub id of any causal LM
+    out: str = ""
+    revision: str = ""  # hub revision to pin (recorded in the cache)
+    preset: str = "default"  # codec preset (pipeline/cache/schema.py PRESETS): default | hifi
+    top_k: int = 0  # cached support K; 0 = the preset's
+    head_step: float = 0.0  # nats per head-gap code; 0 = the preset's
+    shape_bits: int = 0  # bits per tail temperature statistic; 0 = the preset's
+    entropy_bits: int = 0  # bits of the tail entropy; 0 = the preset's
+    temperatures: list[float] = field(default_factory=lambda: [0.5, 0.7, 1.4, 2.0])
+    tail_samples: int = 0  # S draws outside the top-K per row (methods.md §2); 0 = off
+    batch_tokens: int = 8192  # padded tokens per forward pass
+    shard_rows: int = 65536  # target rows per shard: the unit of work and restart
+    chunk_rows: int = 8192  # rows per Zarr chunk (the student reads whole chunks)
+    head_chunk_rows: int = 0  # rows per output-head chunk; 0 = auto from the vocabulary size
+    device: str = "auto"
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    workers: int = 0  # >0: a local Dask cluster of that many worker processes
+    scheduler: str = ""  # address of an existing Dask scheduler
+    threads: int = 0  # torch threads per process; 0 = all cores (one process) or cores // workers (local Dask)
+    parallel: str = "none"  # none | tp (tensor parallel over torchrun's ranks) | device_map (layers over this process's GPUs)
+    compile: str = "auto"  # torch.compile the statistics: auto (on CUDA) | always | never
+    replica: int = 0  # this run computes the shards with index % replicas == replica (independent launches)
+    replicas: int = 1
+    seed: int = 0
+    clevel: int = 9
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from pipeline.cache.schema import PRESETS
+
+        if self.preset not in PRESETS:
+            raise KdError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.top_k < 0 or self.head_step < 0 or self.shape_bits < 0 or self.entropy_bits < 0:
+            raise KdError("top_k, head_step, shape_bits and entropy_bits must be >= 0 (0 = the preset's)")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise KdError(f"temperatures must be positive, got {self.temperatures}")
+        self.temperatures = [float(t) for t in self.temperatures]
+        for name in ("batch_tokens", "shard_rows", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise KdError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.tail_samples < 0 or self.tail_samples > 65535:
+            raise KdError(f"tail_samples must be in [0, 65535], got {self.tail_samples}")
+        if self.workers and self.scheduler:
+            raise KdError("give either workers or scheduler, not both")
+        if self.workers < 0 or self.threads < 0:
+            raise KdError(f"workers and threads must be >= 0, got {self.workers} and {self.threads}")
+        from pipeline.models import PARALLEL
+
+        if self.parallel not in PARALLEL:
+            raise KdError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
+        if self.compile not in ("auto", "always", "never"):
+            raise KdError(f"compile must be auto, always or never, got {self.compile!r}")
+        if not 0 <= self.replica < self.replicas:
+            raise KdError(f"replica must lie in [0, replicas = {self.replicas}), got {self.replica}")
+        if self.parallel == "tp" and (self.workers or self.scheduler):
+            raise KdError("--parallel tp runs under torchrun (one process per GPU of the group), not on Dask workers")
+
+    def codec_params(self, vocab_size: int) -> "CodecParams":
+        """The row codec's parameters: the preset, with any explicitly set value on top."""
+        from pipeline.cache.schema import PRESETS, CodecParams
+
+        chosen = dict(PRESETS[self.preset])
+        for key in ("top_k", "head_step", "shape_bits", "entropy_bits"):
+            if getattr(self, key):
+                chosen[key] = getattr(self, key)
+        return CodecParams(vocab_size=vocab_size, temperatures=tuple(self.temperatures),
+                           tail_samples=self.tail_samples, clevel=self.clevel, **chosen)
+
+    def identity(self) -> dict[str, Any]:
+        """Settings that change the cache's bytes (not where or how many processes compute it)."""
+        d = to_dict(self)
+        # head_chunk_rows and threads change neither values nor draws (checked bitwise in tests); parallelism
+        # changes float summation order only (tests/teacher/test_teacher_parallel.py bounds it).
+        for k in ("out", "workers", "scheduler", "threads", "overwrite", "device", "head_chunk_rows", "parallel",
+                  "replica", "replicas", "compile"):
+            d.pop(k)
+        return d
+
+
+def plan_shards(row_counts: np.ndarray, shard_rows: int) -> list[dict[str, int]]:
+    """Split examples into contiguous shards of about `shard_rows` target rows each."""
+    shards, start, rows, row0 = [], 0, 0, 0
+    for e, c in enumerate(row_counts.tolist()):
+        rows += c
+        if rows >= shard_rows:
+            shards.append({"index": len(shards), "example_start": start, "example_stop": e + 1,
+                           "row_start": row0, "row_stop": row0 + rows})
+            start, row0, rows = e + 1, row0 + rows, 0
+    if start < len(row_counts):
+        shards.append({"index": len(shards), "example_start": start, "example_stop": len(row_counts),
+                       "row_start": row0, "row_stop": row0 + rows})
+    return shards
+
+
+def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
+    """Model id/path, revision, weights hash, dtype and vocabulary of the teacher (config only: no weights loaded)."""
+    from transformers import AutoConfig
+
+    local = Path(cfg.model).expanduser()
+    try:
+        mc = AutoConfig.from_pretrained(str(local) if local.exists() else cfg.model, revision=cfg.revision or None)
+    except (OSError, ValueError, KeyError) as e:
+        raise KdError(f"cannot load model config {cfg.model!r}: {str(e).splitlines()[0]}") from None
+    from pipeline.models import context_length
+
+    class _M:  # context_length reads .config only
+        config = mc
+
+    # The dtype is recorded as asked ("auto" included): it is resolved by each process that computes a
+    # shard (a planning host without a GPU would resolve "auto" to float32 while GPU workers run bf16),
+    # and every shard's commit record holds the dtype it was actually computed in.
+    return {"model": cfg.model, "revision": cfg.revision or getattr(mc, "_commit_hash", None),
+            "weights_sha256": weights_hash(local) if local.is_dir() else None, "dtype": cfg.dtype,
+            "architectures": getattr(mc, "architectures", None), "model_vocab_size": int(mc.vocab_size),
+            "context_length": context_length(_M)}
+
+
+def local_model_dir(model: str) -> Path | None:
+    """The model's local directory, or None for a hub id."""
+    p = Path(model).expanduser()
+    return p if p.is_dir() else None
+
+
+def check_model_tokenizer(model: str, local: Path | None, data_tok: dict[str, Any], model_vocab: int) -> None:
+    """Refuse data prepared with another tokenizer than the teacher's.
+
+    A model directory with tokenizer files must hold the very tokenizer the data was prepared with
+    (same sha256 of every (token, id) pair). Without one, the model's head may exceed the tokenizer's
+    vocabulary only by padding (Qwen pads 151,665 ids to 151,936): more than max(128, V/50) extra rows
+    means the data was tokenized for another model.
+    """
+    from pipeline.identity import same_tokenizer, tokenizer_identity
+    from pipeline.models import has_tokenizer_files, load_tokenizer
+
+    v = int(data_tok["vocab_size"])
+    if local is not None and has_tokenizer_files(local):
+        own = tokenizer_identity(load_tokenizer(str(local)), str(local))
+        if not same_tokenizer(own, data_tok):
+            raise KdError(f"the data was prepared with tokenizer {data_tok['name']} ({data_tok['vocab_size']} ids, "
+                          f"sha256 {data_tok['vocab_sha256'][:12]}) but model {model} has its own tokenizer "
+                          f"({own['vocab_size']} ids, sha256 {own['vocab_sha256'][:12]}); prepare the data with "
+                          f"--tokenizer {model}")
+        return
+    if model_vocab - v > max(128, v // 50):
+        raise KdError(f"model {model} has {model_vocab} output ids but the data's tokenizer {data_tok['name']} has {v}: "
+                      "more than padding apart; the data was prepared with another model's tokenizer")
+
+
+def build_meta(cfg: TeacherConfig) -> tuple[dict[str, Any], np.ndarray, Any]:
+    """Check inputs and plan the cache. Returns (metadata, row counts per example, dataset)."""
+    from pipeline.data.prepare import load_prepared, prepared_meta
+
+    pmeta = prepared_meta(cfg.data)
+    ds = load_prepared(cfg.data)
+    counts, lengths = target_counts(ds)
+    if len(counts) == 0 or counts.sum() == 0:
+        raise KdError(f"{cfg.data} has no target positions: nothing to cache")
+    tid = teacher_identity(cfg)
+    tok_vocab = int(pmeta["tokenizer"]["vocab_size"])
+    if tid["model_vocab_size"] < tok_vocab:
+        raise KdError(f"model {cfg.model} has {tid['model_vocab_size']} output ids but the tokenizer has {tok_vocab}: "
+                      "the model cannot score every token (wrong tokenizer?)")
+    ctx = tid["context_length"]
+    if ctx is not None and lengths.max() > ctx:
+        e = int(np.argmax(lengths > ctx))
+        raise KdError(f"example {e} has {int(lengths[e])} tokens, longer than the model's context of {ctx}; "
+                      f"re-run `kdcache prepare` with --max-length {ctx}")
+    check_model_tokenizer(cfg.model, local_model_dir(cfg.model), pmeta["tokenizer"], tid["model_vocab_size"])
+    params = cfg.codec_params(tok_vocab)
+    if cfg.tail_samples and params.top_k >= tok_vocab:
+        raise KdError(f"tail_samples needs ids outside the top-K, but top_k {params.top_k} covers the whole vocabulary")
+    masked = tid["model_vocab_size"] - tok_vocab
+    if masked:
+        log.info("model %s has %d output ids beyond the tokenizer's %d (padding): they are masked out",
+                 cfg.model, masked, tok_vocab)
+    shards = plan_shards(counts, cfg.shard_rows)
+    meta = {
+        "kind": "kdcache-teacher-cache", "format_version": FORMAT_VERSION,
+        "codec": params.to_meta(), "num_rows": int(counts.sum()), "num_examples": len(counts),
+        "chunk_rows": cfg.chunk_rows,
+        # Ids >= the tokenizer's V exist in the model's head but not in the tokenizer: excluded from every
+        # distribution (log p renormalised over the tokenizer's ids).
+        "masked_model_ids": masked,
+        "teacher": tid, "tokenizer": pmeta["tokenizer"],
+        "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": pmeta["fingerprint"]},
+        "config_identity": cfg.identity(), "shards": shards,
+    }
+    return meta, counts, ds
+
+
+def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -> None:
+    """index.parquet: sequence_id, row_start, row_count, shard — one row per example."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    shard_of = np.zeros(len(counts), np.int32)
+    for s in shards:
+        shard_of[s["example_start"]: s["example_stop"]] = s["index"]
+    table = pa.table({"sequence_id": np.arange(len(counts), dtype=np.int64), "row_start": starts,
+                      "row_count": counts.astype(np.int64), "shard": shard_of})
+    tmp = cache / (layout.INDEX_FILENAME + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(cache / layout.INDEX_FILENAME)
+
+
+def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Name what differs between a stored cache's metadata and the requested one ([] if nothing)."""
+    diffs = []
+    # Codec settings are compared as resolved (a preset's K, not the 0 that asks for it).
+    ok_, nk = old.get("codec") or {}, new["codec"]
+    for key in sorted(set(ok_) | set(nk)):
+        if ok_.get(key) != nk.get(key):
+            diffs.append(f"{key} {ok_.get(key)!r} -> {nk.get(key)!r}")
+    codec_keys = set(nk) | {"preset"}
+    oc, nc = old.get("config_identity") or {}, new["config_identity"]
+    for key in sorted(set(oc) | set(nc)):
+        if key not in codec_keys and oc.get(key) != nc.get(key):
+            diffs.append(f"{key} {oc.get(key)!r} -> {nc.get(key)!r}")
+    ot, nt = old.get("teacher") or {}, new["teacher"]
+    for key in ("weights_sha256", "dtype", "revision", "model_vocab_size"):
+        if ot.get(key) != nt.get(key):
+            diffs.append(f"teacher {key} {ot.get(key)!r} -> {nt.get(key)!r}")
+    if (old.get("data") or {}).get("fingerprint") != new["data"]["fingerprint"]:
+        diffs.append("prepared data fingerprint")
+    if old.get("format_version") != new["format_version"]:  # a format-2 cache with the same settings
+        diffs.append(f"format version {old.get('format_version')} -> {new['format_version']}")
+    return diffs
+
+
+def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
+    """Create (or reopen, checking its config) the cache directory; returns (path, metadata).
+
+    Replacing a cache (--overwrite with other settings, or the leftovers of a run killed while
+    planning) removes only what `kdcache teacher` writes (`pipeline.ownership.TEACHER`); a directory
+    holding anything else is refused before anything is deleted.
+    """
+    cache = Path(cfg.out)
+    if not cfg.out:
+        raise KdError("no cache directory given (--out DIR)")
+    if cache.exists() and not cache.is_dir():
+        raise KdError(f"--out {cache} is a file, not a directory")
+    meta, counts, _ = build_meta(cfg)
+    meta_path = cache / layout.META_FILENAME
+    if cache.exists() and any(cache.iterdir()):
+        if not meta_path.exists():
+            # kdcache.json is written last when planning: without it, what is ours is a killed plan,
+            # redone without --overwrite, unless committed shards are there (someone removed the record).
+            refuse_foreign(cache, TEACHER)
+            shards = cache / layout.SHARDS_DIR
+            if shards.is_dir() and any(shards.iterdir()) and not cfg.overwrite:
+                raise KdError(f"{cache} holds shards but no {layout.META_FILENAME}: it is not a complete kdcache cache; "
+                              "choose another --out or pass --overwrite")
+            remove_owned(cache, TEACHER)
+        else:
+            old = read_json(meta_path, "cache metadata")
+            diff = _mismatch(old, meta)
+            if diff and not cfg.overwrite:
+                raise StaleOutput(f"{cache} holds a cache made with other settings ({', '.join(diff)}); "
+                                  "pass --overwrite to replace it", diff)
+            if diff:  # same settings with --overwrite: keep the committed shards (they would be identical)
+                remove_owned(cache, TEACHER)
+    cache.mkdir(parents=True, exist_ok=True)
+    if not meta_path.exists():
+        write_index(cache, counts, meta["shards"])
+        save_config(cfg, cache / "config.yaml")
+        write_json(meta_path, meta)  # written last: its presence means the plan is complete
+    return cache, meta
+
+
+def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict[str, int]) -> dict[str, Any]:
+    """Everything a worker needs for one shard (plain data: it crosses process boundaries)."""
+    return {"cache": str(cache), "data": cfg.data, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
+            "threads": worker_threads(cfg), "shard": shard, "codec": meta["codec"], "batch_tokens": cfg.batch_tokens,
+            "head_chunk_rows": cfg.head_chunk_rows, "chunk_rows": cfg.chunk_rows, "seed": cfg.seed,
+            "revision": meta["teacher"].get("revision"), "parallel": cfg.parallel, "compile": cfg.compile}
+
+
+def worker_threads(cfg: TeacherConfig) -> int:
+    """Torch threads per shard process: `threads`, else cores // workers for a local Dask cluster (whose
+    workers would otherwise start with OMP_NUM_THREADS=1), else 0 (torch's default)."""
+    if cfg.threads:
+        return cfg.threads
+    if cfg.workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // cfg.workers)
+    return 0
+
+
+def _torchrun_rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] | None = None,
+                on_rows: Callable[[int], None] | None = None, on_plan: Callable[[dict[str, Any]], None] | None = None
+                ) -> dict[str, Any]:
+    """Fill the cache at `cfg.out`; returns a summary (shards done now, skipped, rows, seconds).
+
+    Progress callbacks: `on_plan(summary)` once the work is known (rows to compute), `on_rows(n)` as
+    rows are computed (per batch in this process; per shard from Dask workers), `on_shard(record)` per
+    committed shard.
+    """
+    from pipeline.teacher.worker import commit_shard, compute_shard, run_shard_job
+
+    rank, world = _torchrun_rank()
+    if cfg.parallel == "tp" and world == 1:  # refused before anything is planned or written
+        raise KdError("--parallel tp needs torchrun (one process per GPU of the tensor-parallel group), e.g. "
+                      "torchrun --nproc_per_node 8 $(which kdcache) teacher ... --parallel tp")
+    if world > 1:
+        cache, meta = _torchrun_init(cfg)
+    else:
+        cache, meta = init_cache(cfg)
+    # Who computes what: independent launches (--replica r --replicas R) split the shards first; within a
+    # launch, torchrun ranks split them round-robin, except under tensor parallelism, where all ranks of the
+    # group run every shard together (the forward is collective) and rank 0 alone commits.
+    tp = cfg.parallel == "tp"
+    committer = rank == 0 or not tp
+    todo = [s for s in meta["shards"] if not is_committed(cache, s["index"]) and s["index"] % cfg.replicas == cfg.replica]
+    if world > 1 and not tp:
+        todo = [s for s in todo if s["index"] % world == rank]
+    summary = {"cache": str(cache), "shards": len(meta["shards"]), "skipped": len(meta["shards"]) - len(todo),
+               "done": 0, "rows": sum(s["row_stop"] - s["row_start"] for s in todo), "seconds": 0.0}
+    if on_plan:
+        on_plan(summary)
+    t0 = time.perf_counter()
+    jobs = [shard_job(cfg, meta, cache, s) for s in todo]
+    if world == 1 and cfg.replicas == 1:
+        clean_tmp(cache)  # leftovers of killed writes; ranks and replicas clean their own shards (below)
+
+    def committed(rec: dict[str, Any]) -> None:
+        summary["done"] += 1
+        if on_shard:
+            on_shard(rec)
+
+    if todo and (cfg.workers or cfg.scheduler):
+        from pipeline.teacher.dask_runner import run_on_dask
+
+        for rec in run_on_dask(jobs, run_shard_job, cfg.workers, cfg.scheduler, worker_threads(cfg)):
+            if on_rows:
+                on_rows(rec["rows"])
+            committed(rec)
+    elif todo:
+        # Writing shard i (compression, checksums, fsync) overlaps computing shard i + 1.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            pending = None
+            for job in jobs:
+                if committer:
+                    clean_tmp(cache, job["shard"]["index"])
+                arrays, info = compute_shard(job, on_rows if committer else None)
+                if pending is not None:
+                    committed(pending.result())
+                pending = writer.submit(commit_shard, job, arrays, info) if committer else None
+            if pending is not None:
+                committed(pending.result())
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def _torchrun_init(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
+    """Under torchrun: rank 0 creates or checks the cache, the others wait, then all proceed."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    rank = dist.get_rank()
+    err = [None]
+    if rank == 0:
+        try:
+            init_cache(cfg)
+        except KdError as e:
+            err = [str(e)]
+    dist.broadcast_object_list(err, src=0)
+    if err[0]:
+        raise KdError(err[0])
+    cache = Path(cfg.out)
+    return cache, read_json(cache / layout.META_FILENAME, "cache metadata")
