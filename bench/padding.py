@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--buffer-blocks", type=int, default=8)
     args = ap.parse_args()
 
-    from pipeline.data.batching import target_counts
+    from pipeline.cache.rows import target_counts
     from pipeline.data.epoch_plan import PlanSettings, chunk_blocks, plan_epoch
     from pipeline.data.prepare import load_prepared
     from pipeline.teacher.runner import plan_shards

@@ -42,13 +42,13 @@ def build(work: Path, rows: int, k: int, vocab: int, chunk_rows: int, shard_rows
     """A prepared dataset and a format-3 cache over it under `work` (see the module docstring)."""
     import torch
 
-    from pipeline.data.batching import target_ids_of
     from pipeline.cache import layout
+    from pipeline.cache.rows import target_ids_of, targets_sha256
     from pipeline.cache.schema import FORMAT_VERSION, CodecParams, RowCodec
-    from pipeline.cache.writer import targets_sha256, write_shard
+    from pipeline.cache.writer import write_index, write_shard
     from pipeline.identity import write_json
     from pipeline.data.prepare import load_prepared, write_prepared
-    from pipeline.teacher.runner import plan_shards, write_index
+    from pipeline.teacher.runner import plan_shards
     from pipeline.teacher.stats import distribution_stats
 
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ then prints its peak resident memory (`ru_maxrss`). The process's address space 
 default 20) so a path that needs more fails with out-of-memory instead of taking the machine down; that is
 reported as "> cap".
   chunked   `pipeline.losses.chunked.StudentObjective`, the trainer's path (rows per chunk: auto, ~64 MiB)
-  full      logits [N, V] for every target at once, `kd_loss.kd_terms` + cross-entropy, autograd: the
+  full      logits [N, V] for every target at once, `objective.kd_terms` + cross-entropy, autograd: the
             trainer's path before the chunked loss (kept as the reference in tests/losses/test_chunked_loss.py)
 """
 
@@ -35,7 +35,8 @@ def one(path: str, tokens: int, vocab: int, seqs: int, chunk_rows: int) -> dict:
 
     from pipeline.losses.adakd import LATF
     from pipeline.training.student import StudentObjective
-    from pipeline.losses.objective import KdSettings, kd_terms
+    from pipeline.losses.objective import kd_terms
+    from pipeline.losses.options import KdOptions
     from pipeline.training.student import TargetLogits
 
     torch.manual_seed(0)
@@ -55,7 +56,7 @@ def one(path: str, tokens: int, vocab: int, seqs: int, chunk_rows: int) -> dict:
     cache = {"topk_ids": top, "topk_logprobs": lp[:, :k], "tail_logprob": lp[:, k],
              "tail_entropy": torch.full((n,), 5.0), "tail_log_partition": torch.randn(n, g) - 3.0}
     grid = torch.tensor([2.0, 1 / 0.7, 1 / 1.4, 0.5])
-    s = KdSettings(loss="fkl", gate="topk", gate_k=5, reject_weight=0.5, idts=True)
+    s = KdOptions(loss="fkl", gate="topk", gate_k=5, reject_weight=0.5, idts=True)
     t0 = time.perf_counter()
     if path == "chunked":
         obj = StudentObjective(model, s, vocab, grid, LATF(10), torch.Generator().manual_seed(0), chunk_rows)

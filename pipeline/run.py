@@ -280,7 +280,8 @@ class Pipeline:
 
     def _train_one(self, name: str, out: Path, section: dict[str, Any], teacher: TeacherSlot | None,
                    split: str = "train") -> None:
-        from pipeline.training.trainer import summary_line, train
+        from pipeline.training.summary import summary_line
+        from pipeline.training.trainer import train
         from pipeline.training.config import TrainConfig
         from pipeline.training.state import read_state
 

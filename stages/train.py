@@ -92,7 +92,8 @@ def train(config_file, sets, **opts):
     nothing for a finished one.
     """
     from pipeline.config import resolve
-    from pipeline.training.trainer import summary_line, train as run_train
+    from pipeline.training.summary import summary_line
+    from pipeline.training.trainer import train as run_train
 
     cfg = resolve(TrainConfig, config_file, sets, given(opts))
     click.echo(summary_line(run_train(cfg, progress=True)))

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline.data.batching import target_counts
+from pipeline.cache.rows import target_counts
 from pipeline.data.epoch_plan import EpochPlan, PlanSettings, batches_in_epoch, chunk_blocks, plan_epoch
 from pipeline.errors import KdError
 

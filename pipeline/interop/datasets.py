@@ -31,7 +31,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from pipeline.data.batching import pad_right, target_positions
+from pipeline.cache.rows import target_positions
+from pipeline.data.batching import pad_right
 from pipeline.errors import KdError
 from pipeline.losses.objective import KD_FIELDS
 

@@ -35,6 +35,7 @@ from pipeline.losses.adakd import LATF
 from pipeline.errors import KdError
 from pipeline.losses.objective import KD_FIELDS, gate_generator, kd_terms
 from pipeline.losses.options import KdOptions
+from pipeline.training.metrics import step_row
 
 
 @dataclass
@@ -91,16 +92,8 @@ class KDLoss(torch.nn.Module):
                           f"against cached ids")
         if config.tail == "sampled" and not tail_samples:
             raise KdError("tail 'sampled' needs a cache with tail samples (`kdcache teacher --tail-samples S`)")
-        lo, hi = ((config.temperature * math.exp(-config.idts_c), config.temperature * math.exp(config.idts_c))
-                  if config.idts else (config.temperature, config.temperature))
-        if not lo == hi == 1.0:
-            from pipeline.losses.temperature import check_temperature_range
-
-            try:
-                check_temperature_range([lo, hi], self.temperatures)
-            except ValueError as e:
-                raise KdError(f"{e}; cache the teacher with a wider --temperatures grid") from None
-        self.settings = config.kd_settings()
+        config.check_grid(self.temperatures)
+        self.settings = KdOptions(**config.kd_options())  # a snapshot: later edits of `config` change nothing
         self.register_buffer("grid_betas", torch.tensor([1.0 / t for t in self.temperatures], dtype=torch.float32),
                              persistent=False)
         self.latf = None
@@ -139,8 +132,8 @@ class KDLoss(torch.nn.Module):
         kd = terms.numerator / terms.denominator if terms.denominator > 0 else terms.numerator * 0.0
         ce = ce_sum / max(n, 1)
         loss = kd if alpha == 0.0 else alpha * ce + (1.0 - alpha) * kd
-        return self._finish(loss, float(kd.detach()), float(ce.detach()), n, terms.accepted, terms.kept,
-                            terms.temps, float(terms.numerator.detach()), terms.denominator)
+        return self._finish(loss, ce_sum.detach(), terms.numerator.detach(), terms.denominator, n, terms.accepted,
+                            terms.kept, terms.temps)
 
     def from_hidden(self, hidden: torch.Tensor, model: Any, batch: Any, chunk_rows: int = 0) -> KDOutput:
         """The same loss from the student's final hidden states and its output head, in row chunks: no
@@ -164,25 +157,18 @@ class KDLoss(torch.nn.Module):
         kd_scale = (1.0 - alpha) / den if den > 0 else 0.0
         loss, _, kd_num = chunked_loss(hidden, head, target_ids, cache, plan, self.settings, self.vocab_size,
                                        alpha / max(n, 1), kd_scale, chunk)
-        kd_loss = float(kd_num) / den if den > 0 else 0.0
-        ce_loss = float(plan.ce_rows.sum()) / max(n, 1)
-        return self._finish(loss, kd_loss, ce_loss, n, plan.accepted, plan.kept, plan.temps[plan.keep],
-                            float(kd_num), den)
+        return self._finish(loss, float(plan.ce_rows.sum()), float(kd_num), den, n, plan.accepted, plan.kept,
+                            plan.temps[plan.keep])
 
-    def _finish(self, loss: torch.Tensor, kd_loss: float, ce_loss: float, n: int, accepted: int, kept: int,
-                temps: torch.Tensor, numerator: float, denominator: float) -> KDOutput:
-        """The metrics of one call (the keys `kdcache train` logs) and, in training mode, the call's KD sums
-        towards LATF's step (temps [kept]: the temperatures of the kept positions)."""
-        alpha = self.config.ce_weight
-        temps = temps.detach().float()
-        metrics = {"loss": alpha * ce_loss + (1.0 - alpha) * kd_loss, "kd_loss": kd_loss, "ce_loss": ce_loss,
-                   "tar": accepted / n if n else 0.0, "focus_ratio": self.latf.ratio if self.latf else 1.0,
-                   "temp_mean": float(temps.mean()) if temps.numel() else None,
-                   "temp_min": float(temps.min()) if temps.numel() else None,
-                   "temp_max": float(temps.max()) if temps.numel() else None,
-                   "kept_fraction": kept / n if n else 0.0}
+    def _finish(self, loss: torch.Tensor, ce_sum: Any, numerator: Any, denominator: float, n: int, accepted: int,
+                kept: int, temps: torch.Tensor) -> KDOutput:
+        """The metrics of one call (`step_row`: the row `kdcache train` logs, less lr, from the call's sums over
+        its n targets) and, in training mode, the call's KD sums towards LATF's step (temps [kept]: the
+        temperatures of the kept positions)."""
+        metrics = step_row(ce_sum, numerator, denominator, n, alpha=self.config.ce_weight, accepted=accepted,
+                           kept=kept, temps=temps, latf=self.latf)
         if self.training:
-            self._pending[0] += numerator
+            self._pending[0] += float(numerator)
             self._pending[1] += denominator
             if self.config.auto_step:
                 self.end_step()

@@ -17,7 +17,7 @@ backward). Here no [N, V] tensor ever exists:
 Peak memory is one chunk's logits and the divergence's temporaries on them, plus grad_W (the head's own
 size), independent of N. The price is a second head product (pass 1) - the technique of Liger-Kernel's
 fused linear losses and torchtune's chunked losses, here with the KD composition of methods.md §5.
-Value and gradient equal the unchunked path (`kd_loss.kd_terms` on full logits + CE): tests/losses/test_chunked_loss.py.
+Value and gradient equal the unchunked path (`objective.kd_terms` on full logits + CE): tests/losses/test_chunked_loss.py.
 The scales are known before pass 2 (the trainer computes them from the plan: CE over the step's targets,
 KD over the step's Σw), so the stored gradients are the final ones.
 """
@@ -31,13 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.losses.adakd import LATF, idts_temperatures
-from pipeline.losses.divergences import bucket_kd_grad, hellinger, kd_divergence, teacher_log_buckets
-from pipeline.losses.gate import propose, verify
-from pipeline.losses.objective import KdSettings, ranking_log_buckets
-from pipeline.losses.selection import select_top_entropy, student_entropy
 from pipeline.head import HeadSpec
-from pipeline.losses.temperature import tail_log_partition_at
+from pipeline.losses.adakd import LATF
+from pipeline.losses.divergences import bucket_kd_grad, teacher_log_buckets
+from pipeline.losses.objective import KdPlan, RowSignals, divergence_of_rows, plan_kd
+from pipeline.losses.options import KdOptions
 
 # Logits per chunk: 2^24 float32 elements (64 MiB) per copy; the divergence holds ~6 copies of its rows.
 CHUNK_ELEMENTS = 1 << 24
@@ -49,91 +47,35 @@ def auto_chunk_rows(vocab_size: int) -> int:
 
 
 @dataclass
-class RowPlan:
-    """Per-row decisions of pass 1 for N target rows (all detached).
+class RowPlan(KdPlan):
+    """Pass 1's decisions for N target rows: the KD plan (`objective.plan_kd`) and ce_rows [N], the cross-entropy
+    of each row (nats; the student's full head, padded ids included, as a Hugging Face model's own loss)."""
 
-    ce_rows [N] cross-entropy of each row (nats; the student's full head, padded ids included, as a
-    Hugging Face model's own loss); weight [N] the gate's weight (1 without a gate); keep [N] bool, rows
-    whose divergence enters the loss; temps [N] per-row temperature; tail_beta [N] the teacher's tail power
-    sum T(1/T) at each kept row's temperature (-inf elsewhere); accepted: rows the gate accepted.
-    """
-
-    ce_rows: Tensor
-    weight: Tensor
-    keep: Tensor
-    temps: Tensor
-    tail_beta: Tensor
-    accepted: int
-
-    @property
-    def kept(self) -> int:
-        return int(self.keep.sum())
-
-    @property
-    def denominator(self) -> float:
-        """Σ w over the kept rows: the micro-batch's share of the KD normaliser."""
-        return float(self.weight[self.keep].sum())
+    ce_rows: Tensor | None = None
 
 
 @torch.no_grad()
 def plan_rows(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict[str, Tensor] | None,
-              s: KdSettings | None, vocab_size: int, grid_betas: Tensor | None, latf: LATF | None,
+              s: KdOptions | None, vocab_size: int, grid_betas: Tensor | None, latf: LATF | None,
               generator: torch.Generator | None, chunk_rows: int, groups: Tensor | None = None) -> RowPlan:
     """Pass 1: hidden [N, H] (student, detached), head the student's (all Vs rows), target_ids [N];
-    cache rows of the N targets (`kd_loss.KD_FIELDS`) or None for CE only; s the KD settings; vocab_size
-    the teacher's V; grid_betas [G]; groups [N] the sequence of each row (SE-KD selects per sequence).
-    The gate's draws: proposals chunk by chunk, then the spec rule's N uniforms (the order
-    `gate.speckd_gate` uses)."""
+    cache rows of the N targets (`objective.KD_FIELDS`) or None for CE only; s the KD options (None: CE
+    only); vocab_size the teacher's V; grid_betas [G]; groups [N] the sequence of each row (SE-KD selects per
+    sequence). The student's signals are gathered chunk by chunk, then `objective.plan_kd` decides, as on
+    full logits."""
     n, dev = hidden.shape[0], hidden.device
     ce = torch.empty(n, dtype=torch.float32, device=dev)
-    gate = s is not None and s.gate != "none"
-    ranked = s is not None and (s.latf or s.idts)
-    y = torch.empty(n, dtype=torch.int64, device=dev) if gate else None
-    log_q = torch.empty(n, dtype=torch.float32, device=dev) if gate and s.gate == "spec" else None
-    diff = torch.empty(n, dtype=torch.float32, device=dev) if ranked else None
-    ent = torch.empty(n, dtype=torch.float32, device=dev) if s is not None and s.select != "none" else None
+    sig = RowSignals(n, s, dev) if s is not None else None
     for a in range(0, n, chunk_rows):
         b = min(a + chunk_rows, n)
         z = head.logits(hidden[a:b], fp32=False)  # [C, Vs] float32
         lse = torch.logsumexp(z, dim=-1)
         ce[a:b] = lse - z.gather(1, target_ids[a:b, None]).squeeze(1)
-        if gate:
-            y[a:b] = propose(z, s.proposal, generator)
-            if log_q is not None:
-                log_q[a:b] = z.gather(1, y[a:b, None]).squeeze(1) - lse
-        if ent is not None:
-            ent[a:b] = student_entropy(z)
-        if ranked:
-            ones = torch.ones(b - a, device=dev)
-            log_p1 = teacher_log_buckets(cache["topk_logprobs"][a:b].float(), cache["tail_logprob"][a:b].float(), ones)
-            diff[a:b] = hellinger(log_p1, ranking_log_buckets(z, cache["topk_ids"][a:b], vocab_size))
+        if sig is not None:
+            sig.add(a, z, cache, vocab_size, generator, lse)
         del z
-    if s is None:
-        nothing = torch.zeros(n, dtype=torch.bool, device=dev)
-        return RowPlan(ce, torch.zeros(n, device=dev), nothing, torch.ones(n, device=dev),
-                       torch.full((n,), -math.inf, device=dev), 0)
-    ids, lps, tail_lp = cache["topk_ids"], cache["topk_logprobs"].float(), cache["tail_logprob"].float()
-    if gate:
-        g = verify(y, log_q, ids, lps, tail_lp, vocab_size, rule=s.gate, gate_k=s.gate_k,
-                   threshold=s.gate_threshold, reject_weight=s.reject_weight, generator=generator)
-        weight, accepted = g.weight.float(), int(g.accepted.sum())
-    else:
-        weight, accepted = torch.ones(n, device=dev), n
-    eligible = weight > 0
-    if ent is not None:
-        eligible = select_top_entropy(ent, eligible, groups, s.select_ratio)
-    keep = latf.select(diff, eligible) if (s.latf and latf is not None) else eligible
-    if s.idts:
-        temps = idts_temperatures(diff, keep, t_base=s.temperature, c=s.idts_c)
-    else:
-        temps = torch.full((n,), float(s.temperature), device=dev)
-    tail_beta = torch.full((n,), -math.inf, device=dev)
-    rows = keep.nonzero().squeeze(1)
-    if rows.numel():
-        tail_beta[rows] = tail_log_partition_at(1.0 / temps[rows], grid_betas.to(dev),
-                                                cache["tail_log_partition"][rows].float(), tail_lp[rows],
-                                                cache["tail_entropy"][rows].float(), vocab_size - ids.shape[1])
-    return RowPlan(ce, weight, keep, temps, tail_beta, accepted)
+    kd = KdPlan.nothing(n, dev) if s is None else plan_kd(sig, cache, s, vocab_size, grid_betas, latf, generator, groups)
+    return RowPlan(kd.weight, kd.keep, kd.temps, kd.tail_beta, kd.accepted, ce_rows=ce)
 
 
 @dataclass
@@ -144,7 +86,7 @@ class _LossSpec:
     target_ids: Tensor
     cache: dict[str, Tensor] | None
     plan: RowPlan
-    s: KdSettings | None
+    s: KdOptions | None
     vocab_size: int
     ce_scale: float
     kd_scale: float
@@ -181,7 +123,7 @@ class _ChunkedLoss(torch.autograd.Function):
             if closed:
                 du = _closed_form_grad(head, h, spec, a, b, rows, ce_total, kd_total)
             else:
-                du = _autograd_grad(head, h, spec, a, b, rows, tail_ids, ce_total, kd_total)
+                du = _autograd_grad(head, h, spec, a, b, rows, ce_total, kd_total)
             grad_h[a:b] = (du.to(weight.dtype) @ weight).to(hidden.dtype)
             grad_w += (du.T.to(h.dtype) @ h).float()
             if grad_b is not None:
@@ -242,7 +184,7 @@ def _closed_form_grad(head: HeadSpec, h: Tensor, spec: _LossSpec, a: int, b: int
 
 
 def _autograd_grad(head: HeadSpec, h: Tensor, spec: _LossSpec, a: int, b: int, rows: Tensor | None,
-                   tail_ids: Tensor | None, ce_total: Tensor, kd_total: Tensor) -> Tensor:
+                   ce_total: Tensor, kd_total: Tensor) -> Tensor:
     """∂loss/∂u of one chunk by local autograd through the divergence (the renorm/ignore/sampled tails)."""
     plan, cache, s = spec.plan, spec.cache, spec.s
     with torch.enable_grad():
@@ -256,11 +198,7 @@ def _autograd_grad(head: HeadSpec, h: Tensor, spec: _LossSpec, a: int, b: int, r
         if rows is not None and rows.numel():
             g = rows + a
             t = plan.temps[g]
-            d = kd_divergence(s.loss, z[rows], cache["topk_ids"][g], cache["topk_logprobs"][g].float(),
-                              plan.tail_beta[g], 1.0 / t, t, spec.vocab_size,
-                              tail="bucket" if s.tail == "sampled" else s.tail,
-                              tail_ids=tail_ids[g] if tail_ids is not None else None,
-                              tail_counts=cache["tail_counts"][g] if tail_ids is not None else None)
+            d = divergence_of_rows(s, z[rows], cache, plan, g, spec.vocab_size)
             kd = (plan.weight[g] * t * t * d).sum()
             loss = loss + spec.kd_scale * kd
             kd_total += kd.detach()
@@ -269,7 +207,7 @@ def _autograd_grad(head: HeadSpec, h: Tensor, spec: _LossSpec, a: int, b: int, r
 
 
 def chunked_loss(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict[str, Tensor] | None,
-                 plan: RowPlan, s: KdSettings | None, vocab_size: int, ce_scale: float, kd_scale: float,
+                 plan: RowPlan, s: KdOptions | None, vocab_size: int, ce_scale: float, kd_scale: float,
                  chunk_rows: int) -> tuple[Tensor, Tensor, Tensor]:
     """Pass 2: (loss, Σ CE, Σ w T² D) with loss differentiable w.r.t. `hidden` and the head's parameters.
 

@@ -1,23 +1,31 @@
-"""The distillation objective per micro-batch (methods.md §5), composed from the small pieces:
+"""The distillation objective per micro-batch (methods.md §5): the one place the KD methods are composed.
 
     target positions -> SpecKD gate (weights) -> SE-KD selection among positions with weight > 0
-    -> LATF among those -> IDTS temperatures -> divergence per position on K + 1 buckets
+    -> LATF among those -> IDTS temperatures -> the teacher's tail at each row's temperature
+    -> divergence per position on K + 1 buckets
     -> numerator  = sum_t w_t * T_t^2 * D_t,   denominator = sum_t w_t
 
-The caller divides the numerator by the denominator summed over the *whole optimizer step*
-(`pipeline.training.trainer`), so splitting a step into micro-batches does not change the gradient.
-Gate, difficulty and temperatures are computed without gradient, at temperature 1 for the gate.
+`RowSignals` gathers what the composition reads from the student (its proposal, log q of it, its entropy, the
+Hellinger difficulty), from full logits or a row chunk at a time; `plan_kd` turns them into one `KdPlan` (the
+gate -> selection -> LATF -> IDTS -> tail decisions). Both objectives consume that plan: `kd_terms` here on
+full logits (`pipeline.interop.loss_module`), and the chunked loss (`pipeline.losses.chunked`) that
+`kdcache train` runs. The caller divides the numerator by the denominator summed over the *whole optimizer
+step*, so splitting a step into micro-batches does not change the gradient. Gate, difficulty and
+temperatures are computed without gradient, at temperature 1 for the gate.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from pipeline.losses.adakd import LATF, idts_temperatures
 from pipeline.losses.divergences import hellinger, kd_divergence, teacher_log_buckets
-from pipeline.losses.gate import speckd_gate
+from pipeline.losses.gate import propose, verify
+from pipeline.losses.options import KdOptions
 from pipeline.losses.selection import select_top_entropy, student_entropy
 from pipeline.losses.temperature import log1mexp, tail_log_partition_at
 
@@ -52,23 +60,119 @@ def gate_generator(seed: int, rank: int, device: torch.device | str = "cpu") -> 
     return g
 
 
-@dataclass
-class KdSettings:
-    """The KD options of a training run (a view of `TrainConfig`)."""
+class RowSignals:
+    """What the KD composition reads from the student, for N target rows (all detached, float32 [N]).
 
-    loss: str = "fkl"
-    tail: str = "bucket"
-    gate: str = "none"
-    proposal: str = "greedy"
-    gate_k: int = 1
-    gate_threshold: float = 0.1
-    reject_weight: float = 0.0
-    latf: bool = False
-    idts: bool = False
-    idts_c: float = 0.5
-    temperature: float = 1.0
-    select: str = "none"  # SE-KD position selection: none | student_entropy
-    select_ratio: float = 0.2  # fraction of each sequence's eligible positions kept by the selection
+    Filled a slice of rows at a time by `add` (full logits: one slice; the chunked loss: one per chunk, so no
+    [N, V] tensor is needed). Only the signals the options use are computed: the gate's proposal ŷ (and
+    log q(ŷ) for the spec rule), the student's entropy (SE-KD), the Hellinger difficulty at T = 1 (LATF, IDTS).
+    """
+
+    def __init__(self, n: int, s: KdOptions, device: torch.device):
+        gate = s.gate != "none"
+        self.proposals = torch.empty(n, dtype=torch.int64, device=device) if gate else None
+        self.log_q = torch.empty(n, dtype=torch.float32, device=device) if gate and s.gate == "spec" else None
+        self.entropy = torch.empty(n, dtype=torch.float32, device=device) if s.select != "none" else None
+        self.difficulty = torch.empty(n, dtype=torch.float32, device=device) if (s.latf or s.idts) else None
+        self.proposal = s.proposal
+
+    @torch.no_grad()
+    def add(self, a: int, z: Tensor, cache: dict[str, Tensor], vocab_size: int,
+            generator: torch.Generator | None, lse: Tensor | None = None) -> None:
+        """Rows [a, a + C): z [C, Vs] the student's float32 logits at T = 1; cache the N rows' cache fields;
+        lse [C] logsumexp of z when the caller has it. Draws the proposals in row order (slices in order)."""
+        b = a + z.shape[0]
+        if self.proposals is not None:
+            self.proposals[a:b] = propose(z, self.proposal, generator)
+            if self.log_q is not None:
+                lse = torch.logsumexp(z, dim=-1) if lse is None else lse
+                self.log_q[a:b] = z.gather(1, self.proposals[a:b, None]).squeeze(1) - lse
+        if self.entropy is not None:
+            self.entropy[a:b] = student_entropy(z)
+        if self.difficulty is not None:
+            ones = torch.ones(b - a, device=z.device)
+            log_p1 = teacher_log_buckets(cache["topk_logprobs"][a:b].float(), cache["tail_logprob"][a:b].float(), ones)
+            self.difficulty[a:b] = hellinger(log_p1, ranking_log_buckets(z, cache["topk_ids"][a:b], vocab_size))
+
+
+@dataclass
+class KdPlan:
+    """The KD decisions for N target rows (all detached).
+
+    weight [N] the gate's weight (1 without a gate); keep [N] bool, rows whose divergence enters the loss;
+    temps [N] per-row temperature; tail_beta [N] the teacher's tail power sum T(1/T) at each kept row's
+    temperature (-inf elsewhere); accepted: rows the gate accepted.
+    """
+
+    weight: Tensor
+    keep: Tensor
+    temps: Tensor
+    tail_beta: Tensor
+    accepted: int
+
+    @classmethod
+    def nothing(cls, n: int, device: torch.device) -> "KdPlan":
+        """No KD (cross-entropy only): no row kept."""
+        return cls(torch.zeros(n, device=device), torch.zeros(n, dtype=torch.bool, device=device),
+                   torch.ones(n, device=device), torch.full((n,), -math.inf, device=device), 0)
+
+    @property
+    def kept(self) -> int:
+        return int(self.keep.sum())
+
+    @property
+    def denominator(self) -> float:
+        """Σ w over the kept rows: the micro-batch's share of the KD normaliser."""
+        return float(self.weight[self.keep].sum())
+
+
+@torch.no_grad()
+def plan_kd(sig: RowSignals, cache: dict[str, Tensor], s: KdOptions, vocab_size: int, grid_betas: Tensor,
+            latf: LATF | None, generator: torch.Generator | None, groups: Tensor | None = None) -> KdPlan:
+    """gate -> SE-KD selection -> LATF -> IDTS -> the tail at each kept row's temperature (methods.md §5).
+
+    sig the rows' `RowSignals`; cache (decoded, `KD_FIELDS`) topk_ids [N, K], topk_logprobs [N, K],
+    tail_logprob [N], tail_entropy [N], tail_log_partition [N, G]; vocab_size the teacher's V; grid_betas [G]
+    = 1 / the cache's temperatures; groups [N] the sequence of each row (SE-KD selects per sequence; None =
+    one sequence). The gate's uniforms are drawn after every proposal (the order `gate.speckd_gate` uses).
+    """
+    ids, lps, tail_lp = cache["topk_ids"], cache["topk_logprobs"].float(), cache["tail_logprob"].float()
+    n, dev = ids.shape[0], ids.device
+    if s.gate != "none":
+        g = verify(sig.proposals, sig.log_q, ids, lps, tail_lp, vocab_size, rule=s.gate, gate_k=s.gate_k,
+                   threshold=s.gate_threshold, reject_weight=s.reject_weight, generator=generator)
+        weight, accepted = g.weight.float(), int(g.accepted.sum())
+    else:
+        weight, accepted = torch.ones(n, device=dev), n
+    eligible = weight > 0
+    if sig.entropy is not None:
+        eligible = select_top_entropy(sig.entropy, eligible, groups, s.select_ratio)
+    keep = latf.select(sig.difficulty, eligible) if (s.latf and latf is not None) else eligible
+    if s.idts:
+        temps = idts_temperatures(sig.difficulty, keep, t_base=s.temperature, c=s.idts_c)
+    else:
+        temps = torch.full((n,), float(s.temperature), device=dev)
+    tail_beta = torch.full((n,), -math.inf, device=dev)
+    rows = keep.nonzero().squeeze(1)
+    if rows.numel():  # the teacher's tail at each row's temperature, from the cached tail statistics
+        tail_beta[rows] = tail_log_partition_at(1.0 / temps[rows], grid_betas.to(dev),
+                                                cache["tail_log_partition"][rows].float(), tail_lp[rows],
+                                                cache["tail_entropy"][rows].float(), vocab_size - ids.shape[1])
+    return KdPlan(weight, keep, temps, tail_beta, accepted)
+
+
+def divergence_of_rows(s: KdOptions, z: Tensor, cache: dict[str, Tensor], plan: KdPlan, rows: Tensor,
+                       vocab_size: int) -> Tensor:
+    """D per kept row on K + 1 buckets at the plan's temperatures: z [R, Vs] the student's logits of the kept
+    rows; rows [R] their indices into `cache` and `plan`. tail "sampled" = the K + 1 buckets with the tail
+    bucket split over the cached tail draws (T = 1 only)."""
+    t = plan.temps[rows]
+    tail_ids = cache.get("tail_ids") if s.tail == "sampled" else None
+    return kd_divergence(s.loss, z, cache["topk_ids"][rows], cache["topk_logprobs"][rows].float(),
+                         plan.tail_beta[rows], 1.0 / t, t, vocab_size,
+                         tail="bucket" if s.tail == "sampled" else s.tail,
+                         tail_ids=tail_ids[rows] if tail_ids is not None else None,
+                         tail_counts=cache["tail_counts"][rows] if tail_ids is not None else None)
 
 
 @dataclass
@@ -83,10 +187,10 @@ class KdTerms:
     temps: torch.Tensor  # [kept] temperatures used
 
 
-def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdSettings, vocab_size: int,
+def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdOptions, vocab_size: int,
              grid_betas: torch.Tensor, latf: LATF | None, generator: torch.Generator | None,
              groups: torch.Tensor | None = None) -> KdTerms:
-    """KD sums of N target positions.
+    """KD sums of N target positions from full logits.
 
     logits [N, Vs] (student, at the targets, with gradient; ids >= vocab_size are a padded head and
     belong to neither distribution); cache (decoded, `KD_FIELDS`): topk_ids [N, K] int64,
@@ -95,43 +199,13 @@ def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdSettings
     groups [N] the sequence of each row (SE-KD selects per sequence; None = one sequence).
     """
     n = logits.shape[0]
-    dev = logits.device
-    ids, lps = cache["topk_ids"], cache["topk_logprobs"].float()
-    tail_lp = cache["tail_logprob"].float()
-    with torch.no_grad():
-        detached = logits.detach().float()
-        if s.gate != "none":
-            g = speckd_gate(detached, ids, lps, tail_lp, vocab_size, rule=s.gate, proposal=s.proposal,
-                            gate_k=s.gate_k, threshold=s.gate_threshold, reject_weight=s.reject_weight,
-                            generator=generator)
-            weight, accepted = g.weight.float(), int(g.accepted.sum())
-        else:
-            weight, accepted = torch.ones(n, device=dev), n
-        eligible = weight > 0
-        if s.select == "student_entropy":
-            eligible = select_top_entropy(student_entropy(detached), eligible, groups, s.select_ratio)
-        if s.latf or s.idts:
-            log_p1 = teacher_log_buckets(lps, tail_lp, torch.ones(n, device=dev))
-            log_q1 = ranking_log_buckets(detached, ids, vocab_size)
-            difficulty = hellinger(log_p1, log_q1)
-        keep = latf.select(difficulty, eligible) if (s.latf and latf is not None) else eligible
-        if s.idts:
-            temps = idts_temperatures(difficulty, keep, t_base=s.temperature, c=s.idts_c)
-        else:
-            temps = torch.full((n,), float(s.temperature), device=dev)
-    rows = keep.nonzero().squeeze(1)
+    sig = RowSignals(n, s, logits.device)
+    sig.add(0, logits.detach().float(), cache, vocab_size, generator)
+    plan = plan_kd(sig, cache, s, vocab_size, grid_betas, latf, generator, groups)
+    rows = plan.keep.nonzero().squeeze(1)
     if rows.numel() == 0:
-        return KdTerms(logits.sum() * 0.0, 0.0, n, accepted, 0, temps[:0])
-    t = temps[rows]
-    beta = 1.0 / t
-    # The teacher's tail at each row's temperature, from the cached tail statistics (exact at T = 1).
-    tail_beta = tail_log_partition_at(beta, grid_betas.to(dev), cache["tail_log_partition"][rows].float(),
-                                      tail_lp[rows], cache["tail_entropy"][rows].float(), vocab_size - ids.shape[1])
-    # "sampled" = the K + 1 buckets with the tail bucket split over the cached tail draws (T = 1 only).
-    tail_ids = cache.get("tail_ids") if s.tail == "sampled" else None
-    d = kd_divergence(s.loss, logits[rows], ids[rows], lps[rows], tail_beta, beta, t, vocab_size,
-                      tail="bucket" if s.tail == "sampled" else s.tail,
-                      tail_ids=tail_ids[rows] if tail_ids is not None else None,
-                      tail_counts=cache["tail_counts"][rows] if tail_ids is not None else None)
-    w = weight[rows]
-    return KdTerms((w * t * t * d).sum(), float(w.sum()), n, accepted, int(rows.numel()), t)
+        return KdTerms(logits.sum() * 0.0, 0.0, n, plan.accepted, 0, plan.temps[:0])
+    t = plan.temps[rows]
+    d = divergence_of_rows(s, logits[rows], cache, plan, rows, vocab_size)
+    w = plan.weight[rows]
+    return KdTerms((w * t * t * d).sum(), float(w.sum()), n, plan.accepted, int(rows.numel()), t)

@@ -8,14 +8,17 @@ only exists once committed, so a lost worker costs at most its current shard.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pipeline.errors import KdError
+
+if TYPE_CHECKING:
+    from pipeline.teacher.worker import ShardJob
 
 log = logging.getLogger(__name__)
 
 
-def run_on_dask(jobs: list[dict[str, Any]], fn: Callable[[dict[str, Any]], Any], workers: int,
+def run_on_dask(jobs: list["ShardJob"], fn: Callable[["ShardJob"], Any], workers: int,
                 scheduler: str, threads: int = 0) -> Iterator[Any]:
     """Run `fn(job)` for every job; yields results as they complete. User errors surface as `KdError`.
 
@@ -47,7 +50,7 @@ def run_on_dask(jobs: list[dict[str, Any]], fn: Callable[[dict[str, Any]], Any],
                                    env={"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n})
             client = Client(cluster)
         with client:
-            futures = [client.submit(fn, job, key=f"kdcache-shard-{job['shard']['index']:05d}", pure=False)
+            futures = [client.submit(fn, job, key=f"kdcache-shard-{job.shard['index']:05d}", pure=False)
                        for job in jobs]
             for fut in as_completed(futures):
                 try:

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from pipeline.data.batching import pad_right, target_positions, token_budget_batches
-from pipeline.cache.layout import clean_tmp
+from pipeline.data.batching import pad_right, token_budget_batches
+from pipeline.cache.rows import target_positions, targets_sha256
 from pipeline.cache.schema import CodecParams, RowCodec
-from pipeline.cache.writer import targets_sha256, write_shard
+from pipeline.cache.writer import CacheWriter
 from pipeline.errors import KdError
 from pipeline.identity import read_json
 from pipeline.models import input_device, load_causal_lm, model_vocab_size, pick_device, pick_dtype
@@ -28,6 +29,27 @@ from pipeline.teacher.stats import auto_chunk_rows, rows_from_hidden
 log = logging.getLogger(__name__)
 
 _MODEL: dict[str, Any] = {}  # one loaded teacher per process (Dask workers reuse it across shards)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker needs for one shard (`pipeline.teacher.runner.shard_job` makes it): plain data,
+    picklable, since it crosses process boundaries (Dask workers, the writing thread)."""
+
+    cache: str  # the cache directory (planned: its kdcache.json is written)
+    data: str  # the prepared data directory
+    model: str
+    device: str
+    dtype: str
+    shard: dict[str, int]  # the plan entry: index, example_start/stop, row_start/stop
+    codec: dict[str, Any]  # kdcache.json's "codec" (`CodecParams.from_meta`)
+    batch_tokens: int
+    head_chunk_rows: int
+    seed: int
+    threads: int = 0  # torch threads; 0 = torch's choice
+    revision: str | None = None
+    parallel: str = "none"
+    compile: str = "auto"
 
 
 def _device_for_worker(device: str) -> str:
@@ -98,9 +120,9 @@ def set_threads(n: int) -> None:
 
 
 @torch.no_grad()
-def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = None
+def compute_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Run the teacher over shard `job['shard']`; returns (encoded arrays in dataset row order, info).
+    """Run the teacher over shard `job.shard`; returns (encoded arrays in dataset row order, info).
 
     job: cache path, prepared data path, shard plan entry, codec parameters and the teacher settings
     (see `pipeline.teacher.runner.shard_job`). The device and dtype are resolved HERE, on the process that
@@ -109,12 +131,11 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
     """
     from pipeline.data.prepare import load_prepared
 
-    set_threads(job.get("threads", 0))
-    params = CodecParams.from_meta(job["codec"])
-    shard, k, v = job["shard"], params.top_k, params.vocab_size
-    model, dev, head = get_model(job["model"], job["device"], job["dtype"], job.get("revision"),
-                                 job.get("parallel", "none"))
-    ds = load_prepared(job["data"]).select(range(shard["example_start"], shard["example_stop"]))
+    set_threads(job.threads)
+    params = CodecParams.from_meta(job.codec)
+    shard, k, v = job.shard, params.top_k, params.vocab_size
+    model, dev, head = get_model(job.model, job.device, job.dtype, job.revision, job.parallel)
+    ds = load_prepared(job.data).select(range(shard["example_start"], shard["example_stop"]))
     ids_list, mask_list = ragged_column(ds, "input_ids"), ragged_column(ds, "loss_mask")
     n = shard["row_stop"] - shard["row_start"]
     g = len(params.temperatures)
@@ -133,14 +154,16 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if offsets[-1] != n:
         raise KdError(f"shard {shard['index']}: the prepared data has {offsets[-1]} target positions where the "
-                      f"cache plan says {n}: {job['data']} changed after the cache was started; re-run with --overwrite")
+                      f"cache plan says {n}: {job.data} changed after the cache was started; re-run with --overwrite")
 
     head = HeadSpec(head.weight, head.bias, v, head.softcap, head.scale)  # the tokenizer's ids only
     betas = torch.tensor(params.betas, dtype=torch.float32)
-    chunk_rows = job["head_chunk_rows"] or auto_chunk_rows(v, dev)
-    gen = _shard_generator(job["seed"], shard["index"], head.weight.device) if s else None
+    chunk_rows = job.head_chunk_rows or auto_chunk_rows(v, dev)
+    gen = _shard_generator(job.seed, shard["index"], head.weight.device) if s else None
     lengths = [len(x) for x in ids_list]
-    compiled = job.get("compile", "auto") == "always" or (job.get("compile", "auto") == "auto" and dev.type == "cuda")
+    # compile "auto" is the eager path on every device (the path the tests exercise) until bench/gpu_suite.py
+    # (part teacher: tokens/s with compile off and on, on a GPU) shows that torch.compile pays there.
+    compiled = job.compile == "always"
     host = _HostBuffers(head.weight.device)
 
     def finish(p: tuple) -> None:
@@ -153,7 +176,7 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
             row = int(np.argmax(bad))
             dt = str(head.weight.dtype).replace("torch.", "")
             raise KdError(f"teacher logits are not finite for example {shard['example_start'] + batch[rb[row]]} "
-                          f"at position {int(rt[row])} (model {job['model']}, {dt})")
+                          f"at position {int(rt[row])} (model {job.model}, {dt})")
         for name, arr in stats.items():
             arr[dst] = out[name].numpy()
         target_ids[dst] = tgt.numpy()
@@ -164,7 +187,7 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
     # i + 1's forward is queued, so on a GPU the copies and the host-side work overlap compute: one wait
     # per batch, none per head chunk.
     pending = None
-    for batch in token_budget_batches(lengths, job["batch_tokens"]):
+    for batch in token_budget_batches(lengths, job.batch_tokens):
         batch = [e for e in batch if counts[e]]
         if not batch:
             continue
@@ -195,24 +218,26 @@ def compute_shard(job: dict[str, Any], on_rows: Callable[[int], None] | None = N
     return arrays, info
 
 
-def run_shard_job(job: dict[str, Any]) -> dict[str, Any]:
+def run_shard_job(job: ShardJob) -> dict[str, Any]:
     """Compute and commit one shard (the unit of work of every execution mode)."""
-    cache = Path(job["cache"])
-    clean_tmp(cache, job["shard"]["index"])
+    writer = CacheWriter.open(job.cache)
+    writer.clean_tmp(job.shard["index"])
     arrays, info = compute_shard(job)
-    return commit_shard(job, arrays, info)
+    return commit_shard(job, arrays, info, writer)
 
 
-def commit_shard(job: dict[str, Any], arrays: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, Any]:
-    """Write and commit the arrays `compute_shard` returned, with the plan entry in the record."""
-    shard = job["shard"]
-    have = committed_dtype(Path(job["cache"]))
+def commit_shard(job: ShardJob, arrays: dict[str, np.ndarray], info: dict[str, Any],
+                 writer: CacheWriter | None = None) -> dict[str, Any]:
+    """Write and commit the arrays `compute_shard` returned, with the plan entry in the record, through
+    `writer` (by default the writer of the planned cache at `job.cache`)."""
+    shard = job.shard
+    have = committed_dtype(Path(job.cache))
     if have is not None and have != info["dtype"]:
         raise KdError(f"shard {shard['index']} was computed in {info['dtype']} but the cache's committed shards are "
                       f"{have}: one cache holds one precision (pass --dtype {have}, or --overwrite to start again)")
     plan = {key: shard[key] for key in ("index", "example_start", "example_stop", "row_start", "row_stop")}
-    return write_shard(Path(job["cache"]), shard["index"], arrays, {**plan, **info},
-                       CodecParams.from_meta(job["codec"]), job["chunk_rows"])
+    writer = writer or CacheWriter.open(job.cache)
+    return writer.write_shard(shard["index"], arrays, {**plan, **info})
 
 
 def committed_dtype(cache: Path) -> str | None:
@@ -232,29 +257,64 @@ def committed_dtype(cache: Path) -> str | None:
 
 
 class _HostBuffers:
-    """Two alternating sets of pinned host buffers for a batch's results (a GPU copies into pinned memory
-    asynchronously; pageable memory would make every copy synchronous). On CPU the tensors are returned
-    as they are."""
+    """Two alternating sets of host buffers for a batch's results.
+
+    The worker scatters batch i's results only after batch i + 1's copies are queued (so on a GPU the
+    copies and the host-side work overlap compute), so batch i + 1 must write into the other set. That
+    logic (which set, when a buffer grows, the slices handed out) is the same on every device, and
+    tests/teacher/test_host_buffers.py exercises it on CPU. What differs is isolated in `_host_empty` and
+    `_copy_to_host`: on CUDA the buffers are pinned (a GPU copies into pinned memory asynchronously;
+    pageable memory would make every copy synchronous) and `copy` returns before the copies are done,
+    with a handle to wait on; elsewhere the copies are done when `copy` returns. bench/gpu_suite.py
+    (part cuda_paths) compares the CUDA path with the CPU one on the same batches.
+    """
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.asynchronous = device.type == "cuda"
         self.sets: list[dict[str, torch.Tensor]] = [{}, {}]
         self.turn = 0
 
     def copy(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
-        """(host tensors, an event to wait on before reading them, or None)."""
-        if not self.cuda:
-            return {n: t.cpu() for n, t in tensors.items()}, None
+        """(host tensors, a handle whose `synchronize()` waits for the copies, or None when they are done)."""
         bufs = self.sets[self.turn]
         self.turn ^= 1
         out = {}
         for n, t in tensors.items():
             b = bufs.get(n)
             if b is None or b.shape[0] < t.shape[0] or b.shape[1:] != t.shape[1:] or b.dtype != t.dtype:
-                b = bufs[n] = torch.empty((max(t.shape[0], 1024),) + tuple(t.shape[1:]), dtype=t.dtype,
-                                          pin_memory=True)
+                b = bufs[n] = _host_empty((max(t.shape[0], 1024),) + tuple(t.shape[1:]), t.dtype, self.asynchronous)
             out[n] = b[: t.shape[0]]
-            out[n].copy_(t, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return out, done
+        return out, _copy_to_host(out, tensors, self.asynchronous)
+
+
+def _host_empty(shape: tuple[int, ...], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """A host buffer; pinned (page-locked, CUDA only) for asynchronous copies from a GPU."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pinned)
+
+
+class _Copies:
+    """The copies `_copy_to_host` queued: `synchronize()` waits for all of them."""
+
+    def __init__(self, events: list[Any]):
+        self.events = events
+
+    def synchronize(self) -> None:
+        for e in self.events:
+            e.synchronize()
+
+
+def _copy_to_host(dst: dict[str, torch.Tensor], src: dict[str, torch.Tensor], asynchronous: bool) -> _Copies | None:
+    """Copy each src tensor into dst[name]. asynchronous (CUDA): queued on the current stream of each source
+    GPU, with one event per GPU (with device_map the statistics and the target ids may come from two
+    GPUs); returns what to wait on. Otherwise the copies are done now: None."""
+    for n, t in src.items():
+        dst[n].copy_(t, non_blocking=asynchronous)
+    if not asynchronous:
+        return None
+    events = []
+    for index in sorted({t.device.index for t in src.values() if t.is_cuda}):
+        with torch.cuda.device(index):
+            e = torch.cuda.Event()
+            e.record()
+            events.append(e)
+    return _Copies(events)

@@ -93,6 +93,19 @@ class TrainConfig(KdOptions):
 
             check_repo_id(self.push_to_hub)
 
+    def check_cache_given(self) -> None:
+        """KD options without a teacher cache would be ignored (plain CE, silently): refuse them when training
+        starts. Not in `__post_init__`: a config file may leave the cache to the command line or `kdcache run`."""
+        if self.cache:
+            return
+        shaping = [name for name, on in (("--gate", self.gate != "none"), ("--latf", self.latf), ("--idts", self.idts),
+                                         ("--select", self.select != "none"), ("--temperature", self.temperature != 1.0),
+                                         ("--tail", self.tail != "bucket"), ("--ce-weight", self.ce_weight != 0.0))
+                   if on]
+        if shaping:
+            raise KdError(f"{', '.join(shaping)} shape{'s' if len(shaping) == 1 else ''} the distillation loss, "
+                          "which needs a teacher cache: give --cache DIR, or drop them to train on cross-entropy only")
+
     @property
     def distills(self) -> bool:
         return bool(self.cache) and self.loss != "none"

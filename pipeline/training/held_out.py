@@ -53,12 +53,18 @@ def bucket_fkl(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torc
     logits [N, Vs] student; topk_ids [N, K], topk_logprobs [N, K] (log p over the full vocabulary) and
     tail_logprob [N] (log r) from the cache; vocab_size the teacher's V. Q head = the student's
     probabilities of the K ids, Q tail = the rest of the teacher's V ids (masked logsumexp, exact in
-    log space). Returns [N] float64.
+    log space), both normalised over the student's WHOLE head: the mass a padded student head (Vs > V)
+    puts on ids the teacher cannot emit is a real divergence (P has none there), so it is counted, not
+    renormalised away (KL(P || Q) = KL(P || Q restricted to V) - log Q(V)). Returns [N] float64.
     """
     ones = torch.ones(logits.shape[0], dtype=torch.float64, device=logits.device)
+    z = logits.double()
     log_p = teacher_log_buckets(topk_logprobs.double(), tail_logprob.double(), ones)
-    log_q = student_log_buckets(logits.double(), topk_ids, ones, vocab_size)
-    return divergence("fkl", log_p, log_q)
+    log_q = student_log_buckets(z, topk_ids, ones, vocab_size)
+    fkl = divergence("fkl", log_p, log_q)
+    if z.shape[1] > vocab_size:  # - log Q(V): the student's mass on its padded ids
+        fkl = fkl + (torch.logsumexp(z, dim=-1) - torch.logsumexp(z[:, :vocab_size], dim=-1))
+    return fkl
 
 
 class Totals:

@@ -15,7 +15,7 @@ from pipeline.models import load_causal_lm, load_tokenizer, model_vocab_size, ow
 from pipeline.head import head_spec
 from pipeline.losses.adakd import LATF
 from pipeline.losses.chunked import RowPlan, auto_chunk_rows, chunked_loss, plan_rows
-from pipeline.losses.objective import KdSettings
+from pipeline.losses.options import KdOptions
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,10 @@ def check_inputs(model: Any, prepared_meta: dict[str, Any], cache: Any | None, f
     vs = model_vocab_size(model)
     tok = prepared_meta["tokenizer"]
     if vs < int(tok["vocab_size"]):
-        raise KdError(f"the student has {vs} output ids but the tokenizer has {tok['vocab_size']}")
+        who = getattr(model, "name_or_path", "") or type(model).__name__
+        raise KdError(f"the student {who} has {vs} output ids, fewer than the {tok['vocab_size']} of the tokenizer the "
+                      f"data was prepared with, {describe_tokenizer(tok)}: it was made for another tokenizer; prepare "
+                      "the data with the student's tokenizer, or pick a student of this one")
     if cache is None:
         return
     if not follow and not cache.complete:
@@ -150,7 +153,7 @@ class StudentObjective(torch.nn.Module):
     pass 1 only (the trainer's pre-pass that counts Σw before any gradient).
     """
 
-    def __init__(self, model: Any, settings: KdSettings | None, vocab_size: int | None,
+    def __init__(self, model: Any, settings: KdOptions | None, vocab_size: int | None,
                  grid_betas: Tensor | None, latf: LATF | None, generator: torch.Generator | None,
                  chunk_rows: int = 0):
         super().__init__()

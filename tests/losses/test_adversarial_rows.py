@@ -21,7 +21,8 @@ from pipeline.losses.adakd import LATF, idts_temperatures
 from pipeline.cache.schema import PRESETS, CodecParams, RowCodec
 from pipeline.losses.divergences import DIVERGENCES, hellinger, kd_divergence, teacher_log_buckets
 from pipeline.losses.gate import RULES, speckd_gate
-from pipeline.losses.objective import KdSettings, kd_terms, ranking_log_buckets
+from pipeline.losses.objective import kd_terms, ranking_log_buckets
+from pipeline.losses.options import KdOptions
 from pipeline.teacher.stats import distribution_stats
 from pipeline.losses.temperature import tail_log_partition_at
 
@@ -151,7 +152,7 @@ def test_gate_latf_idts_and_the_composition_are_finite(case):
     assert torch.isfinite(temps).all()
     x = logits.clone().requires_grad_()
     latf = LATF(10)
-    settings_ = KdSettings(loss="rkl", gate="spec", proposal="sample", gate_k=1, latf=True, idts=True,
+    settings_ = KdOptions(loss="rkl", gate="spec", proposal="sample", gate_k=1, latf=True, idts=True,
                            reject_weight=0.2)
     terms = kd_terms(x, {k: rows[k] for k in ("topk_ids", "topk_logprobs", "tail_logprob", "tail_entropy",
                                                "tail_log_partition")},

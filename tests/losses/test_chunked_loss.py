@@ -17,9 +17,11 @@ from pipeline.losses.adakd import LATF
 from pipeline.cache.schema import CodecParams, RowCodec
 from pipeline.losses.chunked import chunked_loss, plan_rows
 from pipeline.losses.divergences import DIVERGENCES
-from pipeline.losses.objective import KD_FIELDS, KdSettings, kd_terms
+from pipeline.losses.objective import KD_FIELDS, kd_terms
+from pipeline.losses.options import KdOptions
 from pipeline.head import HeadSpec
 from pipeline.teacher.stats import distribution_stats
+from tests.losses import reference as R
 
 GRID = (0.5, 0.7, 1.4, 2.0)
 
@@ -69,7 +71,7 @@ SETTINGS = [
 @pytest.mark.parametrize("extra", SETTINGS)
 def test_chunked_equals_unchunked_value_and_gradient(name, extra):
     hidden, head, targets, cache, grid, v = make_case(seed=zlib.crc32(f"{name}{extra}".encode()) % 1000)
-    s = KdSettings(loss=name, **extra)
+    s = KdOptions(loss=name, **extra)
     ce_scale, kd_scale = 0.3, 0.7 / 5.0
     latf_a, latf_b = LATF(10), LATF(10)
     for latf in (latf_a, latf_b):  # a narrowed focus, so LATF's selection matters
@@ -87,10 +89,107 @@ def test_chunked_equals_unchunked_value_and_gradient(name, extra):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("extra", SETTINGS)
+def test_chunked_on_decoded_rows_equals_the_float64_reference(name, extra):
+    """The cases of `test_chunked_equals_unchunked_value_and_gradient` against the float64 reference
+    (tests/losses/reference.py) on the same decoded rows instead of the unchunked path: two project paths
+    that agree can still share a defect (tests/mutation/run_mutants.py measures which)."""
+    hidden, head, targets, cache, grid, v = make_case(seed=zlib.crc32(f"{name}{extra}".encode()) % 1000)
+    s = KdOptions(loss=name, **extra)
+    ce_scale, kd_scale = 0.3, 0.7 / 5.0
+    latf = LATF(10)
+    latf._ratio = 0.6
+    plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, latf, torch.Generator().manual_seed(4), 5)
+    got, _, kd = chunked_loss(hidden, head, targets, cache, plan, s, v, ce_scale, kd_scale, chunk_rows=5)
+    fields = {**{f: x.double() if x.is_floating_point() else x for f, x in cache.items()}, "betas": grid.double()}
+    r_loss, r_plan, r_num, r_grads = reference_loss(hidden, head, targets, fields, v, s, ce_scale, kd_scale, 0.6, 4)
+    assert plan.keep.tolist() == r_plan.keep and plan.accepted == r_plan.accepted
+    assert plan.denominator == pytest.approx(r_plan.denominator, rel=1e-6)
+    assert float(kd) == pytest.approx(float(r_num.detach()), rel=2e-5, abs=1e-6)
+    assert float(got.detach()) == pytest.approx(float(r_loss.detach()), rel=2e-5, abs=1e-6)
+    for a, b in zip(grads(got, hidden, head), r_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+def reference_kwargs(s: KdOptions, latf_ratio: float | None) -> dict:
+    """`KdOptions` as the keyword arguments of `reference.plan`."""
+    return dict(gate_rule=s.gate, gate_k=s.gate_k, threshold=s.gate_threshold, reject_weight=s.reject_weight,
+                select_ratio=s.select_ratio if s.select != "none" else None, latf_ratio=latf_ratio if s.latf else None,
+                idts=s.idts, t_base=s.temperature, idts_c=s.idts_c)
+
+
+def reference_loss(hidden, head, targets, fields, v, s, ce_scale, kd_scale, latf_ratio, gen_seed, groups=None,
+                   teacher_at=None):
+    """The chunked loss ce_scale·Σ CE + kd_scale·Σ w·T²·D from tests/losses/reference.py in float64 (a plain
+    head: logits = hidden·Wᵀ + b), its plan, Σ w·T²·D and the gradients (hidden, W[, b]) by autograd.
+    teacher_at: the reference teacher (default: tempered from the cache fields by the documented PCHIP rule)."""
+    h = hidden.detach().double().requires_grad_()
+    w = head.weight.detach().double().requires_grad_()
+    b = head.bias.detach().double().requires_grad_() if head.bias is not None else None
+    logits = h @ w.T + (b if b is not None else 0.0)
+    ce = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum()
+    u = torch.rand(hidden.shape[0], generator=torch.Generator().manual_seed(gen_seed)).tolist()  # spec's uniforms
+    plan = R.plan(logits.detach(), fields, v, uniforms=u, groups=None if groups is None else groups.tolist(),
+                  **reference_kwargs(s, latf_ratio))
+    num, _, _ = R.kd_sums(s.loss, logits, plan, teacher_at or R.fields_teacher(fields, v), fields["topk_ids"], v)
+    loss = ce_scale * ce + kd_scale * num
+    return loss, plan, num, torch.autograd.grad(loss, [h, w] + ([b] if b is not None else []))
+
+
+REFERENCE_SETTINGS = [
+    dict(gate="topk", gate_k=3, reject_weight=0.25, select="student_entropy", select_ratio=0.5),
+    dict(gate="spec", reject_weight=0.5, latf=True, idts=True),
+    dict(gate="threshold", gate_threshold=0.015, reject_weight=0.25, select="student_entropy", select_ratio=0.7,
+         latf=True, idts=True, idts_c=0.7, temperature=1.1),
+]
+
+
+@pytest.mark.parametrize("name", DIVERGENCES)
+@pytest.mark.parametrize("extra", REFERENCE_SETTINGS)
+def test_chunked_equals_the_float64_reference(name, extra):
+    """The chunked loss (what `kdcache train` runs) from a dense float64 teacher whose cache fields the reference
+    builds itself: value and gradient against autograd through tests/losses/reference.py, with the gate, SE-KD,
+    LATF and IDTS on; against the exactly tempered dense teacher too (within the PCHIP interpolation's error)."""
+    from tests.losses.test_reference import as_cache, teacher_rows
+
+    n, v, k = 36, 57, 6
+    hidden, head, targets, _, grid, _ = make_case(n=n, v=v, k=k, pad=3, seed=zlib.crc32(f"r{name}{extra}".encode()) % 1000)
+    logp = teacher_rows(n, v, k, seed=31)
+    fields = R.cache_fields(logp, k, GRID)
+    cache = as_cache(fields)
+    groups = torch.tensor([i // 12 for i in range(n)])
+    s = KdOptions(loss=name, **extra)
+    ce_scale, kd_scale = 0.3, 0.7 / 5.0
+    latf = LATF(10)
+    latf._ratio = 0.6
+    plan = plan_rows(hidden.detach(), head, targets, cache, s, v, fields["betas"].float(), latf,
+                     torch.Generator().manual_seed(4), 5, groups=groups)
+    got, _, kd = chunked_loss(hidden, head, targets, cache, plan, s, v, ce_scale, kd_scale, chunk_rows=5)
+    want, r_plan, r_num, r_grads = reference_loss(hidden, head, targets, fields, v, s, ce_scale, kd_scale, 0.6, 4,
+                                                  groups)
+    assert plan.keep.tolist() == r_plan.keep and plan.accepted == r_plan.accepted
+    assert 0 < plan.kept < n and any(w < 1 for w, k_ in zip(r_plan.weight, r_plan.keep) if k_)
+    assert plan.denominator == pytest.approx(r_plan.denominator, rel=1e-6)
+    torch.testing.assert_close(plan.temps[plan.keep].double(),
+                               torch.tensor(r_plan.temps, dtype=torch.float64)[torch.tensor(r_plan.keep)], rtol=2e-6, atol=0)
+    assert float(kd) == pytest.approx(float(r_num.detach()), rel=2e-5, abs=1e-6)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=2e-5, abs=1e-6)
+    g_got = grads(got, hidden, head)
+    for a, b in zip(g_got, r_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+    # the exactly tempered teacher (dense rows): equal to the interpolation's error
+    exact, _, exact_num, exact_grads = reference_loss(hidden, head, targets, fields, v, s, ce_scale, kd_scale, 0.6, 4,
+                                                      groups, R.dense_teacher(logp, fields["topk_ids"]))
+    assert float(kd) == pytest.approx(float(exact_num.detach()), rel=1e-4, abs=1e-5)
+    for a, b in zip(g_got, exact_grads):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("head_kw", [dict(softcap=3.0), dict(scale=0.5, bias=False), dict(softcap=2.0, scale=2.0)])
 def test_head_transforms_are_differentiated_through(head_kw):
     hidden, head, targets, cache, grid, v = make_case(seed=7, **head_kw)
-    s = KdSettings(loss="rkl", gate="topk", gate_k=4, reject_weight=0.5, idts=True)
+    s = KdOptions(loss="rkl", gate="topk", gate_k=4, reject_weight=0.5, idts=True)
     want, _ = reference(hidden, head, targets, cache, grid, v, s, 1.0, 1.0, None, None)
     plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, None, None, 4)
     got, _, _ = chunked_loss(hidden, head, targets, cache, plan, s, v, 1.0, 1.0, chunk_rows=4)
@@ -101,7 +200,7 @@ def test_head_transforms_are_differentiated_through(head_kw):
 
 def test_ce_only_and_kd_only_scales():
     hidden, head, targets, cache, grid, v = make_case(seed=3)
-    s = KdSettings(loss="fkl")
+    s = KdOptions(loss="fkl")
     plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, None, None, 6)
     # alpha = 0: no CE gradient and no CE recomputation (its value is the plan's), KD only
     got, ce, kd = chunked_loss(hidden, head, targets, cache, plan, s, v, 0.0, 1.0, chunk_rows=6)
@@ -139,7 +238,7 @@ def test_no_tensor_grows_with_n_times_v():
     # 16 x V, and the head's own [V, H] gradient is the only other large tensor.
     n, h, v, chunk = 400, 8, 3000, 16
     hidden, head, targets, cache, grid, v = make_case(n=n, h=h, v=v, pad=0, k=8, seed=5)
-    s = KdSettings(loss="jsd", gate="spec", proposal="sample", latf=True, idts=True)
+    s = KdOptions(loss="jsd", gate="spec", proposal="sample", latf=True, idts=True)
     with _LargestTensor() as mode:
         plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, LATF(10), torch.Generator().manual_seed(0),
                          chunk)

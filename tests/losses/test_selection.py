@@ -15,7 +15,8 @@ import torch
 
 from pipeline.losses.chunked import chunked_loss, plan_rows
 from pipeline.losses.gate import speckd_gate
-from pipeline.losses.objective import KdSettings, kd_terms
+from pipeline.losses.objective import kd_terms
+from pipeline.losses.options import KdOptions
 from pipeline.losses.selection import select_top_entropy, student_entropy
 from tests.losses.test_chunked_loss import make_case
 
@@ -102,7 +103,7 @@ def dense_fkl(teacher_logits: np.ndarray, student_logits: np.ndarray, topk_ids: 
 def test_selected_kd_loss_equals_dense_reference_full_and_chunked():
     hidden, head, targets, cache, grid, v, teacher = make_case(n=40, seed=11, with_teacher=True)
     groups = torch.tensor([0] * 9 + [1] * 14 + [2] * 3 + [3] * 14)
-    s = KdSettings(loss="fkl", select="student_entropy", select_ratio=0.2)
+    s = KdOptions(loss="fkl", select="student_entropy", select_ratio=0.2)
     logits = head.logits(hidden, fp32=False)
     # the reference: entropy and selection in float64 / plain Python, FKL from the full teacher in float64
     ent = dense_entropy(logits.detach().numpy())
@@ -126,8 +127,8 @@ def test_selection_composes_after_the_gate():
     hidden, head, targets, cache, grid, v = make_case(n=30, seed=5)
     groups = torch.tensor([0] * 15 + [1] * 15)
     logits = head.logits(hidden, fp32=False).detach()
-    gated = kd_terms(logits, cache, KdSettings(gate="topk", gate_k=2), v, grid, None, None)
-    both = kd_terms(logits, cache, KdSettings(gate="topk", gate_k=2, select="student_entropy", select_ratio=0.5),
+    gated = kd_terms(logits, cache, KdOptions(gate="topk", gate_k=2), v, grid, None, None)
+    both = kd_terms(logits, cache, KdOptions(gate="topk", gate_k=2, select="student_entropy", select_ratio=0.5),
                     v, grid, None, None, groups=groups)
     # among each sequence's accepted positions, half (rounded up) by entropy
     g = speckd_gate(logits, cache["topk_ids"], cache["topk_logprobs"].float(), cache["tail_logprob"].float(), v,

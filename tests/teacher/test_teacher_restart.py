@@ -137,6 +137,8 @@ def test_dask_two_workers_identical(tmp_path, teacher_args, llama_cache):
 def test_thread_count_does_not_change_bytes(tmp_path, teacher_args, llama_cache):
     """What makes --workers (1 torch thread each) equal one process (all cores): the statistics run
     single-threaded per block whatever the pool size, and the forward pass gives the same bits."""
+    import dataclasses
+
     import torch
 
     from pipeline.teacher.runner import TeacherConfig, init_cache, shard_job, worker_threads
@@ -158,7 +160,7 @@ def test_thread_count_does_not_change_bytes(tmp_path, teacher_args, llama_cache)
     job = shard_job(cfg, meta, cache, meta["shards"][1])
     outs = []
     for n in (1, 2):
-        outs.append(compute_shard({**job, "threads": n})[0])
+        outs.append(compute_shard(dataclasses.replace(job, threads=n))[0])
     torch.set_num_threads(1)
     ref = open_cache(llama_cache).read_raw(meta["shards"][1]["row_start"], meta["shards"][1]["row_stop"])
     assert all(np.array_equal(o[k], ref[k]) for o in outs for k in ref)
