@@ -80,9 +80,14 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
     return data
 
 
+def json_text(data: dict[str, Any]) -> str:
+    """The text `write_json` writes for `data` (so a caller can hash the bytes before they are written)."""
+    return json.dumps(data, indent=2, sort_keys=False, default=str)
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (tmp file + rename), so a kill never leaves half a file."""
     p = Path(path)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    tmp.write_text(json_text(data))
     tmp.replace(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -14,7 +15,8 @@ I = InspectConfig  # noqa: E741
 
 @click.command()
 @click.argument("cache", required=False, type=click.Path())
-@setting(I, "--verify", is_flag=True, help="Read every shard, check checksums and completeness.")
+@setting(I, "--verify", is_flag=True, help="Read and check every file: metadata and index checksums, every shard "
+                                           "(completeness, checksums, chunks), and files the cache does not know.")
 @setting(I, "--sample-rows", type=int, help="Rows read for the entropy / top-K-mass statistics.")
 @config_options
 @user_errors("inspect")
@@ -22,6 +24,7 @@ def inspect(cache, config_file, sets, **opts):
     """Summarise a teacher cache (rows, K, bytes/row, statistics, shard status); CACHE or `cache` in --config."""
     from pipeline.config import resolve
     from pipeline.cache.inspection import format_summary, inspect_cache, verify_cache
+    from pipeline.ownership import TEACHER, check_records
 
     cfg = resolve(InspectConfig, config_file, sets, {**given(opts), "cache": cache})
     summary = inspect_cache(cfg)
@@ -35,9 +38,19 @@ def inspect(cache, config_file, sets, **opts):
 
         with tqdm(total=summary["shards"], desc="verify", unit="shard", leave=False) as bar:
             problems = verify_cache(cfg.cache, on_shard=lambda i: bar.update(1))
+        # The stage's manifest: readable, and every file it records unchanged (files not named above already).
+        named = {p.split(":")[0].split(" ")[0] for p in problems}
+        problems += [p for p in check_records(Path(cfg.cache), TEACHER, new_files=False)
+                     if p.split(":")[0] not in named]
         if problems:
             for p in problems:
                 click.echo(f"BAD {p}", err=True)
-            click.echo(f"inspect: {len(problems)} bad shard(s) in {cfg.cache}", err=True)
+            shards = sum(p.startswith("shard_") for p in problems)
+            files = len(problems) - shards
+            what = " and ".join(([f"{shards} bad shard(s)"] if shards else []) + ([f"{files} bad file(s)"] if files else []))
+            click.echo(f"inspect: {what} in {cfg.cache}", err=True)
             sys.exit(1)
-        click.echo(f"verify: all {summary['shards']} shards complete and checksums match")
+        note = ("" if summary.get("checksummed", True) else
+                " (kdcache.json, index.parquet and config.yaml have no checksums: an older cache; they parse)")
+        click.echo(f"verify: all {summary['shards']} shards complete and checksums match, and every file of the cache "
+                   f"is its own{note}")

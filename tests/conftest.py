@@ -140,6 +140,17 @@ def llama_cache(tmp_path_factory, teacher_args) -> Path:
     return out
 
 
+def reseal_cache(cache: Path) -> None:
+    """Rewrite CACHE/kdcache.sha256 for kdcache.json, index.parquet and config.yaml as they are now: a test that
+    edits kdcache.json to make a cache with other properties (another tokenizer, a moved data path) makes one
+    written that way, not a damaged one (which every reader refuses, naming the file)."""
+    import hashlib
+
+    lines = [f"{hashlib.sha256((cache / n).read_bytes()).hexdigest()}  {n}\n"
+             for n in ("kdcache.json", "index.parquet", "config.yaml") if (cache / n).is_file()]
+    (cache / "kdcache.sha256").write_text("".join(lines))
+
+
 @pytest.fixture(scope="module")
 def torch_one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy 2-core box every OpenMP barrier can

@@ -26,19 +26,21 @@ class InspectConfig:
 
 
 def inspect_cache(cfg: InspectConfig) -> dict[str, Any]:
-    """`summarize` of the cache at `cfg.cache` (see `verify_cache` for --verify)."""
+    """`summarize` of the cache at `cfg.cache` (see `verify_cache` for --verify). With `cfg.verify`, damaged
+    metadata does not stop the summary (verify lists it); without, it is a one-line error naming the file."""
     from pipeline.cache import open_cache
 
     if not cfg.cache:
         raise KdError("no cache given (kdcache inspect CACHE)")
-    return summarize(open_cache(cfg.cache), cfg.sample_rows)
+    return summarize(open_cache(cfg.cache, strict=not cfg.verify), cfg.sample_rows)
 
 
 def verify_cache(path: str, on_shard: Callable[[int], None] | None = None) -> list[str]:
-    """Read every shard of the cache at `path`; one line per problem (checksums, completeness)."""
+    """Read and check every file of the cache at `path` (`Cache.verify`); one line per problem. The output's
+    ownership records (`.kdcache/`) are checked by `pipeline.ownership.check_records`."""
     from pipeline.cache import open_cache
 
-    return open_cache(path).verify(on_shard=on_shard)
+    return open_cache(path, strict=False).verify(on_shard=on_shard)
 
 
 def summarize(c: Cache, sample_rows: int = 200_000) -> dict[str, Any]:
@@ -56,6 +58,7 @@ def summarize(c: Cache, sample_rows: int = 200_000) -> dict[str, Any]:
         "vocab_size": c.vocab_size, "temperatures": c.temperatures, "tail_samples": c.tail_samples,
         "codec": c.meta["codec"], "teacher": c.meta["teacher"]["model"], "shards": len(committed),
         "committed": int(sum(committed)), "bytes": nbytes, "bytes_per_row": nbytes / rows,
+        "checksummed": c.checksummed,
         "array_bytes_per_row": {k: v / max(done_rows, 1) for k, v in c.array_bytes().items()},
     }
     done = [i for i, ok in enumerate(committed) if ok]
@@ -100,6 +103,9 @@ def format_summary(s: dict[str, Any]) -> str:
         "per array    " + "  ".join(f"{k} {v:.2f}" for k, v in s["array_bytes_per_row"].items()) + "  (bytes/row)",
         f"shards       {s['committed']}/{s['shards']} committed",
     ]
+    if not s.get("checksummed", True):
+        lines.append("metadata     no checksums: written before kdcache.sha256 existed (shards are checksummed; "
+                     "kdcache.json, index.parquet and config.yaml are only parsed)")
     if "entropy" in s:
         e, m, t = s["entropy"], s["topk_mass"], s["tail_mass"]
         lines.append(f"entropy      mean {e['mean']:.3f}  median {e['p50']:.3f}  p90 {e['p90']:.3f} nats "

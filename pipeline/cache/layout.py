@@ -1,6 +1,7 @@
 """Where things live in a cache directory, and what makes a shard committed.
 
     CACHE/kdcache.json             metadata (written last when planning: its presence = plan complete)
+    CACHE/kdcache.sha256           sha256 of kdcache.json, index.parquet and config.yaml (`sha256sum -c` reads it)
     CACHE/index.parquet            one row per example: sequence_id, row_start, row_count, shard
     CACHE/config.yaml              the resolved `kdcache teacher` config
     CACHE/shards/shard_00012/      one Zarr v3 group per shard, present only once committed
@@ -14,19 +15,24 @@ This module is the one place that knows these names: the writer, the reader, the
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline import records
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import read_json
 
 META_FILENAME = "kdcache.json"
 INDEX_FILENAME = "index.parquet"
 CONFIG_FILENAME = "config.yaml"
+CHECKSUMS_FILENAME = "kdcache.sha256"  # sha256sum lines for the planned files; kdcache.json names it ("checksums")
 COMMIT_FILENAME = "_COMMIT.json"
 SHARDS_DIR = "shards"
 TMP_DIR = "tmp"
+# Every kdcache output's own records (manifest, locks: `pipeline.records`, judged by `pipeline.ownership`).
+RECORDS_DIR = records.RECORDS_DIR
 
 
 def shard_name(i: int) -> str:
@@ -56,17 +62,62 @@ def read_commit(cache: Path, i: int) -> dict[str, Any]:
         raise CorruptionError(f"{shard_name(i)}: {e}") from None
 
 
+def write_checksums(cache: Path, sums: dict[str, str]) -> None:
+    """CACHE/kdcache.sha256 (atomically): one `sha256sum` line per {file name: sha256} (the planner hashes
+    kdcache.json's bytes before writing it, so the checksums are in place before the plan is complete)."""
+    p = Path(cache) / CHECKSUMS_FILENAME
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    tmp.replace(p)
+
+
+_SUM_LINE = re.compile(r"([0-9a-f]{64}) [ *](\S.*)")
+
+
+def read_checksums(cache: Path) -> dict[str, str] | None:
+    """{file name: sha256} from CACHE/kdcache.sha256; None when the cache has none (made before it existed).
+    A malformed file is a `CorruptionError` naming it."""
+    p = Path(cache) / CHECKSUMS_FILENAME
+    if not p.is_file():
+        return None
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptionError(f"{p}: unreadable ({type(e).__name__})") from None
+    sums = {}
+    for n, line in enumerate(lines, 1):
+        m = _SUM_LINE.fullmatch(line.strip())
+        if not m:
+            raise CorruptionError(f"{p}:{n}: not a sha256sum line (the checksum file is damaged)")
+        sums[m.group(2)] = m.group(1)
+    if META_FILENAME not in sums:
+        raise CorruptionError(f"{p}: holds no checksum of {META_FILENAME} (the checksum file is damaged)")
+    return sums
+
+
 def tmp_shard_dir(cache: Path, i: int, token: str) -> Path:
     """A private directory for writing shard `i` (token: unique per attempt)."""
     return Path(cache) / TMP_DIR / f"{shard_name(i)}.{token}"
 
 
+_TMP_SHARD = re.compile(r"shard_(\d{5,})\.\w+")
+
+
+def is_tmp_shard(name: str) -> bool:
+    """Is `name` (an entry of CACHE/tmp/) a shard being written (`shard_00012.<token>`)?"""
+    return _TMP_SHARD.fullmatch(name) is not None
+
+
 def clean_tmp(cache: Path, index: int | None = None) -> None:
-    """Remove leftovers of killed writes (all of them, or only those of shard `index`)."""
+    """Remove leftovers of killed writes (all of them, or only those of shard `index`); only entries named
+    as the writer names them (`is_tmp_shard`): anything else under tmp/ is not the writer's to delete."""
     tmp = Path(cache) / TMP_DIR
     if not tmp.is_dir():
         return
     prefix = shard_name(index) + "." if index is not None else ""
     for p in tmp.iterdir():
-        if p.name.startswith(prefix):
-            shutil.rmtree(p, ignore_errors=True)
+        if p.name.startswith(prefix) and is_tmp_shard(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)

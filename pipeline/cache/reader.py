@@ -25,6 +25,7 @@ dataset order then position order; `c.index` maps each example to its rows.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import threading
 import time
 from pathlib import Path
@@ -34,9 +35,10 @@ import numpy as np
 
 from pipeline.cache import layout
 from pipeline.cache.chunks import open_array
+from pipeline.cache.rows import load_dataset_dir, target_ids_of, targets_sha256
 from pipeline.cache.schema import DECODED, FORMAT_VERSION, CodecParams, RowCodec, stored_arrays
 from pipeline.errors import CorruptionError, KdError
-from pipeline.identity import file_sha256, read_json
+from pipeline.identity import file_sha256
 
 # What `read` decodes by default: the whole contract.
 CONTRACT_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "entropy", "log_partition", "tail_entropy",
@@ -46,9 +48,14 @@ CONTRACT_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "entropy", "log_
 class Cache:
     """A teacher cache on disk. Thread-safe for concurrent `read` calls."""
 
-    def __init__(self, path: str | Path, data: Any = None):
+    def __init__(self, path: str | Path, data: Any = None, strict: bool = True):
+        """`strict`: a damaged `kdcache.json`, `index.parquet` or `kdcache.sha256` raises a `CorruptionError`
+        naming the file; without it (`inspect --verify`) they are listed in `metadata_problems` instead,
+        and the cache opens when its metadata still parses."""
         self.path = Path(path)
-        self.meta = read_json(self.path / layout.META_FILENAME, "cache metadata (kdcache.json)")
+        self.metadata_problems: list[str] = []
+        self.checksummed = False  # False: a cache written before kdcache.sha256 existed (shards checked only)
+        self.meta = self._read_meta(strict)
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
             raise KdError(f"{self.path} is a format-{version} cache; this kdcache reads format {FORMAT_VERSION} "
@@ -63,6 +70,52 @@ class Cache:
         self._index = None
         self._data = data
         self._first_commit: dict[str, Any] | None = None  # the reference of `wait_committed`'s checks
+
+    def _read_meta(self, strict: bool) -> dict[str, Any]:
+        """kdcache.json, checked (with index.parquet) against kdcache.sha256 when the cache has one: both are
+        small, so every open checks them."""
+        import json
+
+        meta_path = self.path / layout.META_FILENAME
+        if not meta_path.is_file():
+            raise KdError(f"cache metadata (kdcache.json) not found: {meta_path}")
+        problems = self.metadata_problems
+        sums = None
+        try:
+            sums = layout.read_checksums(self.path)
+        except CorruptionError as e:
+            problems.append(str(e))
+        raw = meta_path.read_bytes()
+        if sums is not None and hashlib.sha256(raw).hexdigest() != sums[layout.META_FILENAME]:
+            problems.append(_damaged(meta_path))
+        try:
+            meta = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if problems:  # e.g. truncated: its checksum says more than the parser
+                raise CorruptionError(problems[-1]) from None
+            raise KdError(f"cache metadata (kdcache.json) is not valid JSON: {meta_path} ({e})") from None
+        if not isinstance(meta, dict):
+            raise KdError(f"cache metadata (kdcache.json) must hold a JSON object: {meta_path}")
+        if meta.get("format_version") != FORMAT_VERSION:  # refused whatever else (the caller's one line)
+            return meta
+        if strict and problems:
+            raise CorruptionError(problems[0])
+        if sums is None and meta.get("checksums") and not problems:
+            problems.append(f"{self.path / layout.CHECKSUMS_FILENAME} is missing (kdcache.json says the cache has "
+                            "one): restore it, or rebuild the cache with `kdcache teacher` into a new --out")
+        self.checksummed = sums is not None
+        for name, digest in (sums or {}).items():
+            if name in (layout.META_FILENAME, layout.CONFIG_FILENAME):  # the config is checked by `verify`
+                continue
+            f = self.path / name
+            if not f.is_file():
+                problems.append(f"{f} is missing (kdcache.sha256 records it): restore it, or delete the cache's "
+                                "files and re-run `kdcache teacher`")
+            elif file_sha256(f) != digest:
+                problems.append(_damaged(f))
+        if strict and problems:
+            raise CorruptionError(problems[0])
+        return meta
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (DataLoader workers started with spawn): open arrays, the lock and decoded target ids
@@ -110,7 +163,17 @@ class Cache:
             p = self.path / layout.INDEX_FILENAME
             if not p.is_file():
                 raise KdError(f"{self.path}: row index {layout.INDEX_FILENAME} is missing")
-            self._index = pq.read_table(p)
+            try:
+                index = pq.read_table(p)
+            except Exception as e:  # pyarrow raises ArrowInvalid / OSError on truncated or foreign bytes
+                raise CorruptionError(f"{p} is unreadable ({_first_line(e)}): restore it, or rebuild the cache "
+                                      "with `kdcache teacher`") from None
+            missing = [c for c in ("sequence_id", "row_start", "row_count", "shard") if c not in index.column_names]
+            if missing or index.num_rows != int(self.meta["num_examples"]):
+                what = f"lacks column(s) {missing}" if missing else (
+                    f"has {index.num_rows} rows, kdcache.json says {self.meta['num_examples']} examples")
+                raise CorruptionError(f"{p} {what}: restore it, or rebuild the cache with `kdcache teacher`")
+            self._index = index
         return self._index
 
     def committed(self) -> list[bool]:
@@ -249,7 +312,8 @@ class Cache:
 
     # ---- target ids from the prepared data -------------------------------------------------
     def attach_data(self, data: Any) -> None:
-        """Use `data` (a prepared `datasets.Dataset` or its directory) for target ids."""
+        """Use `data` (a prepared `datasets.Dataset`, or its directory, opened with
+        `datasets.load_from_disk` when first needed) for target ids."""
         with self._lock:
             self._data = data
             self._targets.clear()
@@ -262,9 +326,7 @@ class Cache:
                               f"and {path or 'its recorded path'} is gone; pass it with open_cache(path, data=DIR)")
             self._data = path
         if isinstance(self._data, (str, Path)):
-            from pipeline.data.prepare import load_prepared
-
-            self._data = load_prepared(self._data)
+            self._data = load_dataset_dir(self._data)
         return self._data
 
     def shard_target_ids(self, i: int) -> np.ndarray:
@@ -273,9 +335,6 @@ class Cache:
             hit = self._targets.get(i)
         if hit is not None:
             return hit
-        from pipeline.data.batching import target_ids_of
-        from pipeline.cache.writer import targets_sha256
-
         s = self.shards[i]
         ds = self._dataset()
         if len(ds) < s["example_stop"]:
@@ -302,10 +361,30 @@ class Cache:
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     # ---- integrity ------------------------------------------------------------------------
-    def verify(self, on_shard: Callable[[int], None] | None = None, check_data: bool = False) -> list[str]:
-        """Check every shard: committed, format, file checksums, every chunk decodes (crc32c), and with
-        `check_data` its target ids against the prepared data. Returns one problem line per bad shard."""
-        problems = []
+    def verify(self, on_shard: Callable[[int], None] | None = None, check_data: bool = False,
+               ignore: tuple[str, ...] = (layout.RECORDS_DIR,)) -> list[str]:
+        """Check every file of the cache: kdcache.json, index.parquet and config.yaml against kdcache.sha256 (when
+        the cache has one) and the index's shape; every shard committed, its format, its files' checksums, every
+        chunk decoding (crc32c), and with `check_data` its target ids against the prepared data; and any file the
+        cache does not know (its top-level entries named in `ignore` excepted: the output's ownership records,
+        which `pipeline.ownership.check_records` judges).
+        Returns one problem line per bad file or shard, each starting with its name relative to the cache."""
+        problems = [self._relative(p) for p in Cache(self.path, strict=False).metadata_problems]
+        sums = None
+        try:
+            sums = layout.read_checksums(self.path)
+        except CorruptionError:
+            pass  # already a problem above
+        conf = self.path / layout.CONFIG_FILENAME
+        if sums is not None and layout.CONFIG_FILENAME in sums:
+            if not conf.is_file():
+                problems.append(f"{layout.CONFIG_FILENAME}: missing (kdcache.sha256 records it)")
+            elif file_sha256(conf) != sums[layout.CONFIG_FILENAME]:
+                problems.append(self._relative(_damaged(conf)))
+        try:
+            self.index
+        except KdError as e:
+            problems.append(self._relative(str(e)))
         dtypes: dict[str, str] = {}
         for i, s in enumerate(self.shards):
             name = layout.shard_name(i)
@@ -341,13 +420,70 @@ class Cache:
                     on_shard(i)
         if len(dtypes) > 1:
             problems.append(f"shards computed in different dtypes: {dtypes}")
-        return problems
+        return problems + [f"{rel}: not a file of this cache (`kdcache teacher` did not write it)"
+                           for rel in self.unknown_files(ignore)]
+
+    def unknown_files(self, ignore: tuple[str, ...] = (layout.RECORDS_DIR,)) -> list[str]:
+        """Files under the cache directory that are none of its own (relative POSIX paths; a foreign directory
+        is named by its first file). Shards being written (tmp/shard_NNNNN.<token>/) are the writer's."""
+        known = {layout.META_FILENAME, layout.CHECKSUMS_FILENAME, layout.INDEX_FILENAME, layout.CONFIG_FILENAME}
+        planned = {layout.shard_name(i): i for i in range(len(self.shards))}
+        out: list[str] = []
+        for p in sorted(self.path.iterdir()):
+            if p.name in ignore or (p.name in known and p.is_file() and not p.is_symlink()):
+                continue
+            if p.name == layout.SHARDS_DIR and p.is_dir() and not p.is_symlink():
+                for d in sorted(p.iterdir()):
+                    rel = f"{layout.SHARDS_DIR}/{d.name}"
+                    if d.name not in planned or not d.is_dir() or d.is_symlink():
+                        out.append(_first_file(d, rel))
+                    elif (d / layout.COMMIT_FILENAME).is_file():
+                        try:
+                            listed = set(layout.read_commit(self.path, planned[d.name]).get("files") or ())
+                        except KdError:
+                            continue  # a damaged record: the shard's own problem line says so
+                        listed.add(layout.COMMIT_FILENAME)
+                        out += [f"{rel}/{f.relative_to(d).as_posix()}" for f in sorted(d.rglob("*"))
+                                if not f.is_dir() and f.relative_to(d).as_posix() not in listed]
+                    else:
+                        out.append(_first_file(d, rel))
+            elif p.name == layout.TMP_DIR and p.is_dir() and not p.is_symlink():
+                out += [_first_file(d, f"{layout.TMP_DIR}/{d.name}") for d in sorted(p.iterdir())
+                        if not layout.is_tmp_shard(d.name)]
+            else:
+                out.append(_first_file(p, p.name))
+        return out
+
+    def _relative(self, line: str) -> str:
+        """A problem line naming a file by its full path, with the path made relative to the cache."""
+        return line.replace(str(self.path) + "/", "", 1)
 
 
-def open_cache(path: str | Path, data: Any = None) -> Cache:
-    """Open a teacher cache directory (a `KdError` if it is not one). `data`: the prepared data (a
-    directory or a `datasets.Dataset`) for target ids, when not at the path the cache records."""
+def _damaged(f: Path) -> str:
+    return (f"{f} is damaged or was edited: its sha256 differs from the one {layout.CHECKSUMS_FILENAME} records "
+            "(restore it, or rebuild the cache with `kdcache teacher` into a new --out)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _first_file(p: Path, rel: str) -> str:
+    """`rel` for a file; for a directory, its first file (`sub/notes.txt`), or `rel/` when it holds none."""
+    if p.is_symlink() or not p.is_dir():
+        return rel
+    for q in sorted(p.rglob("*")):
+        if not q.is_dir():
+            return f"{rel}/{q.relative_to(p).as_posix()}"
+    return rel + "/"
+
+
+def open_cache(path: str | Path, data: Any = None, strict: bool = True) -> Cache:
+    """Open a teacher cache directory (a `KdError` if it is not one; a `CorruptionError` naming the file if
+    kdcache.json or index.parquet fails its checksum). `data`: the prepared data (a directory or a
+    `datasets.Dataset`) for target ids, when not at the path the cache records. `strict=False`: see `Cache`."""
     p = Path(path)
     if not p.is_dir():
         raise KdError(f"cache not found: {p}")
-    return Cache(p, data)
+    return Cache(p, data, strict=strict)

@@ -1,8 +1,15 @@
-"""Committing one shard of the cache: write under tmp/, checksum every file, rename into shards/.
+"""Writing a cache: the one place that puts files into a cache directory.
 
-The rename is the commit. A reader (or a resumed run) sees a shard either complete with its
-`_COMMIT.json` or not at all; a run killed mid-write leaves only a `tmp/` directory, which the
-next run deletes.
+    w = CacheWriter(path, meta, counts)       # the planning process: metadata and rows per example
+    if w.planned: diff = w.mismatch()         # a cache already there: what differs from `meta`
+    else: w.plan(config)                      # index.parquet, config.yaml, kdcache.sha256, then kdcache.json last
+    w = CacheWriter.open(path)                # any process, once planned: reads kdcache.json
+    w.write_shard(i, arrays, info)            # commit one shard (any order, any process)
+
+Planning writes `kdcache.json` last, so its presence means the plan is complete. A shard is written
+under tmp/, every file checksummed into `_COMMIT.json`, fsynced and renamed into shards/: the rename is
+the commit. A reader (or a resumed run) sees a shard either complete with its `_COMMIT.json` or not at
+all; a run killed mid-write leaves only a `tmp/` directory, which the next run deletes (`clean_tmp`).
 """
 
 from __future__ import annotations
@@ -12,28 +19,123 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.cache import layout
 from pipeline.cache.schema import FORMAT_VERSION, CodecParams, stored_arrays
-from pipeline.identity import file_sha256, write_json
+from pipeline.config import save_config
+from pipeline.identity import file_sha256, json_text, read_json, write_json
+
+
+class CacheWriter:
+    """The writer of one cache directory (in the manner of mosaicml/streaming's writers).
+
+    `meta` is the cache's metadata (`kdcache.json`: at least `codec` and `chunk_rows` to write shards,
+    the whole of it and `counts`, the target rows per example, to `plan`). The object holds no open
+    files: one per process, shared by threads; `open` makes one from a planned cache on disk.
+    """
+
+    def __init__(self, path: str | Path, meta: dict[str, Any], counts: np.ndarray | None = None):
+        self.path = Path(path)
+        self.meta = meta
+        self.counts = counts
+        self.params = CodecParams.from_meta(meta["codec"])
+        self.chunk_rows = int(meta["chunk_rows"])
+
+    @classmethod
+    def open(cls, path: str | Path) -> "CacheWriter":
+        """The writer of the planned cache at `path`, for committing its shards (a `KdError` if unplanned)."""
+        return cls(path, read_json(Path(path) / layout.META_FILENAME, "cache metadata"))
+
+    @property
+    def planned(self) -> bool:
+        """Is the plan complete on disk (its `kdcache.json` written)?"""
+        return (self.path / layout.META_FILENAME).is_file()
+
+    def mismatch(self) -> list[str]:
+        """What differs between the planned cache on disk and this writer's metadata ([] if nothing)."""
+        return mismatch(read_json(self.path / layout.META_FILENAME, "cache metadata"), self.meta)
+
+    def plan(self, config: Any = None, on_file: Callable[[Path], None] | None = None) -> None:
+        """Write the plan: `index.parquet`, `config.yaml` (the resolved `config`, when given), `kdcache.sha256`
+        (the sha256 of those and of kdcache.json) and `kdcache.json` last, each atomically (temporary file +
+        rename): its presence means the plan is complete, so a run killed while planning leaves no
+        `kdcache.json` and is planned again. `on_file(path)` is called for each file once written (the
+        stage records it as its own)."""
+        if self.counts is None:
+            raise ValueError("planning a cache needs the target rows per example (counts)")
+        done = on_file or (lambda p: None)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_index(self.path, self.counts, self.meta["shards"])
+        done(self.path / layout.INDEX_FILENAME)
+        sums = {layout.INDEX_FILENAME: file_sha256(self.path / layout.INDEX_FILENAME)}
+        if config is not None:
+            save_config(config, self.path / layout.CONFIG_FILENAME)
+            done(self.path / layout.CONFIG_FILENAME)
+            sums[layout.CONFIG_FILENAME] = file_sha256(self.path / layout.CONFIG_FILENAME)
+        meta = {**self.meta, "checksums": layout.CHECKSUMS_FILENAME}
+        # The checksums of the final bytes, written before kdcache.json appears: a planned cache always has them.
+        layout.write_checksums(self.path, {layout.META_FILENAME: hashlib.sha256(json_text(meta).encode()).hexdigest(),
+                                           **sums})
+        done(self.path / layout.CHECKSUMS_FILENAME)
+        write_json(self.path / layout.META_FILENAME, meta)  # written last: the plan is complete
+        done(self.path / layout.META_FILENAME)
+
+    def clean_tmp(self, index: int | None = None) -> None:
+        """Remove leftovers of killed writes (all of them, or only those of shard `index`)."""
+        layout.clean_tmp(self.path, index)
+
+    def write_shard(self, index: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, Any]:
+        """Write and commit shard `index` (see the module function `write_shard`); returns its commit record."""
+        return write_shard(self.path, index, arrays, info, self.params, self.chunk_rows)
+
+
+def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -> None:
+    """index.parquet: sequence_id, row_start, row_count, shard — one row per example."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    shard_of = np.zeros(len(counts), np.int32)
+    for s in shards:
+        shard_of[s["example_start"]: s["example_stop"]] = s["index"]
+    table = pa.table({"sequence_id": np.arange(len(counts), dtype=np.int64), "row_start": starts,
+                      "row_count": counts.astype(np.int64), "shard": shard_of})
+    tmp = cache / (layout.INDEX_FILENAME + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(cache / layout.INDEX_FILENAME)
+
+
+def mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Name what differs between a stored cache's metadata and the requested one ([] if nothing)."""
+    diffs = []
+    # Codec settings are compared as resolved (a preset's K, not the 0 that asks for it).
+    ok_, nk = old.get("codec") or {}, new["codec"]
+    for key in sorted(set(ok_) | set(nk)):
+        if ok_.get(key) != nk.get(key):
+            diffs.append(f"{key} {ok_.get(key)!r} -> {nk.get(key)!r}")
+    codec_keys = set(nk) | {"preset"}
+    oc, nc = old.get("config_identity") or {}, new["config_identity"]
+    for key in sorted(set(oc) | set(nc)):
+        if key not in codec_keys and oc.get(key) != nc.get(key):
+            diffs.append(f"{key} {oc.get(key)!r} -> {nc.get(key)!r}")
+    ot, nt = old.get("teacher") or {}, new["teacher"]
+    for key in ("weights_sha256", "dtype", "revision", "model_vocab_size"):
+        if ot.get(key) != nt.get(key):
+            diffs.append(f"teacher {key} {ot.get(key)!r} -> {nt.get(key)!r}")
+    if (old.get("data") or {}).get("fingerprint") != new["data"]["fingerprint"]:
+        diffs.append("prepared data fingerprint")
+    if old.get("format_version") != new["format_version"]:  # a format-2 cache with the same settings
+        diffs.append(f"format version {old.get('format_version')} -> {new['format_version']}")
+    return diffs
 
 
 def _compressors(clevel: int, itemsize: int, shuffle: str) -> list[Any]:
     from zarr.codecs import BloscCodec, Crc32cCodec
 
     return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle, typesize=itemsize), Crc32cCodec()]
-
-
-def targets_sha256(target_ids: np.ndarray) -> str:
-    """The alignment hash of a shard: sha256 of its rows' target ids as little-endian int64, in row order.
-
-    Target ids are not stored (they are the prepared data's tokens); a reader recomputes this from the
-    data it is given and refuses data that is not the data the shard was computed from.
-    """
-    return hashlib.sha256(np.ascontiguousarray(target_ids, dtype="<i8").tobytes()).hexdigest()
 
 
 def write_shard(cache: Path, index: int, arrays: dict[str, np.ndarray], info: dict[str, Any],

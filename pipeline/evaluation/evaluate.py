@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.batching import target_positions
+from pipeline.cache.rows import target_positions
 from pipeline.config import save_config
 from pipeline.errors import KdError
 from pipeline.identity import write_json
-from pipeline.ownership import EVAL, refuse_foreign
+from pipeline.ownership import EVAL, Output, amend, claim
 from pipeline.training.held_out import EVAL_FIELDS, ROW_CHUNK_ELEMENTS, Totals, bucket_fkl, score  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -150,17 +150,22 @@ def resolve_model_path(model: str) -> str:
 
 def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     """Score `cfg.model` on `cfg.data` (see the module docstring); writes OUT/eval.json, returns its dict."""
+    if not cfg.out:
+        raise KdError("no output directory given (--out DIR)")
+    if not cfg.model:
+        raise KdError("no model given (--model PATH_OR_ID)")
+    # Before any work: the lock, and every file in OUT checked to be eval's (a re-run replaces only its own).
+    with claim(cfg.out, EVAL) as own:
+        return _evaluate(cfg, progress, own)
+
+
+def _evaluate(cfg: EvalConfig, progress: bool, own: Output) -> dict[str, Any]:
     from pipeline.cache import open_cache
     from pipeline.models import context_length, load_causal_lm, pick_device, pick_dtype
     from pipeline.data.prepare import load_prepared, prepared_meta
     from pipeline.training.student import check_inputs
 
-    if not cfg.out:
-        raise KdError("no output directory given (--out DIR)")
-    if not cfg.model:
-        raise KdError("no model given (--model PATH_OR_ID)")
     out = Path(cfg.out)
-    refuse_foreign(out, EVAL)  # before any work: a re-run replaces only eval.json and config.yaml
     t0 = time.perf_counter()
     cache = open_cache(cfg.cache) if cfg.cache else None
     data = cfg.data or (cache.meta["data"]["path"] if cache is not None else "")
@@ -193,11 +198,13 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
                                    for g, (em, rl) in list(zip(gens, scores["per_example"]))[: cfg.samples]]})
     result["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
+    own.writing("config.yaml", EVAL_FILENAME)
     save_config(cfg, out / "config.yaml")
     write_json(out / EVAL_FILENAME, result)
-    from pipeline.training.model_card import refresh_card
+    from pipeline.training.model_card import CARD_FILENAME, refresh_card
 
     if refresh_card(model_path, {**result, "eval_json": str(out / EVAL_FILENAME)}):  # a kdcache-trained model only
+        amend(Path(model_path) / CARD_FILENAME)  # the run's record of its card follows the new figures
         log.info("eval: added these figures to the model card %s", Path(model_path) / "README.md")
     return result
 

@@ -42,7 +42,7 @@ from pipeline.evaluation.comparison import (best_student, differences, group_run
 from pipeline.config import save_config
 from pipeline.errors import KdError
 from pipeline.losses.options import method_name
-from pipeline.ownership import REPORT, REPORT_PLOTS, refuse_foreign
+from pipeline.ownership import REPORT, REPORT_PLOTS, Output, claim
 from pipeline.evaluation.plots import (assign_styles, plot_heldout, plot_histogram, plot_losses, plot_metric,
                                    plot_temperatures, series)
 
@@ -269,8 +269,14 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         raise KdError("no output directory given (--out DIR)")
     if not cfg.runs:
         raise KdError("no run directories given")
+    # The lock, and every file in OUT checked to be report's: a re-run replaces only its own; anything else
+    # refuses, first.
+    with claim(cfg.out, REPORT) as own:
+        return _build_report(cfg, own)
+
+
+def _build_report(cfg: ReportConfig, own: Output) -> dict[str, Any]:
     out = Path(cfg.out)
-    refuse_foreign(out, REPORT)  # a re-run replaces only what report wrote; anything else refuses, first
     models = {str((Path(t) / "final").resolve()): teacher_name(t) for t in cfg.teachers}
     for t in cfg.teachers:  # a teacher given by path (not trained by the run) is recorded by its eval config
         ev = Path(t) / "eval" / "config.yaml"
@@ -288,6 +294,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     groups = group_runs(runs)
     assign_styles(groups)
     out.mkdir(parents=True, exist_ok=True)
+    own.writing("config.yaml", REPORT_FILENAME, *REPORT_PLOTS)
     save_config(cfg, out / "config.yaml")
 
     plots: list[str] = []

@@ -20,23 +20,27 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from pipeline.data.batching import target_counts
 from pipeline.cache import layout
-from pipeline.cache.layout import clean_tmp, is_committed
+from pipeline.cache.layout import is_committed
+from pipeline.cache.rows import target_counts
 from pipeline.cache.schema import FORMAT_VERSION
-from pipeline.config import save_config, to_dict
+from pipeline.cache.writer import CacheWriter
+from pipeline.config import to_dict
 from pipeline.errors import KdError, StaleOutput
-from pipeline.identity import read_json, weights_hash, write_json
-from pipeline.ownership import TEACHER, refuse_foreign, remove_owned
+from pipeline.identity import read_json, weights_hash
+from pipeline.losses.temperature import DEFAULT_GRID_TEMPERATURES
+from pipeline.ownership import LOCK_FILENAME, STATE_DIR, TEACHER, Output, claim
 
 if TYPE_CHECKING:
     from pipeline.cache.schema import CodecParams
+    from pipeline.teacher.worker import ShardJob
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class TeacherConfig:
     head_step: float = 0.0  # nats per head-gap code; 0 = the preset's
     shape_bits: int = 0  # bits per tail temperature statistic; 0 = the preset's
     entropy_bits: int = 0  # bits of the tail entropy; 0 = the preset's
-    temperatures: list[float] = field(default_factory=lambda: [0.5, 0.7, 1.4, 2.0])
+    temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_GRID_TEMPERATURES))
     tail_samples: int = 0  # S draws outside the top-K per row (methods.md §2); 0 = off
     batch_tokens: int = 8192  # padded tokens per forward pass
     shard_rows: int = 65536  # target rows per shard: the unit of work and restart
@@ -66,7 +70,9 @@ class TeacherConfig:
     scheduler: str = ""  # address of an existing Dask scheduler
     threads: int = 0  # torch threads per process; 0 = all cores (one process) or cores // workers (local Dask)
     parallel: str = "none"  # none | tp (tensor parallel over torchrun's ranks) | device_map (layers over this process's GPUs)
-    compile: str = "auto"  # torch.compile the statistics: auto (on CUDA) | always | never
+    # torch.compile the statistics: always | never | auto. auto is the eager path on every device (the one the
+    # tests exercise) until bench/gpu_suite.py (part teacher: compile off and on, on a GPU) shows compile pays.
+    compile: str = "auto"
     replica: int = 0  # this run computes the shards with index % replicas == replica (independent launches)
     replicas: int = 1
     seed: int = 0
@@ -236,92 +242,69 @@ def build_meta(cfg: TeacherConfig) -> tuple[dict[str, Any], np.ndarray, Any]:
     return meta, counts, ds
 
 
-def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -> None:
-    """index.parquet: sequence_id, row_start, row_count, shard — one row per example."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    shard_of = np.zeros(len(counts), np.int32)
-    for s in shards:
-        shard_of[s["example_start"]: s["example_stop"]] = s["index"]
-    table = pa.table({"sequence_id": np.arange(len(counts), dtype=np.int64), "row_start": starts,
-                      "row_count": counts.astype(np.int64), "shard": shard_of})
-    tmp = cache / (layout.INDEX_FILENAME + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(cache / layout.INDEX_FILENAME)
+def teacher_claim(cfg: TeacherConfig) -> Output:
+    """The teacher's hold on its cache directory (`pipeline.ownership.claim`). One launch holds lock.json;
+    replica launches (`--replica r --replicas R`) each hold lock.replica-r.json, so several replicas run
+    together while a second launch of the same index, one with another replica count, or a plain launch
+    beside replicas is refused."""
+    if cfg.replicas == 1:
+        return claim(cfg.out, TEACHER, conflicts=lambda name, holder: name.startswith("lock.replica-"))
+    return claim(cfg.out, TEACHER, lock_name=f"lock.replica-{cfg.replica}.json",
+                 lock_extra={"replica": cfg.replica, "replicas": cfg.replicas},
+                 conflicts=lambda name, holder: name == LOCK_FILENAME or (
+                     name.startswith("lock.replica-") and holder.get("replicas") != cfg.replicas))
 
 
-def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Name what differs between a stored cache's metadata and the requested one ([] if nothing)."""
-    diffs = []
-    # Codec settings are compared as resolved (a preset's K, not the 0 that asks for it).
-    ok_, nk = old.get("codec") or {}, new["codec"]
-    for key in sorted(set(ok_) | set(nk)):
-        if ok_.get(key) != nk.get(key):
-            diffs.append(f"{key} {ok_.get(key)!r} -> {nk.get(key)!r}")
-    codec_keys = set(nk) | {"preset"}
-    oc, nc = old.get("config_identity") or {}, new["config_identity"]
-    for key in sorted(set(oc) | set(nc)):
-        if key not in codec_keys and oc.get(key) != nc.get(key):
-            diffs.append(f"{key} {oc.get(key)!r} -> {nc.get(key)!r}")
-    ot, nt = old.get("teacher") or {}, new["teacher"]
-    for key in ("weights_sha256", "dtype", "revision", "model_vocab_size"):
-        if ot.get(key) != nt.get(key):
-            diffs.append(f"teacher {key} {ot.get(key)!r} -> {nt.get(key)!r}")
-    if (old.get("data") or {}).get("fingerprint") != new["data"]["fingerprint"]:
-        diffs.append("prepared data fingerprint")
-    if old.get("format_version") != new["format_version"]:  # a format-2 cache with the same settings
-        diffs.append(f"format version {old.get('format_version')} -> {new['format_version']}")
-    return diffs
-
-
-def init_cache(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
+def init_cache(cfg: TeacherConfig, own: Output | None = None) -> tuple[Path, dict[str, Any]]:
     """Create (or reopen, checking its config) the cache directory; returns (path, metadata).
 
-    Replacing a cache (--overwrite with other settings, or the leftovers of a run killed while
-    planning) removes only what `kdcache teacher` writes (`pipeline.ownership.TEACHER`); a directory
-    holding anything else is refused before anything is deleted.
+    `own`: the caller's claim on the directory (`teacher_claim`; else one is taken for the planning).
+    Everything in it was checked to be the teacher's own (`pipeline.ownership`) before this runs, so
+    replacing a cache (--overwrite with other settings, or the leftovers of a run killed while planning)
+    removes only what `kdcache teacher` wrote.
     """
     cache = Path(cfg.out)
     if not cfg.out:
         raise KdError("no cache directory given (--out DIR)")
     if cache.exists() and not cache.is_dir():
         raise KdError(f"--out {cache} is a file, not a directory")
+    if own is None:
+        with teacher_claim(cfg) as own:
+            return init_cache(cfg, own)
     meta, counts, _ = build_meta(cfg)
-    meta_path = cache / layout.META_FILENAME
-    if cache.exists() and any(cache.iterdir()):
-        if not meta_path.exists():
+    writer = CacheWriter(cache, meta, counts)
+    if cache.is_dir() and any(p.name != STATE_DIR for p in cache.iterdir()):
+        if not writer.planned:
             # kdcache.json is written last when planning: without it, what is ours is a killed plan,
             # redone without --overwrite, unless committed shards are there (someone removed the record).
-            refuse_foreign(cache, TEACHER)
             shards = cache / layout.SHARDS_DIR
             if shards.is_dir() and any(shards.iterdir()) and not cfg.overwrite:
                 raise KdError(f"{cache} holds shards but no {layout.META_FILENAME}: it is not a complete kdcache cache; "
                               "choose another --out or pass --overwrite")
-            remove_owned(cache, TEACHER)
+            own.remove_owned()
         else:
-            old = read_json(meta_path, "cache metadata")
-            diff = _mismatch(old, meta)
+            diff = writer.mismatch()
             if diff and not cfg.overwrite:
                 raise StaleOutput(f"{cache} holds a cache made with other settings ({', '.join(diff)}); "
                                   "pass --overwrite to replace it", diff)
             if diff:  # same settings with --overwrite: keep the committed shards (they would be identical)
-                remove_owned(cache, TEACHER)
-    cache.mkdir(parents=True, exist_ok=True)
-    if not meta_path.exists():
-        write_index(cache, counts, meta["shards"])
-        save_config(cfg, cache / "config.yaml")
-        write_json(meta_path, meta)  # written last: its presence means the plan is complete
+                own.remove_owned()
+    if not writer.planned:
+        plan = (layout.INDEX_FILENAME, layout.CONFIG_FILENAME, layout.CHECKSUMS_FILENAME, layout.META_FILENAME)
+        own.writing(*plan)
+        writer.plan(cfg)  # index.parquet, config.yaml, kdcache.sha256, then kdcache.json last: the plan is complete
+        own.record(*plan)
     return cache, meta
 
 
-def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict[str, int]) -> dict[str, Any]:
+def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict[str, int]) -> "ShardJob":
     """Everything a worker needs for one shard (plain data: it crosses process boundaries)."""
-    return {"cache": str(cache), "data": cfg.data, "model": cfg.model, "device": cfg.device, "dtype": cfg.dtype,
-            "threads": worker_threads(cfg), "shard": shard, "codec": meta["codec"], "batch_tokens": cfg.batch_tokens,
-            "head_chunk_rows": cfg.head_chunk_rows, "chunk_rows": cfg.chunk_rows, "seed": cfg.seed,
-            "revision": meta["teacher"].get("revision"), "parallel": cfg.parallel, "compile": cfg.compile}
+    from pipeline.teacher.worker import ShardJob
+
+    return ShardJob(cache=str(cache), data=cfg.data, model=cfg.model, device=cfg.device, dtype=cfg.dtype,
+                    threads=worker_threads(cfg), shard=shard, codec=meta["codec"], batch_tokens=cfg.batch_tokens,
+                    head_chunk_rows=cfg.head_chunk_rows, seed=cfg.seed,
+                    revision=meta["teacher"].get("revision"), parallel=cfg.parallel, compile=cfg.compile)
 
 
 def worker_threads(cfg: TeacherConfig) -> int:
@@ -346,18 +329,26 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
 
     Progress callbacks: `on_plan(summary)` once the work is known (rows to compute), `on_rows(n)` as
     rows are computed (per batch in this process; per shard from Dask workers), `on_shard(record)` per
-    committed shard.
+    committed shard. The launching process (rank 0 under torchrun) holds the cache's lock throughout.
     """
-    from pipeline.teacher.worker import commit_shard, compute_shard, run_shard_job
-
     rank, world = _torchrun_rank()
     if cfg.parallel == "tp" and world == 1:  # refused before anything is planned or written
         raise KdError("--parallel tp needs torchrun (one process per GPU of the tensor-parallel group), e.g. "
                       "torchrun --nproc_per_node 8 $(which kdcache) teacher ... --parallel tp")
-    if world > 1:
-        cache, meta = _torchrun_init(cfg)
-    else:
-        cache, meta = init_cache(cfg)
+    with ExitStack() as stack:
+        if world > 1:
+            cache, meta = _torchrun_init(cfg, stack)
+        else:
+            cache, meta = init_cache(cfg, stack.enter_context(teacher_claim(cfg)))
+        return _fill(cfg, cache, meta, rank, world, on_shard, on_rows, on_plan)
+
+
+def _fill(cfg: TeacherConfig, cache: Path, meta: dict[str, Any], rank: int, world: int,
+          on_shard: Callable[[dict[str, Any]], None] | None, on_rows: Callable[[int], None] | None,
+          on_plan: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """Compute and commit this process's share of the planned, uncommitted shards."""
+    from pipeline.teacher.worker import commit_shard, compute_shard, run_shard_job
+
     # Who computes what: independent launches (--replica r --replicas R) split the shards first; within a
     # launch, torchrun ranks split them round-robin, except under tensor parallelism, where all ranks of the
     # group run every shard together (the forward is collective) and rank 0 alone commits.
@@ -372,8 +363,9 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
         on_plan(summary)
     t0 = time.perf_counter()
     jobs = [shard_job(cfg, meta, cache, s) for s in todo]
+    cache_writer = CacheWriter(cache, meta)  # commits this process's shards; Dask workers open their own
     if world == 1 and cfg.replicas == 1:
-        clean_tmp(cache)  # leftovers of killed writes; ranks and replicas clean their own shards (below)
+        cache_writer.clean_tmp()  # leftovers of killed writes; ranks and replicas clean their own shards (below)
 
     def committed(rec: dict[str, Any]) -> None:
         summary["done"] += 1
@@ -393,11 +385,11 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
             pending = None
             for job in jobs:
                 if committer:
-                    clean_tmp(cache, job["shard"]["index"])
+                    cache_writer.clean_tmp(job.shard["index"])
                 arrays, info = compute_shard(job, on_rows if committer else None)
                 if pending is not None:
                     committed(pending.result())
-                pending = writer.submit(commit_shard, job, arrays, info) if committer else None
+                pending = writer.submit(commit_shard, job, arrays, info, cache_writer) if committer else None
             if pending is not None:
                 committed(pending.result())
     if world > 1:
@@ -408,8 +400,9 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
     return summary
 
 
-def _torchrun_init(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
-    """Under torchrun: rank 0 creates or checks the cache, the others wait, then all proceed."""
+def _torchrun_init(cfg: TeacherConfig, stack: ExitStack) -> tuple[Path, dict[str, Any]]:
+    """Under torchrun: rank 0 takes the cache's lock (held in `stack` until the run ends: the ranks of one
+    launch share it) and creates or checks the cache, the others wait, then all proceed."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -418,7 +411,7 @@ def _torchrun_init(cfg: TeacherConfig) -> tuple[Path, dict[str, Any]]:
     err = [None]
     if rank == 0:
         try:
-            init_cache(cfg)
+            init_cache(cfg, stack.enter_context(teacher_claim(cfg)))
         except KdError as e:
             err = [str(e)]
     dist.broadcast_object_list(err, src=0)

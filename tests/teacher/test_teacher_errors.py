@@ -184,9 +184,9 @@ def test_disk_full_mid_run_then_rerun(tmp_path, teacher_args, llama_cache, monke
 
 
 def test_disk_full_while_planning_then_rerun(tmp_path, teacher_args, monkeypatch):
-    import pipeline.teacher.runner as teacher_mod
+    import pipeline.cache.writer as writer
 
-    monkeypatch.setattr(teacher_mod, "write_json", enospc)  # kdcache.json is the last file of the plan
+    monkeypatch.setattr(writer, "write_json", enospc)  # kdcache.json is the last file of the plan
     out = tmp_path / "c"
     one_line_error(CliRunner().invoke(main, ["teacher", *teacher_args, "--out", str(out)]), "no space left")
     assert not (out / fmt.META_FILENAME).exists()
