@@ -3,23 +3,31 @@
     kdcache export runs/demo/cache --format axolotl --out runs/demo/export-axolotl
 
 One row per example, saved with `datasets.Dataset.save_to_disk` (read back with `load_from_disk`).
-Log-probs are the cache's: log p normalised over the teacher's FULL vocabulary (decoded, float32),
-never renormalised over the K cached ids. What each format keeps and drops is in docs/api.md
-("Export"); the layouts, in brief (L tokens, n targets, K cached ids; "row j" describes the token
-input_ids[j + 1], i.e. what the model predicts from position j):
+Log-probs are the cache's: log p of the teacher at T = 1 (its plain softmax) normalised over its FULL
+vocabulary (decoded, float32), never renormalised over the K cached ids nor rescaled to another
+temperature. Every cache field a format leaves out is named, with why, in the summary line and in
+OUT/kdcache_export.json ("dropped"); what each reader needs is in docs/api.md ("Export"). The layouts, in
+brief (L tokens, n targets, K cached ids; "row j" describes the token input_ids[j + 1], i.e. what the
+model predicts from position j):
 
 - hf-datasets (kdcache's own): input_ids, loss_mask, labels; per target: target_positions [n],
   topk_ids [n][K], topk_logprobs [n][K], tail_logprob [n] (log of the mass outside the top K, so the
   K + 1 buckets are complete), target_logprobs [n].
-- axolotl (its KD plugin, `axolotl/integrations/kd`): input_ids, attention_mask, labels,
-  target_token_ids / target_logprobs / target_mask [L][K]; row j <-> input_ids[j + 1], target_mask[j]
-  = 0 where labels[j + 1] == -100 and on the last row; padded rows hold ids 0 and log-prob -1e9.
+- axolotl (its KD plugin, `axolotl/integrations/kd`): input_ids int32, attention_mask int8, labels
+  int32, target_token_ids int32 / target_logprobs float32 / target_mask bool [L][K or 0]; row j <->
+  input_ids[j + 1]; row j is empty where labels[j + 1] == -100 and on the last row (axolotl's collator
+  pads it with id 0, log-prob -1e9, mask 0), else K ids, K log-probs and K true mask values.
 - distillkit (its raw top-k rows, what `LogprobCompressor.decompress_to_sparse` returns as-is for a
-  row with `token_ids` and `top_values`): input_ids, labels, token_ids / top_values [L - 1][K],
-  row j <-> input_ids[j + 1], as DistillKit's vLLM capture lays them out before `pack_logits`.
+  row with `token_ids` and `top_values`): input_ids int32, labels int32, token_ids int32 / top_values
+  float32 [L - 1][K] (fixed-size lists), row j <-> input_ids[j + 1], as DistillKit's vLLM capture lays
+  them out before `pack_logits`.
 
-The dataset is built under a temporary name beside --out and renamed into place; `--overwrite`
-replaces only what an earlier export wrote (`pipeline.ownership.EXPORT`).
+Both readers turn every column into tensors from Python lists (int64 / float32 / int whatever the Arrow
+type; pipeline/interop/export_layouts.py cites where), so the narrowest exact types are written.
+
+The dataset is built in a staging directory inside --out (`.kdcache/`) and its files renamed into place,
+kdcache_export.json last; `--overwrite` replaces only what an earlier export wrote (its manifest:
+`pipeline.ownership`).
 """
 
 from __future__ import annotations
@@ -35,9 +43,9 @@ import numpy as np
 
 from pipeline.config import save_config, to_dict
 from pipeline.errors import KdError
-from pipeline.interop.export_layouts import LAYOUTS, columns_of
+from pipeline.interop.export_layouts import LAYOUTS, LOGPROB_TEMPERATURE, columns_of
 from pipeline.identity import write_json
-from pipeline.ownership import EXPORT, refuse_foreign, remove_owned
+from pipeline.ownership import EXPORT, Output, claim
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +80,6 @@ def export(cfg: ExportConfig, on_examples: Callable[[int], None] | None = None,
     `on_plan(examples)` is called once the inputs are checked, `on_examples(n)` after every n examples
     written (the stage's progress bar). Returns a summary (also written to OUT/kdcache_export.json).
     """
-    import datasets
-
-    from pipeline.interop.datasets import check_alignment, open_inputs
-
     if not cfg.cache:
         raise KdError("no cache given (kdcache export CACHE)")
     if not cfg.out:
@@ -83,14 +87,25 @@ def export(cfg: ExportConfig, on_examples: Callable[[int], None] | None = None,
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise KdError(f"--out {out} is a file, not a directory")
+    # Before any work: the lock, and every file in OUT checked to be export's (never replace anything else).
+    with claim(out, EXPORT) as own:
+        return _export(cfg, own, on_examples, on_plan)
+
+
+def _export(cfg: ExportConfig, own: Output, on_examples: Callable[[int], None] | None,
+            on_plan: Callable[[int], None] | None) -> dict[str, Any]:
+    import datasets
+
+    from pipeline.interop.datasets import check_alignment, open_inputs
+
+    out = Path(cfg.out)
     if (out / META_FILENAME).exists() and not cfg.overwrite:
         raise KdError(f"{out} already holds an export; pass --overwrite to replace it")
-    refuse_foreign(out, EXPORT)  # before any work: never replace a directory holding files export did not write
     data, cache = open_inputs(cfg.data or None, cfg.cache)
     if cache.vocab_size >= 2**31:
         raise KdError(f"teacher vocabulary {cache.vocab_size} does not fit the int32 id columns")
     layout = LAYOUTS[cfg.format]
-    features = layout.features()
+    features = layout.features(cache.k)
     schema = features.arrow_schema
     starts = np.asarray(cache.index.column("row_start"), dtype=np.int64)
     counts = np.asarray(cache.index.column("row_count"), dtype=np.int64)
@@ -98,10 +113,8 @@ def export(cfg: ExportConfig, on_examples: Callable[[int], None] | None = None,
     if on_plan:
         on_plan(len(data))
     t0 = time.perf_counter()
-    tmp = out.with_name(out.name + ".tmp-export")
-    rows_file = out.with_name(out.name + ".tmp-export-rows.arrow")
-    shutil.rmtree(tmp, ignore_errors=True)  # both names are ours: a killed export's leftovers
-    rows_file.unlink(missing_ok=True)
+    staging = own.staging()  # inside OUT/.kdcache: a killed export's leftovers go with the next claim
+    tmp, rows_file = staging / "dataset", staging / "rows.arrow"
     stats = {"examples": 0, "target_rows": 0, "padded_rows": 0, "dropped_labels": 0}
     try:
         import pyarrow as pa
@@ -129,27 +142,32 @@ def export(cfg: ExportConfig, on_examples: Callable[[int], None] | None = None,
         ds.save_to_disk(str(tmp))
         del ds
         rows_file.unlink()
+        data_bytes = sum(p.stat().st_size for p in tmp.glob("data-*.arrow"))
         summary = {"kind": "kdcache-export", "format": cfg.format, "out": str(out), "cache": str(cache.path),
                    "data": cfg.data or str(cache.meta["data"]["path"]),
-                   **stats, "top_k": cache.k, "vocab_size": cache.vocab_size, "temperatures": cache.temperatures,
+                   **stats, "top_k": cache.k, "vocab_size": cache.vocab_size,
+                   "logprob_temperature": LOGPROB_TEMPERATURE,
+                   "logprobs": "log p of the teacher at T = 1 (its plain softmax), normalised over its full "
+                               "vocabulary: not renormalised over the K ids, not rescaled to another temperature",
                    "teacher": cache.meta.get("teacher"), "tokenizer": cache.meta.get("tokenizer"),
-                   "alignment": layout.alignment, "columns": layout.columns, "dropped": layout.dropped,
+                   "alignment": layout.alignment, "columns": layout.columns,
+                   "dropped": layout.dropped(cache.temperatures, cache.tail_samples),
+                   "data_bytes": data_bytes, "bytes_per_target_row": data_bytes / max(stats["target_rows"], 1),
                    "seconds": time.perf_counter() - t0, "config": to_dict(cfg)}
         write_json(tmp / META_FILENAME, summary)
         save_config(cfg, tmp / "config.yaml")
-        if out.exists():  # only what an earlier export wrote; anything else refuses (nothing deleted)
-            remove_owned(out, EXPORT)
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        rows_file.unlink(missing_ok=True)
-        raise
+        own.remove_owned()  # only what an earlier export wrote (`claim` refused anything else)
+        own.move_in(tmp, last=(META_FILENAME,))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
 def summary_line(s: dict[str, Any]) -> str:
-    """One line for the end of `kdcache export`."""
+    """One line for the end of `kdcache export`: what was written, at which temperature, and every cache
+    field left out (why each is in kdcache_export.json)."""
     extra = f", {s['dropped_labels']} labels dropped (see docs/api.md)" if s.get("dropped_labels") else ""
-    return (f"export: {s['examples']} examples, {s['target_rows']} target rows (K = {s['top_k']}) as {s['format']} "
-            f"in {s['seconds']:.1f}s{extra} -> {s['out']}")
+    dropped = ", ".join(s["dropped"]) or "nothing"
+    return (f"export: {s['examples']} examples, {s['target_rows']} target rows (K = {s['top_k']}, log-probs at "
+            f"T = {s['logprob_temperature']:g}) as {s['format']}, {s['bytes_per_target_row']:.0f} bytes/row, "
+            f"in {s['seconds']:.1f}s{extra} -> {s['out']}; dropped: {dropped}")
