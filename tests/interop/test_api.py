@@ -155,6 +155,51 @@ def test_kdloss_equals_a_dense_reference(cache_dir, dataset, alpha):
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
+API_REFERENCE_SETTINGS = [
+    dict(loss="akl", gate="topk", gate_k=4, reject_weight=0.25, select="student_entropy", select_ratio=0.5,
+         latf=True, idts=True, temperature=1.2, ce_weight=0.25),
+    dict(loss="srkl", gate="threshold", gate_threshold=0.01, reject_weight=0.5, latf=True, idts=True, idts_c=0.6),
+]
+
+
+@pytest.mark.parametrize("settings", API_REFERENCE_SETTINGS, ids=lambda s: s["loss"])
+def test_kdloss_equals_the_float64_reference_with_every_method(cache_dir, dataset, settings):
+    """KDLoss (gate, SE-KD per sequence, LATF, IDTS at T_base, α·CE) on real cache rows against the float64
+    reference of tests/losses/reference.py, written from docs/methods.md: loss, kd_loss, ce_loss and the gradient
+    with respect to the logits. The teacher at each row's temperature comes from the batch's decoded cache fields
+    by the documented PCHIP rule, computed by the reference itself."""
+    from tests.losses import reference as R
+
+    cache = open_cache(cache_dir)
+    batch = KDCollator()([dataset[i] for i in range(8)])
+    n, vocab = batch["target_ids"].shape[0], cache.vocab_size
+    logits = (torch.randn(n, vocab + 3, generator=torch.Generator().manual_seed(5)) * 2).requires_grad_()
+    kd = KDLoss.from_cache(cache, KDLossConfig(total_steps=10, **settings))
+    kd.latf._ratio = 0.6  # a narrowed focus: LATF's selection matters
+    out = kd(logits, batch)
+    (g_got,) = torch.autograd.grad(out.loss, logits)
+    fields = {f: (x.double() if x.is_floating_point() else x) for f, x in batch["cache"].items()}
+    fields["betas"] = torch.tensor([1.0 / t for t in cache.temperatures], dtype=torch.float64)
+    plan = R.plan(logits.detach(), fields, vocab, gate_rule=settings["gate"], gate_k=settings.get("gate_k"),
+                  threshold=settings.get("gate_threshold"), reject_weight=settings["reject_weight"],
+                  select_ratio=settings.get("select_ratio"), groups=batch["tgt_b"].tolist(), latf_ratio=0.6,
+                  idts=True, t_base=settings.get("temperature", 1.0), idts_c=settings.get("idts_c", 0.5))
+    assert 0 < sum(plan.keep) < n and any(w < 1 for w, k in zip(plan.weight, plan.keep) if k)
+    x = logits.detach().double().requires_grad_()
+    num, den, _ = R.kd_sums(settings["loss"], x, plan, R.fields_teacher(fields, vocab), fields["topk_ids"], vocab)
+    kd_loss = R.kd_loss(num, den)
+    ce = -torch.log_softmax(x, dim=-1).gather(1, batch["target_ids"][:, None]).mean()
+    alpha = settings.get("ce_weight", 0.0)
+    loss = alpha * ce + (1 - alpha) * kd_loss
+    (g_want,) = torch.autograd.grad(loss, x)
+    assert out.metrics["kept_fraction"] == pytest.approx(sum(plan.keep) / n)
+    assert out.metrics["tar"] == pytest.approx(plan.accepted / n)
+    assert out.metrics["kd_loss"] == pytest.approx(float(kd_loss.detach()), rel=2e-5)
+    assert out.metrics["ce_loss"] == pytest.approx(float(ce.detach()), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(loss.detach()), rel=2e-5)
+    torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=1e-7)
+
+
 def student_config(tmp_path: Path, vocab_size: int) -> str:
     p = tmp_path / "student.json"
     p.write_text(json.dumps({**STUDENT, "vocab_size": vocab_size}))
