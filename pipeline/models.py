@@ -7,6 +7,7 @@ local directories because this project's CI has no model hub.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,23 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
+# What the Hub accepts as a repo id: NAME or OWNER/NAME, letters, digits, '-', '_', '.', at most 96 characters.
+_HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?(?:/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?)?$")
+
+
+def load_error(what: str, name: str, e: BaseException) -> KdError:
+    """The one line for a model or tokenizer that did not load. A name that is not on this disk was meant either
+    as a mistyped path or as a Hub id: say which it can be, rather than the Hub client's message about repo ids."""
+    first = (str(e).splitlines() or [type(e).__name__])[0]
+    if Path(name).expanduser().exists():
+        return KdError(f"cannot load {what} {name!r}: {first}")
+    if not _HUB_ID.match(name):
+        return KdError(f"{what} {name!r} not found: no such directory here, and not a Hugging Face Hub id "
+                       "(OWNER/NAME); check the path")
+    return KdError(f"{what} {name!r} not found: no such directory here, and the Hub repo {name!r} could not be "
+                   f"loaded ({first})")
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -65,7 +83,7 @@ def load_tokenizer(name_or_path: str) -> Any:
         return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser())
                                              if _looks_local(name_or_path) else name_or_path)
     except (OSError, ValueError, KeyError) as e:
-        raise KdError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        raise load_error("tokenizer", name_or_path, e) from None
 
 
 def own_tokenizer(name_or_path: str) -> Any | None:
@@ -135,7 +153,7 @@ def load_causal_lm(name_or_path: str, device: torch.device, dtype: torch.dtype, 
         raise KdError(f"cannot load model {name_or_path!r} with --parallel {parallel}: {e} "
                       "(pip install 'kdcache[trainers]' for accelerate)") from None
     except (OSError, ValueError, KeyError) as e:
-        raise KdError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+        raise load_error("model", name_or_path, e) from None
     return (model if parallel != "none" else model.to(device)).eval()
 
 

@@ -48,6 +48,8 @@ def setting(cls: type, *decls: str, field: str | None = None, show: str | None =
     default = field_default(cls, name)
     if isinstance(default, (list, tuple)):  # e.g. temperatures: typed as one comma-separated value
         default = ",".join(str(x) for x in default)
+    if field:  # the option's value goes to the field, whatever the option is called (`--teacher` -> teachers)
+        decls = (*decls, field)
     return click.option(*decls, default=default, show_default=show if show is not None else True, **kw)
 
 

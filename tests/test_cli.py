@@ -71,8 +71,8 @@ def test_help_shows_the_config_dataclass_defaults(name):
         want = shown(default, opt)
         if want is None:  # a plain on/off flag: off unless given
             continue
-        if default == "":
-            assert "[default: (" in text, (opt.opts, text)  # says where the value comes from
+        if default in ("", []):
+            assert "[default: (" in text, (opt.opts, text)  # says where the value comes from (or none)
         else:
             assert f"[default: {want}]" in text, (opt.opts, text)
             checked += 1

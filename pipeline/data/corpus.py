@@ -73,6 +73,8 @@ def load_records(data: str, split: str) -> Any:
         kinds = {FILE_TYPES.get(f.suffix) for f in files}
         if None in kinds or len(kinds) != 1:
             raise KdError(f"cannot read {files[0]}: use one of .jsonl .json .parquet .csv .txt")
+        if all(f.stat().st_size == 0 for f in files):  # datasets fails on it with a bare StopIteration
+            raise KdError(f"the dataset {data} is empty ({'an empty file' if len(files) == 1 else 'empty files'})")
         return datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
     except KdError:
         raise

@@ -7,9 +7,9 @@ Position t (t >= 1) of an example is a *target* when `loss_mask[t] == 1`: it is 
 the row range of every example is known from `loss_mask` alone before any model runs.
 
 Output: a `datasets.load_from_disk` directory plus `kdcache_prepare.json` recording the tokenizer
-identity, a fingerprint of the produced columns, counts and the resolved config. The directory is
-built under a temporary name and renamed into place, so a killed run leaves nothing to mistake
-for a finished one.
+identity, a fingerprint of the produced columns, counts and the resolved config. Its files are written
+in a staging directory and renamed into place, `kdcache_prepare.json` last, so a killed run leaves
+nothing to mistake for a finished one (and its re-run redoes it: `pipeline.ownership`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pipeline.data.corpus import RecordPlaces, input_files, load_records, looks_
 from pipeline.errors import KdError, StaleOutput
 from pipeline.identity import file_sha256, read_json, tokenizer_identity, write_json
 from pipeline.models import load_tokenizer
-from pipeline.ownership import PREPARE, refuse_foreign, remove_owned
+from pipeline.ownership import PREPARE, STATE_DIR, Output, claim
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def source_sha256(data: str) -> str | None:
     if p.is_file():
         files, root = [p], p.parent
     elif p.is_dir():
-        files, root = sorted(f for f in p.rglob("*") if f.is_file()), p
+        # kdcache's own records in an input that is itself a kdcache output (its lock, its manifest) are not data
+        files, root = sorted(f for f in p.rglob("*") if f.is_file() and STATE_DIR not in f.relative_to(p).parts), p
     elif looks_like_path(data):
         raise KdError(f"data not found: {data}")
     else:
@@ -101,22 +102,42 @@ def detect_format(columns: list[str], text_field: str) -> str:
                   f"'prompt'+'response' or '{text_field}' (or pass --format)")
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+# A record longer than --max-length is tokenized a prefix at a time (below): first this many characters per kept
+# token, then 4x more while the prefix is too short. The prefix must give CUT_MARGIN tokens beyond what is kept,
+# so the cut (which can change how the last few tokens before it merge) never reaches a kept token.
+CHARS_PER_TOKEN = 8
+CUT_MARGIN = 64
 
 
-def encode_text(tokenizer: Any, text: str, add_eos: bool) -> tuple[list[int], list[int]]:
-    """Every token after the first is a target; a BOS is prepended when the tokenizer has one."""
-    ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, text)
+def _encode(tokenizer: Any, text: str, limit: int | None = None) -> list[int]:
+    """Token ids of `text`. With `limit`, only the first `limit + 1` are returned when the text has more (enough
+    to keep `limit` and to know it was cut), found by tokenizing growing prefixes: memory and time are bounded by
+    the kept length, not by the record (a 54 MB record took 10 GB and minutes to keep 2,048 tokens)."""
+    if limit is not None:
+        n = (limit + CUT_MARGIN) * CHARS_PER_TOKEN
+        while n < len(text):
+            ids = tokenizer(text[:n], add_special_tokens=False)["input_ids"]
+            if len(ids) > limit + CUT_MARGIN:
+                return ids[: limit + 1]
+            n *= 4
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if limit is None else ids[: limit + 1]
+
+
+def encode_text(tokenizer: Any, text: str, add_eos: bool, limit: int | None = None) -> tuple[list[int], list[int]]:
+    """Every token after the first is a target; a BOS is prepended when the tokenizer has one. `limit`: the
+    caller keeps at most this many tokens (`_encode`)."""
+    ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, text, limit)
     if add_eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return ids, [0] + [1] * (len(ids) - 1)
 
 
-def encode_prompt_response(tokenizer: Any, prompt: str, response: str, add_eos: bool) -> tuple[list[int], list[int]]:
-    """Only response tokens and the final EOS are targets."""
-    head = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, prompt)
-    tail = _encode(tokenizer, response)
+def encode_prompt_response(tokenizer: Any, prompt: str, response: str, add_eos: bool,
+                           limit: int | None = None) -> tuple[list[int], list[int]]:
+    """Only response tokens and the final EOS are targets. `limit`: the caller keeps at most this many tokens."""
+    head = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + _encode(tokenizer, prompt, limit)
+    tail = _encode(tokenizer, response, limit)
     if add_eos and tokenizer.eos_token_id is not None:
         tail.append(tokenizer.eos_token_id)
     return head + tail, [0] * len(head) + [1] * len(tail)
@@ -169,8 +190,9 @@ FIELDS = {"text": None, "prompt-response": ("prompt", "response"), "chat": ("mes
 
 
 def tokenize_records(ds: Any, tokenizer: Any, fmt: str, cfg: PrepareConfig,
-                     where: Any = None) -> Iterator[tuple[list[int], list[int], bool]]:
-    """Yield (input_ids, loss_mask, truncated) per record.
+                     where: Any = None) -> Iterator[tuple[list[int], list[int], bool] | None]:
+    """Yield (input_ids, loss_mask, truncated) per record, or None for an empty text (skipped: as BOS + EOS it
+    would teach the student that a document ends before it starts).
 
     `where(i)` names record i in errors (`FILE:LINE (example i)`); a missing or null field is an
     error rather than an empty string, so a broken record is never trained on as an empty one.
@@ -183,9 +205,14 @@ def tokenize_records(ds: Any, tokenizer: Any, fmt: str, cfg: PrepareConfig,
             if absent:
                 raise KdError(f"field {absent[0]!r} is missing or null")
             if fmt == "text":
-                ids, mask = encode_text(tokenizer, str(rec[cfg.text_field]), cfg.add_eos)
+                text = str(rec[cfg.text_field])
+                if not text.strip():
+                    yield None
+                    continue
+                ids, mask = encode_text(tokenizer, text, cfg.add_eos, cfg.max_length)
             elif fmt == "prompt-response":
-                ids, mask = encode_prompt_response(tokenizer, str(rec["prompt"]), str(rec["response"]), cfg.add_eos)
+                ids, mask = encode_prompt_response(tokenizer, str(rec["prompt"]), str(rec["response"]), cfg.add_eos,
+                                                   cfg.max_length)
             else:
                 ids, mask = encode_chat(tokenizer, rec["messages"])
         except KdError as e:
@@ -237,6 +264,13 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     source = source_sha256(cfg.data)
     if out.exists() and not out.is_dir():
         raise KdError(f"--out {out} is a file, not a directory")
+    # The lock, then every file in OUT checked against prepare's records: anything else refuses, first.
+    with claim(out, PREPARE) as own:
+        return _prepare(cfg, progress, source, own)
+
+
+def _prepare(cfg: PrepareConfig, progress: bool, source: str | None, own: Output) -> dict[str, Any]:
+    out = Path(cfg.out)
     meta_path = out / META_FILENAME
     if meta_path.exists():
         meta = read_json(meta_path, "prepared-data record")
@@ -249,10 +283,7 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
                                   "pass --overwrite to replace it", diff)
             meta["skipped"] = True
             return meta
-    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        refuse_foreign(out, PREPARE)  # names the first file that is not ours
-        raise KdError(f"{out} exists and is not a prepared dataset; choose another --out or pass --overwrite")
-    refuse_foreign(out, PREPARE)  # before tokenizing: --overwrite never deletes what prepare did not write
+    # Without kdcache_prepare.json, whatever OUT holds is prepare's own (`claim` checked): a killed run's files.
 
     tokenizer = load_tokenizer(cfg.tokenizer)
     ds = load_records(cfg.data, cfg.split)
@@ -273,13 +304,17 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
         where = places
     all_ids, all_masks = [], []
     fp = hashlib.sha256()
-    n_tokens = n_targets = n_truncated = 0
+    n_tokens = n_targets = n_truncated = n_empty = 0
     records = tokenize_records(ds, tokenizer, fmt, cfg, where)
     if progress:
         from tqdm import tqdm
 
         records = tqdm(records, total=len(ds), desc="prepare", unit="ex", leave=False)
-    for ids, mask, truncated in records:
+    for rec in records:
+        if rec is None:
+            n_empty += 1
+            continue
+        ids, mask, truncated = rec
         all_ids.append(ids)
         all_masks.append(mask)
         a, m = np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8)
@@ -288,7 +323,8 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
         n_targets += int(m.sum())
         n_truncated += truncated
     if n_targets == 0:
-        raise KdError(f"no target positions in {cfg.data} (format {fmt}): nothing to distill")
+        empty = f" ({n_empty} empty texts skipped)" if n_empty else ""
+        raise KdError(f"no target positions in {cfg.data} (format {fmt}{empty}): nothing to distill")
 
     meta = {
         "kind": "kdcache-prepared",
@@ -301,16 +337,19 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
         "tokens": n_tokens,
         "targets": n_targets,
         "truncated": n_truncated,
+        "empty_skipped": n_empty,
         "max_length": cfg.max_length,
         "config_identity": cfg.identity(),
     }
-    write_prepared(out, all_ids, all_masks, meta, cfg)
+    write_prepared(out, all_ids, all_masks, meta, cfg, own=own)
     return meta
 
 
 def write_prepared(out: str | Path, input_ids: list[list[int]], loss_masks: list[list[int]],
-                   meta: dict[str, Any], cfg: Any = None) -> None:
-    """Save columns + `kdcache_prepare.json` (+ the config) under a temporary name, then rename into place.
+                   meta: dict[str, Any], cfg: Any = None, own: Output | None = None) -> None:
+    """Save columns + `kdcache_prepare.json` (+ the config) in a staging directory inside OUT/.kdcache, then
+    replace what an earlier prepare wrote and rename them into place, `kdcache_prepare.json` last (so its
+    presence means the data is complete). `own`: the caller's claim on OUT (else one is taken here).
 
     Also used by `bench/teacher.py` to write synthetic token data without a tokenizer.
     """
@@ -319,20 +358,20 @@ def write_prepared(out: str | Path, input_ids: list[list[int]], loss_masks: list
     out = Path(out)
     if not input_ids:
         raise KdError(f"refusing to write an empty prepared dataset to {out}")
+    if own is None:
+        with claim(out, PREPARE) as own:
+            return write_prepared(out, input_ids, loss_masks, meta, cfg, own=own)
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
                                   "loss_mask": datasets.Sequence(datasets.Value("int8"))})
     out_ds = datasets.Dataset.from_dict({"input_ids": input_ids, "loss_mask": loss_masks}, features=features)
-    tmp = out.with_name(out.name + ".tmp-prepare")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = own.staging()
     try:
         out_ds.save_to_disk(str(tmp))
         write_json(tmp / META_FILENAME, meta)
         if cfg is not None:
             save_config(cfg, tmp / "config.yaml")
-        if out.exists():  # only what an earlier prepare wrote; anything else refuses (nothing deleted)
-            remove_owned(out, PREPARE)
-            out.rmdir()
-        tmp.rename(out)
+        own.remove_owned()  # only what an earlier prepare wrote (`claim` refused anything else)
+        own.move_in(tmp, last=(META_FILENAME,))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -343,7 +382,8 @@ def summary_line(meta: dict[str, Any], out: str) -> str:
     if meta.get("skipped"):
         return f"prepare: {out} already up to date ({meta['examples']} examples, {meta['targets']} targets); nothing to do"
     trunc = f", {meta['truncated']} truncated to {meta['max_length']}" if meta["truncated"] else ""
+    empty = f", {meta['empty_skipped']} empty texts skipped" if meta.get("empty_skipped") else ""
     return (f"prepare: {meta['examples']} examples, {meta['tokens']} tokens, {meta['targets']} targets "
-            f"({meta['format']}{trunc}) -> {out}")
+            f"({meta['format']}{trunc}{empty}) -> {out}")
 
 

@@ -3,18 +3,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from pipeline.losses.divergences import DIVERGENCES, TAIL_POLICIES
 from pipeline.errors import KdError
 from pipeline.losses.gate import PROPOSALS, RULES
-from pipeline.losses.objective import KdSettings
 from pipeline.losses.selection import SELECTIONS
+from pipeline.losses.temperature import grid_range
 
 # The choices each option takes, from the modules that own them ("none": the option is off).
 LOSSES = ("none", *DIVERGENCES)
-TAILS = (*TAIL_POLICIES, "sampled")  # sampled: the tail bucket split over cached draws (kd_loss)
+TAILS = (*TAIL_POLICIES, "sampled")  # sampled: the tail bucket split over cached draws (objective)
 GATES = ("none", *RULES)
 __all__ = ["GATES", "LOSSES", "PROPOSALS", "TAILS", "KdOptions", "method_name"]
 
@@ -65,8 +66,30 @@ class KdOptions:
             raise KdError("tail 'sampled' is exact only at T = 1 (its draws come from p, not p^T): it cannot be "
                           "combined with --idts or --temperature != 1; use --tail bucket")
 
-    def kd_settings(self) -> KdSettings:
-        return KdSettings(**{f.name: getattr(self, f.name) for f in fields(KdSettings)})
+    def temperature_span(self) -> tuple[float, float]:
+        """The lowest and highest temperature the loss uses: T_base, or IDTS's T_base·e^(±c)."""
+        if self.idts:
+            return self.temperature * math.exp(-self.idts_c), self.temperature * math.exp(self.idts_c)
+        return self.temperature, self.temperature
+
+    def check_grid(self, grid_temperatures: list[float] | tuple[float, ...]) -> None:
+        """A one-line `KdError` when the loss's temperatures leave the cache's grid range (where re-tempering is
+        interpolated; T = 1 is always exact), saying which option to change and to what."""
+        lo, hi = self.temperature_span()
+        if lo == hi == 1.0:
+            return
+        g_lo, g_hi = grid_range(grid_temperatures)
+        if g_lo * (1 - 1e-6) <= lo and hi <= g_hi * (1 + 1e-6):
+            return
+        grid = f"the cache's temperature grid [{g_lo:g}, {g_hi:g}]"
+        wider = "or cache the teacher with a wider --temperatures grid"
+        if not self.idts:
+            raise KdError(f"--temperature {self.temperature:g} is outside {grid}: pick one within it, {wider}")
+        fit = min(math.log(self.temperature / g_lo), math.log(g_hi / self.temperature))
+        cure = f"use --idts-c {math.floor(fit * 100) / 100:g} or less" if fit > 0 else \
+            f"use a --temperature within [{g_lo:g}, {g_hi:g}]"
+        raise KdError(f"IDTS with --temperature {self.temperature:g} and --idts-c {self.idts_c:g} uses temperatures "
+                      f"from {lo:.3g} to {hi:.3g} (T·e^±c), outside {grid}: {cure}, {wider}")
 
     def kd_options(self) -> dict:
         """These options as a mapping (what a `KDLossConfig` copies from a `TrainConfig`)."""

@@ -110,7 +110,10 @@ def _block_stats(z: torch.Tensor, target_ids: torch.Tensor, k: int, beta_list: l
         log_s_t = torch.log(s_t)
         log_tail = (shift - m)[:, 0] + log_s_t  # log sum_tail exp(z - m)
         log_s = torch.logaddexp(log_head, log_tail)
-        tail_lp = torch.where(has_tail[:, 0], log_tail - log_s, torch.full_like(log_s, -math.inf))
+        # log r = -log(1 + head/tail), not log_tail - log_s: on a flat row both are ~log V and their float32
+        # difference is off by ~1e-6 absolute, which is 1e-2 of the head mass 1 - r at V = 151,936.
+        tail_lp = torch.where(has_tail[:, 0], -torch.logaddexp(log_head - log_tail, torch.zeros_like(log_s)),
+                              torch.full_like(log_s, -math.inf))
         # H(pi) = log s_t - sum pi * sh: two non-negative terms, no cancellation.
         ent = log_s_t - torch.linalg.vecdot(e, sh) / s_t
         out["tail_entropy"][rows] = torch.where(has_tail[:, 0], ent, torch.zeros_like(ent))
@@ -162,11 +165,12 @@ def distribution_stats(logits: torch.Tensor, target_ids: torch.Tensor, k: int, b
 
     The tail is computed on its own, never as "total minus head": with m the row maximum and m_t the
     tail's maximum (the (K+1)-th logit), sh = z - m_t over the tail ids only (head ids set to -1e30),
-    e = exp(sh), s_t = sum e >= 1, so log r = (m_t - m) + log s_t - log s is exact even when r ~ 1e-30
+    e = exp(sh), s_t = sum e >= 1, so log r = -log(1 + head / tail) is exact even when r ~ 1e-30
     (a confident row), H(pi) = log s_t - sum(e sh) / s_t and log sum_tail pi^b = log sum e^b - b log s_t.
     One exp per entry gives e; a grid point b costs another exp pass unless it is 1/2 (sqrt(e)) or
-    twice a point already done (|exp(b/2 sh)|^2, a dot product): the default grid T = 0.5, 0.7, 1.4, 2
-    needs 2 exps and 1 sqrt per entry in all.
+    twice a point already done (|exp(b/2 sh)|^2, a dot product): the default grid T = 0.5, 0.7, 1.2, 1.4,
+    1.65, 2 needs 4 exps and 2 sqrts per entry in all (0.5, 0.7, 1.4, 2 needed 2 and 2; 1.2 and 1.65 were
+    added for accuracy, docs/methods.md).
     """
     c, v = logits.shape
     dev = logits.device
@@ -241,7 +245,8 @@ def rows_from_hidden(hidden: torch.Tensor, target_ids: torch.Tensor, head: HeadS
 
     Nothing here waits for the device: a row with NaN/inf logits has a non-finite `log_normaliser`, which
     the caller checks once the batch's results are on the host (one sync per batch, not per chunk).
-    compiled: the statistics as one `torch.compile`d function (fused kernels on a GPU; see `compiled_stats`).
+    compiled: the statistics as one `torch.compile`d function (fused kernels on a GPU; see `compiled_stats`;
+    off unless the teacher runs with compile "always").
     """
     parts: list[dict[str, torch.Tensor]] = []
     for a in range(0, hidden.shape[0], chunk_rows):
@@ -284,7 +289,8 @@ def _stats_fn(z: torch.Tensor, target_ids: torch.Tensor, k: int, betas: list[flo
         log_s_t = s_t.log()
         log_tail = (shift - m)[:, 0] + log_s_t
         log_s = torch.logaddexp(log_head, log_tail)
-        tail_lp = torch.where(has_tail[:, 0], log_tail - log_s, torch.full_like(log_s, -math.inf))
+        tail_lp = torch.where(has_tail[:, 0], -torch.logaddexp(log_head - log_tail, torch.zeros_like(log_s)),
+                              torch.full_like(log_s, -math.inf))  # as in `_block_stats`: exact on flat rows
         ent = torch.where(has_tail[:, 0], log_s_t - (e * sh).sum(-1) / s_t, torch.zeros_like(log_s))
         shape = torch.stack([(b * sh).exp().sum(-1).log() - b * log_s_t for b in betas], -1)
         shape = torch.where(has_tail, shape, torch.zeros_like(shape))
@@ -304,7 +310,9 @@ _COMPILED: dict[str, Callable] = {}
 def compiled_stats(z: torch.Tensor, target_ids: torch.Tensor, k: int, betas: torch.Tensor) -> dict[str, torch.Tensor]:
     """`_stats_fn` through torch.compile (compiled once per process, dynamic shapes). Measured on CPU
     (64 x 32,000, one thread): 3.8 ns per vocabulary entry against 4.3 for the hand-blocked eager path,
-    after ~24 s of compilation, so it is the default on CUDA only (`TeacherConfig.compile`: auto | always | never)."""
+    after ~24 s of compilation. Used only with `TeacherConfig.compile = "always"`: `auto` is the eager path on every
+    device until bench/gpu_suite.py (part teacher, which also checks that both give the same cache) measures
+    that compile pays on a GPU."""
     if z.shape[1] <= k:  # K = V: no tail, the eager path
         return distribution_stats(z, target_ids, k, betas)
     fn = _COMPILED.get("stats")

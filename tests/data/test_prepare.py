@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from pipeline.errors import KdError
 from pipeline.data.prepare import META_FILENAME, PrepareConfig, encode_chat, load_prepared, prepare
-from pipeline.teacher.runner import target_counts
+from pipeline.cache.rows import target_counts
 from stages.cli import main
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -236,7 +236,7 @@ def test_empty_examples_and_target_counts(tmp_path, tokenizer_dir):
 # ---- errors: one line, nothing left behind ---------------------------------------------------------
 
 @pytest.mark.parametrize("case, needle", [
-    ("missing", "not found"), ("garbage", "d.jsonl:2: not valid JSON"), ("empty", "empty"),
+    ("missing", "not found"), ("garbage", "d.jsonl:2: not valid JSON"), ("empty", "is empty (an empty file)"),
     ("no-targets", "no target positions"), ("no-field", "cannot tell the data format"),
 ])
 def test_bad_input_one_line(tmp_path, tokenizer_dir, case, needle):
@@ -256,7 +256,19 @@ def test_bad_input_one_line(tmp_path, tokenizer_dir, case, needle):
     assert res.exit_code == 1, res.output
     errs = [ln for ln in res.output.splitlines() if "error:" in ln]
     assert len(errs) == 1 and needle in errs[0] and "Traceback" not in res.output, res.output
+    assert "StopIteration" not in res.output
     assert not out.exists() and not list(tmp_path.glob("*.tmp-prepare"))
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("runs/my tok", "not a Hugging Face Hub id (OWNER/NAME); check the path"),
+    ("a/b/c", "not a Hugging Face Hub id"),
+])
+def test_a_mistyped_tokenizer_path_is_not_called_a_bad_repo_id(tmp_path, data_file, name, needle):
+    res = CliRunner().invoke(main, ["prepare", "--data", str(data_file), "--tokenizer", name,
+                                    "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and f"tokenizer {name!r} not found: no such directory here" in res.output, res.output
+    assert needle in res.output and "Repo id must" not in res.output
 
 
 def test_missing_tokenizer_one_line(tmp_path, data_file):
@@ -334,3 +346,53 @@ def test_max_examples_errors_still_name_the_file_line(tmp_path, tokenizer_dir):
     # seed 2 keeps examples 0, 1, 2, 5: the first bad one is the subset's fourth, the file's sixth line
     with pytest.raises(KdError, match=r"pr\.jsonl:6 \(example 5\)"):
         run(tmp_path, tokenizer_dir, data, max_examples=4, sample_seed=2)
+
+
+# ---- huge records and empty texts ----------------------------------------------------------------------
+def test_long_records_keep_the_tokens_of_the_whole_text(tok):
+    """The prefix tokenization keeps exactly the first tokens the whole text gives (real text: this Python's
+    own sources, whose long lines, indentation runs and docstrings stress the cut)."""
+    import inspect
+    import json as json_mod
+
+    from pipeline.data.prepare import _encode
+
+    text = inspect.getsource(json_mod.decoder) + inspect.getsource(json_mod.encoder)
+    full = tok(text, add_special_tokens=False)["input_ids"]
+    for limit in (1, 7, 100, 333, len(full) - 1, len(full), len(full) + 5):
+        got = _encode(tok, text, limit)
+        assert got == full[: limit + 1], limit
+
+
+def test_a_huge_record_is_tokenized_only_as_far_as_it_is_kept(tmp_path, tokenizer_dir):
+    """One 4 MB record with --max-length 64: the tokenizer never sees more than a bounded prefix of it."""
+    from transformers import PreTrainedTokenizerFast
+
+    seen = []
+    original = PreTrainedTokenizerFast.__call__
+
+    def spy(self, text, *a, **kw):
+        seen.append(len(text) if isinstance(text, str) else 0)
+        return original(self, text, *a, **kw)
+
+    data = write_jsonl(tmp_path / "huge.jsonl", [{"text": "red big small " * 300_000}, {"text": "one two"}])
+    PreTrainedTokenizerFast.__call__ = spy
+    try:
+        out, meta = run(tmp_path, tokenizer_dir, data, max_length=64)
+    finally:
+        PreTrainedTokenizerFast.__call__ = original
+    assert meta["truncated"] == 1 and max(seen) <= 64 * 4 * 8 * 4
+    (ids0, mask0), (ids1, _) = rows(out)
+    assert len(ids0) == 64 and mask0[1:].all() and len(ids1) < 64
+
+
+def test_empty_texts_are_skipped_and_reported(tmp_path, tokenizer_dir):
+    data = write_jsonl(tmp_path / "e.jsonl", [{"text": "red big"}, {"text": ""}, {"text": "  \n"}, {"text": "small"}])
+    out, meta = run(tmp_path, tokenizer_dir, data)
+    assert meta["examples"] == 2 and meta["empty_skipped"] == 2 and len(rows(out)) == 2
+    res = CliRunner().invoke(main, ["prepare", "--data", str(data), "--tokenizer", str(tokenizer_dir),
+                                    "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0 and "2 empty texts skipped" in res.output, res.output
+    only_empty = write_jsonl(tmp_path / "only.jsonl", [{"text": ""}, {"text": " "}])
+    with pytest.raises(KdError, match=r"no target positions .*2 empty texts skipped"):
+        run(tmp_path, tokenizer_dir, only_empty, name="none")

@@ -141,6 +141,30 @@ def test_bucket_fkl_against_dense_reference():
     assert torch.allclose(same, torch.zeros(n, dtype=torch.float64), atol=1e-5)
 
 
+def test_bucket_fkl_counts_the_mass_on_padded_student_ids():
+    """A student head wider than the teacher's V (padded ids): the KL is against the student's whole head. A
+    student that puts almost all its mass on padded ids is far from the teacher, however its V-part is shaped."""
+    g = torch.Generator().manual_seed(3)
+    n, v, pad, k = 5, 30, 10, 4
+    log_p = torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 2, -1)
+    ids = log_p.argsort(-1, descending=True)[:, :k]
+    head, tail = log_p.gather(1, ids), torch.logsumexp(log_p.scatter(1, ids, -math.inf), -1)
+    good = torch.cat([log_p.float() + 0.01 * torch.randn(n, v, generator=g), torch.full((n, pad), -30.0)], 1)
+    bad = good.clone()
+    bad[:, v:] = 8.0  # most of the mass on ids the teacher cannot emit
+    for s_logits in (good, bad):
+        # Independent float64 reference: K + 1 buckets of the student's softmax over ALL its ids.
+        q = torch.softmax(s_logits.double(), -1)
+        q_head = q.gather(1, ids)
+        in_tail = torch.ones(n, v + pad, dtype=torch.bool).scatter(1, ids, False)
+        in_tail[:, v:] = False
+        q_tail = (q * in_tail).sum(-1)
+        p_head, p_tail = head.exp(), tail.exp()
+        ref = (p_head * (head - q_head.log())).sum(-1) + p_tail * (tail - q_tail.log())
+        assert torch.allclose(bucket_fkl(s_logits, ids, head, tail, v), ref, atol=1e-9)
+    assert float(bucket_fkl(bad, ids, head, tail, v).mean()) > float(bucket_fkl(good, ids, head, tail, v).mean()) + 3
+
+
 def test_score_generations_by_hand():
     refs = ["the cat sat", "a big dog", "red tree", "one two three four"]
     gens = ["  the cat sat ", "a small dog", "", "four three two one"]

@@ -174,6 +174,10 @@ def test_cli_report_and_errors(tmp_path, runs, cache_dir):
     assert res.exit_code == 1 and "bins must be at least 2" in res.output
     with pytest.raises(KdError, match="no run directories"):
         build_report(ReportConfig(out=str(out)))
+    # --teacher (documented in the README and --help) names the `teachers` field, comma-separated.
+    res = runner.invoke(main, ["report", str(runs[1]), "--teacher", f"{runs[0]},{runs[2]}", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["teachers"] == [str(runs[0]), str(runs[2])]
 
 
 def test_versus_baseline_states_ahead_and_behind():

@@ -16,6 +16,7 @@ from pipeline.errors import KdError
 from pipeline.training.trainer import Trainer, train
 from pipeline.training.config import TrainConfig
 from stages.cli import main
+from conftest import reseal_cache
 
 STUDENT_LLAMA = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                  "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128,
@@ -124,7 +125,8 @@ def test_two_students_of_different_architecture_from_one_cache(tmp_path, prepare
 
 def test_kd_terms_match_dense_kl_when_k_equals_v():
     """Plain sparse KD (no gate/LATF/IDTS, T = 1) with K = V is the mean full-vocabulary forward KL."""
-    from pipeline.losses.objective import KdSettings, kd_terms
+    from pipeline.losses.objective import kd_terms
+    from pipeline.losses.options import KdOptions
 
     torch.manual_seed(0)
     n, v = 6, 11
@@ -135,7 +137,7 @@ def test_kd_terms_match_dense_kl_when_k_equals_v():
     temps = torch.tensor([0.5, 2.0])
     cache = {"topk_ids": ids, "topk_logprobs": lp.float(), "tail_logprob": torch.full((n,), -math.inf),
              "tail_entropy": torch.zeros(n), "tail_log_partition": torch.full((n, 2), -math.inf)}
-    terms = kd_terms(s_logits.float(), cache, KdSettings(loss="fkl"), v, 1.0 / temps, None, None)
+    terms = kd_terms(s_logits.float(), cache, KdOptions(loss="fkl"), v, 1.0 / temps, None, None)
     dense = (logp.exp() * (logp - torch.log_softmax(s_logits, -1))).sum(-1)
     assert terms.denominator == n and terms.kept == n
     torch.testing.assert_close(terms.numerator.double() / n, dense.mean(), rtol=1e-5, atol=1e-6)
@@ -157,12 +159,16 @@ def test_checks_before_training(tmp_path, prepared_dir, cache_dir, vocab_size):
     small = student_config(tmp_path, vocab_size - 5, STUDENT_LLAMA, name="small.json")
     res = runner.invoke(main, ["train", "--cache", str(cache_dir), "--student-config", small, "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "output ids" in res.output and "Traceback" not in res.output
+    # The line names the tokenizer the data was made with and what to do, not only two sizes.
+    assert f"{vocab_size - 5} output ids, fewer than the {vocab_size}" in res.output
+    assert "the tokenizer the data was prepared with" in res.output and "prepare the data with" in res.output
     # A cache whose tokenizer differs from the data's.
     bad = tmp_path / "bad_cache"
     shutil.copytree(cache_dir, bad)
     meta = json.loads((bad / "kdcache.json").read_text())
     meta["tokenizer"]["vocab_sha256"] = "0" * 64
     (bad / "kdcache.json").write_text(json.dumps(meta))
+    reseal_cache(bad)  # a cache made that way, not a damaged one
     ok = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
     res = runner.invoke(main, ["train", "--cache", str(bad), "--data", str(prepared_dir), "--student-config", ok,
                                "--out", str(tmp_path / "y")])
@@ -180,6 +186,7 @@ def test_checks_before_training(tmp_path, prepared_dir, cache_dir, vocab_size):
     meta = json.loads((moved / "kdcache.json").read_text())
     meta["data"]["path"] = str(tmp_path / "nowhere")
     (moved / "kdcache.json").write_text(json.dumps(meta))
+    reseal_cache(moved)
     res = runner.invoke(main, ["train", "--cache", str(moved), "--student-config", ok, "--out", str(tmp_path / "w")])
     assert res.exit_code == 1 and "is gone" in res.output and "--data" in res.output
 
@@ -275,6 +282,38 @@ def test_non_finite_loss_stops_naming_the_step_and_rows_and_saves_nothing(tmp_pa
     assert len(err) == 1 and "step 1: non-finite" in err[0] and "cache rows" in err[0], res.output
     assert "stopped without saving" in err[0]
     assert not (out / "final").exists() and not (out / "checkpoints").exists()
+
+
+def test_kd_options_without_a_cache_are_refused(tmp_path, prepared_dir, vocab_size):
+    """Without --cache there is nothing to distil: a KD option would be ignored (plain CE), so it is refused,
+    naming each option, before anything is written."""
+    ok = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    for extra, named in ((["--gate", "topk"], "--gate"), (["--latf", "--idts"], "--latf, --idts"),
+                         (["--temperature", "2"], "--temperature"), (["--select", "student_entropy"], "--select")):
+        out = tmp_path / "nocache"
+        res = CliRunner().invoke(main, ["train", "--data", str(prepared_dir), "--student-config", ok, "--out",
+                                        str(out), "--max-steps", "1", *extra])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert f"error: {named} shape" in res.output and "--cache" in res.output, res.output
+        assert not out.exists()
+
+
+def test_temperatures_outside_the_grid_name_the_option_and_its_limit(tmp_path, cache_dir, vocab_size):
+    """--idts-c 3 once said 'temperature 0.0497871 is outside the grid': now the line names IDTS's span, the
+    grid, and the largest --idts-c that fits."""
+    from pipeline.cache import open_cache
+
+    lo, hi = min(open_cache(cache_dir).temperatures), max(open_cache(cache_dir).temperatures)
+    ok = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    base = ["train", "--cache", str(cache_dir), "--student-config", ok, "--out", str(tmp_path / "t")]
+    res = CliRunner().invoke(main, [*base, "--idts", "--idts-c", "3"])
+    fit = math.floor(min(math.log(1 / lo), math.log(hi)) * 100) / 100
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert f"uses temperatures from {math.exp(-3):.3g} to {math.exp(3):.3g}" in res.output, res.output
+    assert f"grid [{lo:g}, {hi:g}]" in res.output and f"use --idts-c {fit:g} or less" in res.output, res.output
+    res = CliRunner().invoke(main, [*base, "--temperature", "9"])
+    assert res.exit_code == 1 and "--temperature 9 is outside the cache's temperature grid" in res.output
+    assert not (tmp_path / "t" / "final").exists()
 
 
 def test_gate_k_is_checked_against_the_cache(tmp_path, cache_dir, vocab_size):
