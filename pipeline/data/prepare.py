@@ -262,8 +262,6 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     if not cfg.data:
         raise KdError("no input data given (--data FILE_OR_DIR_OR_NAME)")
     source = source_sha256(cfg.data)
-    if out.exists() and not out.is_dir():
-        raise KdError(f"--out {out} is a file, not a directory")
     # The lock, then every file in OUT checked against prepare's records: anything else refuses, first.
     with claim(out, PREPARE) as own:
         return _prepare(cfg, progress, source, own)

@@ -85,8 +85,6 @@ def export(cfg: ExportConfig, on_examples: Callable[[int], None] | None = None,
     if not cfg.out:
         raise KdError("no output directory given (--out DIR)")
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise KdError(f"--out {out} is a file, not a directory")
     # Before any work: the lock, and every file in OUT checked to be export's (never replace anything else).
     with claim(out, EXPORT) as own:
         return _export(cfg, own, on_examples, on_plan)
