@@ -62,6 +62,15 @@ def load_error(what: str, name: str, e: BaseException) -> KdError:
                    f"loaded ({first})")
 
 
+def resolve_model_path(model: str) -> str:
+    """A `kdcache train` run directory stands for its final/ model (what eval and teacher load); anything else is
+    used as given."""
+    p = Path(model).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
+        return str(p / "final")
+    return model
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 

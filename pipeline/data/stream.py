@@ -173,7 +173,14 @@ class CacheStream:
         self._ready_lock = threading.Lock()
         self._closed = threading.Event()
         if self.batches_in_epoch(0) == 0:
-            raise KdError(f"fewer examples per rank than --batch-size {batch_size}")
+            if self.world > 1 and len(self.blocks) < self.world:
+                # Ranks split the data by whole blocks (a cache's chunks: each rank decodes only its own).
+                unit = f"chunks of {cache.chunk_rows} rows" if cache is not None else "blocks"
+                raise KdError(f"{self.world} ranks but the data is {len(self.blocks)} block(s) ({unit}; each rank reads "
+                              "whole blocks, so a rank got none): use fewer ranks, or re-cache with a smaller "
+                              "--chunk-rows")
+            raise KdError(f"fewer examples per rank than --batch-size {batch_size}: lower --batch-size "
+                          f"({self.n_examples} examples over {self.world} rank(s))")
 
     # ---- planning -------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:

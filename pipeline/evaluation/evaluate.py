@@ -34,6 +34,7 @@ from pipeline.cache.rows import target_positions
 from pipeline.config import save_config
 from pipeline.errors import KdError
 from pipeline.identity import write_json
+from pipeline.models import resolve_model_path
 from pipeline.ownership import EVAL, Output, amend, claim
 from pipeline.training.held_out import EVAL_FIELDS, ROW_CHUNK_ELEMENTS, Totals, bucket_fkl, score  # noqa: F401
 
@@ -140,14 +141,6 @@ def generate_examples(model: Any, tokenizer: Any, ds: Any, n: int, extra_new_tok
 
 
 # ---- the stage -----------------------------------------------------------------------------
-def resolve_model_path(model: str) -> str:
-    """A training run directory stands for its final/ model; anything else is used as given."""
-    p = Path(model).expanduser()
-    if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
-        return str(p / "final")
-    return model
-
-
 def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
     """Score `cfg.model` on `cfg.data` (see the module docstring); writes OUT/eval.json, returns its dict."""
     if not cfg.out:

@@ -81,7 +81,9 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         from pipeline.cache.schema import PRESETS
+        from pipeline.models import resolve_model_path
 
+        self.model = resolve_model_path(self.model)  # a training run directory: its final/ model, as eval takes it
         if self.preset not in PRESETS:
             raise KdError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.top_k < 0 or self.head_step < 0 or self.shape_bits < 0 or self.entropy_bits < 0:

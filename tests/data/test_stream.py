@@ -85,6 +85,14 @@ def test_ranks_read_disjoint_blocks_and_take_equal_steps(prepared_dir, cache_dir
     assert e0 and e1 and not (e0 & e1)
 
 
+def test_more_ranks_than_blocks_says_so(prepared_dir, cache_dir):
+    """Ranks split the data by whole chunks: more ranks than chunks is named as that, not as a batch size."""
+    ds, cache = load_prepared(prepared_dir), open_cache(cache_dir)
+    blocks = len(CacheStream(ds, cache, batch_size=2, seed=0).blocks)
+    with pytest.raises(KdError, match=rf"{blocks + 1} ranks but the data is {blocks} block\(s\) \(chunks of 32 rows"):
+        CacheStream(ds, cache, batch_size=2, seed=0, rank=blocks, world=blocks + 1)
+
+
 def test_ddp_two_gloo_processes(tmp_path, prepared_dir, cache_dir, vocab_size):
     scfg = tmp_path / "student.json"
     scfg.write_text(json.dumps({"model_type": "llama", "vocab_size": vocab_size, "hidden_size": 16,

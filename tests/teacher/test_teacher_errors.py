@@ -82,6 +82,20 @@ def test_missing_model(tmp_path, prepared_dir):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_training_run_directory_is_its_final_model(tmp_path, prepared_dir, llama_dir, llama_cache):
+    """`teacher --model RUN_DIR` takes RUN_DIR/final, as `eval` does (it failed: no config.json in RUN_DIR)."""
+    run = tmp_path / "run"
+    shutil.copytree(llama_dir, run / "final")
+    (run / "metrics.jsonl").write_text("")
+    res = teacher("--data", prepared_dir, "--model", run, "--out", tmp_path / "c")
+    assert res.exit_code == 0, res.output
+    got, want = open_cache(tmp_path / "c"), open_cache(llama_cache)
+    assert got.meta["teacher"]["model"] == str(run / "final")
+    assert got.meta["teacher"]["weights_sha256"] == want.meta["teacher"]["weights_sha256"]
+    n = want.meta["num_rows"]
+    assert np.array_equal(got.read(0, n)["topk_ids"], want.read(0, n)["topk_ids"])
+
+
 @pytest.mark.parametrize("case", ["empty", "no-targets"])
 def test_nothing_to_cache(tmp_path, prepared_dir, llama_dir, case):
     if case == "empty":  # `prepare` refuses to write one; made by hand as another tool might
