@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.config import changes, save_config, to_dict
+from pipeline.data.chat import encode_chat
 from pipeline.data.corpus import RecordPlaces, input_files, load_records, looks_like_path
 from pipeline.errors import KdError, StaleOutput
 from pipeline.identity import file_sha256, read_json, tokenizer_identity, write_json
@@ -141,49 +142,6 @@ def encode_prompt_response(tokenizer: Any, prompt: str, response: str, add_eos: 
     if add_eos and tokenizer.eos_token_id is not None:
         tail.append(tokenizer.eos_token_id)
     return head + tail, [0] * len(head) + [1] * len(tail)
-
-
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-    """Render with the tokenizer's chat template; only assistant turns (their content and the
-    template's closing tokens up to the next turn) are targets.
-
-    Assistant spans are found as character ranges by rendering growing prefixes of the
-    conversation (prefix + generation prompt vs prefix including the turn), then mapped to tokens
-    with the fast tokenizer's offsets, so any template works without knowing its markup.
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        raise KdError("format 'chat' needs a tokenizer with a chat_template")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise KdError(f"'messages' must be a list of {{role, content}} objects, got {type(messages).__name__}")
-    for j, m in enumerate(messages):
-        missing = [k for k in ("role", "content") if m.get(k) is None]
-        if missing:
-            raise KdError(f"message {j} has no {' or '.join(repr(k) for k in missing)}")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m.get("role") != "assistant":
-            continue
-        if i:
-            head = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        else:  # templates refuse an empty conversation: the turn opens where an empty reply's render stops matching
-            empty = tokenizer.apply_chat_template([{**m, "content": ""}], tokenize=False)
-            one = tokenizer.apply_chat_template(messages[:1], tokenize=False)
-            n = next((j for j, (a, b) in enumerate(zip(empty, one)) if a != b), min(len(empty), len(one)))
-            head = one[:n]
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        # The span method needs renders of prefixes to be prefixes of the full render.
-        if not (full.startswith(upto) and upto.startswith(head)):
-            raise KdError("the tokenizer's chat template does not render a conversation's prefix as a prefix "
-                          "of the whole; use --format prompt-response or text for this tokenizer")
-        spans.append((len(head), len(upto)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    mask = [0] * len(ids)
-    for t, (a, b) in enumerate(offsets):
-        if t > 0 and any(s <= a and b <= e and b > a for s, e in spans):
-            mask[t] = 1
-    return ids, mask
 
 
 FIELDS = {"text": None, "prompt-response": ("prompt", "response"), "chat": ("messages",)}
