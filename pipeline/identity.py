@@ -48,12 +48,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def weights_hash(model_dir: str | Path) -> str | None:
-    """sha256 over the weight files of a local model directory (None if it holds none).
+    """sha256 over the weight files of a local model directory (None if it holds none); for a `.gguf` file, the
+    file's own sha256 (what `sha256sum model.gguf` prints, so it can be checked against a published digest).
 
     Hub models are identified by their revision instead; hashing multi-GB shards of a local 70B
     checkpoint takes minutes, which is acceptable once per teacher pass.
     """
     d = Path(model_dir)
+    if d.is_file() and d.suffix.lower() == ".gguf":
+        return file_sha256(d)
     if not d.is_dir():
         return None
     files = sorted(p for p in d.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))

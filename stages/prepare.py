@@ -13,7 +13,7 @@ P = PrepareConfig
 @click.command()
 @setting(P, "--data", show="required", help="jsonl/json/parquet/csv/txt file or folder, a saved dataset, or a datasets "
                                         "hub name.")
-@setting(P, "--tokenizer", show="required", help="Tokenizer directory or hub id.")
+@setting(P, "--tokenizer", show="required", help="Tokenizer directory, .gguf file (its tokenizer) or hub id.")
 @setting(P, "--out", type=click.Path(file_okay=False), show="required", help="Output directory (load_from_disk-able).")
 @setting(P, "--max-length", type=int, help="Truncate examples to this many tokens.")
 @setting(P, "--format", type=click.Choice(FORMATS),

@@ -15,7 +15,7 @@ T = TrainConfig
 @click.command()
 @setting(T, "--data", show="the data the cache records", help="Prepared data (a `kdcache prepare` output).")
 @setting(T, "--cache", show="none: plain cross-entropy", help="Teacher cache to distill from.")
-@setting(T, "--student", show="one of the two is required", help="Student model directory or hub id to start from.")
+@setting(T, "--student", show="one of the two is required", help="Student model directory, .gguf file or hub id to start from.")
 @setting(T, "--student-config", show="one of the two is required", help="transformers config.json: build the student from scratch.")
 @setting(T, "--out", type=click.Path(file_okay=False), show="required", help="Run directory.")
 @setting(T, "--loss", type=click.Choice(LOSSES), help="Divergence to the teacher (none: cross-entropy only).")

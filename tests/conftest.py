@@ -19,15 +19,17 @@ WORDS = ("the cat dog bird sat ran on a mat log tree red blue green big small on
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    parser.addoption("--realllm", action="store_true", default=False,
+                     help="run tests marked realllm (SmolLM2-135M from the package registry, bench/real_llm.py)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: pass --runslow")
+    skips = {"slow": None if config.getoption("--runslow") else pytest.mark.skip(reason="slow: pass --runslow"),
+             "realllm": None if config.getoption("--realllm") else pytest.mark.skip(reason="real LLM: pass --realllm")}
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and marker in item.keywords:
+                item.add_marker(skip)
 
 
 def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:

@@ -219,10 +219,10 @@ def _matching_tokenizer(model_path: str, pmeta: dict[str, Any], needed: bool) ->
     data's tokenizer, which is by construction the right one. None when not needed and not present.
     """
     from pipeline.identity import describe_tokenizer, same_tokenizer, tokenizer_identity
-    from pipeline.models import has_tokenizer_files, load_tokenizer
+    from pipeline.models import has_tokenizer_files, is_gguf, load_tokenizer
 
     local = Path(model_path).expanduser()
-    if has_tokenizer_files(local) if local.is_dir() else needed:
+    if has_tokenizer_files(local) if local.is_dir() or is_gguf(local) else needed:  # a .gguf carries its tokenizer
         try:
             tok = load_tokenizer(model_path)
         except KdError as e:

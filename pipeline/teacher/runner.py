@@ -152,29 +152,48 @@ def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
     """Model id/path, revision, weights hash, dtype and vocabulary of the teacher (config only: no weights loaded)."""
     from transformers import AutoConfig
 
+    from pipeline.models import check_gguf, gguf_error, is_gguf
+
     local = Path(cfg.model).expanduser()
-    try:
-        mc = AutoConfig.from_pretrained(str(local) if local.exists() else cfg.model, revision=cfg.revision or None)
-    except (OSError, ValueError, KeyError) as e:
-        raise KdError(f"cannot load model config {cfg.model!r}: {str(e).splitlines()[0]}") from None
+    if is_gguf(cfg.model):  # the config is read from the file's metadata
+        gguf = check_gguf("model", cfg.model, model=True)
+        try:
+            mc = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as e:  # noqa: BLE001 -- a damaged file fails in the reader with any error type
+            raise gguf_error("model config", cfg.model, e) from None
+    else:
+        try:
+            mc = AutoConfig.from_pretrained(str(local) if local.exists() else cfg.model, revision=cfg.revision or None)
+        except (OSError, ValueError, KeyError) as e:
+            raise KdError(f"cannot load model config {cfg.model!r}: {str(e).splitlines()[0]}") from None
     from pipeline.models import context_length
 
     class _M:  # context_length reads .config only
         config = mc
 
+    architectures = getattr(mc, "architectures", None)
+    if not architectures and is_gguf(cfg.model):  # a GGUF's config names its model type only
+        from transformers.models.auto import modeling_auto
+
+        name = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mc.model_type)
+        architectures = [name] if name else None
+
     # The dtype is recorded as asked ("auto" included): it is resolved by each process that computes a
     # shard (a planning host without a GPU would resolve "auto" to float32 while GPU workers run bf16),
     # and every shard's commit record holds the dtype it was actually computed in.
     return {"model": cfg.model, "revision": cfg.revision or getattr(mc, "_commit_hash", None),
-            "weights_sha256": weights_hash(local) if local.is_dir() else None, "dtype": cfg.dtype,
-            "architectures": getattr(mc, "architectures", None), "model_vocab_size": int(mc.vocab_size),
+            # a directory: over its weight files; a .gguf file: the file's sha256
+            "weights_sha256": weights_hash(local) if local.exists() else None, "dtype": cfg.dtype,
+            "architectures": architectures, "model_vocab_size": int(mc.vocab_size),
             "context_length": context_length(_M)}
 
 
 def local_model_dir(model: str) -> Path | None:
-    """The model's local directory, or None for a hub id."""
+    """The model's local directory (or `.gguf` file, which carries its tokenizer), or None for a hub id."""
+    from pipeline.models import is_gguf
+
     p = Path(model).expanduser()
-    return p if p.is_dir() else None
+    return p if p.is_dir() or (is_gguf(p) and p.is_file()) else None
 
 
 def check_model_tokenizer(model: str, local: Path | None, data_tok: dict[str, Any], model_vocab: int) -> None:
