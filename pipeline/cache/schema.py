@@ -55,10 +55,25 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 # Named codec settings: K and the precisions (docs/benchmarks.md measures each with bench/fidelity.py).
+# entropy_bits 0 = `entropy_bits_for` the vocabulary: the tail entropy is H(pi) / log(V - K), so a fixed bit
+# count loses precision as V grows (8 bits: up to 0.021 nats of entropy at V = 49,152, measured 0.016 on
+# SmolLM2); the default keeps r H(pi) within ENTROPY_ERROR at any V.
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": {"top_k": 8, "head_step": 0.04, "entropy_bits": 8, "shape_bits": 8},
-    "hifi": {"top_k": 16, "head_step": 0.02, "entropy_bits": 10, "shape_bits": 10},
+    "default": {"top_k": 8, "head_step": 0.04, "entropy_bits": 0, "shape_bits": 8},
+    "hifi": {"top_k": 16, "head_step": 0.02, "entropy_bits": 12, "shape_bits": 10},
 }
+
+ENTROPY_ERROR = 0.005  # nats: the most the coded tail entropy moves a row's entropy (r H(pi), r <= 1)
+
+
+def entropy_bits_for(n_tail: int, max_error: float = ENTROPY_ERROR) -> int:
+    """The fewest bits (8 to 16) that code H(pi) in [0, log n_tail] within max_error nats: the UnitCode's
+    error is log(n_tail) / (2 (2^b - 1)). 8 bits up to n_tail = 12; 11 bits for V = 49,152 or 262,144."""
+    span = float(np.log(n_tail)) if n_tail > 1 else 0.0
+    for bits in range(8, 17):
+        if span / (2 * ((1 << bits) - 1)) <= max_error:
+            return bits
+    return 16
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,7 @@ class CodecParams:
     head_step: float = 0.04  # the defaults are the "default" preset's
     tail_step: float = 2.0**-10  # SplitCode fine step (2^-8 below r/(1-r) = e^-40)
     target_step: float = 2.0**-8
-    entropy_bits: int = 8
+    entropy_bits: int = 0  # 0: entropy_bits_for(V - K), resolved here (the cache records the resolved value)
     shape_bits: int = 8
     tail_samples: int = 0
     clevel: int = 9  # zstd level: 9 saves ~5% over 5 on real-text rows; decompression speed is the same
@@ -83,6 +98,8 @@ class CodecParams:
             raise KdError(f"temperatures must be positive, got {list(self.temperatures)}")
         if not (self.head_step > 0 and self.tail_step > 0 and self.target_step > 0):
             raise KdError("codec steps must be positive")
+        if self.entropy_bits == 0:
+            object.__setattr__(self, "entropy_bits", entropy_bits_for(self.n_tail))
         for name in ("entropy_bits", "shape_bits"):
             if not 1 <= getattr(self, name) <= 16:
                 raise KdError(f"{name} must lie in [1, 16], got {getattr(self, name)}")
