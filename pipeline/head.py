@@ -20,8 +20,9 @@ class HeadSpec:
 
     weight: [V_model, H] output embedding; bias: [V_model] or None; vocab_size: ids kept in the
     distribution (the tokenizer's size: rows beyond it are padding the model can never be asked to
-    emit, masked to -inf); softcap / scale: Gemma-2-style final logit soft-capping and Cohere-style
-    logit scaling, applied as the model's own forward would.
+    emit, masked to -inf); softcap / scale: Gemma-2-style final logit soft-capping and the logit scaling of
+    Cohere (x logit_scale), Granite (/ logits_scaling) and Falcon-H1 (x lm_head_multiplier), applied as the
+    model's own forward would (docs/families.md: every family tested).
     """
 
     weight: torch.Tensor
@@ -102,6 +103,8 @@ def head_spec(model, vocab_size: int) -> HeadSpec:
     scale = getattr(cfg, "logit_scale", None)  # Cohere: logits * scale
     if getattr(cfg, "logits_scaling", None):  # Granite: logits / logits_scaling
         scale = (scale or 1.0) / float(cfg.logits_scaling)
+    if getattr(cfg, "lm_head_multiplier", None) not in (None, 1.0):  # Falcon-H1: logits * lm_head_multiplier
+        scale = (scale or 1.0) * float(cfg.lm_head_multiplier)
     return HeadSpec(weight=head.weight, bias=getattr(head, "bias", None), vocab_size=vocab_size,
                     softcap=float(softcap) if softcap else None, scale=float(scale) if scale else None)
 
