@@ -12,7 +12,7 @@ from torch import Tensor
 from pipeline.errors import KdError
 from pipeline.identity import describe_tokenizer, same_tokenizer, tokenizer_identity
 from pipeline.models import load_causal_lm, load_tokenizer, model_vocab_size, own_tokenizer
-from pipeline.head import head_spec
+from pipeline.head import check_head, head_spec
 from pipeline.losses.adakd import LATF
 from pipeline.losses.chunked import RowPlan, auto_chunk_rows, chunked_loss, plan_rows
 from pipeline.losses.options import KdOptions
@@ -143,6 +143,18 @@ def check_inputs(model: Any, prepared_meta: dict[str, Any], cache: Any | None, f
                       "(fingerprints differ); pass the prepared data the cache was made from")
 
 
+def check_student_head(model: Any) -> None:
+    """The student's loss applies `head_spec` to its hidden states a chunk at a time, never its `forward`'s
+    logits: refuse (one line) a family whose forward transforms logits in a way head_spec does not know, as the
+    teacher's pass does, instead of training it against the wrong distribution. Eval mode, so dropout is off."""
+    was = model.training
+    model.eval()
+    try:
+        check_head(model, head_spec(model, model_vocab_size(model)), model.get_input_embeddings().weight.device)
+    finally:
+        model.train(was)
+
+
 class StudentObjective(torch.nn.Module):
     """The student and its loss as one module: what DDP and FSDP wrap, so the head's parameters are used
     inside a forward (FSDP2 gathers a sharded head only there).
@@ -161,6 +173,7 @@ class StudentObjective(torch.nn.Module):
         self.settings, self.vocab_size, self.grid_betas = settings, vocab_size, grid_betas
         self.latf, self.generator = latf, generator
         self._head = lambda: head_spec(self.model, model_vocab_size(self.model))
+        check_student_head(model)
         self.chunk_rows = chunk_rows or auto_chunk_rows(model_vocab_size(model))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, tgt_b: Tensor, tgt_t: Tensor, target_ids: Tensor,

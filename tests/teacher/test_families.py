@@ -268,3 +268,17 @@ def test_unknown_head_transform_is_refused_with_one_line(make, tmp_path, small_p
     if (cache / layout.META_FILENAME).is_file():
         c = open_cache(cache)
         assert c.committed() and not any(c.committed()) and not c.complete
+
+
+@pytest.mark.parametrize("make", [_doubled_llama_dir, _llama_with(logit_scale=0.25)],
+                         ids=["forward-doubles-logits", "llama+logit_scale-attr"])
+def test_unknown_head_transform_is_refused_as_a_student(make, tmp_path, llama_cache, vocab_size):
+    """The student's chunked loss applies head_spec, never the model's forward: the same refusal as the teacher's."""
+    model_dir = make(tmp_path / "model", vocab_size)
+    res = CliRunner().invoke(main, ["train", "--cache", str(llama_cache), "--student", str(model_dir),
+                                    "--out", str(tmp_path / "run"), "--max-steps", "1", "--device", "cpu",
+                                    "--dtype", "float32"])
+    assert res.exit_code == 1, res.output
+    errs = [ln for ln in res.output.splitlines() if "error:" in ln]
+    assert len(errs) == 1 and "differ from its forward pass" in errs[0], res.output
+    assert "Traceback" not in res.output and not (tmp_path / "run" / "final").exists()
