@@ -96,16 +96,33 @@ def kdcache_rows(cache: Any, a: int, b: int, temperature: float) -> tuple[Decode
     return dec, loss
 
 
-def kdcache_build(prepared: Path, model: Path, out: Path, k: int) -> Any:
-    """Cache `prepared` with `model` at top-K `k` through `run_teacher` (reused when it already matches): the
-    default preset's codec for K <= 8, the hifi preset's beyond."""
+def kdcache_draws_rows(cache: Any, a: int, b: int) -> Decoded:
+    """Rows [a, b) of a kdcache cache with tail draws, as `--tail sampled` trains on them at T = 1
+    (`divergences.sampled_tail_buckets`): the K head masses, then r c_j / sum c on each drawn id, and the tail
+    bucket only on a row without draws."""
+    r = cache.read(a, b, ("topk_ids", "topk_logprobs", "tail_logprob", "tail_ids", "tail_counts"))
+    ids, t_ids = torch.as_tensor(r["topk_ids"]), torch.as_tensor(r["tail_ids"]).long()
+    counts = torch.as_tensor(r["tail_counts"]).double()
+    ok = (counts > 0) & (t_ids >= 0)
+    counts = counts.masked_fill(~ok, 0.0)
+    total = counts.sum(-1, keepdim=True)
+    rr = torch.as_tensor(r["tail_logprob"]).double().exp()
+    share = torch.where(total > 0, counts / total.clamp_min(1e-300), torch.zeros_like(counts)) * rr[:, None]
+    return Decoded(torch.cat([ids, t_ids.clamp_min(0)], 1), torch.cat([torch.ones_like(ids, dtype=torch.bool), ok], 1),
+                   torch.cat([torch.as_tensor(r["topk_logprobs"]).double().exp(), share], 1),
+                   torch.where(total[:, 0] > 0, torch.zeros_like(rr), rr))
+
+
+def kdcache_build(prepared: Path, model: Path, out: Path, k: int, tail_samples: int = 0) -> Any:
+    """Cache `prepared` with `model` at top-K `k` (and `tail_samples` draws) through `run_teacher` (reused when
+    it already matches): the default preset's codec for K <= 8, the hifi preset's beyond."""
     from pipeline.cache import open_cache
     from pipeline.errors import KdError
     from pipeline.teacher.runner import TeacherConfig, run_teacher
 
     # K <= 8: the default preset's precisions; larger K: the hifi preset's (docs/cache-format.md).
     cfg = TeacherConfig(data=str(prepared), model=str(model), out=str(out), top_k=k, device="cpu",
-                        dtype="float32", threads=1, preset="default" if k <= 8 else "hifi")
+                        dtype="float32", threads=1, preset="default" if k <= 8 else "hifi", tail_samples=tail_samples)
     try:
         run_teacher(cfg)  # skips committed shards of a matching cache
     except KdError:  # another teacher / data / format version at `out`: rebuild it
@@ -303,6 +320,8 @@ def run_teacher_formats(args: argparse.Namespace, b: Any, name: str, model_dir: 
         t0 = time.perf_counter()
         caches[k] = kdcache_build(work / "prepared", model_dir, work / name / f"kdcache_k{k}", k)
         log(f"  {name}: kdcache K={k} ready ({caches[k].num_rows:,} rows, {time.perf_counter() - t0:.0f}s)")
+    drawn = {s_: kdcache_build(work / "prepared", model_dir, work / name / f"kdcache_k{ks[0]}_s{s_}", ks[0], s_)
+             for s_ in args.kdcache_draws}
     vocab = caches[ks[0]].vocab_size
     dk = [peers.DistillKitCompressor(args.distillkit_src, p, vocab) for p in ("budget", "recommended")] \
         if args.distillkit_src else []
@@ -359,6 +378,9 @@ def run_teacher_formats(args: argparse.Namespace, b: Any, name: str, model_dir: 
                 v16 = peers.MegatronGhost.quantise(top_lp32[:, :k])
                 fmts[f"top-K + ghost K={k}"] = (peers.MegatronGhost.decode(top_ids[:, :k], v16, t),
                                                 _ghost_loss(top_ids[:, :k], v16, t))
+            if t == 1.0:  # cached draws come from p: exact at T = 1 only (kd_divergence refuses other T)
+                for s_, c_ in drawn.items():
+                    fmts[f"kdcache K={ks[0]} + {s_} draws"] = (kdcache_draws_rows(c_, a, bb), None)
             for nd in args.draws:
                 s_ids, q7 = peers.SampledKD(nd).sample(blk.pt, gens[(t, nd)])
                 stored["sampled"].setdefault((t, nd), []).append((s_ids, q7))
@@ -385,6 +407,10 @@ def run_teacher_formats(args: argparse.Namespace, b: Any, name: str, model_dir: 
     for k in ks:
         out[f"kdcache K={k}"] = {"family": "kdcache", "param": k, "bytes": caches[k].bytes_on_disk() / caches[k].num_rows}
         out[f"ideal K+1 K={k}"] = {"family": "ideal K+1", "param": k, "bytes": k * 10 + 8.0, "raw": True}
+        if k == ks[0]:
+            for s_, c_ in drawn.items():
+                out[f"kdcache K={k} + {s_} draws"] = {"family": "kdcache + draws", "param": f"{k} + {s_}",
+                                                     "bytes": c_.bytes_on_disk() / c_.num_rows}
         nb = peers.TopKRenorm(k).store(work / name / f"renorm_k{k}", all_ids[:, :k], all_lp[:, :k])
         out[f"top-K renorm K={k}"] = {"family": "top-K renorm", "param": k, "bytes": nb / len(all_ids)}
         v16 = all_lp[:, :k].astype(np.float16)
@@ -476,7 +502,7 @@ def _check(key: str, t: float, dec: Decoded, loss: Callable | None, z: torch.Ten
 
 # ---- output -------------------------------------------------------------------------------------------
 
-FAMILIES = ("kdcache", "ideal K+1", "top-K renorm", "top-K + ghost", "sampled KD", "DistillKit")
+FAMILIES = ("kdcache", "kdcache + draws", "ideal K+1", "top-K renorm", "top-K + ghost", "sampled KD", "DistillKit")
 
 
 def _f(x: float, nd: int = 4) -> str:
@@ -506,7 +532,9 @@ def markdown(results: dict[str, Any], temps: list[float]) -> str:
                              "bucket KL | tail err median / max | tail = 0 |")
                 lines.append("|---|---|---|---|---|---|---|---|---|---|")
                 for key, f in fmts.items():
-                    m = per_fmt[key][t]
+                    m = per_fmt[key].get(t)
+                    if m is None:  # a format measured at T = 1 only (cached draws)
+                        continue
                     by = f.get("bytes_by_T", {}).get(t, f["bytes"])
                     raw = " (raw)" if f.get("raw") else ""
                     lines.append(f"| {f['family']} | {f['param']} | {by:.1f}{raw} | {m['cos_mean']:.4f} | "
@@ -525,7 +553,7 @@ def markdown(results: dict[str, Any], temps: list[float]) -> str:
                         best = None
                         for key, f in fmts.items():
                             by = f.get("bytes_by_T", {}).get(t, f["bytes"])
-                            if f["family"] == fa and by <= budget:
+                            if f["family"] == fa and by <= budget and t in per_fmt[key]:
                                 m = per_fmt[key][t]
                                 if best is None or m["cos_mean"] > best[0]["cos_mean"]:
                                     best = (m, f, by)
@@ -533,6 +561,20 @@ def markdown(results: dict[str, Any], temps: list[float]) -> str:
                                      f"({best[1]['param']}, {best[2]:.0f})")
                     lines.append(f"| {t:g} | {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def real_llm_bench(root: Path) -> tuple[Any, dict[str, Path], str]:
+    """SmolLM2-135M-Instruct (bench/real_llm.py) as the teacher, its first 6 layers as the student, 256 of this
+    machine's doc texts (up to 512 tokens each) as the held-out rows: (bundle, teachers, description)."""
+    import types
+
+    import real_llm
+
+    teacher = real_llm.ensure_teacher(root)
+    student = real_llm.ensure_student(teacher, 6)
+    prepared = real_llm.ensure_prepared(teacher, root / "prepared_fidelity", records=256)
+    return (types.SimpleNamespace(prepared_heldout=prepared, student=student), {"smollm2": teacher},
+            "this machine's doc texts (SmolLM2-135M-Instruct, V = 49,152)")
 
 
 def keep_freed_memory() -> None:
@@ -572,8 +614,14 @@ def main() -> None:
                     help="skip comparing the gradient formula with autograd on the first block")
     ap.add_argument("--block-tokens", type=int, default=1024,
                     help="padded tokens per forward block; rows of a block are processed as [rows, V] float64")
+    ap.add_argument("--kdcache-draws", default="8",
+                    help="kdcache caches at the smallest K with this many tail draws (comma list; T = 1 only)")
+    ap.add_argument("--real-llm", default="",
+                    help="bench/real_llm.py's root (e.g. runs/real_llm): SmolLM2-135M-Instruct as the teacher, its "
+                         "first 6 layers as the student, this machine's doc texts as the rows (built when missing)")
     ap.add_argument("--json", default="", help="write the raw numbers here")
     args = ap.parse_args()
+    args.kdcache_draws = [int(x) for x in args.kdcache_draws.split(",") if x]
     if args.quick:
         args.rows = 2000
     if args.smoke:
@@ -594,14 +642,19 @@ def main() -> None:
     if not args.distillkit_src:
         log("DistillKit's compressor: not installable from the package registry (no `distillkit` on PyPI); "
             "pass --distillkit-src DIR (a local checkout) to measure it too")
-    b = realtext.ensure(args.root, log=log, smoke=args.smoke)
+    if args.real_llm:
+        b, paths, about = real_llm_bench(Path(args.real_llm))
+        args.root = args.real_llm
+    else:
+        b = realtext.ensure(args.root, log=log, smoke=args.smoke)
+        paths = {"teacher": b.teacher, "teacher_sharp": b.teacher_sharp}
+        about = "the stdlib corpus, V = 16,384"
     work = Path(args.root) / "fidelity" / f"rows{args.rows}"
     ids, masks, n = subset_prepared(b, args.rows, work / "prepared")
     log(f"fidelity: {n:,} held-out target rows in {len(ids)} examples")
     results: dict[str, Any] = {"command": command, "date": date, "rows": n, "examples": len(ids),
                                "temperatures": args.temperatures, "teachers": {}}
-    paths = {"teacher": b.teacher, "teacher_sharp": b.teacher_sharp}
-    for name in args.teachers.split(","):
+    for name in (list(paths) if args.real_llm else args.teachers.split(",")):
         t0 = time.perf_counter()
         stats = realtext.heldout_stats(paths[name], ids, masks)
         res = run_teacher_formats(args, b, name, paths[name], ids, masks, work, log)
@@ -610,8 +663,8 @@ def main() -> None:
     dk_note = ("DistillKit's compressor: run from the local checkout " + args.distillkit_src if args.distillkit_src else
                "DistillKit's compressor: not installable from the package registry (`pip download distillkit`: no "
                "matching distribution), so not measured; pass --distillkit-src DIR with a local checkout")
-    text = (f"# Fidelity per byte ({date})\n\n`{command}`\n\n{n:,} held-out target rows of the stdlib corpus "
-            f"({len(ids)} examples), V = 16,384; student: {b.student}. {dk_note}.\n" + markdown(results, args.temperatures))
+    text = (f"# Fidelity per byte ({date})\n\n`{command}`\n\n{n:,} held-out target rows of {about} "
+            f"({len(ids)} examples); student: {b.student}. {dk_note}.\n" + markdown(results, args.temperatures))
     print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
