@@ -16,9 +16,13 @@ Layout under `out` (the run owns every path, so sections only hold settings):
     students/<name>/eval/ `kdcache eval` on prepared/<eval.split> (+ teacher/eval for the teacher)
     report/               `kdcache report` over all students
 
+Each stage ends with a line of its wall time (`stage train: 73.2 s`), through the same echo as its other lines.
+
 Several teachers (`teachers: {name: section, ...}` instead of `teacher`): each has teachers/<name>/ (its
 trained model and eval) and caches/<name>/, caches/<name>_<split>/; a distilling student names its own with `teacher: <name>`,
-and students that distil nothing are evaluated against the first teacher listed. `seeds: [0, 1, 2]`
+and students that distil nothing are evaluated against the first teacher listed. Two teachers may share one
+model (the same `model`, other cache settings: K = 8 and K = 32, with and without tail draws): the model is
+evaluated once (in the first one's eval/), and the report names each student's own teacher. `seeds: [0, 1, 2]`
 trains every student once per seed, as students/<name>_s<seed>/, each `init_from` resolved to the same
 seed's copy of the base (so every method of one seed starts from the same warm start).
 
@@ -35,6 +39,7 @@ follows its teacher. Replacing an output removes only what kdcache wrote there.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -129,6 +134,17 @@ class TeacherSlot:
             raise KdError(f"{self.label}: the section needs 'model' (a path or hub id) or a 'train' section")
         return str(model)
 
+    @property
+    def model_key(self) -> tuple[str, str]:
+        """What identifies the model (a local path resolved, else the hub id; its revision): slots with the same
+        key hold one model, evaluated once. A section without a model is its own (the teacher stage names it)."""
+        try:
+            model = self.model
+        except KdError:
+            return (f"slot:{self.name}", "")
+        path = Path(model).expanduser()
+        return (str(path.resolve()) if path.exists() else model, str(self.section.get("revision") or ""))
+
 
 class Pipeline:
     """Runs the stages of a `RunConfig`; `echo` receives one summary line per stage."""
@@ -182,10 +198,21 @@ class Pipeline:
     def student_dir(self, name: str) -> Path:
         return self.out / "students" / name
 
+    def evaluated_slot(self, slot: TeacherSlot) -> TeacherSlot:
+        """The slot whose eval/ holds `slot`'s model's figures: the first listed with the same model."""
+        return next(t for t in self.teachers if t.model_key == slot.model_key)
+
     # ---- stages ---------------------------------------------------------------------------
-    def run(self, stages: list[str]) -> None:
+    def run(self, stages: list[str]) -> dict[str, float]:
+        """Run `stages` in order; after each, echo its wall time (`stage train: 73.2 s`). Returns the seconds
+        per stage."""
+        seconds: dict[str, float] = {}
         for s in stages:
+            t0 = time.perf_counter()
             getattr(self, f"stage_{s}")()
+            seconds[s] = time.perf_counter() - t0
+            self.echo(f"stage {s}: {seconds[s]:.1f} s")
+        return seconds
 
     def build_corpus(self) -> None:
         """The `corpus` section: the real-text corpus and its tokenizer under out/corpus (skipped when up to date)."""
@@ -309,9 +336,14 @@ class Pipeline:
         section = dict(self.cfg.eval)
         section.pop("split", None)
         data = self.prepared(self.eval_split)
-        # (label, model, run dir, the teacher it is compared with)
-        models: list[tuple[str, str | None, Path, TeacherSlot | None]] = [
-            (t.label, t.model, t.root, t) for t in self.teachers]
+        # (label, model, run dir, the teacher it is compared with); a model that several slots share once
+        models: list[tuple[str, str | None, Path, TeacherSlot | None]] = []
+        for t in self.teachers:
+            first = self.evaluated_slot(t)
+            if first is t:
+                models.append((t.label, t.model, t.root, t))
+            else:
+                self.echo(f"eval[{t.label}]: the same model as {first.label}, evaluated once -> {first.root / 'eval'}")
         for name in self.students:
             teacher = self.student_teacher(name) or (self.teachers[0] if self.teachers else None)
             models.append((name, None, self.student_dir(name), teacher))
@@ -338,9 +370,12 @@ class Pipeline:
         from pipeline.evaluation.report import ReportConfig, report
 
         runs = [str(self.student_dir(n)) for n in self.students]
-        teachers = [str(t.root) for t in self.teachers if (t.root / "eval").exists()]
+        # One reference row per teacher model (its eval/), and every slot by name: each student's teacher is
+        # the slot whose cache it read, also when two slots share one model.
+        teachers = [str(t.root) for t in self.teachers if self.evaluated_slot(t) is t and (t.root / "eval").exists()]
+        slots = {t.name: {"cache": str(t.cache), "teacher": str(self.evaluated_slot(t).root)} for t in self.teachers}
         rc = from_dict(ReportConfig, {**self.cfg.report, "runs": runs, "teachers": teachers,
-                                      "out": str(self.out / "report"),
+                                      "teacher_slots": slots, "out": str(self.out / "report"),
                                       "cache": str(self.teachers[0].cache) if self.teachers else ""})
         path = report(rc)
         self.echo(f"report: {path}")

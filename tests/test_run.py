@@ -173,3 +173,45 @@ def test_run_takes_its_config_from_config_option_too(tmp_path):
     cfg.write_text("out: x\nstages: [prepare, teach]\nprepare: {train: {data: a, tokenizer: b}}\n")
     res = CliRunner().invoke(main, ["run", "--config", str(cfg)])
     assert res.exit_code == 1 and "unknown stage" in res.output
+
+
+def test_two_teacher_slots_of_one_model_stage_times(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir,
+                                                    vocab_size, torch_one_thread):
+    """Two teacher slots of one model (K = 8 and K = 4): the model is evaluated once, and the report names each
+    student's own slot (not the one registered last for that model) in the table, the seed table and the teacher
+    row. Every stage ends with a line of its wall time."""
+    import re
+
+    path = write_config(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size, max_steps=2)
+    cfg = yaml.safe_load(path.read_text())
+    del cfg["teacher"]
+    cfg.update(teachers={"k8": {"model": str(llama_dir), "top_k": 8, "shard_rows": 200},
+                         "k4": {"model": str(llama_dir), "top_k": 4, "shard_rows": 200}},
+               seeds=[0, 1], students={"ce": {"loss": "none"}, "kd8": {"teacher": "k8"}, "kd4": {"teacher": "k4"}},
+               eval={"split": "heldout", "generate": 0})
+    path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    times = [ln for ln in lines if ln.startswith("stage ")]
+    assert [ln.split(":")[0] for ln in times] == [f"stage {s}" for s in ("prepare", "teacher", "train", "eval",
+                                                                         "report")]
+    assert all(re.fullmatch(r"stage \w+: \d+\.\d s", ln) for ln in times), times
+    assert lines.index(times[2]) > max(i for i, ln in enumerate(lines) if "train[" in ln)  # after its stage
+    out = tmp_path / "run"
+    # the model is evaluated once, in the first slot's eval/ (k4: the config file lists its keys sorted)
+    assert "eval[teacher k8]: the same model as teacher k4, evaluated once" in res.output
+    assert (out / "teachers" / "k4" / "eval" / "eval.json").is_file()
+    assert not (out / "teachers" / "k8" / "eval").exists()
+    for seed in (0, 1):
+        for name, slot in (("kd8", "k8"), ("kd4", "k4")):
+            assert yaml.safe_load((out / "students" / f"{name}_s{seed}" / "config.yaml").read_text())["cache"] == \
+                str(out / "caches" / slot)
+            ev = yaml.safe_load((out / "students" / f"{name}_s{seed}" / "eval" / "config.yaml").read_text())
+            assert ev["cache"] == str(out / "caches" / f"{slot}_heldout")  # compared with its own slot's cache
+    report = (out / "report" / "report.md").read_text()
+    for seed in (0, 1):
+        assert f"| kd8_s{seed} | KD fkl/bucket | k8 |" in report and f"| kd4_s{seed} | KD fkl/bucket | k4 |" in report
+        assert f"| ce_s{seed} | CE only | — |" in report
+    assert "| kd8 | KD fkl/bucket | k8 | 2 |" in report and "| kd4 | KD fkl/bucket | k4 | 2 |" in report
+    assert report.count("teacher (reference)") == 1 and "| k4 = k8 | teacher (reference) |" in report

@@ -2,15 +2,22 @@
 
 A plan is a pure function of (the blocks, the examples' lengths, `PlanSettings`, epoch, rank, world),
 so a reader's position is just (epoch, cursor = examples consumed so far this epoch), and resuming
-replays nothing and skips nothing. The steps:
+replays nothing and skips nothing. The blocks come from the prepared data alone (`data_blocks`: runs of
+consecutive examples cut on a grid of target rows), never from a cache: for one seed and one set of batch
+settings, a student trained on cross-entropy without a cache, one that reads a cache for CE only and every
+distilled one (from any cache of that data) read the same examples in the same micro-batches in the same
+order. The grid is the one a cache made with `kdcache teacher`'s default --shard-rows and --chunk-rows has,
+so with such a cache each block is one chunk of rows to decode (any other cache reads the same rows, a block
+then spanning parts of two chunks). The steps:
 
 1. Block order: a permutation of the blocks drawn from `default_rng([seed, epoch])`. With `follow`,
-   epoch 0 is *shard-major* instead (shards in index order, each shard's blocks permuted): the run can
-   start before the teacher has finished, reading each shard once it is committed, and the order still
-   does not depend on when shards were committed (`pipeline.data.stream`).
+   epoch 0 is *shard-major* instead (the grid's shards in order, each shard's blocks permuted; a cache's
+   shards are contiguous example ranges in the same order): the run can start before the teacher has
+   finished, reading each cache shard once it is committed, and the order still does not depend on when
+   shards were committed (`pipeline.data.stream`).
 2. Ranks: block i of that order goes to rank i % world (disjoint reads).
-3. Windows: `buffer_blocks` consecutive blocks of a rank (never two shards in one with `follow`'s
-   epoch 0); the examples of a window are shuffled together (the shuffle buffer).
+3. Windows: `buffer_blocks` consecutive blocks of a rank (never two of the grid's shards in one with
+   `follow`'s epoch 0); the examples of a window are shuffled together (the shuffle buffer).
 4. Micro-batches, one of two ways:
    - `batch_tokens = 0`: the shuffled examples, concatenated across windows, cut every `batch_size`
      (the original plan, kept as it was so older checkpoints resume exactly).
@@ -30,6 +37,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.errors import KdError
+
+# The block grid: `kdcache teacher`'s default --chunk-rows and --shard-rows (tests/training/test_same_batches.py
+# checks they still are), halved together while the data has fewer than MIN_BLOCKS blocks (small data:
+# enough blocks to shuffle, and to give every DDP rank some).
+BLOCK_ROWS = 8192
+BLOCK_SHARD_ROWS = 65536
+MIN_BLOCKS = 64
+# Version of the plan in a reader's checkpoint state: 2 = blocks from the data (`data_blocks`); before, a
+# cache's chunks, or runs of 256 examples without a cache (`legacy_blocks`).
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -74,13 +91,71 @@ class EpochPlan:
         return i
 
 
+def block_grid(total_rows: int) -> tuple[int, int]:
+    """(rows per block, rows per shard) of the plan's grid for data of `total_rows` target rows."""
+    block, shard = BLOCK_ROWS, BLOCK_SHARD_ROWS
+    while block > 1 and total_rows < MIN_BLOCKS * block:
+        block, shard = block // 2, shard // 2
+    return block, shard
+
+
+def shard_starts(counts: np.ndarray, shard_rows: int) -> np.ndarray:
+    """First row of each shard when examples with `counts` target rows are cut into contiguous shards of about
+    `shard_rows` rows: a shard ends at the first example that brings it to `shard_rows` (`kdcache teacher`'s
+    plan_shards, without a Python loop over examples)."""
+    cum = np.cumsum(np.asarray(counts, dtype=np.int64))
+    starts, base = [0], 0
+    while len(cum):
+        last = int(np.searchsorted(cum, base + shard_rows, side="left"))  # the example that fills the shard
+        if last + 1 >= len(cum):
+            break
+        base = int(cum[last])
+        starts.append(base)
+    return np.asarray(starts, dtype=np.int64)
+
+
+def data_blocks(counts: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """The plan's blocks from the data alone: `counts` [n_examples] target rows per example -> (blocks: example
+    indices, ascending, of the examples with targets whose first row falls in one cell of the `block_grid`;
+    each block's shard of that grid [n_blocks]). Examples without targets are in no block."""
+    counts = np.asarray(counts, dtype=np.int64)
+    block_rows, shard_rows = block_grid(int(counts.sum()))
+    blocks, shards = chunk_blocks(np.cumsum(counts) - counts, shard_starts(counts, shard_rows), block_rows)
+    return _with_targets(blocks, shards, counts > 0)
+
+
+def legacy_blocks(counts: np.ndarray, cache_layout: tuple[np.ndarray, np.ndarray, int] | None,
+                  block_examples: int = 256) -> tuple[list[np.ndarray], np.ndarray]:
+    """The blocks of plan version 1 (checkpoints made before `PLAN_VERSION` 2): with a cache, its chunks
+    (cache_layout = (each example's first row, each shard's first row, chunk_rows)); without, runs of
+    `block_examples` examples. Used only to tell whether such a checkpoint's plan is this one."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if cache_layout is not None:
+        blocks, shards = chunk_blocks(*cache_layout)
+    else:
+        blocks = [np.arange(a, min(a + block_examples, len(counts))) for a in range(0, len(counts), block_examples)]
+        shards = np.zeros(len(blocks), dtype=np.int64)
+    return _with_targets(blocks, shards, counts > 0)
+
+
+def _with_targets(blocks: list[np.ndarray], shards: np.ndarray, has_t: np.ndarray
+                  ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Blocks without their examples that have no target (they contribute nothing; dropping them keeps
+    batch sizes honest), empty blocks dropped."""
+    kept = [(b[has_t[b]], int(s)) for b, s in zip(blocks, shards)]
+    return [b for b, _ in kept if len(b)], np.asarray([s for b, s in kept if len(b)], dtype=np.int64)
+
+
 def chunk_blocks(row_start: np.ndarray, shard_row_starts: np.ndarray, chunk_rows: int
                  ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Blocks of a cache: the examples whose first row falls in one chunk of one shard, in row order.
+    """The examples whose first row falls in one chunk of one shard, in row order (a cache's chunks, or the
+    cells of the plan's grid).
 
-    row_start [n_examples]: each example's first cache row; shard_row_starts [n_shards]. Returns the
+    row_start [n_examples]: each example's first row; shard_row_starts [n_shards]. Returns the
     blocks (example indices, ascending) and each block's shard [n_blocks].
     """
+    if not len(row_start):
+        return [], np.zeros(0, dtype=np.int64)
     shard_of = np.searchsorted(shard_row_starts, row_start, side="right") - 1
     key = shard_of * (1 << 32) + (row_start - shard_row_starts[shard_of]) // chunk_rows
     order = np.argsort(key, kind="stable")

@@ -1,11 +1,14 @@
 """Streaming the cache, joined to its sequences, as training micro-batches.
 
-The unit of reading is a *block*: the examples whose first cache row falls in one Zarr chunk of
-one shard, so each block is one contiguous row range that decodes from (about) one chunk. What an
-epoch reads, in which order and cut into which micro-batches is `pipeline.data.epoch_plan` (blocks
-permuted, windows of `buffer_blocks` blocks shuffled together, fixed-size or token-budget batches):
-a pure function of (seed, epoch), so the reader's position is just (epoch, cursor), which every
-checkpoint stores; resuming replays nothing and skips nothing.
+The unit of reading is a *block*: a run of consecutive examples cut from the prepared data alone
+(`epoch_plan.data_blocks`, a grid of target rows), so each block is one contiguous row range of any cache
+of that data; with a cache of `kdcache teacher`'s default chunking it is exactly one Zarr chunk of one
+shard. What an epoch reads, in which order and cut into which micro-batches is `pipeline.data.epoch_plan`
+(blocks permuted, windows of `buffer_blocks` blocks shuffled together, fixed-size or token-budget
+batches): a pure function of (the data, the batch settings, seed, epoch), the same with or without a
+cache and whichever cache, so a CE-only student and every distilled one of a seed read the same
+micro-batches in the same order (tests/training/test_same_batches.py). The reader's position is just
+(epoch, cursor), which every checkpoint stores; resuming replays nothing and skips nothing.
 
 Each window is one task on a pool of `threads` threads, `prefetch` windows ahead: read its blocks
 (`Cache.read`: zarr-free chunk reads, crc-checked, decoded to float32), then collate every
@@ -15,11 +18,12 @@ Python), so the training loop only takes finished batches. Measured with bench/r
 rows/s end to end, 3.6x the former reader in the same process (0.9M).
 
 Under DDP each rank takes every `world`-th block of the epoch's order (disjoint reads) and all ranks
-stop at the same micro-batch count. Without a cache (plain cross-entropy training) blocks are runs
-of `block_examples` examples.
+stop at the same micro-batch count. Without a cache (plain cross-entropy training) the blocks and the
+plan are the same; only the rows are not read.
 
 `follow=True` (`kdcache train --follow`) trains while the teacher is still writing the cache: epoch 0
-goes shard by shard in shard order, and each shard is read only once its commit record exists
+goes shard by shard in shard order (the plan's grid of shards: contiguous example ranges, as a cache's
+shards are), and each cache shard is read only once its commit record exists
 (`Cache.wait_committed`, up to `follow_timeout` seconds per shard), so an uncommitted shard is never
 opened. The plan does not depend on when shards were committed: a run that followed the teacher and
 one started on the finished cache train on the same batches, and resume stays exact.
@@ -36,7 +40,8 @@ import numpy as np
 import torch
 
 from pipeline.cache.rows import target_counts
-from pipeline.data.epoch_plan import EpochPlan, PlanSettings, batches_in_epoch, chunk_blocks, plan_epoch
+from pipeline.data.epoch_plan import (PLAN_VERSION, EpochPlan, PlanSettings, batches_in_epoch, block_grid, data_blocks,
+                                      legacy_blocks, plan_epoch)
 from pipeline.errors import KdError
 
 
@@ -127,7 +132,7 @@ class CacheStream:
 
     def __init__(self, data: Any, cache: Any | None, batch_size: int, seed: int = 0, shuffle: bool = True,
                  buffer_blocks: int = 8, prefetch: int = 2, threads: int = 2, rank: int = 0, world: int = 1,
-                 block_examples: int = 256, fields: tuple[str, ...] | None = None, batch_tokens: int = 0,
+                 fields: tuple[str, ...] | None = None, batch_tokens: int = 0,
                  follow: bool = False, follow_timeout: float = 3600.0, poll_seconds: float = 1.0):
         self.ids_col = _Ragged(data.data.column("input_ids"))  # views of the memory-mapped Arrow data
         self.mask_col = _Ragged(data.data.column("loss_mask"))
@@ -145,7 +150,7 @@ class CacheStream:
         from pipeline.losses.objective import KD_FIELDS
 
         self.fields = tuple(dict.fromkeys((fields or KD_FIELDS) + ("target_rank",)))
-        n_targets, self.lengths = target_counts(data)
+        self.n_targets, self.lengths = target_counts(data)
         if cache is not None:
             cache.attach_data(data)  # target ids and the shards' alignment hashes come from this data
             idx = cache.index
@@ -153,18 +158,15 @@ class CacheStream:
             self.row_count = np.asarray(idx.column("row_count"), dtype=np.int64)
             if len(self.row_start) != self.n_examples:
                 raise KdError(f"the cache indexes {len(self.row_start)} examples but the data has {self.n_examples}")
-            blocks, shards = chunk_blocks(self.row_start, np.asarray([s["row_start"] for s in cache.shards],
-                                                                     dtype=np.int64), cache.chunk_rows)
+            if not np.array_equal(self.row_count, self.n_targets):
+                e = int(np.argmax(self.row_count != self.n_targets))
+                raise KdError(f"the cache holds {self.row_count[e]} rows for example {e}, which has "
+                              f"{self.n_targets[e]} targets: the cache was made from other data (check --data)")
         else:
             self.row_start = self.row_count = None
-            blocks = [np.arange(a, min(a + block_examples, self.n_examples)) for a in range(0, self.n_examples,
-                                                                                           block_examples)]
-            shards = [0] * len(blocks)
-        # Sequences without targets contribute nothing; dropping them keeps batch sizes honest.
-        has_t = (self.row_count if self.row_count is not None else n_targets) > 0
-        kept = [(b[has_t[b]], s) for b, s in zip(blocks, shards)]
-        self.blocks = [b for b, _ in kept if len(b)]
-        self.block_shards = np.asarray([s for b, s in kept if len(b)], dtype=np.int64)
+        # The plan's blocks come from the data alone (examples without targets in none): the same plan with
+        # or without a cache, and whichever cache (`pipeline.data.epoch_plan`).
+        self.blocks, self.block_shards = data_blocks(self.n_targets)
         if not self.blocks:
             raise KdError("no example with a target position to train on")
         self._plans: dict[int, EpochPlan] = {}
@@ -174,11 +176,10 @@ class CacheStream:
         self._closed = threading.Event()
         if self.batches_in_epoch(0) == 0:
             if self.world > 1 and len(self.blocks) < self.world:
-                # Ranks split the data by whole blocks (a cache's chunks: each rank decodes only its own).
-                unit = f"chunks of {cache.chunk_rows} rows" if cache is not None else "blocks"
-                raise KdError(f"{self.world} ranks but the data is {len(self.blocks)} block(s) ({unit}; each rank reads "
-                              "whole blocks, so a rank got none): use fewer ranks, or re-cache with a smaller "
-                              "--chunk-rows")
+                # Ranks split the data by whole blocks (each rank decodes only its own rows).
+                rows = block_grid(int(self.n_targets.sum()))[0]
+                raise KdError(f"{self.world} ranks but the data is {len(self.blocks)} block(s) (of {rows} target rows; "
+                              "each rank reads whole blocks, so a rank got none): use fewer ranks")
             raise KdError(f"fewer examples per rank than --batch-size {batch_size}: lower --batch-size "
                           f"({self.n_examples} examples over {self.world} rank(s))")
 
@@ -203,7 +204,7 @@ class CacheStream:
     def state_dict(self) -> dict[str, Any]:
         s = self.plan_settings
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "world": self.world,
-                "batch_tokens": s.batch_tokens, "follow": s.follow}
+                "batch_tokens": s.batch_tokens, "follow": s.follow, "plan": PLAN_VERSION}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed") != self.seed or state.get("world") != self.world:
@@ -214,10 +215,27 @@ class CacheStream:
             raise KdError(f"checkpoint reader state was made with batch_tokens {state.get('batch_tokens', 0)} and "
                           f"follow {state.get('follow', False)}; this run has {s.batch_tokens} and {s.follow}: "
                           "the epoch's order differs, resume with the checkpoint's settings")
+        if state.get("plan", 1) != PLAN_VERSION and not self._same_as_legacy():
+            before = "the cache's chunks" if self.cache is not None else "runs of 256 examples"
+            raise KdError(f"checkpoint reader state was made by an earlier kdcache, whose epoch plan cut this data "
+                          f"into other blocks ({before}; now a grid of the data's own target rows, the same with "
+                          "or without a cache): continuing would repeat some examples and skip others; retrain "
+                          "from scratch (--overwrite)")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         plan = self.plan(self.epoch)
         if self.cursor < plan.starts[-1]:
             plan.batch_at(self.cursor)  # refuses a position that is not a micro-batch start of this plan
+
+    def _same_as_legacy(self) -> bool:
+        """Whether plan version 1 (`epoch_plan.legacy_blocks`) cut this data into the blocks it has now: true
+        for a cache made with `kdcache teacher`'s default chunking over data of 64 blocks or more."""
+        layout = None
+        if self.cache is not None:
+            layout = (self.row_start, np.asarray([s["row_start"] for s in self.cache.shards], dtype=np.int64),
+                      self.cache.chunk_rows)
+        blocks, shards = legacy_blocks(self.n_targets, layout)
+        return (len(blocks) == len(self.blocks) and all(np.array_equal(a, b) for a, b in zip(blocks, self.blocks))
+                and (not self.plan_settings.follow or np.array_equal(shards, self.block_shards)))
 
     # ---- iterating ------------------------------------------------------------------------
     def __iter__(self) -> Iterator[MicroBatch]:
@@ -283,8 +301,8 @@ class CacheStream:
         for block in blocks:
             a = int(self.row_start[block[0]])
             b = int(self.row_start[block[-1]] + self.row_count[block[-1]])
-            shard = self.cache.shard_of_row(a)
-            self._check_shard(shard)
+            for shard in range(self.cache.shard_of_row(a), self.cache.shard_of_row(b - 1) + 1):
+                self._check_shard(shard)  # a block spans two shards of a cache chunked otherwise than the grid
             # topk_ids stay as stored (uint16/uint32) until a batch is gathered: widening them to int64 once,
             # per batch, instead of per block and then copying the wide rows, takes 14% off a window at K = 32
             # (3% at K = 8; in-process A/B on the bench/reader.py caches).

@@ -15,8 +15,11 @@ in memory. A method keeps its colour in every plot (`pipeline.evaluation.plots`)
 A run directory is what `kdcache train` writes (config.yaml, metrics.jsonl, train_summary.json,
 final/) plus an eval.json from `kdcache eval`, in RUN/eval/ or RUN/ itself. Whatever a run lacks is
 shown as "—". The teacher (`--teacher`, a directory with its eval; several comma-separated) is a
-reference: shown, never ranked. A run's teacher is the one whose model made its cache (the cache records
-the teacher's model path).
+reference: shown, never ranked. A run's teacher (the table's teacher column) is the teacher slot whose cache it
+read when `teacher_slots` names them (`kdcache run` does: name -> {cache, teacher: the directory whose eval
+stands for its model}, so two slots of one model, K = 8 and K = 32, stay apart and their model has one
+reference row, named after both); else the one whose model made its cache (the cache records the teacher's
+model path; of several teachers with that model, the one named like the cache's directory).
 
 With several seeds per method the report adds what the seeds can answer (`pipeline.evaluation.comparison`): every
 method's mean ± standard deviation of every figure, each method's difference from CE only and from plain
@@ -65,6 +68,9 @@ class ReportConfig:
     teachers: list[str] = field(default_factory=list)  # teacher directories (their eval/): references, not ranked
     cache: str = ""  # default: the cache recorded in the runs' configs
     bins: int = 50  # histogram bins for the cache plots
+    # teacher slot name -> {"cache": its train cache, "teacher": the teacher directory whose eval/ holds its
+    # model's figures}: names each run's teacher by the cache it read (`kdcache run` fills it)
+    teacher_slots: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bins < 2:
@@ -112,9 +118,11 @@ def read_run_config(run: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def collect_run(path: str, teachers: dict[str, str] | None = None) -> dict[str, Any]:
-    """Everything the report shows about one run directory. `teachers`: resolved teacher model path ->
-    teacher name, to name the teacher of a distilled run from its cache's record."""
+def collect_run(path: str, teachers: dict[str, list[str]] | None = None,
+                caches: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything the report shows about one run directory. `caches`: resolved cache path -> teacher slot name;
+    `teachers`: resolved teacher model path -> teacher names, to name the teacher of a distilled run whose
+    cache is not in `caches` from its cache's record."""
     run = Path(path)
     if not run.is_dir():
         raise KdError(f"run directory not found: {run}")
@@ -125,22 +133,33 @@ def collect_run(path: str, teachers: dict[str, str] | None = None) -> dict[str, 
     summary = read_summary(run)
     tps = summary.get("tokens_per_s")
     distills = bool(cfg and cfg.get("cache") and cfg.get("loss", "fkl") != "none")
+    teacher = run_teacher(cfg["cache"], teachers or {}, caches or {}) if distills else None
     return {"name": run.name or str(run), "path": str(run), "config": cfg, "method": method_name(cfg),
-            "distills": distills, "teacher": cache_teacher(cfg["cache"], teachers or {}) if distills else None,
+            "distills": distills, "teacher": teacher,
             "eval": read_eval(run), "metrics": metrics, "final_tar": float(tar[-1]) if len(tar) else None,
             "final_focus_ratio": float(focus[-1]) if len(focus) else None,
             "tokens_per_s": float(tps) if isinstance(tps, (int, float)) and tps > 0 else None}
 
 
-def cache_teacher(cache: str, teachers: dict[str, str]) -> str:
-    """The name of the teacher whose model made `cache` (from the cache's kdcache.json), else the cache's
-    directory name."""
+def run_teacher(cache: str, teachers: dict[str, list[str]], caches: dict[str, str]) -> str:
+    """The teacher slot whose cache is `cache` (`caches`: resolved cache path -> name), else `cache_teacher`."""
+    return caches.get(str(Path(cache).resolve())) or cache_teacher(cache, teachers)
+
+
+def cache_teacher(cache: str, teachers: dict[str, list[str]]) -> str:
+    """The name of the teacher whose model made `cache` (from the cache's kdcache.json; `teachers`: resolved
+    model path -> the names of the teachers with that model: of several, the one named like the cache's
+    directory), else the cache's directory name."""
+    own = Path(cache).name
     try:
         meta = json.loads((Path(cache) / "kdcache.json").read_text())
         model = str(Path(meta["teacher"]["model"]).resolve())
     except (OSError, ValueError, KeyError, TypeError):
-        return Path(cache).name
-    return teachers.get(model, Path(cache).name)
+        return own
+    names = teachers.get(model, [])
+    if len(names) == 1:
+        return names[0]
+    return own  # no teacher of that model, or several: the cache's own name (kdcache run names it after its slot)
 
 
 def teacher_name(path: str) -> str:
@@ -159,16 +178,22 @@ def read_summary(run: Path) -> dict[str, Any]:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    """The report's one Markdown table; eval columns appear when at least one run has the figure."""
+    """The report's one Markdown table; eval columns appear when at least one run has the figure, the teacher
+    column when a run distils."""
     cols = [c for c in EVAL_COLUMNS if any(isinstance(r["eval"].get(c[0]), (int, float)) for r in runs)]
-    head = ["run", "method"] + [t for _, t, _ in cols] + ["final TAR", "train tokens/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    with_teacher = any(r.get("teacher") for r in runs)
+    head = ["run", "method"] + (["teacher"] if with_teacher else []) + [t for _, t, _ in cols] + ["final TAR",
+                                                                                                "train tokens/s"]
+    text = len(head) - len(cols) - 2
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * text + ["---:"] * (len(head) - text)) + "|"]
 
     def fmt(v: Any, f: str) -> str:
         return f.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else DASH
 
     for r in runs:
-        cells = [r["name"].replace("|", "\\|"), r["method"]] + [fmt(r["eval"].get(k), f) for k, _, f in cols]
+        teacher = [(r.get("teacher") or DASH).replace("|", "\\|")] if with_teacher else []
+        cells = [r["name"].replace("|", "\\|"), r["method"], *teacher]
+        cells += [fmt(r["eval"].get(k), f) for k, _, f in cols]
         cells += [fmt(r["final_tar"], "{:.3f}"), fmt(r["tokens_per_s"], "{:,.0f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -277,19 +302,21 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
 
 def _build_report(cfg: ReportConfig, own: Output) -> dict[str, Any]:
     out = Path(cfg.out)
-    models = {str((Path(t) / "final").resolve()): teacher_name(t) for t in cfg.teachers}
-    for t in cfg.teachers:  # a teacher given by path (not trained by the run) is recorded by its eval config
+    models: dict[str, list[str]] = {}
+    for t in cfg.teachers:  # its trained model, or one given by path (recorded by its eval config)
         ev = Path(t) / "eval" / "config.yaml"
-        if ev.is_file():
-            model = (yaml.safe_load(ev.read_text()) or {}).get("model")
-            if model:
-                models[str(Path(model).resolve())] = teacher_name(t)
-    runs = [collect_run(p, models) for p in cfg.runs]
+        model = (yaml.safe_load(ev.read_text()) or {}).get("model") if ev.is_file() else None
+        for m in {str((Path(t) / "final").resolve()), *([str(Path(model).resolve())] if model else [])}:
+            models.setdefault(m, []).append(teacher_name(t))
+    caches, slots_of = slot_maps(cfg.teacher_slots)
+    runs = [collect_run(p, models, caches) for p in cfg.runs]
     teachers = []
     for t in cfg.teachers:
         tr = collect_run(t)
         tr["method"] = "teacher (reference)"
-        tr["name"] = teacher_name(t)
+        # the slots this model stands for, by name (two slots of one model: one row, named after both)
+        tr["slots"] = slots_of.get(str(Path(t).resolve())) or [teacher_name(t)]
+        tr["name"] = " = ".join(tr["slots"])
         teachers.append(tr)
     groups = group_runs(runs)
     assign_styles(groups)
@@ -380,6 +407,20 @@ def _build_report(cfg: ReportConfig, own: Output) -> dict[str, Any]:
     return {"path": str(path), "runs": runs, "plots": plots, "cache": hist, "groups": groups}
 
 
+def slot_maps(slots: dict[str, Any]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """From `ReportConfig.teacher_slots`: (resolved cache path -> slot name, resolved teacher directory -> the
+    names of the slots whose model it evaluated, in order)."""
+    caches: dict[str, str] = {}
+    slots_of: dict[str, list[str]] = {}
+    for name, slot in (slots or {}).items():
+        slot = slot or {}
+        if slot.get("cache"):
+            caches[str(Path(slot["cache"]).resolve())] = str(name)
+        if slot.get("teacher"):
+            slots_of.setdefault(str(Path(slot["teacher"]).resolve()), []).append(str(name))
+    return caches, slots_of
+
+
 def seed_sections(groups: list[Any], teachers: list[dict[str, Any]]) -> list[str]:
     """The sections only seeds can support: per-method means ± sd, differences from the baselines against
     the seed spread with a verdict per method, and the teacher-strength comparison. [] without seeds."""
@@ -406,7 +447,8 @@ def seed_sections(groups: list[Any], teachers: list[dict[str, Any]]) -> list[str
         lines += verdicts([g for g in groups if g.method != "CE only"], base, f"CE only ({base.label})") + [""]
     for t, kd in kd_bases.items():
         lines += verdicts([g for g in groups if g.teacher == t], kd, f"plain KD ({kd.label})") + [""]
-    strength = {t["name"]: float(t["eval"]["ce"]) for t in teachers if isinstance(t["eval"].get("ce"), (int, float))}
+    strength = {s: float(t["eval"]["ce"]) for t in teachers if isinstance(t["eval"].get("ce"), (int, float))
+                for s in t.get("slots", [t["name"]])}
     lines += teacher_strength(groups, strength)
     return lines
 

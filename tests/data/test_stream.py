@@ -39,7 +39,7 @@ def take(stream: CacheStream, n: int):
 def test_one_epoch_covers_every_example_once(prepared_dir, cache_dir):
     ds, cache = load_prepared(prepared_dir), open_cache(cache_dir)
     s = CacheStream(ds, cache, batch_size=7, seed=1)
-    assert len(s.blocks) > 3  # chunk-aligned blocks, several per shard
+    assert len(s.blocks) > 3  # blocks of the plan's grid over the data (pipeline/data/epoch_plan.py)
     n = s.batches_in_epoch(0)
     seen = [e for mb in take(s, n) for e in mb.examples]
     with_targets = [e for e in range(len(ds)) if cache.index.column("row_count")[e].as_py() > 0]
@@ -86,10 +86,10 @@ def test_ranks_read_disjoint_blocks_and_take_equal_steps(prepared_dir, cache_dir
 
 
 def test_more_ranks_than_blocks_says_so(prepared_dir, cache_dir):
-    """Ranks split the data by whole chunks: more ranks than chunks is named as that, not as a batch size."""
+    """Ranks split the data by whole blocks: more ranks than blocks is named as that, not as a batch size."""
     ds, cache = load_prepared(prepared_dir), open_cache(cache_dir)
     blocks = len(CacheStream(ds, cache, batch_size=2, seed=0).blocks)
-    with pytest.raises(KdError, match=rf"{blocks + 1} ranks but the data is {blocks} block\(s\) \(chunks of 32 rows"):
+    with pytest.raises(KdError, match=rf"{blocks + 1} ranks but the data is {blocks} block\(s\) \(of \d+ target rows"):
         CacheStream(ds, cache, batch_size=2, seed=0, rank=blocks, world=blocks + 1)
 
 

@@ -406,3 +406,40 @@ def test_heldout_chart_wraps_many_methods_into_rows(tmp_path):
     assert plot_heldout(groups, [], tmp_path / "h.png")
     w, h = Image.open(tmp_path / "h.png").size
     assert w <= 24 * 120 and h >= 2 * 4.2 * 120 - 1  # several rows
+
+
+def test_two_teachers_of_one_model_are_told_apart(tmp_path):
+    """Two teachers with one model (K = 8 and K = 32 caches of it): each distilled run is named after the teacher
+    whose cache it read, not the teacher registered last for that model; with `teacher_slots` (as `kdcache run`
+    passes) the model's one evaluation is one reference row named after both, and both teachers have its
+    strength."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for slot in ("k8", "k32"):
+        t = tmp_path / "teachers" / slot
+        (t / "eval").mkdir(parents=True)
+        (t / "eval" / "eval.json").write_text(json.dumps({"ce": 2.0}))
+        (t / "eval" / "config.yaml").write_text(yaml.safe_dump({"model": str(model)}))
+    t8, t32 = tmp_path / "teachers" / "k8", tmp_path / "teachers" / "k32"
+    runs = []
+    for slot in ("k8", "k32"):
+        cache = tmp_path / "caches" / slot
+        cache.mkdir(parents=True)
+        (cache / "kdcache.json").write_text(json.dumps({"teacher": {"model": str(model)}}))
+        for seed in (0, 1):
+            cfg = {"cache": str(cache), "loss": "fkl", "seed": seed, "out": f"kd_{slot}_s{seed}"}
+            runs.append(str(write_run(tmp_path / "students", f"kd_{slot}_s{seed}", cfg, fake_metrics(3, True, seed),
+                                      {"ce": 2.5 + seed / 10 + (slot == "k8") / 100})))
+    # kdcache report by hand, both teachers given (one model): the cache's own name decides between them
+    r = build_report(ReportConfig(runs=runs, teachers=[str(t8), str(t32)], out=str(tmp_path / "a")))
+    assert {g.label: g.teacher for g in r["groups"]} == {"kd_k8": "k8", "kd_k32": "k32"}
+    # the run's way: every slot by name, their model's one evaluation
+    slots = {s: {"cache": str(tmp_path / "caches" / s), "teacher": str(t8)} for s in ("k8", "k32")}
+    r = build_report(ReportConfig(runs=runs, teachers=[str(t8)], teacher_slots=slots, out=str(tmp_path / "b")))
+    assert {g.label: g.teacher for g in r["groups"]} == {"kd_k8": "k8", "kd_k32": "k32"}
+    md = Path(r["path"]).read_text()
+    assert "| k8 = k32 | teacher (reference) |" in md and md.count("teacher (reference)") == 1
+    assert "| kd_k32_s0 | KD fkl/bucket | k32 |" in md and "| kd_k8_s1 | KD fkl/bucket | k8 |" in md
+    assert "| kd_k32 | KD fkl/bucket | k32 | 2 |" in md  # the seed table's teacher column
+    # both slots have the model's strength (2.000): the same method from each, side by side
+    assert "k8 2.000" in md and "k32 2.000" in md
