@@ -24,7 +24,10 @@ and students that distil nothing are evaluated against the first teacher listed.
 model (the same `model`, other cache settings: K = 8 and K = 32, with and without tail draws): the model is
 evaluated once (in the first one's eval/), and the report names each student's own teacher. `seeds: [0, 1, 2]`
 trains every student once per seed, as students/<name>_s<seed>/, each `init_from` resolved to the same
-seed's copy of the base (so every method of one seed starts from the same warm start).
+seed's copy of the base (so every method of one seed starts from the same warm start). A distilling student with
+`online: true` is the benchmark's reference arm: its teacher's model runs on every micro-batch and the student
+learns from the full distribution, no cache (`pipeline/training/online.py`; the report compares every cached
+method of that teacher with it, seed by seed).
 
 Every stage is idempotent for the same resolved config (prepare and teacher skip finished work,
 train resumes from its newest checkpoint or is skipped when final, eval is skipped when its
@@ -313,9 +316,11 @@ class Pipeline:
         from pipeline.training.state import read_state
 
         keys = {**section, "data": str(self.prepared(split)), "out": str(out)}
-        # The run owns the cache path; `cache: false` in a section opts a student out of it.
+        # The run owns the cache path; `cache: false` in a section opts a student out of it. `online: true`: the
+        # benchmark's reference arm, the teacher's model run on every micro-batch instead of its cache.
+        online = bool(keys.pop("online", False))
         if keys.pop("cache", True) is not False and teacher is not None and keys.get("loss", "fkl") != "none":
-            keys["cache"] = str(teacher.cache)
+            keys["online_teacher" if online else "cache"] = teacher.model if online else str(teacher.cache)
         tc = from_dict(TrainConfig, keys)
         state = read_state(out, tc)
         if state.kind == "final" and not tc.overwrite:

@@ -215,3 +215,23 @@ def test_two_teacher_slots_of_one_model_stage_times(tmp_path, data_file, heldout
         assert f"| ce_s{seed} | CE only | — |" in report
     assert "| kd8 | KD fkl/bucket | k8 | 2 |" in report and "| kd4 | KD fkl/bucket | k4 | 2 |" in report
     assert report.count("teacher (reference)") == 1 and "| k4 = k8 | teacher (reference) |" in report
+
+
+def test_online_reference_arm(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size,
+                              torch_one_thread):
+    """`online: true`: the teacher's model runs on every micro-batch (no cache); the report names the arm, gives it the
+    teacher, and measures every cached method of that teacher against it, paired by seed."""
+    path = write_config(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size, max_steps=2)
+    cfg = yaml.safe_load(path.read_text())
+    cfg.update(seeds=[0, 1], students={"ce": {"loss": "none"}, "kd": {}, "kd_online": {"online": True}},
+               eval={"split": "heldout", "generate": 0})
+    path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "run"
+    for seed in (0, 1):
+        tc = yaml.safe_load((out / "students" / f"kd_online_s{seed}" / "config.yaml").read_text())
+        assert tc["online_teacher"] == str(llama_dir) and not tc["cache"]
+    report = (out / "report" / "report.md").read_text()
+    assert "| kd_online_s0 | KD fkl online | teacher |" in report, report
+    assert "Against online KD from the same teacher (kd_online" in report

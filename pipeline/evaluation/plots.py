@@ -14,6 +14,7 @@ import numpy as np
 
 LINE_STYLES = ("-", "--", ":", "-.")
 TEACHER_COLOUR = "black"
+ONLINE_COLOUR = "tab:red"  # the online reference arm's line
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +204,13 @@ def plot_heldout(groups: list[Any], teachers: list[dict[str, Any]], path: Path) 
             ax.axhline(v, color=TEACHER_COLOUR, linestyle=TEACHER_STYLES[i % len(TEACHER_STYLES)], linewidth=1,
                        label=f"{name} {v:.3f}")
             drawn.append(v)
+        # The online arms (full teacher distribution, no cache): the line every cached method is measured against.
+        for g in shown:
+            if g.method.endswith(" online") and g.values(key):
+                v = float(g.mean(key))
+                ax.axhline(v, color=ONLINE_COLOUR, linestyle=":", linewidth=1.2, label=f"{g.label} (online) {v:.3f}")
+                drawn.append(v)
+                refs.append((g.label, v))
         if refs:
             ax.legend(fontsize=8, loc="best")
         # Zoomed to the values (bars from 0 would hide differences of a few hundredths; the caption says so).

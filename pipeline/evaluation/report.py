@@ -132,13 +132,23 @@ def collect_run(path: str, teachers: dict[str, list[str]] | None = None,
     _, focus = series(metrics, "focus_ratio")
     summary = read_summary(run)
     tps = summary.get("tokens_per_s")
-    distills = bool(cfg and cfg.get("cache") and cfg.get("loss", "fkl") != "none")
-    teacher = run_teacher(cfg["cache"], teachers or {}, caches or {}) if distills else None
+    online = bool(cfg and cfg.get("online_teacher"))
+    distills = bool(cfg and (cfg.get("cache") or online) and cfg.get("loss", "fkl") != "none")
+    teacher = (online_teacher_name(cfg["online_teacher"], teachers or {}) if online
+               else run_teacher(cfg["cache"], teachers or {}, caches or {})) if distills else None
     return {"name": run.name or str(run), "path": str(run), "config": cfg, "method": method_name(cfg),
             "distills": distills, "teacher": teacher,
             "eval": read_eval(run), "metrics": metrics, "final_tar": float(tar[-1]) if len(tar) else None,
             "final_focus_ratio": float(focus[-1]) if len(focus) else None,
             "tokens_per_s": float(tps) if isinstance(tps, (int, float)) and tps > 0 else None}
+
+
+def online_teacher_name(model: str, teachers: dict[str, list[str]]) -> str:
+    """The teacher slot an online arm ran (`teachers`: resolved model path -> slot names; the first of several
+    slots sharing the model), else the model directory's name (a run directory's final/ is named by its run)."""
+    p = Path(model).resolve()
+    names = teachers.get(str(p), [])
+    return names[0] if names else (p.parent.name if p.name == "final" else p.name)
 
 
 def run_teacher(cache: str, teachers: dict[str, list[str]], caches: dict[str, str]) -> str:
@@ -438,6 +448,12 @@ def seed_sections(groups: list[Any], teachers: list[dict[str, Any]]) -> list[str
     base = max(ce_groups, key=lambda g: g.runs[0]["metrics"][-1]["step"] if g.runs[0]["metrics"] else 0, default=None)
     if base is not None:
         lines += differences(groups, base, f"Against CE only ({base.label})")
+    # The online arm (the teacher's full distribution, no cache) is what every cached method approximates.
+    online = {g.teacher: g for g in groups if g.method == "KD fkl online" and g.teacher is not None}
+    for t, ref in online.items():
+        same = [g for g in groups if g.teacher == t and g is not ref]
+        lines += differences(groups, ref, f"Against online KD from the same teacher ({ref.label}: the reference "
+                             "every cached method approximates)", only=same)
     kd_bases = {g.teacher: g for g in groups if g.method == "KD fkl/bucket" and g.teacher is not None}
     for t, kd in kd_bases.items():
         same = [g for g in groups if g.teacher == t and g is not kd]

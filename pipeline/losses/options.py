@@ -10,12 +10,13 @@ from typing import Any
 from pipeline.losses.divergences import DIVERGENCES, TAIL_POLICIES
 from pipeline.errors import KdError
 from pipeline.losses.gate import PROPOSALS, RULES
+from pipeline.losses.sampled import REFUSED
 from pipeline.losses.selection import SELECTIONS
 from pipeline.losses.temperature import grid_range
 
 # The choices each option takes, from the modules that own them ("none": the option is off).
 LOSSES = ("none", *DIVERGENCES)
-TAILS = (*TAIL_POLICIES, "sampled")  # sampled: the tail bucket split over cached draws (objective)
+TAILS = (*TAIL_POLICIES, "sampled")  # sampled: the tail estimated from the cached draws (losses/sampled.py)
 GATES = ("none", *RULES)
 __all__ = ["GATES", "LOSSES", "PROPOSALS", "TAILS", "KdOptions", "method_name"]
 
@@ -25,7 +26,7 @@ class KdOptions:
     """What the student's loss does with the cached teacher; `check_kd()` validates them."""
 
     loss: str = "fkl"  # none (cross-entropy only) | fkl | rkl | jsd | tvd | skl | srkl | akl
-    tail: str = "bucket"  # bucket | renorm | ignore | sampled (tail bucket split over cached draws)
+    tail: str = "bucket"  # bucket | renorm | ignore | sampled (the tail estimated from cached draws)
     gate: str = "none"  # SpecKD verification rule: none | topk | spec | threshold
     proposal: str = "greedy"  # greedy | sample
     gate_k: int = 5  # topk rule: accept when the proposal is among the teacher's top gate_k
@@ -60,11 +61,22 @@ class KdOptions:
             raise KdError(f"temperature must be positive, got {self.temperature}")
         if self.gate_k < 1:
             raise KdError(f"gate_k must be at least 1, got {self.gate_k}")
-        if self.tail == "sampled" and self.loss != "fkl":
-            raise KdError("tail 'sampled' is defined for loss fkl only (its gradient is the unbiased one)")
-        if self.tail == "sampled" and (self.idts or self.temperature != 1.0):
-            raise KdError("tail 'sampled' is exact only at T = 1 (its draws come from p, not p^T): it cannot be "
-                          "combined with --idts or --temperature != 1; use --tail bucket")
+        if self.tail == "sampled" and self.loss in REFUSED:
+            raise KdError(f"tail 'sampled' cannot serve loss {self.loss}: {REFUSED[self.loss]}")
+
+    def check_tail_draws(self, tail_samples: int, draw_logprobs: bool, cache: str = "the cache") -> None:
+        """One-line `KdError` when --tail sampled asks more of the cache's draws than they hold: none at all, or
+        draws without their log-probs (caches made before they were stored: fkl at T = 1 only)."""
+        if self.tail != "sampled" or self.loss == "none":
+            return
+        if not tail_samples:
+            raise KdError(f"tail 'sampled' needs a cache with tail samples; {cache} has none "
+                          "(`kdcache teacher --tail-samples S`)")
+        if draw_logprobs:
+            return
+        if self.loss != "fkl" or self.idts or self.temperature != 1.0:
+            raise KdError(f"{cache}'s tail draws carry no log-probs (made before they were stored), so they serve fkl "
+                          "at T = 1 only, without --idts: re-run `kdcache teacher` to re-temper them, or use --tail bucket")
 
     def temperature_span(self) -> tuple[float, float]:
         """The lowest and highest temperature the loss uses: T_base, or IDTS's T_base·e^(±c)."""
@@ -100,11 +112,14 @@ def method_name(cfg: dict[str, Any] | None) -> str:
     """A short name of a run's training objective, from its config.yaml mapping.
 
     "CE only" without a cache (or loss none); "KD fkl/bucket" for plain sparse KD; otherwise the
-    switched-on parts joined with " + ", e.g. "SpecKD topk k=5 + LATF + IDTS + fkl".
+    switched-on parts joined with " + ", e.g. "SpecKD topk k=5 + LATF + IDTS + fkl". The online reference arm
+    (`online_teacher`: the teacher's full distribution, no cache) says "online" where a cached one says its
+    tail: "KD fkl online", "LATF + IDTS + rkl online".
     """
     if cfg is None:
         return "—"
-    if not cfg.get("cache") or cfg.get("loss", "fkl") == "none":
+    online = bool(cfg.get("online_teacher"))
+    if not (cfg.get("cache") or online) or cfg.get("loss", "fkl") == "none":
         return "CE only"
     loss, tail = cfg.get("loss", "fkl"), cfg.get("tail", "bucket")
     parts = []
@@ -122,5 +137,5 @@ def method_name(cfg: dict[str, Any] | None) -> str:
     alpha = float(cfg.get("ce_weight", 0.0) or 0.0)
     ce = f" + {alpha:g}·CE" if alpha > 0 else ""
     if not parts:
-        return f"KD {loss}/{tail}{ce}"
-    return " + ".join(parts) + f" + {loss}" + (f"/{tail}" if tail != "bucket" else "") + ce
+        return f"KD {loss}{' online' if online else '/' + tail}{ce}"
+    return " + ".join(parts) + f" + {loss}" + (" online" if online else f"/{tail}" if tail != "bucket" else "") + ce

@@ -19,6 +19,9 @@ class TrainConfig(KdOptions):
 
     data: str = ""  # prepared data; may be omitted when the cache records where it lives
     cache: str = ""
+    # The benchmark's online reference (`kdcache run`: a student with `online: true`; pipeline/training/online.py):
+    # this teacher model runs on every micro-batch and its full distribution is the KD target, instead of a cache.
+    online_teacher: str = ""
     student: str = ""  # model directory or hub id to start from
     student_config: str = ""  # transformers config.json: a student built from scratch
     out: str = ""
@@ -67,6 +70,10 @@ class TrainConfig(KdOptions):
                 raise KdError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_tokens < 0:
             raise KdError(f"batch_tokens must be >= 0 (0: batch_size sequences per micro-batch), got {self.batch_tokens}")
+        if self.online_teacher and self.cache:
+            raise KdError("give either a cache or an online teacher, not both")
+        if self.online_teacher and self.tail == "sampled":
+            raise KdError("tail 'sampled' estimates the tail from cached draws; the online teacher has no tail (K = V)")
         if self.follow and not self.cache:
             raise KdError("--follow reads a teacher cache as it is written: give --cache")
         if self.follow_timeout <= 0:
@@ -96,7 +103,7 @@ class TrainConfig(KdOptions):
     def check_cache_given(self) -> None:
         """KD options without a teacher cache would be ignored (plain CE, silently): refuse them when training
         starts. Not in `__post_init__`: a config file may leave the cache to the command line or `kdcache run`."""
-        if self.cache:
+        if self.cache or self.online_teacher:
             return
         shaping = [name for name, on in (("--gate", self.gate != "none"), ("--latf", self.latf), ("--idts", self.idts),
                                          ("--select", self.select != "none"), ("--temperature", self.temperature != 1.0),
@@ -108,5 +115,5 @@ class TrainConfig(KdOptions):
 
     @property
     def distills(self) -> bool:
-        return bool(self.cache) and self.loss != "none"
+        return bool(self.cache or self.online_teacher) and self.loss != "none"
 

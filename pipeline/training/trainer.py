@@ -47,7 +47,7 @@ from pipeline.identity import write_json
 from pipeline.losses.objective import KD_FIELDS, gate_generator
 from pipeline.losses.options import KdOptions
 from pipeline.training.metrics import MetricsLog, check_reporters, step_row
-from pipeline.models import load_causal_lm, pick_device, set_special_token_ids
+from pipeline.models import load_causal_lm, model_vocab_size, pick_device, set_special_token_ids
 from pipeline.ownership import TRAIN, Output, claim
 from pipeline.data.prepare import load_prepared, prepared_meta
 from pipeline.data.stream import CacheStream, MicroBatch
@@ -114,6 +114,14 @@ class Trainer:
         self.tokenizer = student_tokenizer(cfg.student, self.pmeta["tokenizer"])
         if self.tokenizer is not None:
             set_special_token_ids(self.model, self.tokenizer)
+        self.online = None  # the benchmark's online reference: the teacher run on each micro-batch
+        if cfg.online_teacher and cfg.distills:
+            from pipeline.training.online import OnlineTeacher
+
+            self.online = OnlineTeacher(cfg.online_teacher, self.device, self.pmeta["tokenizer"])
+            if model_vocab_size(self.model) < self.online.vocab_size:
+                raise KdError(f"the student has {model_vocab_size(self.model)} output ids but the online teacher's "
+                              f"vocabulary has {self.online.vocab_size}")
 
     def _setup_tracking(self) -> None:
         """What the run tracks besides the weights (`pipeline.training.tracking`): counts, held-out scores, the best."""
@@ -127,7 +135,7 @@ class Trainer:
         """The reader of the micro-batches with their cache rows (first: can the cache serve this objective?),
         and the run's length in optimizer steps."""
         cfg = self.cfg
-        if cfg.distills:
+        if cfg.distills and self.cache is not None:
             check_cache_serves(cfg, self.cache)
         fields = KD_FIELDS + (("tail_ids", "tail_counts") if cfg.tail == "sampled" else ())
         self.stream = CacheStream(self.ds, self.cache if cfg.distills else None, cfg.batch_size, seed=cfg.seed,
@@ -145,16 +153,17 @@ class Trainer:
                      if cfg.distills and cfg.latf else None)
         self.gen = gate_generator(cfg.seed, self.rank, self.device)
         self.kd = KdOptions(**cfg.kd_options())  # a snapshot of the KD options (KdOptions is their one owner)
-        if self.cache is not None:
-            self.grid_betas = torch.tensor([1.0 / t for t in self.cache.temperatures], dtype=torch.float32)
+        source = self.cache if self.cache is not None else self.online  # where the teacher's rows come from
+        if source is not None:
+            self.grid_betas = torch.tensor([1.0 / t for t in source.temperatures], dtype=torch.float32)
             if cfg.distills:
-                check_temperatures(cfg, self.cache.temperatures)
+                check_temperatures(cfg, source.temperatures)
         # The student and its loss as one module (pipeline/losses/chunked.py): the loss is computed from the
         # hidden states in row chunks, so no [N, V] logits tensor exists; DDP wraps the whole objective.
         if cfg.activation_checkpointing:  # recompute each layer's activations in backward: memory for time
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.net: torch.nn.Module = StudentObjective(
-            self.model, self.kd if cfg.distills else None, self.cache.vocab_size if cfg.distills else None,
+            self.model, self.kd if cfg.distills else None, source.vocab_size if cfg.distills else None,
             self.grid_betas if cfg.distills else None, self.latf, self.gen, cfg.loss_chunk_rows)
 
     def _setup_parallelism(self) -> None:
@@ -176,9 +185,12 @@ class Trainer:
     def _forward(self, mb: MicroBatch, scales: Callable[[RowPlan], tuple[float, float]] | None) -> tuple[Any, RowPlan, Any]:
         """(loss or None, the micro-batch's row plan, Σ w T² D) of one micro-batch; scales=None: pass 1 only."""
         ctx = nullcontext() if scales is not None else torch.no_grad()
+        rows = mb.cache if self.cfg.distills else None
+        if self.online is not None:  # the same rows a cache would hold, exactly, computed now (K = V)
+            rows = self.online.rows(mb.input_ids, mb.tgt_b, mb.tgt_t, mb.target_ids)
         with ctx, self.autocast:
             loss, plan, _, kd = self.net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t, mb.target_ids,
-                                         mb.cache if self.cfg.distills else None, scales)
+                                         rows, scales)
         return loss, plan, kd
 
     def train_step(self, mbs: list[MicroBatch], apply: bool = True) -> dict[str, Any]:

@@ -97,6 +97,9 @@ def test_method_names():
             == "SpecKD spec + LATF + IDTS + rkl/renorm")
     assert method_name({"cache": "c", "loss": "jsd", "ce_weight": 0.5}) == "KD jsd/bucket + 0.5·CE"
     assert method_name(None) == "—"
+    assert method_name({"online_teacher": "t", "loss": "fkl"}) == "KD fkl online"
+    assert method_name({"online_teacher": "t", "loss": "rkl", "latf": True, "idts": True}) == "LATF + IDTS + rkl online"
+    assert method_name({"online_teacher": "t", "loss": "none"}) == "CE only"
 
 
 def test_report_files_table_and_plots(tmp_path, runs, cache_dir):

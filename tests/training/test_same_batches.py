@@ -68,7 +68,7 @@ def batches(cfg: TrainConfig, n: int) -> list[tuple[list[int], str, int]]:
 
 
 @pytest.mark.parametrize("settings", [{"batch_tokens": 120, "seed": 3}, {"batch_size": 7, "seed": 1}])
-def test_every_arm_of_a_seed_reads_the_same_batches(tmp_path, prepared_dir, caches, student, settings,
+def test_every_arm_of_a_seed_reads_the_same_batches(tmp_path, prepared_dir, caches, student, settings, llama_dir,
                                                     torch_one_thread):
     """Into the second epoch, CE only without a cache, CE only with one attached, CE through the cache and KD
     from three caches chunked differently read the same examples in the same micro-batches in the same order."""
@@ -77,7 +77,8 @@ def test_every_arm_of_a_seed_reads_the_same_batches(tmp_path, prepared_dir, cach
             "ce, cache attached": {"loss": "none", "cache": str(caches["small"])},
             "ce through the cache": {"loss": "fkl", "ce_weight": 1.0, "cache": str(caches["default"])},
             **{f"kd, {name} cache": {"loss": "fkl", "cache": str(c)} for name, c in caches.items()},
-            "kd gated": {"loss": "rkl", "gate": "topk", "gate_k": 3, "cache": str(caches["small"])}}
+            "kd gated": {"loss": "rkl", "gate": "topk", "gate_k": 3, "cache": str(caches["small"])},
+            "kd online (no cache)": {"loss": "fkl", "online_teacher": str(llama_dir)}}
     per_epoch = Trainer(TrainConfig(out=str(tmp_path / "n"), **common, loss="none")).stream.batches_in_epoch(0)
     n = per_epoch + 3
     got = {arm: batches(TrainConfig(out=str(tmp_path / f"a{i}"), **common, **over), n)
