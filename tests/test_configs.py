@@ -45,6 +45,8 @@ def test_config_loads_and_starts_with_its_command(path):
                 keys["student"] = "base-student/final"
             named = keys.pop("teacher", None)
             assert named is None or named in teachers, f"{path.name}: no teacher {named!r}"
+            if keys.pop("online", False):  # the run passes the teacher's model instead of its cache
+                keys["online_teacher"] = "teacher-model"
             from_dict(TrainConfig, keys)
         for split in cfg.prepare.values():
             from_dict(PrepareConfig, {k: v.replace("{corpus}", "corpus") if isinstance(v, str) else v

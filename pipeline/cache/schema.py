@@ -10,6 +10,7 @@ CONSTRUCTION, plus what rescales them exactly to other temperatures:
     tail_shape    [G]    A_pi(b_g) = log sum_tail pi^b_g between convexity bounds, UnitCode
     target_code   []     rank of the target in the head, else K + LogCode(log p_target)
     tail_ids, tail_counts [S]  (optional) S draws from the tail, as (id, count)
+    tail_shares   [S]    (with the draws) log pi_j = log p_j - log r of each drawn id, LogCode (step `draw_step`)
 
 Decoding (`RowCodec.decode`) gives the reader's contract, float32 (ids int64):
 
@@ -22,6 +23,7 @@ Decoding (`RowCodec.decode`) gives the reader's contract, float32 (ids int64):
     log_partition        [G] A(b_g) = log sum_all p^b_g = logaddexp(log sum_K p_i^b_g, T(b_g))
     target_logprobs      log p of the target (from the head when it is there)
     target_rank          the target's rank in the head, -1 when outside
+    tail_logprobs        [S] log p_j of each drawn id over the full vocabulary = log r + log pi_j (-inf pads)
 
 Why these codes (measured: docs/benchmarks.md, `bench/fidelity.py`): the tail mass is stored, in log
 space, instead of derived from a quantised head (a head quantised to 0.04 nats summed above 1 on
@@ -43,7 +45,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.cache.codecs import GapCode, SplitCode, TargetCode, UnitCode
+from pipeline.cache.codecs import GapCode, LogCode, SplitCode, TargetCode, UnitCode
 from pipeline.errors import KdError
 
 FORMAT_VERSION = 3
@@ -64,6 +66,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 ENTROPY_ERROR = 0.005  # nats: the most the coded tail entropy moves a row's entropy (r H(pi), r <= 1)
+
+# Nats per code of a tail draw's log pi_j. The sampled tail weighs draw j by pi_j^(beta - 1) at beta = 1/T, so a code
+# error d moves its weight by a factor e^((beta - 1) d): at most 0.8% at T = 0.5, 0.4% at T = 2 (rounding errors of
+# either sign, so sums over draws move less), nothing at T = 1; the re-tempered tail mass itself is good to 0.01 nats.
+# Bytes/row on SmolLM2-135M rows (S = 8, blosc-zstd of the shuffled uint16 codes, 2026-12-07): step 2^-4 7.5,
+# 2^-5 8.8, 2^-6 9.8, 2^-7 10.7, 2^-8 11.7 (a bit is a byte per 8 draws). Range: log pi down to -1024 nats.
+# Caches written before the draws had log-probs record no draw_step: 0, not stored.
+DRAW_STEP = 2.0**-6
 
 
 def entropy_bits_for(n_tail: int, max_error: float = ENTROPY_ERROR) -> int:
@@ -89,6 +99,7 @@ class CodecParams:
     entropy_bits: int = 0  # 0: entropy_bits_for(V - K), resolved here (the cache records the resolved value)
     shape_bits: int = 8
     tail_samples: int = 0
+    draw_step: float = DRAW_STEP  # log pi of each tail draw (LogCode step); 0 = not stored (no draws, or an old cache)
     clevel: int = 9  # zstd level: 9 saves ~5% over 5 on real-text rows; decompression speed is the same
 
     def __post_init__(self) -> None:
@@ -100,6 +111,10 @@ class CodecParams:
             raise KdError("codec steps must be positive")
         if self.entropy_bits == 0:
             object.__setattr__(self, "entropy_bits", entropy_bits_for(self.n_tail))
+        if self.tail_samples == 0:
+            object.__setattr__(self, "draw_step", 0.0)
+        if self.draw_step < 0:
+            raise KdError(f"draw_step must be >= 0 (0: no draw log-probs), got {self.draw_step}")
         for name in ("entropy_bits", "shape_bits"):
             if not 1 <= getattr(self, name) <= 16:
                 raise KdError(f"{name} must lie in [1, 16], got {getattr(self, name)}")
@@ -117,14 +132,24 @@ class CodecParams:
         """The metadata record: every parameter, plus the split code's fixed constants so that a reader
         without kdcache can decode (docs/cache-format.md)."""
         split = SplitCode(fine=self.tail_step)
-        return {"name": f"kdcache-{FORMAT_VERSION}", **asdict(self), "temperatures": list(self.temperatures),
+        d = asdict(self)
+        if not self.draw_step:  # absent, as in the caches written before draws had log-probs (they compare equal)
+            d.pop("draw_step")
+        return {"name": f"kdcache-{FORMAT_VERSION}", **d, "temperatures": list(self.temperatures),
                 "split_code": {"fine": split.fine, "coarse": split.coarse, "hi": split.hi, "mid": split.mid,
                                "n_fine": split.n_fine}}
 
     @classmethod
     def from_meta(cls, d: dict[str, Any]) -> "CodecParams":
         keys = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: (tuple(v) if k == "temperatures" else v) for k, v in d.items() if k in keys})
+        kw = {k: (tuple(v) if k == "temperatures" else v) for k, v in d.items() if k in keys}
+        kw.setdefault("draw_step", 0.0)  # a cache whose draws have no log-probs (written before they were stored)
+        return cls(**kw)
+
+    @property
+    def draw_logprobs(self) -> bool:
+        """Whether the tail draws carry their log-probs (`tail_shares`): what re-tempers them (methods.md §2)."""
+        return self.tail_samples > 0 and self.draw_step > 0
 
 
 @dataclass(frozen=True)
@@ -160,6 +185,8 @@ SCHEMA: tuple[ArraySpec, ...] = (
               "sampled tail ids (-1 pads)", present=lambda p: p.tail_samples > 0),
     ArraySpec("tail_counts", lambda p: np.dtype(np.uint16), lambda p: (p.tail_samples,),
               "draws per sampled id", present=lambda p: p.tail_samples > 0),
+    ArraySpec("tail_shares", lambda p: np.dtype(np.uint16), lambda p: (p.tail_samples,),
+              "log(p_j / r) of each sampled id (LogCode draw_step; 65535 pads)", present=lambda p: p.draw_logprobs),
 )
 
 # Decoded fields and the stored arrays each needs.
@@ -175,6 +202,7 @@ DECODED: dict[str, tuple[str, ...]] = {
     "target_rank": ("target_code",),
     "tail_ids": ("tail_ids",),
     "tail_counts": ("tail_counts",),
+    "tail_logprobs": ("tail_shares", "tail_mass"),
 }
 
 
@@ -200,6 +228,7 @@ class RowCodec:
         self.ent = UnitCode(params.entropy_bits)
         self.shape = UnitCode(params.shape_bits)
         self.target = TargetCode(params.top_k, params.target_step)
+        self.shares = LogCode(params.draw_step) if params.draw_logprobs else None
         self.log_n_tail = float(np.log(params.n_tail)) if params.n_tail > 0 else -np.inf
 
     # ---- shared pieces (encoder and decoder compute the same bounds from decoded values) -------
@@ -277,6 +306,9 @@ class RowCodec:
         if p.tail_samples:
             out["tail_ids"] = np.asarray(stats["tail_ids"]).astype(np.int32)
             out["tail_counts"] = np.asarray(stats["tail_counts"]).astype(np.uint16)
+        if self.shares is not None:  # log pi_j <= 0 of each draw; pads (-inf) get the LogCode's -inf code
+            share = np.asarray(stats["tail_logshares"], dtype=np.float64)
+            out["tail_shares"] = self.shares.encode(np.where(np.asarray(stats["tail_counts"]) > 0, share, -np.inf))
         return out
 
     # ---- decode --------------------------------------------------------------------------------
@@ -284,7 +316,7 @@ class RowCodec:
         """Stored arrays -> decoded fields (all that `raw` allows, or `fields`): see the module docstring."""
         p = self.p
         if fields is None:  # every field whose stored arrays are all in `raw`
-            fields = tuple(f for f in DECODED if self.stored_fields((f,))
+            fields = tuple(f for f in DECODED if self.stored_fields((f,)) and all(self._stored(a) for a in DECODED[f])
                            and all(a in raw for a in self.stored_fields((f,))))
         out: dict[str, np.ndarray] = {}
         need_head = any(f in fields for f in ("topk_logprobs", "entropy", "tail_log_partition", "log_partition",
@@ -325,6 +357,13 @@ class RowCodec:
                     out[f] = np.where(rank >= 0, from_head, lp).astype(np.float32)
             elif f in ("tail_ids", "tail_counts"):
                 out[f] = raw[f].astype(np.int64)
+            elif f == "tail_logprobs":
+                if self.shares is None:
+                    raise KdError("this cache's tail draws carry no log-probs (written before they were stored, or "
+                                  "without --tail-samples): re-run `kdcache teacher` to re-temper them")
+                with np.errstate(invalid="ignore"):
+                    lp = log_r[:, None] + self.shares.decode(raw["tail_shares"])
+                out[f] = np.where(np.isnan(lp), -np.inf, lp).astype(np.float32)
             else:
                 raise KeyError(f"unknown cache field {f!r}; fields are {', '.join(DECODED)}")
         return out

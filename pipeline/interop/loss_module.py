@@ -33,7 +33,7 @@ import torch
 
 from pipeline.losses.adakd import LATF
 from pipeline.errors import KdError
-from pipeline.losses.objective import KD_FIELDS, gate_generator, kd_terms
+from pipeline.losses.objective import gate_generator, kd_fields, kd_terms
 from pipeline.losses.options import KdOptions
 from pipeline.training.metrics import step_row
 
@@ -82,7 +82,7 @@ class KDLoss(torch.nn.Module):
     """
 
     def __init__(self, config: KDLossConfig, vocab_size: int, temperatures: list[float] | tuple[float, ...],
-                 top_k: int, tail_samples: int = 0):
+                 top_k: int, tail_samples: int = 0, draw_logprobs: bool = True):
         super().__init__()
         self.config = config
         self.vocab_size, self.top_k = int(vocab_size), int(top_k)
@@ -90,10 +90,10 @@ class KDLoss(torch.nn.Module):
         if config.gate == "topk" and config.gate_k > self.top_k:
             raise KdError(f"gate_k {config.gate_k} exceeds the cache's K = {self.top_k}: the gate can only verify "
                           f"against cached ids")
-        if config.tail == "sampled" and not tail_samples:
-            raise KdError("tail 'sampled' needs a cache with tail samples (`kdcache teacher --tail-samples S`)")
         config.check_grid(self.temperatures)
         self.settings = KdOptions(**config.kd_options())  # a snapshot: later edits of `config` change nothing
+        self.settings.check_tail_draws(tail_samples, draw_logprobs)
+        self.fields = kd_fields(config.tail, draw_logprobs)  # what each batch's cache rows must hold
         self.register_buffer("grid_betas", torch.tensor([1.0 / t for t in self.temperatures], dtype=torch.float32),
                              persistent=False)
         self.latf = None
@@ -114,7 +114,7 @@ class KDLoss(torch.nn.Module):
         from pipeline.cache import Cache, open_cache
 
         c = cache if isinstance(cache, Cache) else open_cache(cache)
-        return cls(config or KDLossConfig(), c.vocab_size, c.temperatures, c.k, c.tail_samples)
+        return cls(config or KDLossConfig(), c.vocab_size, c.temperatures, c.k, c.tail_samples, c.params.draw_logprobs)
 
     # ---- one batch --------------------------------------------------------------------------
     def forward(self, logits: torch.Tensor, batch: Any) -> KDOutput:
@@ -212,7 +212,7 @@ class KDLoss(torch.nn.Module):
 
     def _check_shapes(self, vs: int, n: int, cache: dict[str, torch.Tensor], target_ids: torch.Tensor) -> None:
         """The checks of `_check` for a student with `vs` ids and n target rows (logits or hidden states)."""
-        fields = KD_FIELDS + (("tail_ids", "tail_counts") if self.config.tail == "sampled" else ())
+        fields = self.fields
         need = [f for f in fields if f != "target_rank" and f not in cache]
         if need:
             raise KdError(f"the batch's cache rows lack {need}; make the dataset with fields={fields}")

@@ -33,9 +33,10 @@ from torch import Tensor
 
 from pipeline.head import HeadSpec
 from pipeline.losses.adakd import LATF
-from pipeline.losses.divergences import bucket_kd_grad, teacher_log_buckets
-from pipeline.losses.objective import KdPlan, RowSignals, divergence_of_rows, plan_kd
+from pipeline.losses.divergences import closed_form_grad, divergence, teacher_log_buckets
+from pipeline.losses.objective import KdPlan, RowSignals, divergence_of_rows, plan_kd, sampled_teacher_of
 from pipeline.losses.options import KdOptions
+from pipeline.losses.sampled import check_sampled, sampled_kd_grad
 
 # Logits per chunk: 2^24 float32 elements (64 MiB) per copy; the divergence holds ~6 copies of its rows.
 CHUNK_ELEMENTS = 1 << 24
@@ -91,6 +92,7 @@ class _LossSpec:
     ce_scale: float
     kd_scale: float
     chunk_rows: int
+    fuse_ce: bool = False  # set per forward: CE from the divergence's softmax (closed form, every T = 1)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -99,6 +101,8 @@ class _ChunkedLoss(torch.autograd.Function):
 
     # False sends every chunk through local autograd, the pre-closed-form path: bench/student.py times both.
     closed_form = True
+    # False computes CE with its own softmax pass even at T = 1 (the two-pass path, kept to compare: tests, bench).
+    fuse_ce = True
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, spec: _LossSpec):  # noqa: D401
@@ -110,10 +114,12 @@ class _ChunkedLoss(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         use_kd = s is not None and spec.kd_scale != 0.0
-        tail_ids = cache.get("tail_ids") if (cache is not None and s is not None and s.tail == "sampled") else None
-        # Closed-form gradients (`divergences.bucket_kd_grad`, softmax - onehot for CE) for the K + 1 bucket
-        # tail; the renorm/ignore/sampled tails take local autograd through the divergence.
-        closed = _ChunkedLoss.closed_form and (s is None or (s.tail == "bucket" and tail_ids is None))
+        # Closed-form gradients (`divergences.closed_form_grad`, softmax - onehot for CE) for the K + 1 bucket and
+        # the sampled tails; renorm/ignore take local autograd through the divergence. With CE in the loss and
+        # every row at T = 1, CE comes from the divergence's own softmax pass (one pass over each chunk, not two).
+        closed = _ChunkedLoss.closed_form and (s is None or s.tail in ("bucket", "sampled"))
+        spec.fuse_ce = (closed and use_kd and spec.ce_scale != 0.0 and _ChunkedLoss.fuse_ce
+                        and bool((plan.temps == 1.0).all()))
         for a in range(0, n, spec.chunk_rows):
             b = min(a + spec.chunk_rows, n)
             rows = plan.keep[a:b].nonzero().squeeze(1) if use_kd else None
@@ -149,29 +155,52 @@ class _ChunkedLoss(torch.autograd.Function):
 def _closed_form_grad(head: HeadSpec, h: Tensor, spec: _LossSpec, a: int, b: int, rows: Tensor | None,
                       ce_total: Tensor, kd_total: Tensor) -> Tensor:
     """∂loss/∂u [C, Vs] of one chunk (u = the head's product) without autograd over [C, Vs]: CE's softmax - onehot
-    and the bucket divergence's closed form; adds the chunk's Σ CE and Σ w T² D to the totals."""
+    and the divergence's closed form (K + 1 buckets or the sampled tail); adds the chunk's Σ CE and Σ w T² D to the
+    totals. With `spec.fuse_ce` the divergence's pass also gives CE (every row, kept or not, at T = 1)."""
     plan, cache, s = spec.plan, spec.cache, spec.s
     u = head.product(h, fp32=False)  # [C, Vs] float32
     z = head.transform(u)
     grad = None
-    if spec.ce_scale != 0.0:
+    kd = rows is not None and rows.numel() > 0
+    fused = spec.fuse_ce and kd
+    if spec.ce_scale != 0.0 and not fused:
         lse = torch.logsumexp(z, dim=-1)
         tgt = spec.target_ids[a:b]
         ce_total += (lse - z.gather(1, tgt[:, None]).squeeze(1)).sum()
         grad = z.sub(lse[:, None]).exp_().mul_(spec.ce_scale)
         grad.scatter_add_(1, tgt[:, None], torch.full((b - a, 1), -spec.ce_scale, dtype=grad.dtype, device=grad.device))
-    if rows is not None and rows.numel():
-        g = rows + a
+    if kd:
+        whole = fused or rows.numel() == b - a
+        g = torch.arange(a, b, device=rows.device) if fused else rows + a  # fused: every row, unkept ones at scale 0
+        keep = plan.keep[g]
         t = plan.temps[g]
         beta = 1.0 / t
-        log_p = teacher_log_buckets(cache["topk_logprobs"][g].float(), plan.tail_beta[g], beta)
+        # rows the plan does not keep (only when fused, at T = 1) get the T = 1 tail, log r: finite, scale 0
+        tail_beta = torch.where(keep, plan.tail_beta[g], cache["tail_logprob"][g].to(plan.tail_beta.dtype))
         scale = spec.kd_scale * plan.weight[g] * t * t
-        whole = rows.numel() == b - a
-        d, gk = bucket_kd_grad(s.loss, z if whole else z[rows], cache["topk_ids"][g], log_p, beta, scale,
-                               spec.vocab_size)
-        kd_total += (plan.weight[g] * t * t * d).sum()
+        scale = torch.where(keep, scale, torch.zeros_like(scale))
+        zk = z if whole else z[rows]
+        tgt = spec.target_ids[a:b] if fused else None
+        ce_scale = spec.ce_scale if fused else 0.0
+        if s.tail == "sampled":
+            check_sampled(s.loss, "tail_logprobs" in cache, t)
+            teacher = sampled_teacher_of(cache, g, tail_beta, beta)
+            d, gk, ce = sampled_kd_grad(s.loss, zk, cache["topk_ids"][g], teacher, beta, scale, spec.vocab_size,
+                                        ce_scale=ce_scale, target_ids=tgt)
+        else:
+            log_p = teacher_log_buckets(cache["topk_logprobs"][g].float(), tail_beta, beta)
+            log_p64 = log_p.to(torch.float64)
+
+            def d_of(log_q_head: Tensor, _draws: Tensor | None, log_q_tail: Tensor) -> Tensor:
+                return divergence(s.loss, log_p64, torch.cat([log_q_head, log_q_tail[:, None]], dim=1))
+
+            d, gk, ce = closed_form_grad(zk, cache["topk_ids"][g], beta, scale, spec.vocab_size, d_of,
+                                         ce_scale=ce_scale, target_ids=tgt)
+        kd_total += torch.where(keep, plan.weight[g] * t * t * d, torch.zeros_like(d)).sum()
+        if ce is not None:
+            ce_total += ce.sum()
         v = spec.vocab_size
-        if grad is None and whole and v == z.shape[1]:
+        if grad is None and whole and gk.shape[1] == z.shape[1]:
             grad = gk
         else:
             if grad is None:

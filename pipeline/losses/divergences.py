@@ -12,15 +12,15 @@ over nothing but the handful of divergence names. A bucket with zero mass (log-m
 
 Choices methods.md leaves open (all documented per function):
 - AKL when P = Q on every bucket (g_head + g_tail = 0): weights 1/2, 1/2 (the value is 0 either way).
-- Sampled tail: a row whose counts sum to 0 keeps its tail mass in the remainder bucket (plain K + 1
-  buckets). It is refused at T != 1: splitting r^(T) by T = 1 counts is wrong (bucket TVD 0.56-0.93 at
-  T = 2, measured), and importance weights would need each sampled id's probability, which is not cached.
+- Sampled tail (`pipeline.losses.sampled`): the tail estimated from cached draws with importance weights; a row
+  without draws keeps the plain K + 1 buckets.
 - Student ids >= the teacher's V (a padded head) belong to neither distribution: they are sliced off.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -197,43 +197,6 @@ def student_log_buckets(logits: Tensor, topk_ids: Tensor, temperature: Tensor, v
     return torch.cat([head, rest[:, None]], dim=1)
 
 
-def sampled_tail_buckets(
-    logits: Tensor,
-    topk_ids: Tensor,
-    topk_logprobs: Tensor,
-    tail_logprob: Tensor,
-    tail_ids: Tensor,
-    tail_counts: Tensor,
-    vocab_size: int,
-) -> tuple[Tensor, Tensor]:
-    """Teacher and student log-masses at T = 1 with the tail bucket split over sampled ids.
-
-    tail_ids [N,S] int64 (distinct per row, outside the top-K, padded with -1), tail_counts [N,S] (0 for
-    padding), tail_logprob [N] = log r -> log_p, log_q [N,K+S+1]: K head buckets, S sampled buckets with
-    P_j = r·c_j/Σc and the student's exact q_j, then a remainder bucket (student mass outside K and the
-    sampled ids; teacher mass 0, or r for a row with no samples). E[P_j] = p_j, so the fkl gradient is
-    unbiased. Only at T = 1: the draws come from p, and re-tempering them would need each sampled id's
-    own probability (not cached), so `kd_divergence` refuses T != 1.
-    """
-    k = topk_ids.shape[1]
-    ones = torch.ones_like(tail_logprob, dtype=_dtype(topk_logprobs, tail_logprob))
-    log_p_b = teacher_log_buckets(topk_logprobs, tail_logprob, ones)
-    dt = log_p_b.dtype
-    valid = (tail_counts > 0) & (tail_ids >= 0)
-    counts = tail_counts.to(dt).masked_fill(~valid, 0.0)
-    total = counts.sum(-1, keepdim=True)
-    has_samples = total > 0
-    log_share = torch.where(valid, counts.clamp_min(1e-30).log() - total.clamp_min(1e-30).log(), NEG_INF)
-    log_tail = log_p_b[:, k:]
-    log_p = torch.cat(
-        [log_p_b[:, :k], log_tail + log_share, log_tail.masked_fill(has_samples, NEG_INF)], dim=1
-    )
-    ids = torch.cat([topk_ids, tail_ids], dim=1)
-    keep = torch.cat([torch.ones_like(topk_ids, dtype=torch.bool), valid], dim=1)
-    picked, rest = _student_log_masses(logits, torch.ones_like(ones), ids, keep, vocab_size)
-    return log_p, torch.cat([picked, rest[:, None]], dim=1)
-
-
 def kd_divergence(
     name: str,
     logits: Tensor,
@@ -244,8 +207,6 @@ def kd_divergence(
     temperature: Tensor,
     vocab_size: int,
     tail: str = "bucket",
-    tail_ids: Tensor | None = None,
-    tail_counts: Tensor | None = None,
     **constants: float,
 ) -> Tensor:
     """Per-position KD divergence D(teacher^T, student^T) under a tail policy -> [N].
@@ -255,8 +216,8 @@ def kd_divergence(
     temperature [N] (= 1/beta), vocab_size the teacher's V (from the cache: never the student's head);
     constants: lam, alpha, mu (see `divergence`).
     tail:
-      "bucket"  K + 1 buckets (methods.md §2); with tail_ids/tail_counts the tail bucket is split over the
-                sampled ids (`sampled_tail_buckets`), fkl at T = 1 only.
+      "bucket"  K + 1 buckets (methods.md §2). (The tail estimated from cached draws, `--tail sampled`, is
+                `sampled.sampled_tail_divergence`.)
       "renorm"  P and Q renormalised over the K ids, tail dropped: D(P_K/ΣP_K, Q_K/ΣQ_K) over K buckets.
       "ignore"  the divergence's per-bucket terms summed over the K ids only, with the full-vocabulary
                 (un-renormalised) P_i, Q_i:
@@ -274,21 +235,6 @@ def kd_divergence(
         raise ValueError(f"unknown divergence {name!r}; choose one of {DIVERGENCES}")
     if logits.shape[1] < vocab_size:
         raise ValueError(f"the student has {logits.shape[1]} logits per row, the teacher's vocabulary {vocab_size}")
-    if tail_ids is not None:
-        if tail != "bucket" or name != "fkl":
-            raise ValueError(
-                f"a sampled tail is supported only with divergence 'fkl' and tail 'bucket' "
-                f"(got {name!r}, {tail!r}): only the forward-KL gradient stays unbiased"
-            )
-        if tail_counts is None:
-            raise ValueError("tail_ids given without tail_counts")
-        if bool((temperature != 1.0).any()):
-            raise ValueError("a sampled tail is exact only at T = 1 (its draws come from p, not p^T); "
-                             "use the bucket tail at other temperatures (IDTS, --temperature)")
-        log_p, log_q = sampled_tail_buckets(
-            logits, topk_ids, topk_logprobs, tail_beta, tail_ids, tail_counts, vocab_size
-        )
-        return divergence(name, log_p, log_q, **constants)
     k = topk_ids.shape[1]
     if tail == "renorm":
         dt = _dtype(logits, topk_logprobs, beta, temperature)
@@ -310,25 +256,56 @@ def bucket_kd_grad(name: str, z: Tensor, topk_ids: Tensor, log_p: Tensor, beta: 
     z [N,Vs] float32 student logits (detached), topk_ids [N,K], log_p [N,K+1] the teacher's tempered buckets
     (`teacher_log_buckets`), beta [N] = 1/T, scale [N] -> (D [N], grad [N,V] float32 for columns < V; columns
     >= V, a padded student head, get none). Equal to autograd through `kd_divergence(tail="bucket")`.
+    (`closed_form_grad` does the work; this is its K + 1 bucket case.)
+    """
+    log_p64 = log_p.to(torch.float64)
 
-    Why: D depends on z only through the student's bucket log-masses log Q_b (s = beta·z), so with
-    g = ∂(Σ scale·D)/∂log Q [N,K+1] (autograd on that small tensor) and G = Σ_b g_b,
-        ∂/∂s_j = g_b(j)·q_j/Q_b(j) − q_j·G:  head id k: g_k − q_k·G;  tail id j: q_j·(g_tail/Q_tail − G).
+    def d_of(log_q_head: Tensor, _draws: Tensor | None, log_q_tail: Tensor) -> Tensor:
+        return divergence(name, log_p64, torch.cat([log_q_head, log_q_tail[:, None]], dim=1), **constants)
+
+    d, grad, _ = closed_form_grad(z, topk_ids, beta, scale, vocab_size, d_of)
+    return d, grad
+
+
+@torch.no_grad()
+def closed_form_grad(z: Tensor, topk_ids: Tensor, beta: Tensor, scale: Tensor, vocab_size: int,
+                     d_of: Callable[[Tensor, Tensor | None, Tensor], Tensor], draw_ids: Tensor | None = None,
+                     draw_valid: Tensor | None = None, ce_scale: float = 0.0, target_ids: Tensor | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A divergence per row and the gradient of Σ_r scale_r·D_r (+ ce_scale·Σ_r CE_r) w.r.t. the logits, in closed
+    form, for any D that depends on the student only through its log-masses at temperature 1/beta on the K cached
+    ids, on S drawn ids outside them, and outside the K ids (the tail).
+
+    z [N,Vs] float32 student logits (detached), topk_ids [N,K], beta [N], scale [N]; d_of(log_q_head [N,K] float64,
+    log_q_draw [N,S] float64 (-inf at pads) or None, log_q_tail [N] float64) -> D [N] (differentiable);
+    draw_ids [N,S] (any id at pads) with draw_valid [N,S]. ce_scale != 0 fuses the cross-entropy against
+    target_ids [N] over all Vs ids (a padded head's too) into the same pass: every beta must then be 1 (CE is at
+    T = 1), and the student's softmax is the one the divergence uses. Returns (D [N], grad, CE [N] or None); grad
+    is [N,V] float32 (columns >= V get no KD gradient), or [N,Vs] with CE fused.
+
+    Why: with s = beta·z and g = ∂(Σ scale·D)/∂log Q (autograd on the small float64 tensors), G = Σ g,
+        head id k: ∂/∂s_k = g_k − q_k·G;  tail id j: q_j·(g_tail/Q_tail − G) (+ g_j for a drawn id j).
     Autograd through the [N,V] masked logsumexp makes ~15 passes over [N,V] (divide, scatter, masked_fill,
-    logsumexp and their backwards, the index/gather backwards' zero-filled copies); this makes 6. The tail is
-    summed relative to its own maximum (the K ids masked to -inf first), as `student_log_buckets` does, so a
-    confident student's tiny tail mass neither underflows nor cancels.
+    logsumexp and their backwards, the index/gather backwards' zero-filled copies); this makes 6, and CE fused
+    adds none (softmax_j = e_j·e^(mt − lse) on the tail). The tail is summed relative to its own maximum (the K ids
+    masked to -inf first), as `student_log_buckets` does, so a confident student's tiny tail mass neither
+    underflows nor cancels.
     """
     n, k = topk_ids.shape
+    fuse = ce_scale != 0.0
+    width = z.shape[1] if fuse else vocab_size
     b = beta.to(torch.float32)[:, None]
-    e = z[:, :vocab_size] * b  # [N,V] s = z/T, the one full-size buffer; becomes the gradient in place
-    head = e.gather(1, topk_ids)  # [N,K] s at the cached ids
-    e.scatter_(1, topk_ids, NEG_INF)
-    mt = e.amax(dim=-1)  # the tail's maximum; -inf when K = V
+    e = z[:, :width] * b  # [N,width] s = z/T, the one full-size buffer; becomes the gradient in place
+    tail = e[:, :vocab_size] if width > vocab_size else e
+    head = tail.gather(1, topk_ids)  # [N,K] s at the cached ids
+    tail.scatter_(1, topk_ids, NEG_INF)
+    mt = tail.amax(dim=-1)  # the tail's maximum; -inf when K = V
     has_rest = mt > NEG_INF
     mt0 = torch.where(has_rest, mt, torch.zeros_like(mt))
-    e.sub_(mt0[:, None]).exp_()  # tail: exp(s_j - mt) in (0, 1]; head and an empty tail: 0
-    tail_sum = e.sum(dim=-1)  # >= 1 where has_rest
+    # CE over the padded ids too (as the student's own loss): their log-sum, read before `e` changes
+    lse_pad = torch.logsumexp(e[:, vocab_size:], dim=-1).to(torch.float64) if width > vocab_size else None
+    tail.sub_(mt0[:, None]).exp_()  # tail: exp(s_j - mt) in (0, 1]; head and an empty tail: 0
+    tail_sum = tail.sum(dim=-1)  # >= 1 where has_rest
     # The bucket-level math is on [N, K+1] only, so it runs in float64: the head's g_k - q_k·G and the tail's
     # g_tail/Q_tail - G are differences of nearly equal terms where the student is close to the teacher
     # (rkl's "+1" in Q(log Q/P + 1)); float64 keeps them to the precision of the float32 logits.
@@ -336,23 +313,40 @@ def bucket_kd_grad(name: str, z: Tensor, topk_ids: Tensor, log_p: Tensor, beta: 
     mt64, has = mt0.to(f64), has_rest
     tail64 = tail_sum.to(f64)
     head64 = head.to(f64)
+    b64 = beta.to(f64)
     log_tail = torch.where(has, tail64.log() + mt64, torch.full_like(mt64, NEG_INF))
     log_total = _logaddexp(torch.logsumexp(head64, dim=-1), log_tail)
-    log_q = torch.cat([head64 - log_total[:, None], (log_tail - log_total)[:, None]], dim=1)
+    lq_head = head64 - log_total[:, None]
+    lq_tail = log_tail - log_total
+    lq_draw = None
+    if draw_ids is not None:
+        lq_draw = (z.gather(1, draw_ids).to(f64) * b64[:, None] - log_total[:, None]).masked_fill(~draw_valid, NEG_INF)
     with torch.enable_grad():
-        lq = log_q.requires_grad_()
-        d = divergence(name, log_p.to(f64), lq, **constants)
+        leaves = [lq_head.requires_grad_(), lq_tail.requires_grad_()] + ([lq_draw.requires_grad_()] if draw_ids is not None else [])
+        d = d_of(lq_head, lq_draw, lq_tail)
         s64 = scale.to(f64)
         weighted = torch.where(s64 > 0, s64 * d.masked_fill(s64 <= 0, 0.0), torch.zeros_like(d))
-        (g,) = torch.autograd.grad(weighted.sum(), lq)
-    g_sum = g.sum(-1)
-    b64 = beta.to(f64)
+        grads = torch.autograd.grad(weighted.sum(), leaves, allow_unused=True)
+    g_head, g_tail, *g_draw = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+    g_sum = g_head.sum(-1) + g_tail + (g_draw[0].sum(-1) if g_draw else 0.0)
     # tail ids: beta·(e_j/tail_sum·g_tail − e_j·exp(mt − log_total)·G); head ids: beta·(g_k − q_k·G)
-    coeff = torch.where(has, g[:, k] / tail64 - g_sum * (mt64 - log_total).exp(), torch.zeros_like(g_sum))
-    e.mul_((coeff * b64).to(torch.float32)[:, None])
-    e.scatter_(1, topk_ids, (b64[:, None] * (g[:, :k] - g_sum[:, None] * (head64 - log_total[:, None]).exp()))
-               .to(torch.float32))
-    return d.detach(), e
+    coeff = b64 * torch.where(has, g_tail / tail64 - g_sum * (mt64 - log_total).exp(), torch.zeros_like(g_sum))
+    head_grad = b64[:, None] * (g_head - g_sum[:, None] * lq_head.exp())
+    ce = None
+    if fuse:  # beta = 1: CE's softmax - onehot from the same exps (softmax_j = e_j·exp(mt − lse) on the tail)
+        lse = log_total if lse_pad is None else _logaddexp(log_total, lse_pad)
+        coeff = coeff + ce_scale * torch.where(has, (mt64 - lse).exp(), torch.zeros_like(lse))
+        head_grad = head_grad + ce_scale * (head64 - lse[:, None]).exp()
+        ce = (lse - z.gather(1, target_ids[:, None]).squeeze(1).to(f64)).to(torch.float32)
+        if lse_pad is not None:
+            e[:, vocab_size:].sub_(lse.to(torch.float32)[:, None]).exp_().mul_(ce_scale)
+    tail.mul_(coeff.to(torch.float32)[:, None])
+    if g_draw:  # a drawn id is a bucket of its own inside the tail: its g_j on top of the tail's share
+        tail.scatter_add_(1, draw_ids, (b64[:, None] * g_draw[0]).masked_fill(~draw_valid, 0.0).to(torch.float32))
+    tail.scatter_(1, topk_ids, head_grad.to(torch.float32))
+    if fuse:
+        e.scatter_add_(1, target_ids[:, None], torch.full((n, 1), -ce_scale, dtype=e.dtype, device=e.device))
+    return d.detach(), e, ce
 
 
 def weighted_kd_loss(per_position: Tensor, weight: Tensor, temperature: Tensor | None = None) -> Tensor:

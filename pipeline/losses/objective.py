@@ -26,6 +26,7 @@ from pipeline.losses.adakd import LATF, idts_temperatures
 from pipeline.losses.divergences import hellinger, kd_divergence, teacher_log_buckets
 from pipeline.losses.gate import propose, verify
 from pipeline.losses.options import KdOptions
+from pipeline.losses.sampled import SampledTeacher, check_sampled, sampled_kd_divergence, sampled_teacher
 from pipeline.losses.selection import select_top_entropy, student_entropy
 from pipeline.losses.temperature import log1mexp, tail_log_partition_at
 
@@ -47,6 +48,16 @@ def ranking_log_buckets(logits: torch.Tensor, topk_ids: torch.Tensor, vocab_size
 
 # The cache fields the KD loss reads (`Cache.read(..., fields=KD_FIELDS)`); tail draws are added when used.
 KD_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "tail_entropy", "tail_log_partition", "target_rank")
+# ... with --tail sampled: the draws, and their log-probs where the cache has them (what re-tempers them).
+SAMPLED_FIELDS = ("tail_ids", "tail_counts", "tail_logprobs")
+
+
+def kd_fields(tail: str, draw_logprobs: bool = True) -> tuple[str, ...]:
+    """The cache fields the KD loss reads under tail policy `tail`; draw_logprobs: whether the cache stores the
+    draws' log-probs (`CodecParams.draw_logprobs`; caches made before them serve fkl at T = 1 only)."""
+    if tail != "sampled":
+        return KD_FIELDS
+    return KD_FIELDS + (SAMPLED_FIELDS if draw_logprobs else SAMPLED_FIELDS[:2])
 
 
 def gate_generator(seed: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -163,16 +174,25 @@ def plan_kd(sig: RowSignals, cache: dict[str, Tensor], s: KdOptions, vocab_size:
 
 def divergence_of_rows(s: KdOptions, z: Tensor, cache: dict[str, Tensor], plan: KdPlan, rows: Tensor,
                        vocab_size: int) -> Tensor:
-    """D per kept row on K + 1 buckets at the plan's temperatures: z [R, Vs] the student's logits of the kept
-    rows; rows [R] their indices into `cache` and `plan`. tail "sampled" = the K + 1 buckets with the tail
-    bucket split over the cached tail draws (T = 1 only)."""
+    """D per kept row at the plan's temperatures: z [R, Vs] the student's logits of the kept rows; rows [R] their
+    indices into `cache` and `plan`. tail "sampled": the tail estimated from the cached draws (`losses.sampled`)."""
     t = plan.temps[rows]
-    tail_ids = cache.get("tail_ids") if s.tail == "sampled" else None
+    if s.tail == "sampled":
+        if "tail_ids" not in cache:
+            raise ValueError("tail 'sampled' needs the cache rows' tail draws (fields tail_ids, tail_counts)")
+        check_sampled(s.loss, "tail_logprobs" in cache, t)
+        teacher = sampled_teacher_of(cache, rows, plan.tail_beta[rows], 1.0 / t)
+        return sampled_kd_divergence(s.loss, z, cache["topk_ids"][rows], teacher, t, vocab_size)
     return kd_divergence(s.loss, z, cache["topk_ids"][rows], cache["topk_logprobs"][rows].float(),
-                         plan.tail_beta[rows], 1.0 / t, t, vocab_size,
-                         tail="bucket" if s.tail == "sampled" else s.tail,
-                         tail_ids=tail_ids[rows] if tail_ids is not None else None,
-                         tail_counts=cache["tail_counts"][rows] if tail_ids is not None else None)
+                         plan.tail_beta[rows], 1.0 / t, t, vocab_size, tail=s.tail)
+
+
+def sampled_teacher_of(cache: dict[str, Tensor], rows: Tensor, tail_beta: Tensor, beta: Tensor) -> SampledTeacher:
+    """`sampled.sampled_teacher` of cache rows [R] at their temperatures (tail_beta [R] = T(beta), beta [R])."""
+    lps = cache.get("tail_logprobs")
+    return sampled_teacher(cache["topk_logprobs"][rows].float(), cache["tail_logprob"][rows].float(), tail_beta, beta,
+                           cache["tail_ids"][rows], cache["tail_counts"][rows],
+                           lps[rows].float() if lps is not None else None)
 
 
 @dataclass
@@ -195,8 +215,8 @@ def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdOptions,
     logits [N, Vs] (student, at the targets, with gradient; ids >= vocab_size are a padded head and
     belong to neither distribution); cache (decoded, `KD_FIELDS`): topk_ids [N, K] int64,
     topk_logprobs [N, K], tail_logprob [N], tail_entropy [N], tail_log_partition [N, G], optional
-    tail_ids/tail_counts [N, S]; grid_betas [G] = 1 / cache temperatures; vocab_size: the teacher's V;
-    groups [N] the sequence of each row (SE-KD selects per sequence; None = one sequence).
+    tail_ids/tail_counts/tail_logprobs [N, S] (`SAMPLED_FIELDS`); grid_betas [G] = 1 / cache temperatures;
+    vocab_size: the teacher's V; groups [N] the sequence of each row (SE-KD selects per sequence; None = one sequence).
     """
     n = logits.shape[0]
     sig = RowSignals(n, s, logits.device)

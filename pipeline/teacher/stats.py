@@ -83,8 +83,10 @@ _OUT = -1.0e30
 
 
 def _block_stats(z: torch.Tensor, target_ids: torch.Tensor, k: int, beta_list: list[float],
-                 order: list[int], out: dict[str, torch.Tensor], rows: slice, reuse: bool) -> None:
-    """Statistics of one block of rows (see `distribution_stats`), written into `out[name][rows]`."""
+                 order: list[int], out: dict[str, torch.Tensor], rows: slice, reuse: bool,
+                 uniforms: torch.Tensor | None = None) -> None:
+    """Statistics of one block of rows (see `distribution_stats`), written into `out[name][rows]`; with
+    `uniforms` [c, S] float64, the block's tail draws too (`draw_tail`, from the tail exps computed here)."""
     z = z.float()
     c, v = z.shape
     if reuse:
@@ -117,6 +119,10 @@ def _block_stats(z: torch.Tensor, target_ids: torch.Tensor, k: int, beta_list: l
         # H(pi) = log s_t - sum pi * sh: two non-negative terms, no cancellation.
         ent = log_s_t - torch.linalg.vecdot(e, sh) / s_t
         out["tail_entropy"][rows] = torch.where(has_tail[:, 0], ent, torch.zeros_like(ent))
+        if uniforms is not None:
+            draws = draw_tail(e, sh, log_s_t, uniforms)
+            for name, drawn in draws.items():
+                out[name][rows] = drawn
         powers = {1.0: e}  # b -> exp(b * sh) of this block
         free = [x, y]
         for gi in order:  # ascending b, so b/2 is done before b
@@ -160,7 +166,8 @@ def distribution_stats(logits: torch.Tensor, target_ids: torch.Tensor, k: int, b
     tail_entropy [C] = H(pi) and tail_shape [C, G] = log sum_tail pi^b_g of the renormalised tail
     pi = p / r (0 without a tail); target_logprobs [C]; log_normaliser [C] = logsumexp(logits), NaN for
     a row whose logits hold NaN or +inf (checked by `rows_from_hidden`); with tail_samples = S > 0:
-    tail_ids [C, S] int64 (-1 pads), tail_counts [C, S] int64 — S draws from the tail.
+    tail_ids [C, S] int64 (-1 pads), tail_counts [C, S] int64 and tail_logshares [C, S] = log pi_j of each
+    drawn id (-inf pads): S draws from the tail (`draw_tail`).
     `threads` (CPU only; default torch's intra-op count) threads share the blocks.
 
     The tail is computed on its own, never as "total minus head": with m the row maximum and m_t the
@@ -170,7 +177,10 @@ def distribution_stats(logits: torch.Tensor, target_ids: torch.Tensor, k: int, b
     One exp per entry gives e; a grid point b costs another exp pass unless it is 1/2 (sqrt(e)) or
     twice a point already done (|exp(b/2 sh)|^2, a dot product): the default grid T = 0.5, 0.7, 1.2, 1.4,
     1.65, 2 needs 4 exps and 2 sqrts per entry in all (0.5, 0.7, 1.4, 2 needed 2 and 2; 1.2 and 1.65 were
-    added for accuracy, docs/methods.md).
+    added for accuracy, docs/methods.md). The tail draws reuse e: one float64 sum per entry (`draw_tail`).
+    Their S uniforms per row are drawn from `generator` before any block runs, in row order, so the draws
+    depend neither on the blocks, the threads nor the caller's row chunks (a CPU generator: the same
+    uniforms on every device).
     """
     c, v = logits.shape
     dev = logits.device
@@ -182,17 +192,16 @@ def distribution_stats(logits: torch.Tensor, target_ids: torch.Tensor, k: int, b
            "topk_logprobs": torch.empty((c, k), **f32), "tail_logprob": torch.empty(c, **f32),
            "tail_entropy": torch.empty(c, **f32), "tail_shape": torch.empty((c, len(beta_list)), **f32),
            "target_logprobs": torch.empty(c, **f32), "log_normaliser": torch.empty(c, **f32)}
+    u = None
+    if tail_samples:
+        u = tail_uniforms(c, tail_samples, generator, dev)
+        out.update(empty_draws(c, tail_samples, dev))
     starts = list(range(0, c, blk))
 
     def blocks(which: list[int]) -> None:
         for a in which:
             _block_stats(logits[a: a + blk], target_ids[a: a + blk], k, beta_list, order, out, slice(a, a + blk),
-                         reuse=dev.type == "cpu")
-
-    def tails() -> dict[str, torch.Tensor]:  # sequential in block order: the generator's draws are reproducible
-        parts = [sample_tail(logits[a: a + blk].float(), out["topk_ids"][a: a + blk], tail_samples, generator)
-                 for a in starts]
-        return {n: torch.cat([p[n] for p in parts]) for n in ("tail_ids", "tail_counts")}
+                         reuse=dev.type == "cpu", uniforms=u[a: a + blk] if u is not None else None)
 
     n = threads or torch.get_num_threads()
     if dev.type == "cpu" and n > 1:
@@ -201,40 +210,119 @@ def distribution_stats(logits: torch.Tensor, target_ids: torch.Tensor, k: int, b
         try:
             for f in [pool.submit(_single_threaded, lambda i=i: blocks(starts[i::n])) for i in range(n)]:
                 f.result()
-            if tail_samples:
-                out.update(pool.submit(_single_threaded, tails).result())
         finally:
             torch.set_num_threads(main_threads)  # the workers' set_num_threads(1) moved the global default
     else:
         blocks(starts)
-        if tail_samples:
-            out.update(tails())
     return out
 
 
-def sample_tail(logp: torch.Tensor, top_ids: torch.Tensor, s: int,
-                generator: torch.Generator | None) -> dict[str, torch.Tensor]:
-    """S draws per row from p restricted to ids outside the top-K, as sorted (id, count) pairs.
+def tail_uniforms(c: int, s: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The S uniforms of each of C rows [C, S] float64 on `device`, drawn in row order from `generator` (on its
+    own device: a CPU generator gives the same uniforms whatever device computes, and chunks of rows drawn one
+    after the other give the same uniforms as one call: CPU generators fill tensors serially)."""
+    gen_dev = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(c, s, generator=generator, dtype=torch.float64, device=gen_dev).to(device)
 
-    logp [C, V] (log-probabilities up to a per-row constant); top_ids [C, K]. Rows whose tail mass
-    is zero (K = V, or underflow) get no draws.
+
+def empty_draws(c: int, s: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Tail draws of C rows without any: ids -1, counts 0, log-shares -inf (rows without a tail keep these)."""
+    return {"tail_ids": torch.full((c, s), -1, dtype=torch.int64, device=device),
+            "tail_counts": torch.zeros((c, s), dtype=torch.int64, device=device),
+            "tail_logshares": torch.full((c, s), -math.inf, dtype=torch.float32, device=device)}
+
+
+# Ids per block of the sampler's two-level CDF: one float64 sum per block over the row, then the cumulative sum of
+# one block per draw (S·256 entries a row instead of a [C, V] float64 scan; measured below in `draw_tail`).
+DRAW_BLOCK = 128
+_DRAW_SLAB = 1 << 22  # rows of the second level are done in slabs of at most this many float64 entries
+
+
+def draw_tail(e: torch.Tensor, sh: torch.Tensor, log_s_t: torch.Tensor, uniforms: torch.Tensor) -> dict[str, torch.Tensor]:
+    """S draws per row from the tail pi = e / sum(e), by inverse CDF, as sorted (id, count, log pi) triples.
+
+    e [C, V] the tail's exps exp(sh) (0 on head ids and on ids of probability 0), sh [C, V] the tail's shifted
+    logits (log e where e > 0), log_s_t [C] = log sum e, uniforms [C, S] float64 in [0, 1). Draw i of a row is
+    the first id whose cumulative e exceeds u_i·sum(e), all in float64 (the last of 262k ids keeps its share; ids
+    of probability 0 are never drawn), found in two levels: the block of `DRAW_BLOCK` ids, from the row's block
+    sums, then the id, from that block's own cumulative sum. Returns tail_ids [C, S] (distinct ids ascending, -1
+    pads), tail_counts [C, S] (draws per id, 0 pads) and tail_logshares [C, S] float32 = log pi_j = sh_j - log s_t
+    (-inf pads). A row with sum(e) = 0 (no tail) gets no draws. The draws are a function of the row and its
+    uniforms only: the same whatever the blocks, threads or chunks of the caller.
+    Cost (`distribution_stats`, CPU, one thread, S = 8, min of 15 interleaved runs on random rows, 2026-12-07):
+    torch.multinomial (the sampler before, with a [C, V] int64 count table and a top-S over it) added 27 ns per
+    vocabulary entry at V = 8,192 and 12.5 at V = 49,152 to statistics of 14-15 ns; a one-level inverse CDF (a
+    [C, V] float64 cumulative sum) 14 and 3; this 3 and 4 (docs/methods.md §1 has the teacher stage's times).
     """
-    v = logp.shape[1]
-    tail_logp = logp.scatter(1, top_ids, float("-inf"))
-    has_tail = torch.isfinite(tail_logp).any(-1)
-    probs = torch.softmax(tail_logp.masked_fill(~has_tail[:, None], 0.0), dim=-1)
-    draws = torch.multinomial(probs, s, replacement=True, generator=generator)  # [C, S]
-    # Count draws per id ([C, V], the size of the logits we already hold); at most S ids are
-    # non-zero, so the top-S counts hold all of them. Sorting by id makes the layout canonical.
-    counts_full = torch.zeros_like(logp, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))
-    counts, ids = torch.topk(counts_full, s, dim=-1)
-    ids = torch.where((counts > 0) & has_tail[:, None], ids, torch.full_like(ids, v))
-    ids, order = torch.sort(ids, dim=-1)
-    counts = counts.gather(1, order)
-    pad = ids == v
-    ids = ids.masked_fill(pad, -1)
-    counts = counts.masked_fill(pad, 0)
-    return {"tail_ids": ids, "tail_counts": counts}
+    c, v = e.shape
+    s = uniforms.shape[1]
+    f64 = torch.float64
+    blk = DRAW_BLOCK
+    full, nb = v - v % blk, -(-v // blk)
+    # Block sums in float32 (cascade summation: ~1e-7 relative, so a block's chance is its mass to that), a view of
+    # e, no copy; only the [C, nb] sums go to float64. Inside the chosen block the draw is exact in float64: the
+    # uniform's position inside the block (a fraction of its sum) against the block's own cumulative sum.
+    sums = torch.empty((c, nb), dtype=torch.float32, device=e.device)
+    if full:
+        torch.sum(e.as_strided((c, full // blk, blk), (e.stride(0), blk, e.stride(1))), dim=-1,
+                  out=sums[:, :full // blk])
+    if full < v:
+        sums[:, -1] = e[:, full:].sum(-1)
+    sums = sums.to(f64)
+    cum = sums.cumsum(-1)
+    total = cum[:, -1:].contiguous()
+    has = total[:, 0] > 0
+    x = uniforms * total  # [C, S]
+    # u·total rounds up to total for u within 2^-53 of 1: searchsorted then says nb; the last block of positive
+    # mass (and below, its last id of positive mass) is the draw.
+    b = torch.minimum(torch.searchsorted(cum, x, right=True), torch.searchsorted(cum, total, right=False))
+    b.clamp_(max=nb - 1)
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(x))
+    mass = sums.gather(1, b)
+    frac = torch.where(mass > 0, (x - before) / mass.clamp_min(1e-300), torch.zeros_like(x)).clamp_(0.0, 1.0)
+    draws = torch.empty((c, s), dtype=torch.int64, device=e.device)
+    offs = torch.arange(blk, device=e.device)
+    step = max(1, _DRAW_SLAB // (s * blk))
+    for a in range(0, c, step):
+        rows = slice(a, a + step)
+        idx = b[rows, :, None] * blk + offs  # [c', S, blk] the ids of each draw's block
+        vals = e[rows].gather(1, idx.clamp(max=v - 1).flatten(1)).view(idx.shape)
+        if full < v:
+            vals = vals.masked_fill(idx >= v, 0.0)
+        inner = vals.cumsum(-1, dtype=f64)  # [c', S, blk]
+        end = inner[..., -1:].contiguous()
+        pos = torch.minimum(torch.searchsorted(inner, frac[rows, :, None] * end, right=True),
+                            torch.searchsorted(inner, end, right=False))
+        draws[rows] = (b[rows] * blk + pos[..., 0]).clamp_(max=v - 1)
+    d, _ = torch.sort(draws, dim=-1)
+    first = torch.ones_like(d, dtype=torch.bool)
+    first[:, 1:] = d[:, 1:] != d[:, :-1]
+    group = first.cumsum(-1) - 1  # [C, S] the rank of each draw's id among the row's distinct ids
+    counts = torch.zeros_like(d).scatter_add_(1, group, torch.ones_like(d))
+    ids = torch.full_like(d, -1).scatter_(1, group, d)  # every draw of a group writes the same id
+    live = (counts > 0) & has[:, None]
+    ids = ids.masked_fill(~live, -1)
+    counts = counts.masked_fill(~live, 0)
+    share = sh.gather(1, ids.clamp(min=0)) - log_s_t[:, None]
+    share = share.masked_fill(~live, -math.inf)
+    return {"tail_ids": ids, "tail_counts": counts, "tail_logshares": share}
+
+
+def sample_tail(z: torch.Tensor, top_ids: torch.Tensor, s: int,
+                generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """`draw_tail` from logits z [C, V] (any per-row shift) and the top-K ids [C, K]: the tail draws of the
+    compiled statistics (`compiled_stats` does not return the tail's exps, so this makes one exp pass)."""
+    z = z.float()
+    u = tail_uniforms(z.shape[0], s, generator, z.device)
+    sh = z.scatter(1, top_ids, -math.inf)
+    m_t = sh.amax(-1, keepdim=True)
+    has = torch.isfinite(m_t)
+    sh = (sh - torch.where(has, m_t, torch.zeros_like(m_t))).clamp_(min=_OUT)
+    sh.scatter_(1, top_ids, _OUT)
+    e = sh.exp()
+    e.masked_fill_(~has, 0.0)
+    log_s_t = torch.log(e.sum(-1).clamp_min(1.0))
+    return draw_tail(e, sh, log_s_t, u)
 
 
 @torch.no_grad()

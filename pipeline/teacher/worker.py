@@ -92,8 +92,10 @@ def _full(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.full_tensor() if t is not None and hasattr(t, "full_tensor") else t
 
 
-def _shard_generator(seed: int, shard: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
+def _shard_generator(seed: int, shard: int) -> torch.Generator:
+    """The tail sampler's random stream of one shard: a CPU generator whatever device computes, so a shard's draws
+    do not depend on the device's RNG (`stats.tail_uniforms` moves the uniforms to the logits)."""
+    g = torch.Generator(device="cpu")
     g.manual_seed((seed * 1_000_003 + shard) % (2**63))
     return g
 
@@ -146,6 +148,7 @@ def compute_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None
     if s:
         stats["tail_ids"] = np.full((n, s), -1, np.int64)
         stats["tail_counts"] = np.zeros((n, s), np.int64)
+        stats["tail_logshares"] = np.full((n, s), -np.inf, np.float32)
     target_ids = np.zeros(n, np.int64)
     # Target positions of each example (t >= 1 with mask 1: position t is predicted from the
     # hidden state at t - 1) and the row offset of each example inside the shard.
@@ -159,7 +162,7 @@ def compute_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None
     head = HeadSpec(head.weight, head.bias, v, head.softcap, head.scale)  # the tokenizer's ids only
     betas = torch.tensor(params.betas, dtype=torch.float32)
     chunk_rows = job.head_chunk_rows or auto_chunk_rows(v, dev)
-    gen = _shard_generator(job.seed, shard["index"], head.weight.device) if s else None
+    gen = _shard_generator(job.seed, shard["index"]) if s else None
     lengths = [len(x) for x in ids_list]
     # compile "auto" is the eager path on every device (the path the tests exercise) until bench/gpu_suite.py
     # (part teacher: tokens/s with compile off and on, on a GPU) shows that torch.compile pays there.

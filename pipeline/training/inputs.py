@@ -26,9 +26,7 @@ def check_cache_serves(cfg: TrainConfig, cache: Any) -> None:
     if cfg.gate == "topk" and cfg.gate_k > cache.k:
         raise KdError(f"gate_k {cfg.gate_k} exceeds the cache's K = {cache.k}: the gate can only verify "
                       f"against cached ids (use --gate-k <= {cache.k} or a cache with a larger --top-k)")
-    if cfg.tail == "sampled" and not cache.tail_samples:
-        raise KdError(f"tail 'sampled' needs a cache with tail samples; {cfg.cache} has none "
-                      "(`kdcache teacher --tail-samples S`)")
+    cfg.check_tail_draws(cache.tail_samples, cache.params.draw_logprobs, str(cfg.cache))
 
 
 def check_temperatures(cfg: TrainConfig, grid: list[float]) -> None:

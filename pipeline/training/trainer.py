@@ -44,7 +44,7 @@ from pipeline.training.interrupts import StopRequest
 from pipeline.losses.chunked import RowPlan
 from pipeline.training.student import StudentObjective
 from pipeline.identity import write_json
-from pipeline.losses.objective import KD_FIELDS, gate_generator
+from pipeline.losses.objective import gate_generator, kd_fields
 from pipeline.losses.options import KdOptions
 from pipeline.training.metrics import MetricsLog, check_reporters, step_row
 from pipeline.models import load_causal_lm, model_vocab_size, pick_device, set_special_token_ids
@@ -137,7 +137,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.distills and self.cache is not None:
             check_cache_serves(cfg, self.cache)
-        fields = KD_FIELDS + (("tail_ids", "tail_counts") if cfg.tail == "sampled" else ())
+        fields = kd_fields(cfg.tail, self.cache.params.draw_logprobs if self.cache is not None else True)
         self.stream = CacheStream(self.ds, self.cache if cfg.distills else None, cfg.batch_size, seed=cfg.seed,
                                   shuffle=cfg.shuffle, threads=cfg.read_threads, rank=self.rank, world=self.world,
                                   fields=fields, batch_tokens=cfg.batch_tokens, follow=cfg.follow,

@@ -172,3 +172,45 @@ def test_decoded_head_is_the_normalised_gap_code(k):
     want = rel + (log_head - np.log(np.exp(rel).sum(1)))[:, None]
     got = c._head(codes, log_head)
     assert got.shape == (500, k) and np.abs(got - want).max() < 1e-12
+
+
+def test_draw_log_probs_round_trip_and_caches_without_them():
+    """tail_shares: log π_j = log p_j − log r of each draw as a LogCode of step draw_step (pads: its -inf code);
+    decoded as tail_logprobs = log r + log π_j within draw_step/2 + the split code's error. A cache whose codec
+    record has no draw_step (written before draws had log-probs) has no such array, reads as before, and refuses
+    the field with one line; a cache without draws records no draw_step, so its record is unchanged."""
+    from pipeline.errors import KdError
+
+    v, k, s = 300, 8, 6
+    z = adversarial_logits(v)
+    tgt = torch.zeros(z.shape[0], dtype=torch.int64)
+    p = CodecParams(top_k=k, vocab_size=v, temperatures=(0.5, 2.0), tail_samples=s)
+    st = distribution_stats(z, tgt, k, torch.tensor(p.betas, dtype=torch.float32), s, torch.Generator().manual_seed(0))
+    stats = {n: x.numpy() for n, x in st.items()}
+    codec = RowCodec(p)
+    raw = codec.encode(stats, tgt.numpy())
+    assert raw["tail_shares"].dtype == np.uint16 and raw["tail_shares"].shape == (z.shape[0], s)
+    pad = stats["tail_ids"] < 0
+    assert np.all(raw["tail_shares"][pad] == LogCode.NEG_INF_CODE)
+    dec = codec.decode(raw)
+    logp = torch.log_softmax(z.double(), -1).numpy()
+    want = np.take_along_axis(logp, np.where(pad, 0, stats["tail_ids"]), 1)
+    assert np.all(np.isneginf(dec["tail_logprobs"][pad]))
+    assert np.abs(dec["tail_logprobs"][~pad] - want[~pad]).max() <= p.draw_step / 2 + 2e-3
+    # the share itself (what weighs a draw) to draw_step/2 + float32 rounding
+    share = dec["tail_logprobs"] - dec["tail_logprob"][:, None]
+    assert np.abs(share[~pad] - stats["tail_logshares"][~pad]).max() <= p.draw_step / 2 + 1e-5
+    # an older cache: its codec record lacks draw_step
+    meta = p.to_meta()
+    assert meta["draw_step"] == p.draw_step
+    old = CodecParams.from_meta({n: x for n, x in meta.items() if n != "draw_step"})
+    assert old.tail_samples == s and not old.draw_logprobs
+    old_codec = RowCodec(old)
+    old_raw = old_codec.encode(stats, tgt.numpy())
+    assert "tail_shares" not in old_raw and set(old_raw) == set(raw) - {"tail_shares"}
+    old_dec = old_codec.decode(old_raw)
+    assert "tail_logprobs" not in old_dec and np.array_equal(old_dec["tail_ids"], dec["tail_ids"])
+    with pytest.raises(KdError, match="carry no log-probs") as e:
+        old_codec.decode(old_raw, ("tail_logprobs",))
+    assert "\n" not in str(e.value)
+    assert "draw_step" not in CodecParams(top_k=k, vocab_size=v, temperatures=(0.5, 2.0)).to_meta()

@@ -228,6 +228,12 @@ def test_tail_samples(caches, tmp_path, prepared_dir, llama_dir):
         assert not set(real.tolist()) & set(rows["topk_ids"][r].tolist())  # all outside the top-K
         assert np.all(np.diff(real) > 0) and real.min() >= 0 and real.max() < c.vocab_size
         assert np.all(ref["logp"][r, real] > -np.inf)
+    # each draw's log p over the full vocabulary (what re-tempers the draws): within draw_step/2 + the tail mass's
+    # error of the float64 oracle; -inf at pads
+    lps = c.read(0, c.num_rows, fields=("tail_logprobs",))["tail_logprobs"]
+    want = np.take_along_axis(ref["logp"], np.where(pad, 0, ids), axis=1)
+    assert c.params.draw_step == 2.0**-6 and np.all(np.isneginf(lps[pad]))
+    assert np.abs(lps[~pad] - want[~pad]).max() <= c.params.draw_step / 2 + 1e-3
     # deterministic for a seed (a fresh run, other batch/chunk sizes), different for another seed
     again = make_cache(tmp_path / "again", llama_dir, prepared_dir, head_chunk_rows=7)
     raw0, raw1 = c.read_raw(0, c.num_rows), again.read_raw(0, c.num_rows)

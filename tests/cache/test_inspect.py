@@ -54,7 +54,7 @@ def test_summary_shows_bytes_per_row_and_per_array(cache):
     # per array: what each array's files take on disk (from the commit records), summing to the shards' bytes
     per = dict(re.findall(r"(\w+) ([\d.]+)", res.output.split("per array")[1].splitlines()[0]))
     assert set(per) == {"topk_ids", "head_gaps", "tail_mass", "tail_entropy", "tail_shape", "target_code",
-                        "tail_ids", "tail_counts"}
+                        "tail_ids", "tail_counts", "tail_shares"}
     on_disk = {name: sum(f.stat().st_size for d in (cache / fmt.SHARDS_DIR).iterdir() for f in (d / name).rglob("*")
                          if f.is_file()) / c.num_rows for name in per}
     for name, v in per.items():
@@ -69,7 +69,7 @@ def test_verify_sound_cache(cache):
     assert "verify: all" in res.output
 
 
-@pytest.mark.parametrize("array", ["head_gaps", "tail_mass", "tail_shape", "tail_ids"])
+@pytest.mark.parametrize("array", ["head_gaps", "tail_mass", "tail_shape", "tail_ids", "tail_shares"])
 def test_verify_flipped_byte_names_the_shard(cache, array):
     flip_byte(chunk_file(cache, 2, array))
     res = inspect(cache, "--verify")

@@ -230,9 +230,10 @@ def test_kdloss_gives_the_numbers_of_kdcache_train(tmp_path, prepared_dir, cache
                       seed=7, lr=1e-2, **settings)
     trainer = Trainer(cfg)
     student = AutoModelForCausalLM.from_config(trainer.model.config)
-    if cfg.tail == "sampled":
-        dataset = KDExampleDataset(prepared_dir, cache_dir, fields=KD_FIELDS + ("tail_ids", "tail_counts"))
     kd = KDLoss.from_cache(cache_dir, KDLossConfig.from_train_config(cfg, total_steps=trainer.total))
+    if cfg.tail == "sampled":  # the draws, and their log-probs: what the loss needs is `kd.fields`
+        assert kd.fields == KD_FIELDS + ("tail_ids", "tail_counts", "tail_logprobs")
+        dataset = KDExampleDataset(prepared_dir, cache_dir, fields=kd.fields)
     where = {int(e): i for i, e in enumerate(dataset.examples)}
     collate = KDCollator()
     it = iter(trainer.stream)

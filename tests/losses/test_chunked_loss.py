@@ -17,7 +17,9 @@ from pipeline.losses.adakd import LATF
 from pipeline.cache.schema import CodecParams, RowCodec
 from pipeline.losses.chunked import chunked_loss, plan_rows
 from pipeline.losses.divergences import DIVERGENCES
-from pipeline.losses.objective import KD_FIELDS, kd_terms
+from pipeline.losses.chunked import _ChunkedLoss
+from pipeline.losses.objective import KD_FIELDS, SAMPLED_FIELDS, kd_terms
+from pipeline.losses.sampled import SAMPLED_DIVERGENCES
 from pipeline.losses.options import KdOptions
 from pipeline.head import HeadSpec
 from pipeline.teacher.stats import distribution_stats
@@ -26,9 +28,11 @@ from tests.losses import reference as R
 GRID = (0.5, 0.7, 1.4, 2.0)
 
 
-def make_case(n=23, h=12, v=61, pad=5, k=6, seed=0, softcap=None, scale=None, bias=True, with_teacher=False):
+def make_case(n=23, h=12, v=61, pad=5, k=6, seed=0, softcap=None, scale=None, bias=True, with_teacher=False,
+              tail_samples=0):
     """A student (hidden states, a padded head with bias/scale/soft-cap) and decoded format-3 cache rows of a
-    random teacher over the first V ids (with_teacher: also the teacher's full logits [n, V])."""
+    random teacher over the first V ids (with_teacher: also the teacher's full logits [n, V]; tail_samples: the
+    teacher stage's draws too, `objective.SAMPLED_FIELDS`, through the codec)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, h, generator=g, dtype=torch.float32).requires_grad_()
     weight = (0.6 * torch.randn(v + pad, h, generator=g)).requires_grad_()
@@ -36,11 +40,13 @@ def make_case(n=23, h=12, v=61, pad=5, k=6, seed=0, softcap=None, scale=None, bi
     head = HeadSpec(weight=weight, bias=b, vocab_size=v + pad, softcap=softcap, scale=scale)
     teacher = 3.0 * torch.randn(n, v, generator=g)
     targets = torch.randint(v, (n,), generator=g)
-    params = CodecParams(top_k=k, vocab_size=v, temperatures=GRID)
-    st = distribution_stats(teacher, targets, k, torch.tensor(params.betas, dtype=torch.float32))
+    params = CodecParams(top_k=k, vocab_size=v, temperatures=GRID, tail_samples=tail_samples)
+    st = distribution_stats(teacher, targets, k, torch.tensor(params.betas, dtype=torch.float32), tail_samples,
+                            torch.Generator().manual_seed(seed))
     codec = RowCodec(params)
     rows = codec.decode(codec.encode({n_: t.numpy() for n_, t in st.items()}, targets.numpy()))
-    cache = {f: torch.from_numpy(rows[f]) for f in KD_FIELDS if f != "target_rank"}
+    fields = KD_FIELDS + (SAMPLED_FIELDS if tail_samples else ())
+    cache = {f: torch.from_numpy(rows[f]) for f in fields if f != "target_rank"}
     out = (hidden, head, targets, cache, torch.tensor(params.betas, dtype=torch.float32), v)
     return out + (teacher,) if with_teacher else out
 
@@ -135,6 +141,57 @@ def reference_loss(hidden, head, targets, fields, v, s, ce_scale, kd_scale, latf
     num, _, _ = R.kd_sums(s.loss, logits, plan, teacher_at or R.fields_teacher(fields, v), fields["topk_ids"], v)
     loss = ce_scale * ce + kd_scale * num
     return loss, plan, num, torch.autograd.grad(loss, [h, w] + ([b] if b is not None else []))
+
+
+SAMPLED_SETTINGS = [
+    dict(),  # T = 1: CE fused into the divergence's pass
+    dict(gate="topk", gate_k=3, reject_weight=0.25),  # T = 1, some rows masked: CE fused, KD on the kept rows
+    dict(gate="threshold", gate_threshold=0.02, latf=True, idts=True),  # per-row temperatures
+    dict(temperature=1.4),
+]
+
+
+@pytest.mark.parametrize("name", SAMPLED_DIVERGENCES)
+@pytest.mark.parametrize("extra", SAMPLED_SETTINGS)
+def test_chunked_sampled_tail_equals_unchunked(name, extra):
+    """--tail sampled through the chunked loss's closed form against autograd on full logits (`kd_terms`), with the
+    teacher stage's own draws decoded by the codec (their log-probs to draw_step/2), value and gradient."""
+    hidden, head, targets, cache, grid, v = make_case(seed=zlib.crc32(f"s{name}{extra}".encode()) % 1000,
+                                                      tail_samples=5)
+    s = KdOptions(loss=name, tail="sampled", **extra)
+    ce_scale, kd_scale = 0.3, 0.7 / 5.0
+    latf_a, latf_b = LATF(10), LATF(10)
+    for latf in (latf_a, latf_b):
+        latf._ratio = 0.6
+    want, terms = reference(hidden, head, targets, cache, grid, v, s, ce_scale, kd_scale, latf_a,
+                            torch.Generator().manual_seed(4))
+    plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, latf_b, torch.Generator().manual_seed(4), 5)
+    got, ce, kd = chunked_loss(hidden, head, targets, cache, plan, s, v, ce_scale, kd_scale, chunk_rows=5)
+    assert plan.kept == terms.kept and 0 < plan.kept
+    assert float(kd) == pytest.approx(float(terms.numerator.detach()), rel=1e-5, abs=1e-6)
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6)
+    for a, b in zip(grads(got, hidden, head), grads(want, hidden, head)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "sampled"])
+@pytest.mark.parametrize("extra", [dict(), dict(gate="topk", gate_k=3, reject_weight=0.0), dict(idts=True)])
+def test_one_pass_ce_and_kd_equal_two_passes(tail, extra, monkeypatch):
+    """CE from the divergence's own softmax (every row at T = 1) equals CE from a pass of its own: loss, Σ CE,
+    Σ w T² D and the gradients, to float32 rounding; padded student ids, masked rows and a soft-capped head
+    included. With IDTS (T != 1) both are the two-pass path."""
+    hidden, head, targets, cache, grid, v = make_case(seed=11, softcap=4.0, tail_samples=4)
+    s = KdOptions(loss="jsd", tail=tail, **extra)
+    out = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(_ChunkedLoss, "fuse_ce", fuse)
+        plan = plan_rows(hidden.detach(), head, targets, cache, s, v, grid, None, None, 6)
+        loss, ce, kd = chunked_loss(hidden, head, targets, cache, plan, s, v, 0.4, 0.6 / 7, chunk_rows=6)
+        out[fuse] = (loss, ce, kd, grads(loss, hidden, head))
+    for a, b in zip(out[True][:3], out[False][:3]):
+        assert float(a.detach()) == pytest.approx(float(b.detach()), rel=2e-6, abs=1e-7)
+    for a, b in zip(out[True][3], out[False][3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 REFERENCE_SETTINGS = [

@@ -14,6 +14,7 @@ from pipeline.losses.divergences import (
     teacher_log_buckets,
     weighted_kd_loss,
 )
+from pipeline.losses.sampled import sampled_tail_divergence
 from pipeline.losses.temperature import tail_log_partition_at
 
 LAM, ALPHA, MU = 0.9, 0.1, 0.5
@@ -267,7 +268,7 @@ def _sampled_case():
 
 def test_sampled_tail_with_exact_counts_equals_dense_fkl():
     p, logits, ids, lp, a, beta, t, tail_ids, tail_counts = _sampled_case()
-    got = kd_divergence("fkl", logits, ids, lp, a, beta, t, 8, tail_ids=tail_ids, tail_counts=tail_counts)
+    got = sampled_tail_divergence("fkl", logits, ids, lp, a, beta, t, 8, tail_ids, tail_counts)
     want = _kl(p, torch.softmax(logits, -1))
     assert torch.allclose(got, want, atol=1e-12)
     assert torch.allclose(_grad(got, logits), _grad(want, logits), atol=1e-12)
@@ -280,7 +281,7 @@ def test_sampled_tail_by_hand_and_empty_samples():
     logits2 = torch.cat([logits.detach(), logits.detach()]).requires_grad_()
     two = lambda x: torch.cat([x, x])  # noqa: E731
     args = (two(ids), two(lp), two(a), two(beta), two(t))
-    got = kd_divergence("fkl", logits2, *args, 8, tail_ids=tail_ids, tail_counts=tail_counts)
+    got = sampled_tail_divergence("fkl", logits2, *args, 8, tail_ids, tail_counts)
     q = torch.softmax(logits.detach(), -1)[0]
     pb = [0.4, 0.25, 0.15, 0.2 * 1 / 4, 0.2 * 3 / 4]
     qb = [q[0], q[1], q[2], q[3], q[6]]
@@ -291,14 +292,18 @@ def test_sampled_tail_by_hand_and_empty_samples():
     assert torch.isfinite(_grad(got, logits2)).all()
 
 
-def test_sampled_tail_only_for_fkl_bucket_at_t1():
+def test_sampled_tail_without_draw_logprobs_only_for_fkl_at_t1():
+    """Draws without their log-probs (caches made before they were stored) serve fkl at T = 1 only; rkl and akl
+    are refused whatever the cache holds (tests/losses/test_sampled_tail.py has the estimators and the rest)."""
     _, logits, ids, lp, a, beta, t, tail_ids, tail_counts = _sampled_case()
-    for name, tail in (("rkl", "bucket"), ("jsd", "bucket"), ("fkl", "renorm"), ("fkl", "ignore")):
-        with pytest.raises(ValueError, match="sampled tail"):
-            kd_divergence(name, logits, ids, lp, a, beta, t, 8, tail, tail_ids, tail_counts)
+    for name in ("rkl", "akl"):
+        with pytest.raises(ValueError, match=f"a sampled tail cannot serve {name}: "):
+            sampled_tail_divergence(name, logits, ids, lp, a, beta, t, 8, tail_ids, tail_counts)
+    with pytest.raises(ValueError, match="serves jsd only with its draws' log-probs"):
+        sampled_tail_divergence("jsd", logits, ids, lp, a, beta, t, 8, tail_ids, tail_counts)
     # Re-tempering T = 1 draws by their counts is wrong (bucket TVD 0.56-0.93 at T = 2, measured): refused.
-    with pytest.raises(ValueError, match="exact only at T = 1"):
-        kd_divergence("fkl", logits, ids, lp, a, beta * 0.5, t * 2.0, 8, tail_ids=tail_ids, tail_counts=tail_counts)
+    with pytest.raises(ValueError, match="re-tempered with its draws' log-probs, which these cache rows lack"):
+        sampled_tail_divergence("fkl", logits, ids, lp, a, beta * 0.5, t * 2.0, 8, tail_ids, tail_counts)
 
 
 # ---- -inf buckets, empty inputs, dtypes -------------------------------------------------------------

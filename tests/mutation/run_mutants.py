@@ -13,7 +13,8 @@ reported, not required to die; `fast=False` ones are killed only by a hand-writt
     ... --only rkl_as_fkl no_t_squared --markdown --json mutants.json
 
 Fast subset: the float64-reference tests (tests/losses/test_reference.py, the chunked loss and the re-tempering
-against tests/losses/reference.py). Full subset: tests/losses/ and the KDLoss tests of tests/interop/test_api.py,
+against tests/losses/reference.py). Full subset: tests/losses/, the tail draws' tests (tests/teacher/test_tail_draws.py,
+their codec in tests/cache/test_cache_codecs.py) and the KDLoss tests of tests/interop/test_api.py,
 so the table says which tests kill each mutant (the path-vs-path comparisons among them). Exit status 0 when the
 baseline passes and every mutant without a documented `survives` reason is killed.
 """
@@ -42,6 +43,8 @@ FAST = (
 )
 FULL = (
     "tests/losses",
+    "tests/teacher/test_tail_draws.py",  # the teacher's sampler
+    "tests/cache/test_cache_codecs.py::test_draw_log_probs_round_trip_and_caches_without_them",
     "tests/interop/test_api.py::test_kdloss_equals_a_dense_reference",
     "tests/interop/test_api.py::test_kdloss_equals_the_float64_reference_with_every_method",
     "tests/interop/test_api.py::test_kdloss_gives_the_numbers_of_kdcache_train",
@@ -66,6 +69,7 @@ def _e(path: str, old: str, new: str, count: int = 1) -> tuple[str, str, str, in
 DIV, GATE, ADA, SEL, TEMP, OBJ, CH, SCHEMA = ("losses/divergences.py", "losses/gate.py", "losses/adakd.py",
                                               "losses/selection.py", "losses/temperature.py", "losses/objective.py",
                                               "losses/chunked.py", "cache/schema.py")
+SAMP, STATS = "losses/sampled.py", "teacher/stats.py"
 
 MUTANTS: tuple[Mutant, ...] = (
     # ---- the reviewer's families -------------------------------------------------------------------------------
@@ -87,7 +91,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("no_t_squared", "the T² factor dropped everywhere (kd_terms, chunked value and gradient, weighted_kd_loss)",
            (_e(OBJ, "return KdTerms((w * t * t * d).sum(),", "return KdTerms((w * d).sum(),"),
             _e(CH, "scale = spec.kd_scale * plan.weight[g] * t * t", "scale = spec.kd_scale * plan.weight[g]"),
-            _e(CH, "(plan.weight[g] * t * t * d).sum()", "(plan.weight[g] * d).sum()", 2),
+            _e(CH, "(plan.weight[g] * t * t * d).sum()", "(plan.weight[g] * d).sum()"),
+            _e(CH, "torch.where(keep, plan.weight[g] * t * t * d,", "torch.where(keep, plan.weight[g] * d,"),
             _e(DIV, "scale = w if temperature is None else w * temperature.detach().to(dt).square()", "scale = w"))),
     Mutant("rkl_as_fkl", "rkl computed as fkl",
            (_e(DIV, 'if name == "rkl":\n        return _xlogx_ratio(log_q, log_p)',
@@ -143,6 +148,24 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("ranking_tail_floor_1e-4", "LATF/IDTS difficulty: the student's ranking tail floored at 1e-4, not 1e-7",
            (_e(OBJ, "total = torch.logsumexp(head, dim=-1).clamp(max=-1e-7)",
                "total = torch.logsumexp(head, dim=-1).clamp(max=-1e-4)"),), fast=False),
+    # ---- the sampled tail, the teacher's sampler, one-pass CE: killed by their own tests, in the full subset only
+    # (`--only ... --tests tests/losses/test_sampled_tail.py tests/losses/test_chunked_loss.py
+    # tests/teacher/test_tail_draws.py tests/cache/test_cache_codecs.py`: 7/7 with no_t_squared, 234 s) -----------
+    Mutant("sampled_weights_dropped", "sampled tail: P̂_j = r^T·c_j/S at every T (the T = 1 split, no importance weight)",
+           (_e(SAMP, "log_pw = torch.where(valid, log_w + log_p_draw, NEG_INF)",
+               "log_pw = torch.where(valid, log_c + log_p_tail[:, None], NEG_INF)"),), fast=False),
+    Mutant("sampled_student_weighted_ratio_inverted", "sampled srkl/jsd: log(1 + (a/b)·p/q) instead of (b/a)",
+           (_e(SAMP, "F.softplus(math.log(b / a) + lp - lq)", "F.softplus(math.log(a / b) + lp - lq)"),), fast=False),
+    Mutant("sampled_tvd_exact_part_halved", "sampled tvd: ¼(r^T + Q_T) instead of ½",
+           (_e(SAMP, "tail = 0.5 * (t.log_p_tail.to(dt).exp() + q_tail)", "tail = 0.25 * (t.log_p_tail.to(dt).exp() + q_tail)"),),
+           fast=False),
+    Mutant("draws_uniform_squared", "teacher's sampler: u² instead of u (draws skewed to low ids)",
+           (_e(STATS, "x = uniforms * total  # [C, S]", "x = uniforms.square() * total  # [C, S]"),), fast=False),
+    Mutant("draw_share_code_without_log_r", "codec: tail_logprobs decoded as log π_j (the share), not log r + log π_j",
+           (_e(SCHEMA, "lp = log_r[:, None] + self.shares.decode(raw[\"tail_shares\"])",
+               "lp = 0.0 * log_r[:, None] + self.shares.decode(raw[\"tail_shares\"])"),), fast=False),
+    Mutant("fused_ce_ignores_padded_ids", "one-pass CE: the student's padded ids left out of CE's log-sum",
+           (_e(DIV, "lse = log_total if lse_pad is None else _logaddexp(log_total, lse_pad)", "lse = log_total"),)),
     # ---- documented survivors ------------------------------------------------------------------------------
     Mutant("normaliser_guard_clamped", "weighted_kd_loss divides by max(Σw, 1e-12) instead of (Σw if Σw > 0 else 1)",
            (_e(DIV, "return terms.sum() / torch.where(total_w > 0, total_w, torch.ones_like(total_w))",
