@@ -32,6 +32,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def one_line_error(res, *needles: str) -> str:
+    """The one `error:` line of a failed CLI run (exit 1, no traceback), checked to contain each needle."""
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output, res.output
+    errs = [ln for ln in res.output.splitlines() if "error:" in ln]
+    assert len(errs) == 1, res.output
+    for n in needles:
+        assert n in errs[0], errs[0]
+    return errs[0]
+
+
 def make_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
     """Small prompt-response records over a fixed word list."""
     rng = random.Random(seed)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_pairs
+from conftest import make_pairs, one_line_error
 from gguf_fixture import write_gguf
 
 from pipeline.errors import KdError
@@ -33,16 +33,6 @@ def tiny_gguf(tmp_path_factory, llama_dir, tokenizer_dir):
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_line_error(res, *needles: str) -> str:
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output, res.output
-    errs = [ln for ln in res.output.splitlines() if "error:" in ln]
-    assert len(errs) == 1, res.output
-    for n in needles:
-        assert n in errs[0], errs[0]
-    return errs[0]
 
 
 def test_the_file_loads_as_the_model_it_was_written_from(tiny_gguf, llama_dir, vocab_size, tmp_path):

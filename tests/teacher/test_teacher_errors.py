@@ -19,23 +19,13 @@ from pipeline.cache import open_cache
 from pipeline.data.prepare import META_FILENAME, load_prepared, write_prepared
 from stages.cli import main
 
-from conftest import save_tiny_model
+from conftest import one_line_error, save_tiny_model
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def teacher(*args):
     return CliRunner().invoke(main, ["teacher", "--device", "cpu", *[str(a) for a in args]])
-
-
-def one_line_error(res, *needles: str) -> str:
-    assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output, res.output
-    errs = [ln for ln in res.output.splitlines() if "error:" in ln]
-    assert len(errs) == 1, res.output
-    for n in needles:
-        assert n in errs[0], errs[0]
-    return errs[0]
 
 
 def assert_nothing_half_committed(cache) -> None:
