@@ -60,7 +60,7 @@ def test_real_llm_pipeline(real_llm, tmp_path):
     run("prepare", "--data", str(src), "--tokenizer", str(teacher), "--out", str(prep), "--max-length", "256")
     run("teacher", "--data", str(prep), "--model", str(teacher), "--out", str(cache), "--device", "cpu",
         "--dtype", "float32", "--shard-rows", "1024")
-    assert "OK" in run("inspect", str(cache), "--verify")
+    assert "checksums match" in run("inspect", str(cache), "--verify")
 
     # Every cached quantity against the float64 teacher (the bounds of docs/cache-format.md's default preset).
     c = open_cache(cache)
