@@ -78,7 +78,7 @@ DRAW_STEP = 2.0**-6
 
 def entropy_bits_for(n_tail: int, max_error: float = ENTROPY_ERROR) -> int:
     """The fewest bits (8 to 16) that code H(pi) in [0, log n_tail] within max_error nats: the UnitCode's
-    error is log(n_tail) / (2 (2^b - 1)). 8 bits up to n_tail = 12; 11 bits for V = 49,152 or 262,144."""
+    error is log(n_tail) / (2 (2^b - 1)). 8 bits up to n_tail = 12, 10 up to 27,722, 11 beyond (V = 49,152 and 262,144)."""
     span = float(np.log(n_tail)) if n_tail > 1 else 0.0
     for bits in range(8, 17):
         if span / (2 * ((1 << bits) - 1)) <= max_error:
