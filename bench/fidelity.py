@@ -96,21 +96,38 @@ def kdcache_rows(cache: Any, a: int, b: int, temperature: float) -> tuple[Decode
     return dec, loss
 
 
-def kdcache_draws_rows(cache: Any, a: int, b: int) -> Decoded:
-    """Rows [a, b) of a kdcache cache with tail draws, as `--tail sampled` trains on them at T = 1
-    (`divergences.sampled_tail_buckets`): the K head masses, then r c_j / sum c on each drawn id, and the tail
-    bucket only on a row without draws."""
-    r = cache.read(a, b, ("topk_ids", "topk_logprobs", "tail_logprob", "tail_ids", "tail_counts"))
+def kdcache_draws_rows(cache: Any, a: int, b: int, temperature: float) -> Decoded:
+    """Rows [a, b) of a kdcache cache with tail draws, as `--tail sampled` trains fkl on them at temperature T
+    (`pipeline/losses/sampled.py`): the K tempered head masses, and on each drawn id j the importance-weighted share
+    R_T (c_j / S) p_j^b / (pi_j sum_tail p^b) of the tempered tail mass R_T (b = 1/T, pi_j = p_j / r; at T = 1 this is
+    r c_j / S), the tail bucket only on a row without draws. Unbiased: its expectation over draw sets is the dense
+    tempered tail, so the cosine here is that of ONE draw set (each row's own noise)."""
+    from pipeline.losses.divergences import teacher_log_buckets
+    from pipeline.losses.temperature import tail_log_partition_at
+
+    r = cache.read(a, b, ("topk_ids", "topk_logprobs", "tail_logprob", "tail_entropy", "tail_log_partition",
+                          "tail_ids", "tail_counts", "tail_logprobs"))
     ids, t_ids = torch.as_tensor(r["topk_ids"]), torch.as_tensor(r["tail_ids"]).long()
+    lp = torch.as_tensor(r["topk_logprobs"]).double()
+    n, k = lp.shape
     counts = torch.as_tensor(r["tail_counts"]).double()
     ok = (counts > 0) & (t_ids >= 0)
     counts = counts.masked_fill(~ok, 0.0)
     total = counts.sum(-1, keepdim=True)
-    rr = torch.as_tensor(r["tail_logprob"]).double().exp()
-    share = torch.where(total > 0, counts / total.clamp_min(1e-300), torch.zeros_like(counts)) * rr[:, None]
+    beta = torch.full((n,), 1.0 / temperature, dtype=torch.float64)
+    grid = torch.tensor([1.0 / t for t in cache.temperatures], dtype=torch.float64)
+    log_r = torch.as_tensor(r["tail_logprob"]).double()
+    tail = tail_log_partition_at(beta, grid, torch.as_tensor(r["tail_log_partition"]).double(), log_r,
+                                 torch.as_tensor(r["tail_entropy"]).double(), cache.params.n_tail)
+    log_b = teacher_log_buckets(lp, tail, beta)
+    big_r = log_b[:, k].exp()
+    lpj = torch.as_tensor(r["tail_logprobs"]).double()
+    # log of p_j^b / (pi_j sum_tail p^b) = b log p_j - (log p_j - log r) - T(b)
+    log_w = torch.where(ok, beta[:, None] * lpj - (lpj - log_r[:, None]) - tail[:, None], torch.zeros_like(lpj))
+    share = torch.where(total > 0, counts / total.clamp_min(1e-300), torch.zeros_like(counts)) * log_w.exp()
     return Decoded(torch.cat([ids, t_ids.clamp_min(0)], 1), torch.cat([torch.ones_like(ids, dtype=torch.bool), ok], 1),
-                   torch.cat([torch.as_tensor(r["topk_logprobs"]).double().exp(), share], 1),
-                   torch.where(total[:, 0] > 0, torch.zeros_like(rr), rr))
+                   torch.cat([log_b[:, :k].exp(), share * big_r[:, None]], 1),
+                   torch.where(total[:, 0] > 0, torch.zeros_like(big_r), big_r))
 
 
 def kdcache_build(prepared: Path, model: Path, out: Path, k: int, tail_samples: int = 0) -> Any:
@@ -378,9 +395,8 @@ def run_teacher_formats(args: argparse.Namespace, b: Any, name: str, model_dir: 
                 v16 = peers.MegatronGhost.quantise(top_lp32[:, :k])
                 fmts[f"top-K + ghost K={k}"] = (peers.MegatronGhost.decode(top_ids[:, :k], v16, t),
                                                 _ghost_loss(top_ids[:, :k], v16, t))
-            if t == 1.0:  # cached draws come from p: exact at T = 1 only (kd_divergence refuses other T)
-                for s_, c_ in drawn.items():
-                    fmts[f"kdcache K={ks[0]} + {s_} draws"] = (kdcache_draws_rows(c_, a, bb), None)
+            for s_, c_ in drawn.items():  # importance-weighted at T != 1 (the draws' log-probs are cached)
+                fmts[f"kdcache K={ks[0]} + {s_} draws"] = (kdcache_draws_rows(c_, a, bb, t), None)
             for nd in args.draws:
                 s_ids, q7 = peers.SampledKD(nd).sample(blk.pt, gens[(t, nd)])
                 stored["sampled"].setdefault((t, nd), []).append((s_ids, q7))
@@ -615,7 +631,7 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=1024,
                     help="padded tokens per forward block; rows of a block are processed as [rows, V] float64")
     ap.add_argument("--kdcache-draws", default="8",
-                    help="kdcache caches at the smallest K with this many tail draws (comma list; T = 1 only)")
+                    help="kdcache caches at the smallest K with this many tail draws (comma list)")
     ap.add_argument("--real-llm", default="",
                     help="bench/real_llm.py's root (e.g. runs/real_llm): SmolLM2-135M-Instruct as the teacher, its "
                          "first 6 layers as the student, this machine's doc texts as the rows (built when missing)")
