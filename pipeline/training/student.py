@@ -11,7 +11,7 @@ from torch import Tensor
 
 from pipeline.errors import KdError
 from pipeline.identity import describe_tokenizer, same_tokenizer, tokenizer_identity
-from pipeline.models import load_causal_lm, load_tokenizer, model_vocab_size, own_tokenizer
+from pipeline.models import input_device, load_causal_lm, load_tokenizer, model_vocab_size, own_tokenizer
 from pipeline.head import check_head, head_spec
 from pipeline.losses.adakd import LATF
 from pipeline.losses.chunked import RowPlan, auto_chunk_rows, chunked_loss, plan_rows
@@ -150,7 +150,7 @@ def check_student_head(model: Any) -> None:
     was = model.training
     model.eval()
     try:
-        check_head(model, head_spec(model, model_vocab_size(model)), model.get_input_embeddings().weight.device)
+        check_head(model, head_spec(model, model_vocab_size(model)), input_device(model))
     finally:
         model.train(was)
 

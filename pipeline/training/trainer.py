@@ -23,6 +23,8 @@ The optimizer and its schedule are in `pipeline.training.optimizer`, what the ra
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import os
@@ -185,12 +187,9 @@ class Trainer:
     def _forward(self, mb: MicroBatch, scales: Callable[[RowPlan], tuple[float, float]] | None) -> tuple[Any, RowPlan, Any]:
         """(loss or None, the micro-batch's row plan, Σ w T² D) of one micro-batch; scales=None: pass 1 only."""
         ctx = nullcontext() if scales is not None else torch.no_grad()
-        rows = mb.cache if self.cfg.distills else None
-        if self.online is not None:  # the same rows a cache would hold, exactly, computed now (K = V)
-            rows = self.online.rows(mb.input_ids, mb.tgt_b, mb.tgt_t, mb.target_ids)
         with ctx, self.autocast:
             loss, plan, _, kd = self.net(mb.input_ids, mb.attention_mask, mb.tgt_b, mb.tgt_t, mb.target_ids,
-                                         rows, scales)
+                                         mb.cache if self.cfg.distills else None, scales)
         return loss, plan, kd
 
     def train_step(self, mbs: list[MicroBatch], apply: bool = True) -> dict[str, Any]:
@@ -200,6 +199,9 @@ class Trainer:
         updated (used by the micro-batch split test).
         """
         cfg, world, alpha = self.cfg, self.world, self.alpha
+        if self.online is not None:  # the rows a cache would hold, exactly (K = V), computed once per micro-batch
+            mbs = [dataclasses.replace(mb, cache=self.online.rows(mb.input_ids, mb.tgt_b, mb.tgt_t, mb.target_ids))
+                   for mb in mbs]
         n_total = all_sum([float(sum(mb.num_targets for mb in mbs))], world, self.device)[0]
         # Σw of the step before any backward pass: needed with mixed alpha over several micro-batches.
         w_total = self._prepass_weight(mbs) if cfg.distills and 0.0 < alpha < 1.0 and len(mbs) > 1 else None
