@@ -162,6 +162,12 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
             known = ", ".join(sorted(fields))
             raise KdError(f"unknown config key '{prefix}{raw_key}' (known keys: {known})")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
+    urls_ok = getattr(cls, "URL_FIELDS", ())
+    for key, value in kwargs.items():  # a URL where a local path is expected: refused before anything runs
+        if key not in urls_ok:
+            from pipeline.storage import refuse_url
+
+            refuse_url(value, f"{prefix}{key}")
     try:
         return cls(**kwargs)
     except KdError:

@@ -15,8 +15,24 @@ import click
 from pipeline.errors import Interrupted, KdError
 
 
+def _storage_options(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
+    """`--storage-option key=value`: fsspec options for URL paths, held in this process only (never saved)."""
+    if value:
+        from pipeline.storage import configure, parse_storage_options
+
+        try:
+            configure(parse_storage_options(value))
+        except KdError as e:
+            raise click.BadParameter(str(e)) from None
+
+
 def config_options(fn: Callable) -> Callable:
-    """Add `--config FILE.yaml` and repeatable `--set key=value` to a command."""
+    """Add `--config FILE.yaml`, repeatable `--set key=value` and `--storage-option key=value` to a command."""
+    fn = click.option("--storage-option", multiple=True, metavar="KEY=VALUE", expose_value=False,
+                      callback=_storage_options,
+                      help="fsspec storage option for s3:// / gs:// / az:// paths (repeatable; e.g. endpoint_url=..., "
+                           "profile=...); beside the provider's environment and config files and "
+                           "$KDCACHE_STORAGE_OPTIONS (JSON). Never saved.")(fn)
     fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                       help="Override one config key (repeatable); beats --config, loses to explicit options.")(fn)
     fn = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,

@@ -14,7 +14,14 @@ T = TrainConfig
 
 @click.command()
 @setting(T, "--data", show="the data the cache records", help="Prepared data (a `kdcache prepare` output).")
-@setting(T, "--cache", show="none: plain cross-entropy", help="Teacher cache to distill from.")
+@setting(T, "--cache", show="none: plain cross-entropy",
+         help="Teacher cache to distill from: a directory or an fsspec URL (s3://, gs://, az://, ...).")
+@setting(T, "--local-cache", show="$KDCACHE_LOCAL_CACHE or ~/.cache/kdcache/remote",
+         help="A URL --cache is read through a copy of its shards in this local directory.")
+@setting(T, "--local-cache-gb", type=float, help="At most this many GiB of shards kept locally (least recently "
+                                                 "used evicted; 0: no bound).")
+@setting(T, "--prefetch", field="prefetch_shards", type=int,
+         help="A URL --cache: shards downloaded ahead of the reader, in the epoch's order.")
 @setting(T, "--student", show="one of the two is required", help="Student model directory, .gguf file or hub id to start from.")
 @setting(T, "--student-config", show="one of the two is required", help="transformers config.json: build the student from scratch.")
 @setting(T, "--out", type=click.Path(file_okay=False), show="required", help="Run directory.")

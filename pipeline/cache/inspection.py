@@ -4,7 +4,7 @@ teacher entropy and tail-mass statistics, shard status."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -15,6 +15,8 @@ from pipeline.errors import KdError
 @dataclass
 class InspectConfig:
     """Settings of `kdcache inspect`."""
+
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache",)  # may be an fsspec URL (pipeline.storage)
 
     cache: str = ""
     verify: bool = False  # read every shard: checksums and completeness

@@ -10,7 +10,8 @@
     CACHE/tmp/shard_00012.<id>/    a shard being written; removed on restart
 
 This module is the one place that knows these names: the writer, the reader, the teacher stage,
-`inspect` and `report` all go through it.
+`inspect` and `report` all go through it. `cache` may be an fsspec URL where the functions below say so
+(a cache on an object store: `pipeline.cache.remote`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from pipeline import records
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import read_json
+from pipeline.storage import is_url, store_for
 
 META_FILENAME = "kdcache.json"
 INDEX_FILENAME = "index.parquet"
@@ -45,13 +47,53 @@ def shard_dir(cache: Path, i: int) -> Path:
     return Path(cache) / SHARDS_DIR / shard_name(i)
 
 
-def is_committed(cache: Path, i: int) -> bool:
-    """A shard exists for readers only once its commit record is in place (written before the rename)."""
+def commit_name(i: int) -> str:
+    """The commit record of shard `i`, relative to the cache: shards/shard_00012/_COMMIT.json."""
+    return f"{SHARDS_DIR}/{shard_name(i)}/{COMMIT_FILENAME}"
+
+
+def is_committed(cache: str | Path, i: int) -> bool:
+    """A shard exists for readers only once its commit record is in place (written before the rename;
+    on an object store, uploaded after the shard's files). `cache`: a directory or a URL."""
+    if is_url(cache):
+        return store_for(str(cache)).exists(commit_name(i))
     return (shard_dir(cache, i) / COMMIT_FILENAME).is_file()
 
 
-def read_commit(cache: Path, i: int) -> dict[str, Any]:
-    """The commit record of shard `i`; a missing or malformed one is an error naming the shard."""
+def committed_shards(cache: str | Path) -> list[int]:
+    """Indices of the committed shards, sorted (one listing: a directory or a URL)."""
+    if is_url(cache):
+        from pipeline.cache.remote import committed_shards as listed
+
+        return sorted(listed(store_for(str(cache))))
+    root = Path(cache) / SHARDS_DIR
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        m = re.fullmatch(r"shard_(\d{5,})", d.name)
+        if m and (d / COMMIT_FILENAME).is_file():
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def read_commit(cache: str | Path, i: int) -> dict[str, Any]:
+    """The commit record of shard `i`; a missing or malformed one is an error naming the shard.
+    `cache`: a directory or a URL."""
+    if is_url(cache):
+        import json
+
+        store = store_for(str(cache))
+        try:
+            rec = json.loads(store.read_bytes(commit_name(i)))
+        except FileNotFoundError:
+            raise KdError(f"{cache}: {shard_name(i)} is not committed (the cache is incomplete; "
+                          "re-run `kdcache teacher` to finish it)") from None
+        except ValueError:
+            raise CorruptionError(f"{shard_name(i)}: its commit record is not valid JSON") from None
+        if not isinstance(rec, dict):
+            raise CorruptionError(f"{shard_name(i)}: its commit record is not a JSON object")
+        return rec
     p = shard_dir(cache, i) / COMMIT_FILENAME
     if not p.is_file():
         raise KdError(f"{Path(cache)}: {shard_name(i)} is not committed (the cache is incomplete; "
@@ -60,6 +102,24 @@ def read_commit(cache: Path, i: int) -> dict[str, Any]:
         return read_json(p, f"{shard_name(i)} commit record")
     except KdError as e:
         raise CorruptionError(f"{shard_name(i)}: {e}") from None
+
+
+def read_meta(cache: str | Path) -> dict[str, Any]:
+    """A cache's kdcache.json, local or remote (a `KdError` when it is missing or not JSON)."""
+    if is_url(cache):
+        import json
+
+        store = store_for(str(cache))
+        try:
+            meta = json.loads(store.read_bytes(META_FILENAME))
+        except FileNotFoundError:
+            raise KdError(f"cache metadata not found: {store.uri(META_FILENAME)}") from None
+        except ValueError:
+            raise KdError(f"cache metadata is not valid JSON: {store.uri(META_FILENAME)}") from None
+        if not isinstance(meta, dict):
+            raise KdError(f"cache metadata must hold a JSON object: {store.uri(META_FILENAME)}")
+        return meta
+    return read_json(Path(cache) / META_FILENAME, "cache metadata")
 
 
 def write_checksums(cache: Path, sums: dict[str, str]) -> None:

@@ -20,6 +20,10 @@ them against each shard's alignment hash, so a cache is never joined to other da
 
 Rows are global: row r of the cache is the r-th target position of the prepared dataset, in
 dataset order then position order; `c.index` maps each example to its rows.
+
+`open_cache("s3://bucket/cache", local_cache=DIR, local_cache_gb=G, prefetch=N)` reads a cache on an object
+store through a bounded local copy (`pipeline.cache.mirror.Mirror`): shards are downloaded whole, checked
+against their commit records' sha256 as they arrive, `N` ahead of the reader, least recently used evicted.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from pipeline.cache.rows import load_dataset_dir, target_ids_of, targets_sha256
 from pipeline.cache.schema import DECODED, FORMAT_VERSION, CodecParams, RowCodec, stored_arrays
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256
+from pipeline.storage import is_url
 
 # What `read` decodes by default: the whole contract.
 CONTRACT_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "entropy", "log_partition", "tail_entropy",
@@ -48,17 +53,29 @@ CONTRACT_FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "entropy", "log_
 class Cache:
     """A teacher cache on disk. Thread-safe for concurrent `read` calls."""
 
-    def __init__(self, path: str | Path, data: Any = None, strict: bool = True):
+    def __init__(self, path: str | Path, data: Any = None, strict: bool = True, local_cache: str | Path | None = None,
+                 local_cache_gb: float = 0.0, prefetch: int = 2):
         """`strict`: a damaged `kdcache.json`, `index.parquet` or `kdcache.sha256` raises a `CorruptionError`
         naming the file; without it (`inspect --verify`) they are listed in `metadata_problems` instead,
-        and the cache opens when its metadata still parses."""
-        self.path = Path(path)
+        and the cache opens when its metadata still parses. `path` may be an fsspec URL: the cache is
+        then read through a local copy (`local_cache` directory, at most `local_cache_gb` GiB of shards,
+        `prefetch` shards ahead; `pipeline.cache.mirror`)."""
+        self.url = str(path).rstrip("/") if is_url(path) else None
+        self.mirror = None
+        self._mirror_args = (local_cache, local_cache_gb, prefetch)
+        if self.url is not None:
+            from pipeline.cache.mirror import Mirror
+
+            self.mirror = Mirror(self.url, local_cache, local_cache_gb, prefetch, on_evict=self._forget)
+            self.path = self.mirror.open()
+        else:
+            self.path = Path(path)
         self.metadata_problems: list[str] = []
         self.checksummed = False  # False: a cache written before kdcache.sha256 existed (shards checked only)
         self.meta = self._read_meta(strict)
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
-            raise KdError(f"{self.path} is a format-{version} cache; this kdcache reads format {FORMAT_VERSION} "
+            raise KdError(f"{self.where} is a format-{version} cache; this kdcache reads format {FORMAT_VERSION} "
                           f"(exact tail mass and temperature statistics): re-run `kdcache teacher` to rebuild it")
         self.params = CodecParams.from_meta(self.meta["codec"])
         self.codec = RowCodec(self.params)
@@ -117,16 +134,48 @@ class Cache:
             raise CorruptionError(problems[0])
         return meta
 
+    @property
+    def where(self) -> str:
+        """The cache's URL or directory, for messages."""
+        return self.url or str(self.path)
+
+    def _forget(self, i: int) -> None:
+        """The mirror evicted shard `i`: its open arrays point at deleted files."""
+        with self._lock:
+            self._groups.pop(i, None)
+
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (DataLoader workers started with spawn): open arrays, the lock and decoded target ids
-        are per process and reopened lazily; the data is passed on as given (a path or a dataset)."""
+        are per process and reopened lazily; the data is passed on as given (a path or a dataset). A remote
+        cache's mirror is reopened in the new process (same local directory)."""
         state = dict(self.__dict__)
-        state.update(_groups={}, _targets={}, _lock=None, _index=None)
+        state.update(_groups={}, _targets={}, _lock=None, _index=None, mirror=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        if self.url is not None:
+            from pipeline.cache.mirror import Mirror
+
+            self.mirror = Mirror(self.url, *self._mirror_args, on_evict=self._forget)
+            self.mirror.open()
+
+    def _is_committed(self, i: int) -> bool:
+        return self.mirror.committed(i) if self.mirror is not None else layout.is_committed(self.path, i)
+
+    def _commit(self, i: int) -> dict[str, Any]:
+        """Shard `i`'s commit record (from the store for a remote cache)."""
+        if self.mirror is not None:
+            if self.mirror.has(i):
+                return layout.read_commit(self.path, i)
+            return layout.read_commit(self.url, i)
+        return layout.read_commit(self.path, i)
+
+    def prefetch_order(self, shards: list[int]) -> None:
+        """The order shards will first be read in (the epoch plan's): a remote cache fetches ahead in it."""
+        if self.mirror is not None:
+            self.mirror.hint(shards)
 
     # ---- metadata -------------------------------------------------------------------------
     @property
@@ -162,7 +211,7 @@ class Cache:
 
             p = self.path / layout.INDEX_FILENAME
             if not p.is_file():
-                raise KdError(f"{self.path}: row index {layout.INDEX_FILENAME} is missing")
+                raise KdError(f"{self.where}: row index {layout.INDEX_FILENAME} is missing")
             try:
                 index = pq.read_table(p)
             except Exception as e:  # pyarrow raises ArrowInvalid / OSError on truncated or foreign bytes
@@ -178,7 +227,10 @@ class Cache:
 
     def committed(self) -> list[bool]:
         """Per planned shard: is it committed?"""
-        return [layout.is_committed(self.path, i) for i in range(len(self.shards))]
+        if self.mirror is not None:
+            return self.mirror.committed_all(len(self.shards))
+        done = set(layout.committed_shards(self.path))
+        return [i in done for i in range(len(self.shards))]
 
     @property
     def complete(self) -> bool:
@@ -186,7 +238,7 @@ class Cache:
 
     def commit_records(self) -> dict[int, dict[str, Any]]:
         """Commit records of the committed shards, by shard index."""
-        return {i: layout.read_commit(self.path, i) for i, ok in enumerate(self.committed()) if ok}
+        return {i: self._commit(i) for i, ok in enumerate(self.committed()) if ok}
 
     def check_consistent(self) -> dict[str, Any]:
         """Refuse a cache whose committed shards were computed in different dtypes or formats.
@@ -197,11 +249,11 @@ class Cache:
         dtypes = {r.get("dtype") for r in recs.values()}
         if len(dtypes) > 1:
             by = {d: [layout.shard_name(i) for i, r in recs.items() if r.get("dtype") == d][:2] for d in dtypes}
-            raise KdError(f"{self.path} mixes shards computed in different dtypes ({by}); re-run "
+            raise KdError(f"{self.where} mixes shards computed in different dtypes ({by}); re-run "
                           "`kdcache teacher` with one --dtype (--overwrite) so every row has the same precision")
         bad = [layout.shard_name(i) for i, r in recs.items() if r.get("format_version") != FORMAT_VERSION]
         if bad:
-            raise KdError(f"{self.path}: {bad[0]} is not format {FORMAT_VERSION}; re-run `kdcache teacher` --overwrite")
+            raise KdError(f"{self.where}: {bad[0]} is not format {FORMAT_VERSION}; re-run `kdcache teacher` --overwrite")
         first = next(iter(recs.values()), {})
         return {"dtype": first.get("dtype"), "device": first.get("device")}
 
@@ -214,9 +266,9 @@ class Cache:
         or when `stop` is set.
         """
         waited = 0.0
-        while not layout.is_committed(self.path, i):
+        while not self._is_committed(i):
             if waited >= timeout:
-                raise KdError(f"{self.path}: {layout.shard_name(i)} is still not committed after waiting {timeout:.0f} s "
+                raise KdError(f"{self.where}: {layout.shard_name(i)} is still not committed after waiting {timeout:.0f} s "
                               f"(--follow-timeout); {sum(self.committed())} of {len(self.shards)} shards are: is "
                               "`kdcache teacher` still running? Re-run the same command once it progresses")
             if stop is None:
@@ -224,16 +276,18 @@ class Cache:
             elif stop.wait(poll):
                 raise KdError(f"stopped while waiting for {layout.shard_name(i)} to be committed")
             waited += poll
-        rec = layout.read_commit(self.path, i)
+        rec = self._commit(i)
         with self._lock:
             first = self._first_commit = self._first_commit or rec
         if rec.get("format_version") != FORMAT_VERSION or rec.get("dtype") != first.get("dtype"):
-            raise KdError(f"{self.path}: {layout.shard_name(i)} was committed as format {rec.get('format_version')}, "
+            raise KdError(f"{self.where}: {layout.shard_name(i)} was committed as format {rec.get('format_version')}, "
                           f"{rec.get('dtype')} while earlier shards are format {first.get('format_version')}, "
                           f"{first.get('dtype')}: one cache holds one precision; re-run `kdcache teacher` --overwrite")
 
     def bytes_on_disk(self) -> int:
-        """Everything under the cache directory (metadata, index, shards, leftovers)."""
+        """Everything under the cache directory (metadata, index, shards, leftovers; a remote cache: its objects)."""
+        if self.mirror is not None:
+            return sum(self.mirror.store.sizes().values())
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def array_bytes(self) -> dict[str, int]:
@@ -248,12 +302,14 @@ class Cache:
     def _group(self, i: int) -> Any:
         import zarr
 
+        if self.mirror is not None:  # downloaded (and checked) first; touches its LRU entry
+            self.mirror.ensure(i)
         with self._lock:
             g = self._groups.get(i)
             if g is None:
                 p = layout.shard_dir(self.path, i)
                 if not layout.is_committed(self.path, i):
-                    raise KdError(f"{self.path}: {layout.shard_name(i)} is not committed (the cache is incomplete; "
+                    raise KdError(f"{self.where}: {layout.shard_name(i)} is not committed (the cache is incomplete; "
                                   "re-run `kdcache teacher` to finish it)")
                 try:  # opened once per shard; zarr only for a layout the fast reader does not know
                     files = set(layout.read_commit(self.path, i).get("files") or ())
@@ -284,6 +340,10 @@ class Cache:
             for n in names:
                 try:
                     parts[n].append(np.asarray(g[n][a:b]))
+                except FileNotFoundError:
+                    if self.mirror is None:
+                        raise CorruptionError(f"{layout.shard_name(i)}: {n} file missing") from None
+                    parts[n].append(np.asarray(self._group(i)[n][a:b]))  # evicted under us: fetched again
                 except Exception as e:  # zarr raises ValueError on crc mismatch, others on truncation
                     raise CorruptionError(f"{layout.shard_name(i)}: {n} rows {a}-{b} unreadable "
                                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -322,7 +382,7 @@ class Cache:
         if self._data is None:
             path = (self.meta.get("data") or {}).get("path", "")
             if not path or not Path(path).is_dir():
-                raise KdError(f"{self.path}: target ids come from the prepared data the cache was made from, "
+                raise KdError(f"{self.where}: target ids come from the prepared data the cache was made from, "
                               f"and {path or 'its recorded path'} is gone; pass it with open_cache(path, data=DIR)")
             self._data = path
         if isinstance(self._data, (str, Path)):
@@ -341,7 +401,7 @@ class Cache:
             raise KdError(f"{layout.shard_name(i)}: the data has {len(ds)} examples, the cache indexes "
                           f"{self.meta['num_examples']}: not the data this cache was made from")
         t = target_ids_of(ds, s["example_start"], s["example_stop"])
-        rec = layout.read_commit(self.path, i)
+        rec = self._commit(i)
         if len(t) != s["row_stop"] - s["row_start"] or targets_sha256(t) != rec.get("targets_sha256"):
             raise KdError(f"{layout.shard_name(i)}: the data's tokens do not match the cache's rows "
                           "(other data than the cache was made from; check --data)")
@@ -390,6 +450,11 @@ class Cache:
             name = layout.shard_name(i)
             p = layout.shard_dir(self.path, i)
             try:
+                if self.mirror is not None:  # the store's copy is checked: downloaded again, sha256 on arrival
+                    if not self.mirror.committed(i):
+                        problems.append(f"{name}: not committed")
+                        continue
+                    self.mirror.ensure(i, fresh=True)
                 if not layout.is_committed(self.path, i):
                     problems.append(f"{name}: not committed")
                     continue
@@ -428,6 +493,8 @@ class Cache:
         is named by its first file). Shards being written (tmp/shard_NNNNN.<token>/) are the writer's."""
         known = {layout.META_FILENAME, layout.CHECKSUMS_FILENAME, layout.INDEX_FILENAME, layout.CONFIG_FILENAME}
         planned = {layout.shard_name(i): i for i in range(len(self.shards))}
+        if self.mirror is not None:
+            return self._unknown_objects(ignore, planned)
         out: list[str] = []
         for p in sorted(self.path.iterdir()):
             if p.name in ignore or (p.name in known and p.is_file() and not p.is_symlink()):
@@ -452,6 +519,30 @@ class Cache:
                         if not layout.is_tmp_shard(d.name)]
             else:
                 out.append(_first_file(p, p.name))
+        return out
+
+    def _unknown_objects(self, ignore: tuple[str, ...], planned: dict[str, int]) -> list[str]:
+        """`unknown_files` of a remote cache: objects the teacher did not write, or a shard's files its commit
+        record does not list."""
+        from pipeline.cache.remote import is_ours
+
+        out, listed = [], {}
+        for rel in sorted(self.mirror.store.sizes()):
+            parts = rel.split("/")
+            if parts[0] in ignore or (rel.startswith(layout.RECORDS_DIR + "/") and is_ours(rel)):
+                continue
+            if not is_ours(rel) or (parts[0] == layout.SHARDS_DIR and parts[1] not in planned):
+                out.append(rel)
+                continue
+            if parts[0] == layout.SHARDS_DIR and parts[2] != layout.COMMIT_FILENAME:
+                i = planned[parts[1]]
+                if i not in listed:
+                    try:
+                        listed[i] = set(self._commit(i).get("files") or ())
+                    except KdError:
+                        listed[i] = None  # uncommitted or damaged: the shard's own problem line says so
+                if listed[i] is not None and "/".join(parts[2:]) not in listed[i]:
+                    out.append(rel)
         return out
 
     def _relative(self, line: str) -> str:
@@ -479,10 +570,15 @@ def _first_file(p: Path, rel: str) -> str:
     return rel + "/"
 
 
-def open_cache(path: str | Path, data: Any = None, strict: bool = True) -> Cache:
-    """Open a teacher cache directory (a `KdError` if it is not one; a `CorruptionError` naming the file if
-    kdcache.json or index.parquet fails its checksum). `data`: the prepared data (a directory or a
-    `datasets.Dataset`) for target ids, when not at the path the cache records. `strict=False`: see `Cache`."""
+def open_cache(path: str | Path, data: Any = None, strict: bool = True, local_cache: str | Path | None = None,
+               local_cache_gb: float = 0.0, prefetch: int = 2) -> Cache:
+    """Open a teacher cache directory or URL (a `KdError` if it is not one; a `CorruptionError` naming the file
+    if kdcache.json or index.parquet fails its checksum). `data`: the prepared data (a directory or a
+    `datasets.Dataset`) for target ids, when not at the path the cache records. `strict=False`: see `Cache`.
+    `local_cache`, `local_cache_gb`, `prefetch`: how a cache on an object store is read (`Cache`)."""
+    if is_url(path):
+        return Cache(path, data, strict=strict, local_cache=local_cache, local_cache_gb=local_cache_gb,
+                     prefetch=prefetch)
     p = Path(path)
     if not p.is_dir():
         raise KdError(f"cache not found: {p}")

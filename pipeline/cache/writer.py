@@ -10,6 +10,9 @@ Planning writes `kdcache.json` last, so its presence means the plan is complete.
 under tmp/, every file checksummed into `_COMMIT.json`, fsynced and renamed into shards/: the rename is
 the commit. A reader (or a resumed run) sees a shard either complete with its `_COMMIT.json` or not at
 all; a run killed mid-write leaves only a `tmp/` directory, which the next run deletes (`clean_tmp`).
+
+`path` may be an fsspec URL (s3://, gs://, ...): files are then written in a local staging directory and
+uploaded, a shard's `_COMMIT.json` last (`pipeline.cache.remote`: object stores have no rename).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.cache import layout
+from pipeline.cache.layout import read_meta
 from pipeline.cache.schema import FORMAT_VERSION, CodecParams, stored_arrays
 from pipeline.config import save_config
-from pipeline.identity import file_sha256, json_text, read_json, write_json
+from pipeline.identity import file_sha256, json_text, write_json
+from pipeline.storage import is_url, store_for
 
 
 class CacheWriter:
@@ -38,7 +43,8 @@ class CacheWriter:
     """
 
     def __init__(self, path: str | Path, meta: dict[str, Any], counts: np.ndarray | None = None):
-        self.path = Path(path)
+        self.url = str(path).rstrip("/") if is_url(path) else None  # a cache on an object store
+        self.path = Path(path) if self.url is None else None
         self.meta = meta
         self.counts = counts
         self.params = CodecParams.from_meta(meta["codec"])
@@ -47,16 +53,18 @@ class CacheWriter:
     @classmethod
     def open(cls, path: str | Path) -> "CacheWriter":
         """The writer of the planned cache at `path`, for committing its shards (a `KdError` if unplanned)."""
-        return cls(path, read_json(Path(path) / layout.META_FILENAME, "cache metadata"))
+        return cls(path, read_meta(path))
 
     @property
     def planned(self) -> bool:
         """Is the plan complete on disk (its `kdcache.json` written)?"""
+        if self.url is not None:
+            return store_for(self.url).exists(layout.META_FILENAME)
         return (self.path / layout.META_FILENAME).is_file()
 
     def mismatch(self) -> list[str]:
         """What differs between the planned cache on disk and this writer's metadata ([] if nothing)."""
-        return mismatch(read_json(self.path / layout.META_FILENAME, "cache metadata"), self.meta)
+        return mismatch(read_meta(self.url or self.path), self.meta)
 
     def plan(self, config: Any = None, on_file: Callable[[Path], None] | None = None) -> None:
         """Write the plan: `index.parquet`, `config.yaml` (the resolved `config`, when given), `kdcache.sha256`
@@ -66,30 +74,45 @@ class CacheWriter:
         stage records it as its own)."""
         if self.counts is None:
             raise ValueError("planning a cache needs the target rows per example (counts)")
+        if self.url is not None:  # written locally, then uploaded with kdcache.json last
+            from pipeline.cache import remote
+
+            local = remote.staging_dir("plan")
+            try:
+                self._plan(local, config, None)
+                remote.upload_plan(store_for(self.url), local)
+            finally:
+                remote.rmtree_quiet(local)
+            return
+        self._plan(self.path, config, on_file)
+
+    def _plan(self, path: Path, config: Any, on_file: Callable[[Path], None] | None) -> None:
         done = on_file or (lambda p: None)
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_index(self.path, self.counts, self.meta["shards"])
-        done(self.path / layout.INDEX_FILENAME)
-        sums = {layout.INDEX_FILENAME: file_sha256(self.path / layout.INDEX_FILENAME)}
+        path.mkdir(parents=True, exist_ok=True)
+        write_index(path, self.counts, self.meta["shards"])
+        done(path / layout.INDEX_FILENAME)
+        sums = {layout.INDEX_FILENAME: file_sha256(path / layout.INDEX_FILENAME)}
         if config is not None:
-            save_config(config, self.path / layout.CONFIG_FILENAME)
-            done(self.path / layout.CONFIG_FILENAME)
-            sums[layout.CONFIG_FILENAME] = file_sha256(self.path / layout.CONFIG_FILENAME)
+            save_config(config, path / layout.CONFIG_FILENAME)
+            done(path / layout.CONFIG_FILENAME)
+            sums[layout.CONFIG_FILENAME] = file_sha256(path / layout.CONFIG_FILENAME)
         meta = {**self.meta, "checksums": layout.CHECKSUMS_FILENAME}
         # The checksums of the final bytes, written before kdcache.json appears: a planned cache always has them.
-        layout.write_checksums(self.path, {layout.META_FILENAME: hashlib.sha256(json_text(meta).encode()).hexdigest(),
-                                           **sums})
-        done(self.path / layout.CHECKSUMS_FILENAME)
-        write_json(self.path / layout.META_FILENAME, meta)  # written last: the plan is complete
-        done(self.path / layout.META_FILENAME)
+        layout.write_checksums(path, {layout.META_FILENAME: hashlib.sha256(json_text(meta).encode()).hexdigest(),
+                                      **sums})
+        done(path / layout.CHECKSUMS_FILENAME)
+        write_json(path / layout.META_FILENAME, meta)  # written last: the plan is complete
+        done(path / layout.META_FILENAME)
 
     def clean_tmp(self, index: int | None = None) -> None:
-        """Remove leftovers of killed writes (all of them, or only those of shard `index`)."""
-        layout.clean_tmp(self.path, index)
+        """Remove leftovers of killed writes (all of them, or only those of shard `index`). On an object store
+        a shard's leftovers are replaced when it is uploaded again (`remote.commit_shard`)."""
+        if self.path is not None:
+            layout.clean_tmp(self.path, index)
 
     def write_shard(self, index: int, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> dict[str, Any]:
         """Write and commit shard `index` (see the module function `write_shard`); returns its commit record."""
-        return write_shard(self.path, index, arrays, info, self.params, self.chunk_rows)
+        return write_shard(self.url or self.path, index, arrays, info, self.params, self.chunk_rows)
 
 
 def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -> None:
@@ -138,7 +161,7 @@ def _compressors(clevel: int, itemsize: int, shuffle: str) -> list[Any]:
     return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle, typesize=itemsize), Crc32cCodec()]
 
 
-def write_shard(cache: Path, index: int, arrays: dict[str, np.ndarray], info: dict[str, Any],
+def write_shard(cache: str | Path, index: int, arrays: dict[str, np.ndarray], info: dict[str, Any],
                 params: CodecParams, chunk_rows: int) -> dict[str, Any]:
     """Write `arrays` (encoded: `schema.RowCodec.encode`) as shard `index` and commit it.
 
@@ -154,8 +177,14 @@ def write_shard(cache: Path, index: int, arrays: dict[str, np.ndarray], info: di
     if missing:
         raise ValueError(f"shard {index}: arrays {missing} missing for this codec")
     n = len(arrays["topk_ids"])
-    tmp = layout.tmp_shard_dir(cache, index, uuid.uuid4().hex[:8])
-    tmp.mkdir(parents=True)
+    url = str(cache) if is_url(cache) else None
+    if url is not None:
+        from pipeline.cache import remote
+
+        tmp = remote.staging_dir(layout.shard_name(index))
+    else:
+        tmp = layout.tmp_shard_dir(Path(cache), index, uuid.uuid4().hex[:8])
+        tmp.mkdir(parents=True)
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         chunk = max(1, min(chunk_rows, n))
@@ -178,8 +207,12 @@ def write_shard(cache: Path, index: int, arrays: dict[str, np.ndarray], info: di
                   "files": {str(p.relative_to(tmp)): file_sha256(p) for p in files},
                   "bytes": sum(p.stat().st_size for p in files), "array_bytes": per_array}
         write_json(tmp / layout.COMMIT_FILENAME, record)
+        if url is not None:  # uploaded, its commit record last; the staging copy goes
+            remote.commit_shard(store_for(url), index, tmp, record)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return record
         _fsync_tree(tmp)
-        final = layout.shard_dir(cache, index)
+        final = layout.shard_dir(Path(cache), index)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # an uncommitted leftover (no _COMMIT.json): never a committed shard
             shutil.rmtree(final)

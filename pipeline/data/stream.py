@@ -258,6 +258,8 @@ class CacheStream:
             return
         i = plan.batch_at(self.cursor)
         first, last = plan.spans[i][0], plan.spans[-1][1]
+        if self.cache is not None:  # a remote cache downloads shards ahead in the order this epoch reads them
+            self.cache.prefetch_order(self._shard_order(plan, first, last))
         ending: dict[int, list[int]] = {}  # window -> the batches (from i on) that end in it
         keep_rows = set()  # windows whose rows a batch ending in a later window needs
         for j in range(i, n):
@@ -281,6 +283,17 @@ class CacheStream:
                 del futures[w]  # a task that still needs one holds its own reference
             self.cursor = int(plan.starts[j + 1])
             yield batch
+
+    def _shard_order(self, plan: EpochPlan, first: int, last: int) -> list[int]:
+        """The cache shards windows first..last read, in order of first use."""
+        order: dict[int, None] = {}
+        for w in range(first, last + 1):
+            for block in plan.windows[w]:
+                a = int(self.row_start[block[0]])
+                b = int(self.row_start[block[-1]] + self.row_count[block[-1]])
+                for shard in range(self.cache.shard_of_row(a), self.cache.shard_of_row(max(a, b - 1)) + 1):
+                    order.setdefault(shard)
+        return list(order)
 
     # ---- one window (on a pool thread) ------------------------------------------------------
     def _window_task(self, plan: EpochPlan, w: int, mine: list[int], keep_rows: bool,

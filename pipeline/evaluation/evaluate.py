@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ EVAL_FILENAME = "eval.json"
 @dataclass
 class EvalConfig:
     """Settings of `kdcache eval`."""
+
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache",)  # may be an fsspec URL (pipeline.storage)
 
     model: str = ""  # model directory (a run directory means its final/), or hub id
     data: str = ""  # prepared data; may be omitted when the cache records where it lives

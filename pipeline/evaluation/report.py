@@ -35,7 +35,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import yaml
@@ -62,6 +62,8 @@ EVAL_COLUMNS = (("ce", "CE (nats)", "{:.4f}"), ("ppl", "PPL", "{:.2f}"),
 @dataclass
 class ReportConfig:
     """Settings of `kdcache report`."""
+
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache",)  # may be an fsspec URL (pipeline.storage)
 
     runs: list[str] = field(default_factory=list)  # training run directories
     out: str = ""

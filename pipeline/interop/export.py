@@ -37,7 +37,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -58,6 +58,8 @@ FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "target_logprobs", "targe
 @dataclass
 class ExportConfig:
     """Settings of `kdcache export`."""
+
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache",)  # may be an fsspec URL (pipeline.storage)
 
     cache: str = ""
     format: str = "hf-datasets"  # hf-datasets | distillkit | axolotl

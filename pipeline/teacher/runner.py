@@ -23,20 +23,21 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, ClassVar, TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.cache import layout
-from pipeline.cache.layout import is_committed
 from pipeline.cache.rows import target_counts
 from pipeline.cache.schema import FORMAT_VERSION
+from pipeline.cache.layout import read_meta
 from pipeline.cache.writer import CacheWriter
 from pipeline.config import to_dict
 from pipeline.errors import KdError, StaleOutput
-from pipeline.identity import read_json, weights_hash
+from pipeline.identity import weights_hash
 from pipeline.losses.temperature import DEFAULT_GRID_TEMPERATURES
 from pipeline.ownership import LOCK_FILENAME, STATE_DIR, TEACHER, Output, claim
+from pipeline.storage import is_url, store_for
 
 if TYPE_CHECKING:
     from pipeline.cache.schema import CodecParams
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TeacherConfig:
     """Settings of `kdcache teacher`."""
+
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("out",)  # may be an fsspec URL (pipeline.storage)
 
     data: str = ""  # a `kdcache prepare` output directory
     model: str = ""  # local directory or hub id of any causal LM
@@ -263,11 +266,20 @@ def build_meta(cfg: TeacherConfig) -> tuple[dict[str, Any], np.ndarray, Any]:
     return meta, counts, ds
 
 
-def teacher_claim(cfg: TeacherConfig) -> Output:
+def teacher_claim(cfg: TeacherConfig) -> Any:
     """The teacher's hold on its cache directory (`pipeline.ownership.claim`). One launch holds lock.json;
     replica launches (`--replica r --replicas R`) each hold lock.replica-r.json, so several replicas run
     together while a second launch of the same index, one with another replica count, or a plain launch
-    beside replicas is refused."""
+    beside replicas is refused. On an object store the same rules hold for lease objects
+    (`pipeline.cache.remote.Lease`: .kdcache/lease.json, lease.replica-r.json)."""
+    if is_url(cfg.out):
+        from pipeline.cache.remote import Lease
+
+        if cfg.replicas == 1:
+            return Lease(cfg.out, conflicts=lambda name, holder: name.startswith("lease.replica-"))
+        return Lease(cfg.out, f"lease.replica-{cfg.replica}.json", {"replica": cfg.replica, "replicas": cfg.replicas},
+                     conflicts=lambda name, holder: name == "lease.json" or (
+                         name.startswith("lease.replica-") and holder.get("replicas") != cfg.replicas))
     if cfg.replicas == 1:
         return claim(cfg.out, TEACHER, conflicts=lambda name, holder: name.startswith("lock.replica-"))
     return claim(cfg.out, TEACHER, lock_name=f"lock.replica-{cfg.replica}.json",
@@ -284,9 +296,14 @@ def init_cache(cfg: TeacherConfig, own: Output | None = None) -> tuple[Path, dic
     replacing a cache (--overwrite with other settings, or the leftovers of a run killed while planning)
     removes only what `kdcache teacher` wrote.
     """
-    cache = Path(cfg.out)
     if not cfg.out:
         raise KdError("no cache directory given (--out DIR)")
+    if is_url(cfg.out):
+        if own is None:
+            with teacher_claim(cfg):
+                return _init_remote(cfg)
+        return _init_remote(cfg)
+    cache = Path(cfg.out)
     if cache.exists() and not cache.is_dir():
         raise KdError(f"--out {cache} is a file, not a directory")
     if own is None:
@@ -316,6 +333,36 @@ def init_cache(cfg: TeacherConfig, own: Output | None = None) -> tuple[Path, dic
         writer.plan(cfg)  # index.parquet, config.yaml, kdcache.sha256, then kdcache.json last: the plan is complete
         own.record(*plan)
     return cache, meta
+
+
+def _init_remote(cfg: TeacherConfig) -> tuple[str, dict[str, Any]]:
+    """`init_cache` on an object store: what is under the URL must all be the teacher's (`remote.is_ours`),
+    as on local disks; the plan is uploaded with kdcache.json last (`CacheWriter.plan`)."""
+    from pipeline.cache import remote
+
+    url = str(cfg.out).rstrip("/")
+    store = store_for(url)
+    alien = remote.foreign(store)
+    if alien:
+        raise KdError(f"{store.uri(alien[0])} is not a file `kdcache teacher` writes: --out must be a new prefix or "
+                      "one of its caches (nothing is deleted that kdcache did not write); choose another --out")
+    meta, counts, _ = build_meta(cfg)
+    writer = CacheWriter(url, meta, counts)
+    if not writer.planned:
+        if remote.committed_shards(store) and not cfg.overwrite:
+            raise KdError(f"{url} holds shards but no {layout.META_FILENAME}: it is not a complete kdcache cache; "
+                          "choose another --out or pass --overwrite")
+        remote.remove_owned(store)  # a plan killed half-way: redone
+    else:
+        diff = writer.mismatch()
+        if diff and not cfg.overwrite:
+            raise StaleOutput(f"{url} holds a cache made with other settings ({', '.join(diff)}); "
+                              "pass --overwrite to replace it", diff)
+        if diff:
+            remote.remove_owned(store)
+    if not writer.planned:
+        writer.plan(cfg)
+    return url, meta
 
 
 def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict[str, int]) -> "ShardJob":
@@ -375,7 +422,8 @@ def _fill(cfg: TeacherConfig, cache: Path, meta: dict[str, Any], rank: int, worl
     # group run every shard together (the forward is collective) and rank 0 alone commits.
     tp = cfg.parallel == "tp"
     committer = rank == 0 or not tp
-    todo = [s for s in meta["shards"] if not is_committed(cache, s["index"]) and s["index"] % cfg.replicas == cfg.replica]
+    done = set(layout.committed_shards(cache))  # one listing (one request on an object store)
+    todo = [s for s in meta["shards"] if s["index"] not in done and s["index"] % cfg.replicas == cfg.replica]
     if world > 1 and not tp:
         todo = [s for s in todo if s["index"] % world == rank]
     summary = {"cache": str(cache), "shards": len(meta["shards"]), "skipped": len(meta["shards"]) - len(todo),
@@ -438,5 +486,5 @@ def _torchrun_init(cfg: TeacherConfig, stack: ExitStack) -> tuple[Path, dict[str
     dist.broadcast_object_list(err, src=0)
     if err[0]:
         raise KdError(err[0])
-    cache = Path(cfg.out)
-    return cache, read_json(cache / layout.META_FILENAME, "cache metadata")
+    cache = cfg.out if is_url(cfg.out) else Path(cfg.out)
+    return cache, read_meta(cache)

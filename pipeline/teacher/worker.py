@@ -21,7 +21,6 @@ from pipeline.cache.rows import target_positions, targets_sha256
 from pipeline.cache.schema import CodecParams, RowCodec
 from pipeline.cache.writer import CacheWriter
 from pipeline.errors import KdError
-from pipeline.identity import read_json
 from pipeline.models import input_device, load_causal_lm, model_vocab_size, pick_device, pick_dtype
 from pipeline.head import HeadSpec, check_head, head_spec
 from pipeline.teacher.stats import auto_chunk_rows, rows_from_hidden
@@ -234,7 +233,7 @@ def commit_shard(job: ShardJob, arrays: dict[str, np.ndarray], info: dict[str, A
     """Write and commit the arrays `compute_shard` returned, with the plan entry in the record, through
     `writer` (by default the writer of the planned cache at `job.cache`)."""
     shard = job.shard
-    have = committed_dtype(Path(job.cache))
+    have = committed_dtype(job.cache)
     if have is not None and have != info["dtype"]:
         raise KdError(f"shard {shard['index']} was computed in {info['dtype']} but the cache's committed shards are "
                       f"{have}: one cache holds one precision (pass --dtype {have}, or --overwrite to start again)")
@@ -243,19 +242,16 @@ def commit_shard(job: ShardJob, arrays: dict[str, np.ndarray], info: dict[str, A
     return writer.write_shard(shard["index"], arrays, {**plan, **info})
 
 
-def committed_dtype(cache: Path) -> str | None:
-    """The dtype the cache's first committed shard was computed in (None before any is committed)."""
+def committed_dtype(cache: str | Path) -> str | None:
+    """The dtype the cache's first committed shard was computed in (None before any is committed).
+    `cache`: a directory or a URL."""
     from pipeline.cache import layout
 
-    root = cache / layout.SHARDS_DIR
-    if not root.is_dir():
-        return None
-    for d in sorted(root.iterdir()):
-        if (d / layout.COMMIT_FILENAME).is_file():
-            try:
-                return read_json(d / layout.COMMIT_FILENAME, "commit record").get("dtype")
-            except KdError:
-                continue
+    for i in layout.committed_shards(cache):
+        try:
+            return layout.read_commit(cache, i).get("dtype")
+        except KdError:
+            continue
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pipeline.errors import KdError
 from pipeline.losses.options import KdOptions
@@ -17,8 +18,14 @@ class TrainConfig(KdOptions):
     """Settings of `kdcache train`: the distillation options (`KdOptions`: loss, gate, LATF, IDTS, SE-KD, ...)
     and the ones below. Without `cache` this is plain causal-LM training on the targets."""
 
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "eval_cache")  # may be fsspec URLs (pipeline.storage)
+
     data: str = ""  # prepared data; may be omitted when the cache records where it lives
     cache: str = ""
+    # A cache on an object store (`cache: s3://...`) is read through a local copy (pipeline/cache/mirror.py):
+    local_cache: str = ""  # its directory (default $KDCACHE_LOCAL_CACHE or ~/.cache/kdcache/remote)
+    local_cache_gb: float = 0.0  # at most this many GiB of shards kept, least recently used evicted (0: no bound)
+    prefetch_shards: int = 2  # shards downloaded ahead of the reader, in the epoch's order
     # The benchmark's online reference (`kdcache run`: a student with `online: true`; pipeline/training/online.py):
     # this teacher model runs on every micro-batch and its full distribution is the KD target, instead of a cache.
     online_teacher: str = ""

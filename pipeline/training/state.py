@@ -73,7 +73,7 @@ def train_inputs(cfg: Any) -> dict[str, str | None]:
     from pipeline.cache import layout
     from pipeline.data.prepare import prepared_meta
 
-    cache_meta = read_json(Path(cfg.cache) / layout.META_FILENAME, "cache metadata") if cfg.cache else None
+    cache_meta = layout.read_meta(cfg.cache) if cfg.cache else None
     data = cfg.data or (cache_meta or {}).get("data", {}).get("path", "")
     record = Path(cfg.student) / RECORD if cfg.student else None
     return {"data": prepared_meta(data)["fingerprint"] if data else None,

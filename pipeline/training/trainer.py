@@ -98,7 +98,9 @@ class Trainer:
 
     def _setup_data(self) -> None:
         """The cache (if any) and the prepared data: --data, or the data the cache was made from."""
-        self.cache = open_cache(self.cfg.cache) if self.cfg.cache else None
+        self.cache = (open_cache(self.cfg.cache, local_cache=self.cfg.local_cache or None,
+                                 local_cache_gb=self.cfg.local_cache_gb, prefetch=self.cfg.prefetch_shards)
+                      if self.cfg.cache else None)
         self.data_path = data = data_path(self.cfg, self.cache)
         self.pmeta = prepared_meta(data)
         self.ds = load_prepared(data)

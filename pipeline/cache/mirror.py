@@ -1,0 +1,269 @@
+"""The local copy of a remote cache: what a student reads an object-store cache through.
+
+    m = Mirror("s3://bucket/cache", root="/nvme/kdcache", budget_gb=200, prefetch=2)
+    local = m.open()        # metadata downloaded; a local directory with the cache's layout
+    m.hint([3, 0, 7, ...])  # the order shards will be first needed in (the epoch plan's)
+    m.ensure(3)             # shard 3 is local, complete and checked; the next `prefetch` are on their way
+
+Whole shard files are downloaded (a shard is a handful of files, one per stored array), each checked
+against the sha256 its commit record lists as it arrives, under `tmp/` and renamed into `shards/` only
+once every file passed, with its `_COMMIT.json` copied last: a local shard directory is complete or
+absent, as on the teacher's side. A mismatch is a `CorruptionError` naming the shard and file; the
+bytes are deleted and never read. Threads download the next `prefetch` shards of the hinted order while
+the student reads. When the shards held exceed `budget_gb`, the least recently used are evicted, so a
+second epoch reads nothing remote when the cache fits and a cache larger than the disk still streams.
+
+The mirror directory is keyed by the URL and the bytes of its kdcache.json, so a cache rebuilt with other
+settings under the same URL never mixes with an old copy; a mirrored shard is trusted across runs on its
+local copy's chunk checksums (crc32c, checked on every read) like any local cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from pipeline.cache import layout
+from pipeline.errors import CorruptionError, KdError
+from pipeline.identity import file_sha256
+from pipeline.storage import store_for
+
+ENV_ROOT = "KDCACHE_LOCAL_CACHE"
+PLAN_FILES = (layout.CHECKSUMS_FILENAME, layout.INDEX_FILENAME, layout.CONFIG_FILENAME)
+DOWNLOAD_THREADS = 4  # files of one shard fetched at once
+
+
+def default_root() -> Path:
+    """Where mirrors live without --local-cache: $KDCACHE_LOCAL_CACHE, else ~/.cache/kdcache/remote."""
+    return Path(os.environ.get(ENV_ROOT) or Path.home() / ".cache" / "kdcache" / "remote")
+
+
+class Mirror:
+    """A bounded local copy of the remote cache at `url` (see the module docstring)."""
+
+    def __init__(self, url: str, root: str | Path | None = None, budget_gb: float = 0.0, prefetch: int = 2,
+                 on_evict: Callable[[int], None] | None = None):
+        self.url = str(url).rstrip("/")
+        self.store = store_for(self.url)
+        self.root = Path(root) if root else default_root()
+        self.budget = int(budget_gb * 2**30) if budget_gb and budget_gb > 0 else None
+        self.prefetch = max(0, int(prefetch))
+        self.on_evict = on_evict
+        self.dir: Path | None = None
+        self.bytes_downloaded = 0  # shard bytes fetched by this process (benchmarks: per epoch / cache size)
+        self._lock = threading.Lock()
+        self._shard_locks: dict[int, threading.Lock] = {}
+        self._held: OrderedDict[int, int] = OrderedDict()  # mirrored shard -> bytes, least recently used first
+        self._committed: set[int] = set()
+        self._order: list[int] = []
+        self._position: dict[int, int] = {}
+        self._inflight: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ---- metadata ---------------------------------------------------------------------------
+    def open(self) -> Path:
+        """Download the cache's metadata into its mirror directory and return that directory."""
+        try:
+            meta = self.store.read_bytes(layout.META_FILENAME)
+        except FileNotFoundError:
+            raise KdError(f"cache metadata not found: {self.store.uri(layout.META_FILENAME)}") from None
+        key = hashlib.sha256(self.url.encode() + b"\0" + meta).hexdigest()[:16]
+        self.dir = self.root / key
+        (self.dir / layout.SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        _write(self.dir / layout.META_FILENAME, meta)
+        for name in PLAN_FILES:  # small: fetched on every open, so they are the store's current ones
+            try:
+                _write(self.dir / name, self.store.read_bytes(name))
+            except FileNotFoundError:
+                (self.dir / name).unlink(missing_ok=True)
+        held = []
+        for d in (self.dir / layout.SHARDS_DIR).iterdir():
+            if d.name.startswith("shard_") and (d / layout.COMMIT_FILENAME).is_file():
+                held.append((d.stat().st_mtime, int(d.name[len("shard_"):]), _tree_bytes(d)))
+        for _, i, size in sorted(held):
+            self._held[i] = size
+            self._committed.add(i)
+        shutil.rmtree(self.dir / layout.TMP_DIR, ignore_errors=True)  # downloads a killed process left
+        return self.dir
+
+    def committed(self, i: int) -> bool:
+        """Is shard `i` committed in the store (a commit record, once seen, stays)?"""
+        if i in self._committed:
+            return True
+        if self.store.exists(layout.commit_name(i)):
+            self._committed.add(i)
+            return True
+        return False
+
+    def committed_all(self, n: int) -> list[bool]:
+        """Per planned shard (of `n`): committed? One listing of the store."""
+        from pipeline.cache.remote import committed_shards
+
+        self._committed |= committed_shards(self.store)
+        return [i in self._committed for i in range(n)]
+
+    # ---- shards -----------------------------------------------------------------------------
+    def local(self, i: int) -> Path:
+        return self.dir / layout.SHARDS_DIR / layout.shard_name(i)
+
+    def has(self, i: int) -> bool:
+        return (self.local(i) / layout.COMMIT_FILENAME).is_file()
+
+    def hint(self, order: list[int]) -> None:
+        """The order in which shards will first be needed: `ensure(i)` prefetches the ones after `i` in it."""
+        with self._lock:
+            self._order = list(dict.fromkeys(order))
+            self._position = {s: k for k, s in enumerate(self._order)}
+
+    def ensure(self, i: int, fresh: bool = False) -> Path:
+        """Shard `i`'s local directory, downloading and checking it first if needed; `fresh`: download it
+        again even if held (`inspect --verify` checks the store, not the copy)."""
+        if fresh:
+            self.evict(i)
+        if not self.has(i):
+            with self._lock:
+                lock = self._shard_locks.setdefault(i, threading.Lock())
+            with lock:
+                if not self.has(i):
+                    self._download(i)
+        with self._lock:
+            if i in self._held:
+                self._held.move_to_end(i)
+            else:
+                self._held[i] = _tree_bytes(self.local(i))
+        self._ahead(i)
+        self._evict_over_budget(keep=i)
+        return self.local(i)
+
+    def _download(self, i: int) -> None:
+        name, prefix = layout.shard_name(i), f"{layout.SHARDS_DIR}/{layout.shard_name(i)}"
+        try:
+            raw = self.store.read_bytes(layout.commit_name(i))
+        except FileNotFoundError:
+            raise KdError(f"{self.url}: {name} is not committed (the cache is incomplete; re-run `kdcache "
+                          "teacher` to finish it, or train with --follow)") from None
+        import json
+
+        try:
+            files = dict(json.loads(raw)["files"])
+        except (ValueError, KeyError, TypeError):
+            raise CorruptionError(f"{name}: its commit record in {self.url} is damaged") from None
+        tmp = self.dir / layout.TMP_DIR / f"{name}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+
+        def fetch(item: tuple[str, str]) -> int:
+            rel, digest = item
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.store.get_file(f"{prefix}/{rel}", dst)
+            except FileNotFoundError:
+                raise CorruptionError(f"{name}: file {rel} is missing from {self.url} (its commit record "
+                                      "lists it); rebuild the shard with `kdcache teacher`") from None
+            if file_sha256(dst) != digest:
+                raise CorruptionError(f"{name}: file {rel} checksum mismatch on arrival from {self.url}: the stored "
+                                      "copy is damaged and was not read; delete the shard's objects and re-run "
+                                      "`kdcache teacher` to rewrite it")
+            return dst.stat().st_size
+
+        try:
+            with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
+                size = sum(pool.map(fetch, sorted(files.items())))
+            _write(tmp / layout.COMMIT_FILENAME, raw)
+            final = self.local(i)
+            if final.exists():  # a leftover without a commit record (or another process's copy)
+                shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        with self._lock:
+            self.bytes_downloaded += size
+            self._committed.add(i)
+
+    def _ahead(self, i: int) -> None:
+        if not self.prefetch:
+            return
+        with self._lock:
+            if self._order:
+                k = self._position.get(i, -1)
+                nxt = self._order[k + 1: k + 1 + self.prefetch] if k >= 0 else []
+            else:
+                nxt = list(range(i + 1, i + 1 + self.prefetch))
+            nxt = [j for j in nxt if j not in self._inflight and j not in self._held]
+            if not nxt:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="kdcache-prefetch")
+            self._inflight.update(nxt)
+        for j in nxt:
+            self._pool.submit(self._prefetch_one, j)
+
+    def _prefetch_one(self, j: int) -> None:
+        try:
+            if self.committed(j):  # under --follow a later shard may not exist yet: not an error here
+                self.ensure_quiet(j)
+        except Exception:  # the reader meets the same error, with its message, when it needs the shard
+            pass
+        finally:
+            with self._lock:
+                self._inflight.discard(j)
+
+    def ensure_quiet(self, j: int) -> None:
+        """Download shard `j` if needed, without prefetching further or evicting (a prefetch task)."""
+        if self.has(j):
+            return
+        with self._lock:
+            lock = self._shard_locks.setdefault(j, threading.Lock())
+        with lock:
+            if not self.has(j):
+                self._download(j)
+        with self._lock:
+            self._held.setdefault(j, _tree_bytes(self.local(j)))
+
+    def evict(self, i: int) -> None:
+        """Delete shard `i`'s local copy."""
+        with self._lock:
+            self._held.pop(i, None)
+        if self.on_evict:
+            self.on_evict(i)
+        shutil.rmtree(self.local(i), ignore_errors=True)
+
+    def _evict_over_budget(self, keep: int) -> None:
+        if self.budget is None:
+            return
+        while True:
+            with self._lock:
+                total = sum(self._held.values())
+                # the shard in use, those being fetched and the next ones the reader needs are never evicted
+                spare = [j for j in self._held if j != keep and j not in self._inflight]
+                if total <= self.budget or len(spare) <= self.prefetch:
+                    return
+                victim = spare[0]
+            self.evict(victim)
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return sum(self._held.values())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def _write(p: Path, data: bytes) -> None:
+    tmp = p.with_name(f"{p.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, p)
+
+
+def _tree_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
