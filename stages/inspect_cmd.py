@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline.cache.inspection import InspectConfig
+from pipeline.storage import is_url
 from stages.common import config_options, given, setting, user_errors
 
 I = InspectConfig  # noqa: E741
@@ -22,8 +23,8 @@ I = InspectConfig  # noqa: E741
 @user_errors("inspect")
 def inspect(cache, config_file, sets, **opts):
     """Summarise a teacher cache (rows, K, bytes/row, statistics, shard status); CACHE or `cache` in --config."""
-    from pipeline.config import resolve
     from pipeline.cache.inspection import format_summary, inspect_cache, verify_cache
+    from pipeline.config import resolve
     from pipeline.ownership import TEACHER, check_records
 
     cfg = resolve(InspectConfig, config_file, sets, {**given(opts), "cache": cache})
@@ -40,8 +41,9 @@ def inspect(cache, config_file, sets, **opts):
             problems = verify_cache(cfg.cache, on_shard=lambda i: bar.update(1))
         # The stage's manifest: readable, and every file it records unchanged (files not named above already).
         named = {p.split(":")[0].split(" ")[0] for p in problems}
-        problems += [p for p in check_records(Path(cfg.cache), TEACHER, new_files=False)
-                     if p.split(":")[0] not in named]
+        if not is_url(cfg.cache):  # a remote cache keeps no manifest: every object is judged by `verify` above
+            problems += [p for p in check_records(Path(cfg.cache), TEACHER, new_files=False)
+                         if p.split(":")[0] not in named]
         if problems:
             for p in problems:
                 click.echo(f"BAD {p}", err=True)

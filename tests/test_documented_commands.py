@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"prepare": PrepareConfig, "teacher": TeacherConfig, "train": TrainConfig, "eval": EvalConfig,
            "report": ReportConfig, "inspect": InspectConfig, "export": ExportConfig}
 # Command parameters that are not config keys: the config file, --set, and positional arguments (mapped below).
-NOT_FIELDS = {"config_file", "sets"}
+# --storage-option sets the process's fsspec options (never saved: they may hold secrets), no config field.
+NOT_FIELDS = {"config_file", "sets", "storage_option"}
 ARGUMENT_FIELD = {"run_dirs": "runs"}  # a positional argument's config field when named otherwise
 
 

@@ -4,7 +4,8 @@ Every import in `pipeline/` (module level and inside functions, read with `ast`)
 on a strictly lower layer, or stay inside its own folder; and the graph of modules has no cycle. Layers, from
 the bottom:
 
-    0  errors identity config models head records (shared foundations: no kdcache concept above them)
+    0  errors identity config models head records storage (shared foundations: no kdcache concept above them;
+                                                           storage/: local paths and fsspec URLs, one client)
     1  cache/  losses/                          (the format; the mathematics: nothing above them)
     2  ownership                                (which files a stage owns; reads the cache's layout)
     3  data/                                    (prepared data, batching, the stream the student reads)
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "pipeline"
 
 LAYERS = {
-    "errors": 0, "identity": 0, "config": 0, "models": 0, "head": 0, "records": 0,
+    "errors": 0, "identity": 0, "config": 0, "models": 0, "head": 0, "records": 0, "storage": 0,
     "cache": 1, "losses": 1,
     "ownership": 2,
     "data": 3,

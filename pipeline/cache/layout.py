@@ -63,9 +63,7 @@ def is_committed(cache: str | Path, i: int) -> bool:
 def committed_shards(cache: str | Path) -> list[int]:
     """Indices of the committed shards, sorted (one listing: a directory or a URL)."""
     if is_url(cache):
-        from pipeline.cache.remote import committed_shards as listed
-
-        return sorted(listed(store_for(str(cache))))
+        return sorted(listed_commits(store_for(str(cache))))
     root = Path(cache) / SHARDS_DIR
     if not root.is_dir():
         return []
@@ -75,6 +73,17 @@ def committed_shards(cache: str | Path) -> list[int]:
         if m and (d / COMMIT_FILENAME).is_file():
             out.append(int(m.group(1)))
     return sorted(out)
+
+
+def listed_commits(store: Any) -> set[int]:
+    """Indices of the shards whose commit record is in an object store (`Store`): one recursive listing."""
+    out = set()
+    for rel in store.sizes(SHARDS_DIR):
+        parts = rel.split("/")
+        m = re.fullmatch(r"shard_(\d{5,})", parts[1]) if len(parts) == 3 else None
+        if m and parts[2] == COMMIT_FILENAME:
+            out.add(int(m.group(1)))
+    return out
 
 
 def read_commit(cache: str | Path, i: int) -> dict[str, Any]:

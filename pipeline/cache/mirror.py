@@ -104,9 +104,7 @@ class Mirror:
 
     def committed_all(self, n: int) -> list[bool]:
         """Per planned shard (of `n`): committed? One listing of the store."""
-        from pipeline.cache.remote import committed_shards
-
-        self._committed |= committed_shards(self.store)
+        self._committed |= layout.listed_commits(self.store)
         return [i in self._committed for i in range(n)]
 
     # ---- shards -----------------------------------------------------------------------------

@@ -72,9 +72,14 @@ def commit_shard(store: Store, index: int, local: Path, record: dict[str, Any]) 
     commit record last. Leftovers of a killed upload of this shard are deleted first."""
     prefix = shard_prefix(index)
     there = store.sizes(prefix)
-    if layout.COMMIT_FILENAME in {rel.rsplit("/", 1)[-1] for rel in there if rel.count("/") == 2}:
-        raise KdError(f"{store.uri(prefix)} is already committed; another teacher launch wrote it (one launch "
-                      "per cache: see its lease)")
+    mine = (local / layout.COMMIT_FILENAME).read_bytes()
+    if f"{prefix}/{layout.COMMIT_FILENAME}" in there:
+        # Committed meanwhile by a worker of a launch that died (its orphaned process finished the shard):
+        # the same bytes are the same shard; anything else is another launch's, never overwritten.
+        if store.read_bytes(f"{prefix}/{layout.COMMIT_FILENAME}") == mine:
+            return
+        raise KdError(f"{store.uri(prefix)} was committed by another teacher launch with other content "
+                      "(one launch per cache: see its lease)")
     stale = [rel for rel in there if _SHARD_FILE.fullmatch(rel)]
     odd = sorted(set(there) - set(stale))
     if odd:
@@ -84,20 +89,7 @@ def commit_shard(store: Store, index: int, local: Path, record: dict[str, Any]) 
     files = sorted(record["files"])
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         list(pool.map(lambda rel: store.put_file(local / rel, f"{prefix}/{rel}"), files))
-    store.write_bytes(f"{prefix}/{layout.COMMIT_FILENAME}", (local / layout.COMMIT_FILENAME).read_bytes())
-
-
-def committed_shards(store: Store) -> set[int]:
-    """Indices of the shards whose commit record is in the store (one listing)."""
-    out = set()
-    for rel in store.sizes(layout.SHARDS_DIR):
-        parts = rel.split("/")
-        if len(parts) == 3 and parts[2] == layout.COMMIT_FILENAME and parts[1].startswith("shard_"):
-            try:
-                out.add(int(parts[1][len("shard_"):]))
-            except ValueError:
-                pass
-    return out
+    store.write_bytes(f"{prefix}/{layout.COMMIT_FILENAME}", mine)
 
 
 def upload_plan(store: Store, local: Path) -> None:

@@ -14,8 +14,16 @@ a record, a log line or an error message.
 """
 
 from pipeline.storage.store import Store, store_for
-from pipeline.storage.urls import (configure, is_url, join, parse_storage_options, protocol, redact,
-                                   refuse_url, storage_options)
+from pipeline.storage.urls import (
+                                   configure,
+                                   is_url,
+                                   join,
+                                   parse_storage_options,
+                                   protocol,
+                                   redact,
+                                   refuse_url,
+                                   storage_options,
+)
 
 __all__ = ["Store", "store_for", "configure", "is_url", "join", "parse_storage_options", "protocol", "redact",
            "refuse_url", "storage_options"]

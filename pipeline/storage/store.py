@@ -74,7 +74,12 @@ class Store:
 
     # ---- reading -----------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
-        return self._call(rel, lambda: self.fs.exists(self._path(rel)))
+        """Does the object exist now? (Not from a listing cached earlier: another machine may have written it.)"""
+        def exists() -> bool:
+            self.fs.invalidate_cache(self._path(rel))
+            return self.fs.exists(self._path(rel))
+
+        return self._call(rel, exists)
 
     def read_bytes(self, rel: str) -> bytes:
         """The object's bytes (`FileNotFoundError` when there is none)."""

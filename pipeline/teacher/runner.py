@@ -349,7 +349,7 @@ def _init_remote(cfg: TeacherConfig) -> tuple[str, dict[str, Any]]:
     meta, counts, _ = build_meta(cfg)
     writer = CacheWriter(url, meta, counts)
     if not writer.planned:
-        if remote.committed_shards(store) and not cfg.overwrite:
+        if layout.listed_commits(store) and not cfg.overwrite:
             raise KdError(f"{url} holds shards but no {layout.META_FILENAME}: it is not a complete kdcache cache; "
                           "choose another --out or pass --overwrite")
         remote.remove_owned(store)  # a plan killed half-way: redone

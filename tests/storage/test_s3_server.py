@@ -1,0 +1,145 @@
+"""The whole pipeline against a real S3 endpoint on this machine: moto's S3 server on 127.0.0.1 (as s3fs's own
+test suite does; nothing reaches another address), reached through s3fs with an endpoint and keys in
+KDCACHE_STORAGE_OPTIONS, the way a user points kdcache at MinIO or S3.
+
+teacher (2 Dask workers) -> kill -9 of the whole launch mid-run -> the command again, while a student
+trains with --follow from s3:// -> inspect --verify -> eval; the cache equals the one written to local disk
+byte for byte, and the student's weights equal those of the same run on the local cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import free_port
+from pipeline.cache import layout
+from pipeline.training.config import TrainConfig
+from pipeline.training.trainer import Trainer
+from stages.cli import main
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+BUCKET = "kdcache-test"
+STUDENT = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128,
+           "tie_word_embeddings": True}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """(s3fs file system, storage options) of a moto S3 server on 127.0.0.1 with one bucket."""
+    pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KDCACHE_STORAGE_OPTIONS", json.dumps(opts))
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        mp.setenv(k, v)
+    fs = s3fs.S3FileSystem(**opts)
+    fs.mkdir(BUCKET)
+    try:
+        yield fs, opts
+    finally:
+        mp.undo()
+        server.stop()
+
+
+def _commits(fs, prefix: str) -> set[str]:
+    fs.invalidate_cache()
+    return {p.split("/")[-2] for p in fs.glob(f"{prefix}/shards/*/_COMMIT.json")}
+
+
+def _kdcache() -> list[str]:
+    exe = Path(sys.executable).with_name("kdcache")
+    return [str(exe)] if exe.exists() else [sys.executable, "-c", "from stages.cli import main; main()"]
+
+
+def _sums(cache) -> dict[str, str]:
+    return {f"{layout.shard_name(i)}/{rel}": d for i in layout.committed_shards(cache)
+            for rel, d in layout.read_commit(cache, i)["files"].items()}
+
+
+def test_s3_kill_9_rerun_follow_verify_eval(s3, tmp_path, teacher_args, llama_cache, prepared_dir, vocab_size):
+    fs, _ = s3
+    url = f"s3://{BUCKET}/e2e/cache"
+    cmd = [*_kdcache(), "teacher", *teacher_args, "--out", url, "--workers", "2", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: the kill takes the workers too
+    deadline = time.monotonic() + 240
+    try:
+        while not _commits(fs, f"{BUCKET}/e2e/cache"):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.monotonic() < deadline, "no shard committed in time"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the machine dies: launcher, scheduler and workers at once
+    finally:
+        proc.wait()
+    planned = len(json.loads(fs.cat_file(f"{BUCKET}/e2e/cache/kdcache.json"))["shards"])
+    killed = _commits(fs, f"{BUCKET}/e2e/cache")
+    assert 1 <= len(killed) < planned, "the kill did not land mid-run"
+    # What a kill inside an upload leaves: a shard's files without its commit record (replaced on re-run).
+    last = layout.shard_name(planned - 1)
+    fs.pipe_file(f"{BUCKET}/e2e/cache/shards/{last}/topk_ids/zarr.json", b"{half")
+
+    # The same command again, while a student follows the cache on S3.
+    # (in one process this time: the cache does not depend on how shards were spread over workers)
+    rerun = subprocess.Popen(cmd[:cmd.index("--workers")], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    student = tmp_path / "student.json"
+    student.write_text(json.dumps({**STUDENT, "vocab_size": vocab_size}))
+    # follow in both runs: its epoch 0 reads shard by shard, a plan of its own (pipeline/data/stream.py)
+    common = dict(student_config=str(student), batch_tokens=120, seed=3, device="cpu", data=str(prepared_dir),
+                  follow=True)
+    try:
+        t = Trainer(TrainConfig(out=str(tmp_path / "remote"), cache=url, follow_timeout=240,
+                                local_cache=str(tmp_path / "mirror"), prefetch_shards=2, **common))
+        t.stream.poll_seconds = 0.05
+        summary = t.run()
+        assert summary["finished"]
+    finally:
+        out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err[-2000:]
+    assert f"{len(killed)} already committed" in out
+    assert _sums(url) == _sums(llama_cache)  # byte-identical to the uninterrupted local run
+
+    local = Trainer(TrainConfig(out=str(tmp_path / "local"), cache=str(llama_cache), **common))
+    local.run()
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "final" / "model.safetensors") for d in ("remote", "local"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    res = CliRunner().invoke(main, ["inspect", url, "--verify"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "remote"), "--cache", url,
+                                    "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "teacher_top1_agreement" in (tmp_path / "eval" / "eval.json").read_text()
+
+    # A flipped byte in the store: named by --verify (the shard and file), never trained on.
+    rel = sorted(p for p in fs.find(f"{BUCKET}/e2e/cache/shards/shard_00002") if "/head_gaps/c/" in p)[0]
+    data = bytearray(fs.cat_file(rel))
+    data[len(data) // 3] ^= 0x01
+    fs.pipe_file(rel, bytes(data))
+    res = CliRunner().invoke(main, ["inspect", url, "--verify"])
+    assert res.exit_code != 0 and "shard_00002: file head_gaps/c/0/0 checksum mismatch" in res.output
