@@ -151,6 +151,16 @@ def _alive(holder: dict[str, Any]) -> bool | None:
     return True
 
 
+def holder_alive(holder: dict[str, Any]) -> bool | None:
+    """Is the process a lock or lease record names running? None: another host's (cannot tell from here)."""
+    return _alive(holder)
+
+
+def holder_info(stage: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """This process as a lock or lease holder: run_id, stage, host, pid, pid_start, command, started."""
+    return _lock_info(stage, extra or {})
+
+
 def _read_lock(p: Path) -> dict[str, Any] | None:
     try:
         d = json.loads(p.read_text())

@@ -8,7 +8,14 @@
 Whole shard files are downloaded (a shard is a handful of files, one per stored array), each checked
 against the sha256 its commit record lists as it arrives, under `tmp/` and renamed into `shards/` only
 once every file passed, with its `_COMMIT.json` copied last: a local shard directory is complete or
-absent, as on the teacher's side. A mismatch is a `CorruptionError` naming the shard and file; the
+absent, as on the teacher's side. Evicting renames the directory into `tmp/` before deleting it, so a
+kill -9 at any point leaves a shard whole or gone.
+
+Several processes may share one copy (torchrun ranks, a held-out evaluation beside training): each shard has
+a lock file (`locks/shard_NNNNN.lock`, `flock`), held exclusively to download or evict it and shared while it
+is read (`Mirror.reading`), so no process deletes a shard another is reading, and a shard two processes need
+is downloaded once. `tmp/` entries carry their process id and are removed by the next `open` only once that
+process is gone. A mismatch is a `CorruptionError` naming the shard and file; the
 bytes are deleted and never read. Threads download the next `prefetch` shards of the hinted order while
 the student reads. When the shards held exceed `budget_gb`, the least recently used are evicted, so a
 second epoch reads nothing remote when the cache fits and a cache larger than the disk still streams.
@@ -20,6 +27,7 @@ local copy's chunk checksums (crc32c, checked on every read) like any local cach
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -27,10 +35,11 @@ import threading
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Callable
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
 
-from pipeline.cache import layout
+from pipeline.cache import layout, remote
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256
 from pipeline.storage import store_for
@@ -90,7 +99,11 @@ class Mirror:
         for _, i, size in sorted(held):
             self._held[i] = size
             self._committed.add(i)
-        shutil.rmtree(self.dir / layout.TMP_DIR, ignore_errors=True)  # downloads a killed process left
+        (self.dir / "locks").mkdir(exist_ok=True)
+        tmp = self.dir / layout.TMP_DIR
+        for d in tmp.iterdir() if tmp.is_dir() else ():  # downloads and evictions a killed process left
+            if not remote.entry_alive(d.name):
+                shutil.rmtree(d, ignore_errors=True)
         return self.dir
 
     def committed(self, i: int) -> bool:
@@ -114,6 +127,30 @@ class Mirror:
     def has(self, i: int) -> bool:
         return (self.local(i) / layout.COMMIT_FILENAME).is_file()
 
+    @contextmanager
+    def _flock(self, i: int, mode: int) -> Iterator[bool]:
+        """Shard `i`'s lock file held in `mode` (fcntl.LOCK_SH / LOCK_EX, | LOCK_NB): yields whether it was got."""
+        fd = os.open(self.dir / "locks" / f"{layout.shard_name(i)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, mode)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextmanager
+    def reading(self, i: int) -> Iterator[Path]:
+        """Shard `i` local, checked, and kept (no process evicts it) while the block runs."""
+        while True:
+            self.ensure(i)
+            with self._flock(i, fcntl.LOCK_SH):
+                if self.has(i):  # not evicted between the download and the lock
+                    yield self.local(i)
+                    return
+
     def hint(self, order: list[int]) -> None:
         """The order in which shards will first be needed: `ensure(i)` prefetches the ones after `i` in it."""
         with self._lock:
@@ -128,7 +165,7 @@ class Mirror:
         if not self.has(i):
             with self._lock:
                 lock = self._shard_locks.setdefault(i, threading.Lock())
-            with lock:
+            with lock, self._flock(i, fcntl.LOCK_EX):
                 if not self.has(i):
                     self._download(i)
         with self._lock:
@@ -153,7 +190,12 @@ class Mirror:
             files = dict(json.loads(raw)["files"])
         except (ValueError, KeyError, TypeError):
             raise CorruptionError(f"{name}: its commit record in {self.url} is damaged") from None
-        tmp = self.dir / layout.TMP_DIR / f"{name}.{uuid.uuid4().hex[:8]}"
+        for rel in files:  # the record names files inside the shard, nothing else
+            parts = PurePosixPath(rel).parts
+            if not parts or rel.startswith("/") or ".." in parts or "\\" in rel:
+                raise CorruptionError(f"{name}: its commit record in {self.url} names a file outside the shard "
+                                      f"({rel!r}); not downloaded")
+        tmp = self.dir / layout.TMP_DIR / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
 
         def fetch(item: tuple[str, str]) -> int:
@@ -176,8 +218,8 @@ class Mirror:
                 size = sum(pool.map(fetch, sorted(files.items())))
             _write(tmp / layout.COMMIT_FILENAME, raw)
             final = self.local(i)
-            if final.exists():  # a leftover without a commit record (or another process's copy)
-                shutil.rmtree(final, ignore_errors=True)
+            if final.exists():  # a leftover without a commit record (the shard's lock is held: no one reads it)
+                self._discard(final)
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -220,23 +262,36 @@ class Mirror:
             return
         with self._lock:
             lock = self._shard_locks.setdefault(j, threading.Lock())
-        with lock:
+        with lock, self._flock(j, fcntl.LOCK_EX):
             if not self.has(j):
                 self._download(j)
         with self._lock:
             self._held.setdefault(j, _tree_bytes(self.local(j)))
 
-    def evict(self, i: int) -> None:
-        """Delete shard `i`'s local copy."""
-        with self._lock:
-            self._held.pop(i, None)
-        if self.on_evict:
-            self.on_evict(i)
-        shutil.rmtree(self.local(i), ignore_errors=True)
+    def evict(self, i: int, wait: bool = True) -> bool:
+        """Delete shard `i`'s local copy; `wait=False`: only if no process is reading it (-> whether evicted)."""
+        with self._flock(i, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB) as got:
+            if not got:
+                return False
+            with self._lock:
+                self._held.pop(i, None)
+            if self.on_evict:
+                self.on_evict(i)
+            if self.local(i).exists():
+                self._discard(self.local(i))
+        return True
+
+    def _discard(self, d: Path) -> None:
+        """Remove a shard directory: renamed into tmp/ first (atomic), so a kill leaves it whole or gone."""
+        gone = self.dir / layout.TMP_DIR / f"evicted.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        gone.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(d, gone)
+        shutil.rmtree(gone, ignore_errors=True)
 
     def _evict_over_budget(self, keep: int) -> None:
         if self.budget is None:
             return
+        busy: set[int] = set()  # being read (here or by another process): skipped this time
         while True:
             with self._lock:
                 total = sum(self._held.values())
@@ -244,16 +299,21 @@ class Mirror:
                 spare = [j for j in self._held if j != keep and j not in self._inflight]
                 if total <= self.budget or len(spare) <= self.prefetch:
                     return
-                victim = spare[0]
-            self.evict(victim)
+                victims = [j for j in spare[: len(spare) - self.prefetch] if j not in busy]
+                if not victims:
+                    return
+                victim = victims[0]
+            if not self.evict(victim, wait=False):
+                busy.add(victim)
 
     def held_bytes(self) -> int:
         with self._lock:
             return sum(self._held.values())
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop prefetching (queued downloads are cancelled; `wait`: for the running ones to end)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=wait, cancel_futures=True)
             self._pool = None
 
 

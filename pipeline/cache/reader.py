@@ -29,6 +29,7 @@ against their commit records' sha256 as they arrive, `N` ahead of the reader, le
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import threading
 import time
@@ -336,22 +337,35 @@ class Cache:
             i = self.shard_of_row(row)
             s = self.shards[i]
             a, b = row - s["row_start"], min(stop, s["row_stop"]) - s["row_start"]
-            g = self._group(i)
+            try:
+                got = self._read_shard(i, a, b, names)
+            except CorruptionError:
+                if self.mirror is None:
+                    raise
+                self.mirror.evict(i)  # a damaged local copy: downloaded (and checked on arrival) again, once
+                got = self._read_shard(i, a, b, names)
             for n in names:
-                try:
-                    parts[n].append(np.asarray(g[n][a:b]))
-                except FileNotFoundError:
-                    if self.mirror is None:
-                        raise CorruptionError(f"{layout.shard_name(i)}: {n} file missing") from None
-                    parts[n].append(np.asarray(self._group(i)[n][a:b]))  # evicted under us: fetched again
-                except Exception as e:  # zarr raises ValueError on crc mismatch, others on truncation
-                    raise CorruptionError(f"{layout.shard_name(i)}: {n} rows {a}-{b} unreadable "
-                                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                parts[n].append(got[n])
             row = s["row_stop"]
         if start == stop:
             return {n: np.zeros((0,) + specs[n].row_shape(self.params), dtype=specs[n].dtype(self.params))
                     for n in names}
         return {n: np.concatenate(v) if len(v) > 1 else v[0] for n, v in parts.items()}
+
+    def _read_shard(self, i: int, a: int, b: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Rows [a, b) of shard `i` (shard-relative), as stored."""
+        out = {}
+        with self.mirror.reading(i) if self.mirror is not None else contextlib.nullcontext():
+            g = self._group(i)  # a remote cache's shard: local, checked, and not evicted while read
+            for n in names:
+                try:
+                    out[n] = np.asarray(g[n][a:b])
+                except FileNotFoundError:
+                    raise CorruptionError(f"{layout.shard_name(i)}: {n} file missing") from None
+                except Exception as e:  # zarr raises ValueError on crc mismatch, others on truncation
+                    raise CorruptionError(f"{layout.shard_name(i)}: {n} rows {a}-{b} unreadable ({type(e).__name__}: "
+                                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        return out
 
     def read(self, start: int, stop: int, fields: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
         """Rows [start, stop), decoded (see the module docstring); `fields` limits what is decoded."""

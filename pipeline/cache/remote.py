@@ -24,11 +24,11 @@ import shutil
 import socket
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from pipeline import records
 from pipeline.cache import layout
 from pipeline.errors import KdError
 from pipeline.storage import Store, store_for
@@ -69,7 +69,8 @@ def shard_prefix(i: int) -> str:
 
 def commit_shard(store: Store, index: int, local: Path, record: dict[str, Any]) -> None:
     """Upload the shard written in the local directory `local` (its files, listed in `record`), then its
-    commit record last. Leftovers of a killed upload of this shard are deleted first."""
+    commit record last. Leftovers of a killed upload of this shard are overwritten; files of the shard that
+    the record does not list are deleted once it is committed."""
     prefix = shard_prefix(index)
     there = store.sizes(prefix)
     mine = (local / layout.COMMIT_FILENAME).read_bytes()
@@ -85,11 +86,14 @@ def commit_shard(store: Store, index: int, local: Path, record: dict[str, Any]) 
     if odd:
         raise KdError(f"{store.uri(odd[0])}: not a file kdcache teacher writes, inside {layout.shard_name(index)}; "
                       "remove it, or choose another --out")
-    store.delete(stale)
     files = sorted(record["files"])
+    # Leftovers are written over, not deleted first: an orphaned worker of a dead launch may be committing this
+    # same shard (the same bytes), and must not find files gone under its commit record.
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         list(pool.map(lambda rel: store.put_file(local / rel, f"{prefix}/{rel}"), files))
     store.write_bytes(f"{prefix}/{layout.COMMIT_FILENAME}", mine)
+    listed = {f"{prefix}/{rel}" for rel in files}
+    store.delete(sorted(rel for rel in stale if rel not in listed and not rel.endswith(layout.COMMIT_FILENAME)))
 
 
 def upload_plan(store: Store, local: Path) -> None:
@@ -100,25 +104,48 @@ def upload_plan(store: Store, local: Path) -> None:
 
 
 def staging_dir(what: str) -> Path:
-    """A fresh local directory for files on their way to a store (under KDCACHE_STAGING or the temp dir)."""
+    """A fresh local directory for files on their way to a store (under KDCACHE_STAGING or the temp dir),
+    named with this process's id: what a killed process left there is removed here, once it is gone."""
     import tempfile
 
     root = Path(os.environ.get("KDCACHE_STAGING") or tempfile.gettempdir()) / "kdcache-staging"
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{what}.", dir=root))
+    for d in root.iterdir():
+        if not entry_alive(d.name):
+            shutil.rmtree(d, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{what}.{os.getpid()}.", dir=root))
+
+
+def entry_alive(name: str) -> bool:
+    """Is the process that made the local entry `WHAT.PID.RANDOM` still running (on this host)?"""
+    try:
+        pid = int(name.split(".")[-2])
+    except (ValueError, IndexError):
+        return False
+    return bool(records.holder_alive({"host": socket.gethostname(), "pid": pid}))
 
 
 # ---- the lease ----------------------------------------------------------------------------
 class Lease:
-    """The teacher launch's hold on a remote cache (`with Lease(url): ...`)."""
+    """The teacher launch's hold on a remote cache (`with Lease(url) as lease: ...; lease.check()`).
+
+    `conflicts(name, holder)`: whether another lease object excludes this one (replica rules, as for local
+    locks). Taking it: the lease object is created only if absent (S3's If-None-Match, fsspec's "create"
+    mode); a dead holder's is deleted and created again; after `SETTLE_S` every lease is read back, so of two
+    launches racing for one object the overwritten one gives way, and of two conflicting objects created at
+    once the later-started one (then the larger run id) gives way. While held it is renewed every
+    `HEARTBEAT_S`, after reading it back: if another launch has taken it (this one's renewals failed for
+    longer than `LEASE_TTL_S`), `check()` stops the run with one line before its next shard.
+    """
 
     def __init__(self, url: str, name: str = "lease.json", extra: dict[str, Any] | None = None,
                  conflicts: Any = None):
         self.store = store_for(url)
         self.rel = f"{layout.RECORDS_DIR}/{name}"
+        self.name = name
         self.conflicts = conflicts or (lambda other_name, holder: False)
-        self.body = {"run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                     "started": time.time(), "command": "kdcache teacher", **(extra or {})}
+        self.body = {**records.holder_info("teacher", extra), "started_s": time.time()}
+        self.lost: str | None = None  # why the lease was lost (set by the heartbeat)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -135,60 +162,90 @@ class Lease:
                 out[name] = {}
         return out
 
-    def _live(self, holder: dict[str, Any]) -> bool:
-        if holder.get("host") == socket.gethostname():
-            pid = holder.get("pid")
-            if not isinstance(pid, int):
-                return False
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
-        return time.time() - float(holder.get("heartbeat") or holder.get("started") or 0) < LEASE_TTL_S
+    @staticmethod
+    def _live(holder: dict[str, Any]) -> bool:
+        alive = records.holder_alive(holder) if holder.get("pid") is not None else False
+        if alive is not None:  # this host: its process (pid and start time) decides
+            return alive
+        return time.time() - float(holder.get("heartbeat") or holder.get("started_s") or 0) < LEASE_TTL_S
+
+    def _refuse(self, name: str, holder: dict[str, Any]) -> KdError:
+        return KdError(f"{self.store.uri(f'{layout.RECORDS_DIR}/{name}')}: another `kdcache teacher` (run "
+                       f"{str(holder.get('run_id', '?'))[:8]}, {holder.get('host')} pid {holder.get('pid')}) is "
+                       f"writing this cache; wait for it, or delete the lease if that launch is gone (it expires "
+                       f"{LEASE_TTL_S:.0f} s after its last heartbeat)")
+
+    def _blocking(self, holders: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+        for name, holder in sorted(holders.items()):
+            if name != self.name and self.conflicts(name, holder) and self._live(holder):
+                return name, holder
+        return None
 
     def __enter__(self) -> "Lease":
-        mine = self.rel.rsplit("/", 1)[-1]
-        for name, holder in self._holders().items():
-            if (name == mine or self.conflicts(name, holder)) and self._live(holder):
-                raise KdError(f"{self.store.uri(f'{layout.RECORDS_DIR}/{name}')}: another `kdcache teacher` "
-                              f"(run {holder.get('run_id', '?')[:8]}, {holder.get('host')} pid {holder.get('pid')}) "
-                              f"is writing this cache; wait for it, or delete the lease if that launch is gone "
-                              f"(it expires {LEASE_TTL_S:.0f} s after its last heartbeat)")
-        self._write()
-        time.sleep(SETTLE_S)
+        holders = self._holders()
+        if (block := self._blocking(holders)) is not None:
+            raise self._refuse(*block)
+        if self.name in holders:
+            if self._live(holders[self.name]):
+                raise self._refuse(self.name, holders[self.name])
+            self.store.delete([self.rel])  # a dead launch's lease: taken over
         try:
-            back = json.loads(self.store.read_bytes(self.rel))
-        except (FileNotFoundError, ValueError):
-            back = {}
+            self.store.write_bytes(self.rel, self._text(), create=True)
+        except FileExistsError:  # created a moment ago by a racing launch
+            raise self._refuse(self.name, self._read() or {}) from None
+        time.sleep(SETTLE_S)
+        back = self._read() or {}
         if back.get("run_id") != self.body["run_id"]:
             raise KdError(f"{self.store.uri(self.rel)}: another `kdcache teacher` took this cache at the same moment "
                           f"(run {str(back.get('run_id', '?'))[:8]}, {back.get('host')}); one launch per cache")
+        block = self._blocking(self._holders())
+        if block is not None and (block[1].get("started_s", 0), str(block[1].get("run_id"))) < (
+                self.body["started_s"], self.body["run_id"]):
+            self.store.delete([self.rel])  # a conflicting launch started first: it keeps the cache
+            raise self._refuse(*block)
         self._thread = threading.Thread(target=self._beat, name="kdcache-lease", daemon=True)
         self._thread.start()
         return self
 
-    def _write(self) -> None:
-        self.store.write_bytes(self.rel, json.dumps({**self.body, "heartbeat": time.time()}).encode())
+    def check(self) -> None:
+        """Stop (one line) if the lease was lost to another launch."""
+        if self.lost:
+            raise KdError(self.lost)
+
+    def _text(self) -> bytes:
+        return json.dumps({**self.body, "heartbeat": time.time()}).encode()
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            d = json.loads(self.store.read_bytes(self.rel))
+            return d if isinstance(d, dict) else {}
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                self._write()
+                back = self._read()
+                if back is not None and back.get("run_id") != self.body["run_id"]:
+                    self.lost = (f"{self.store.uri(self.rel)}: this launch's lease was taken by another `kdcache "
+                                 f"teacher` (run {str(back.get('run_id', '?'))[:8]}, {back.get('host')}) after it "
+                                 "could not be renewed; stopped (committed shards are kept)")
+                    return
+                self.store.write_bytes(self.rel, self._text())
             except KdError:
-                pass  # the next beat retries; a lost lease is only a risk after LEASE_TTL_S
+                pass  # the next beat retries; the lease is only at risk after LEASE_TTL_S
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            back = json.loads(self.store.read_bytes(self.rel))
-            if back.get("run_id") == self.body["run_id"]:
+            back = self._read()
+            if back and back.get("run_id") == self.body["run_id"]:
                 self.store.delete([self.rel])
-        except (FileNotFoundError, ValueError, KdError):
+        except KdError:
             pass
 
 

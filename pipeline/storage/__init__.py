@@ -23,7 +23,8 @@ from pipeline.storage.urls import (
                                    redact,
                                    refuse_url,
                                    storage_options,
+                                   use_job_options,
 )
 
 __all__ = ["Store", "store_for", "configure", "is_url", "join", "parse_storage_options", "protocol", "redact",
-           "refuse_url", "storage_options"]
+           "refuse_url", "storage_options", "use_job_options"]

@@ -8,7 +8,9 @@ that expect absence.
 
 from __future__ import annotations
 
+import errno
 import functools
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -58,12 +60,14 @@ class Store:
             self.calls += 1
             try:
                 return fn()
-            except (FileNotFoundError, KdError):
+            except (FileNotFoundError, FileExistsError, KdError):
                 raise
             except PermissionError as e:
                 raise KdError(redact(f"{self.uri(what)}: access denied ({_first_line(e)}); check the storage "
                                      "credentials (environment, provider config, --storage-option)")) from None
             except Exception as e:  # connection errors come as OSError, botocore or aiohttp exceptions
+                if not transient(e):  # bad options, a full disk, a refused request: trying again changes nothing
+                    raise KdError(redact(f"{self.uri(what)}: {_first_line(e)}")) from None
                 if attempt + 1 == self.retries:
                     raise KdError(redact(f"{self.uri(what)}: {_first_line(e)} (after {self.retries} tries); "
                                          "re-run the same command once the store is reachable "
@@ -122,13 +126,23 @@ class Store:
         return sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in self._call(rel or ".", ls)})
 
     # ---- writing -----------------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """One single-object write: readers see the whole object or none (S3, GCS and Azure PUT semantics)."""
-        self._call(rel, lambda: self.fs.pipe_file(self._path(rel), data))
+    def write_bytes(self, rel: str, data: bytes, create: bool = False) -> None:
+        """One single-object write: readers see the whole object or none (S3, GCS and Azure PUT semantics).
+        `create`: only if there is no such object yet (`FileExistsError` otherwise; atomic where the store
+        has conditional writes, as S3 and GCS do)."""
+        mode = "create" if create else "overwrite"
+        self._writing(rel, lambda: self.fs.pipe_file(self._path(rel), data, mode=mode))
 
     def put_file(self, local: Path, rel: str) -> None:
         """Upload the local file `local` as `rel`."""
-        self._call(rel, lambda: self.fs.put_file(str(local), self._path(rel)))
+        self._writing(rel, lambda: self.fs.put_file(str(local), self._path(rel)))
+
+    def _writing(self, rel: str, fn: Callable[[], Any]) -> None:
+        try:
+            self._call(rel, fn)
+        except FileNotFoundError:  # s3fs: the bucket (gcsfs, adlfs: the bucket or container) does not exist
+            raise KdError(f"{self.uri(rel)}: cannot write, the bucket or container does not exist (create it, or "
+                          "check the URL)") from None
 
     def delete(self, rels: list[str]) -> None:
         """Delete these objects (missing ones are fine)."""
@@ -140,6 +154,29 @@ class Store:
                     pass
 
             self._call(rel, rm)
+
+
+# Errors a retry can cure: connections dropped or refused, timeouts, throttling, the service's 5xx answers.
+_TRANSIENT_NAMES = re.compile(r"Connect|Timeout|Disconnect|Throttl|SlowDown|ServiceUnavailable|InternalError|"
+                              r"RequestTimeTooSkewed|IncompleteRead|ResponseStreamingError|ClientPayloadError")
+
+
+def transient(e: BaseException) -> bool:
+    """Is `e` an error that trying again may cure?"""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    for x in (e, e.__cause__, e.__context__):
+        if x is None:
+            continue
+        if _TRANSIENT_NAMES.search(type(x).__name__) or _TRANSIENT_NAMES.search(str(x)[:300]):
+            return True
+        status = getattr(x, "status", None) or getattr(x, "code", None)
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            return True
+        if isinstance(x, OSError) and x.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT,
+                                                   errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return True
+    return False
 
 
 def _first_line(e: BaseException) -> str:

@@ -8,8 +8,6 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
 from pipeline.errors import KdError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -18,6 +16,7 @@ ENV_OPTIONS = "KDCACHE_STORAGE_OPTIONS"  # a JSON object of storage options, e.g
 _SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|sas|signature)", re.I)
 
 _options: dict[str, Any] = {}
+_OWN_ENV = os.environ.get(ENV_OPTIONS)  # the process's own, before any `configure`
 
 
 def protocol(path: str | Path | None) -> str | None:
@@ -48,25 +47,37 @@ def join(url: str, *parts: str) -> str:
 
 
 def parse_storage_options(items: Iterable[str]) -> dict[str, Any]:
-    """`["endpoint_url=http://127.0.0.1:9000", "anon=true"]` -> options (values parsed as YAML scalars;
-    a dotted key nests: `client_kwargs.region_name=eu-west-1`)."""
+    """`["endpoint_url=http://127.0.0.1:9000", "anon=true"]` -> options. Values stay strings (a key or secret
+    is never reinterpreted: `0x1F`, `123456` and `abc #x` are kept as typed), except true/false, which the
+    providers' flags need; a dotted key nests: `client_kwargs.region_name=eu-west-1`."""
     out: dict[str, Any] = {}
     for item in items:
-        if "=" not in item:
-            raise KdError(f"--storage-option expects key=value, got {item.split('=')[0]!r}")
+        if "=" not in item:  # the item is not echoed: it may be a secret typed with the wrong separator
+            raise KdError("--storage-option expects KEY=VALUE (an item without '=' was given)")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, (dict, list)):
-            value = raw
+        value: Any = {"true": True, "false": False}.get(raw.strip().lower(), raw)
         node = out
         parts = key.strip().split(".")
+        if not all(parts):
+            raise KdError(f"--storage-option {key.strip()!r}: an empty part in the key")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise KdError(f"--storage-option {key.strip()!r}: {part!r} was given a value, it cannot hold keys")
+        if isinstance(node.get(parts[-1]), dict):
+            raise KdError(f"--storage-option {key.strip()!r}: it holds keys, it cannot be given a value")
         node[parts[-1]] = value
     return out
+
+
+def use_job_options(options: dict[str, Any] | None) -> None:
+    """In a worker process that runs many launches' jobs (a shared Dask cluster): this job's options over the
+    worker's own environment, and nothing left from an earlier job's."""
+    if _OWN_ENV is None:
+        os.environ.pop(ENV_OPTIONS, None)
+    else:
+        os.environ[ENV_OPTIONS] = _OWN_ENV
+    configure(options or None)
 
 
 def configure(options: dict[str, Any] | None) -> None:
@@ -97,8 +108,8 @@ def _secrets(options: dict[str, Any]) -> list[str]:
     for k, v in options.items():
         if isinstance(v, dict):
             out += _secrets(v)
-        elif _SECRET_KEYS.search(str(k)) and isinstance(v, str) and len(v) >= 4:
-            out.append(v)
+        elif _SECRET_KEYS.search(str(k)) and v is not None and not isinstance(v, bool) and len(str(v)) >= 4:
+            out.append(str(v))
     return out
 
 

@@ -37,7 +37,7 @@ from pipeline.errors import KdError, StaleOutput
 from pipeline.identity import weights_hash
 from pipeline.losses.temperature import DEFAULT_GRID_TEMPERATURES
 from pipeline.ownership import LOCK_FILENAME, STATE_DIR, TEACHER, Output, claim
-from pipeline.storage import is_url, store_for
+from pipeline.storage import is_url, storage_options, store_for
 
 if TYPE_CHECKING:
     from pipeline.cache.schema import CodecParams
@@ -372,7 +372,8 @@ def shard_job(cfg: TeacherConfig, meta: dict[str, Any], cache: Path, shard: dict
     return ShardJob(cache=str(cache), data=cfg.data, model=cfg.model, device=cfg.device, dtype=cfg.dtype,
                     threads=worker_threads(cfg), shard=shard, codec=meta["codec"], batch_tokens=cfg.batch_tokens,
                     head_chunk_rows=cfg.head_chunk_rows, seed=cfg.seed,
-                    revision=meta["teacher"].get("revision"), parallel=cfg.parallel, compile=cfg.compile)
+                    revision=meta["teacher"].get("revision"), parallel=cfg.parallel, compile=cfg.compile,
+                    storage=storage_options() if is_url(cache) else {})
 
 
 def worker_threads(cfg: TeacherConfig) -> int:
@@ -407,8 +408,21 @@ def run_teacher(cfg: TeacherConfig, on_shard: Callable[[dict[str, Any]], None] |
         if world > 1:
             cache, meta = _torchrun_init(cfg, stack)
         else:
-            cache, meta = init_cache(cfg, stack.enter_context(teacher_claim(cfg)))
+            own = stack.enter_context(teacher_claim(cfg))
+            cache, meta = init_cache(cfg, own)
+            if hasattr(own, "check"):  # a remote cache's lease: stop before the next shard if it was lost
+                on_shard = _checked(own.check, on_shard)
         return _fill(cfg, cache, meta, rank, world, on_shard, on_rows, on_plan)
+
+
+def _checked(check: Callable[[], None], on_shard: Callable[[dict[str, Any]], None] | None
+             ) -> Callable[[dict[str, Any]], None]:
+    def call(rec: dict[str, Any]) -> None:
+        if on_shard:
+            on_shard(rec)
+        check()
+
+    return call
 
 
 def _fill(cfg: TeacherConfig, cache: Path, meta: dict[str, Any], rank: int, world: int,

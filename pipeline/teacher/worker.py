@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +23,7 @@ from pipeline.cache.writer import CacheWriter
 from pipeline.errors import KdError
 from pipeline.models import input_device, load_causal_lm, model_vocab_size, pick_device, pick_dtype
 from pipeline.head import HeadSpec, check_head, head_spec
+from pipeline.storage import is_url, use_job_options
 from pipeline.teacher.stats import auto_chunk_rows, rows_from_hidden
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class ShardJob:
     revision: str | None = None
     parallel: str = "none"
     compile: str = "auto"
+    # The launcher's storage options when `cache` is a URL: workers of an existing Dask cluster run on other
+    # machines, without the launcher's --storage-option or environment. Held in memory only (repr=False: a
+    # task's repr may reach a log).
+    storage: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def _device_for_worker(device: str) -> str:
@@ -222,6 +227,8 @@ def compute_shard(job: ShardJob, on_rows: Callable[[int], None] | None = None
 
 def run_shard_job(job: ShardJob) -> dict[str, Any]:
     """Compute and commit one shard (the unit of work of every execution mode)."""
+    if is_url(job.cache):  # the launcher's options, and only those (a shared cluster's worker ran others' jobs)
+        use_job_options(job.storage)
     writer = CacheWriter.open(job.cache)
     writer.clean_tmp(job.shard["index"])
     arrays, info = compute_shard(job)

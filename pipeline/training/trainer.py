@@ -351,6 +351,8 @@ class Trainer:
             stop.restore()
             if metrics:
                 metrics.close()
+            if self.cache is not None and self.cache.mirror is not None:
+                self.cache.mirror.close(wait=False)  # queued prefetches cancelled: the process exits without them
         interrupted = stop.requested and self.step < stop_at
         # Weights gone non-finite must not become the checkpoint a re-run continues from.
         keep = not interrupted or all_finite(self.model.parameters(), self.world, self.device)
