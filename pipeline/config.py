@@ -167,7 +167,8 @@ def from_dict(cls: type[C], data: Mapping[str, Any], prefix: str = "") -> C:
         if key not in urls_ok:
             from pipeline.storage import refuse_url
 
-            refuse_url(value, f"{prefix}{key}")
+            for v in value if isinstance(value, (list, tuple)) else (value,):
+                refuse_url(v, f"{prefix}{key}")
     try:
         return cls(**kwargs)
     except KdError:

@@ -56,7 +56,8 @@ def summarize(c: Cache, sample_rows: int = 200_000) -> dict[str, Any]:
     rows = max(c.num_rows, 1)
     done_rows = sum(s["row_stop"] - s["row_start"] for s, ok in zip(c.shards, committed) if ok)
     out: dict[str, Any] = {
-        "path": str(c.path), "rows": c.num_rows, "examples": int(c.meta["num_examples"]), "k": c.k,
+        "path": c.where, "local_copy": str(c.path) if c.mirror is not None else None,
+        "data": str((c.meta.get("data") or {}).get("path", "")), "rows": c.num_rows, "examples": int(c.meta["num_examples"]), "k": c.k,
         "vocab_size": c.vocab_size, "temperatures": c.temperatures, "tail_samples": c.tail_samples,
         "codec": c.meta["codec"], "teacher": c.meta["teacher"]["model"], "shards": len(committed),
         "committed": int(sum(committed)), "bytes": nbytes, "bytes_per_row": nbytes / rows,
@@ -94,7 +95,8 @@ def format_summary(s: dict[str, Any]) -> str:
     """Human-readable lines of `summarize`'s dict."""
     codec = s["codec"]
     lines = [
-        f"cache        {s['path']}",
+        f"cache        {s['path']}" + (f"  (local copy {s['local_copy']})" if s.get("local_copy") else ""),
+        f"data         {s['data']}",
         f"teacher      {s['teacher']}",
         f"rows         {s['rows']:,} target positions over {s['examples']:,} examples",
         f"support      K={s['k']}  vocabulary={s['vocab_size']:,}  temperatures={s['temperatures']}"

@@ -19,7 +19,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from pipeline.errors import KdError, StaleOutput
 from pipeline.identity import file_sha256, read_json, tokenizer_identity, write_json
 from pipeline.models import load_tokenizer
 from pipeline.ownership import PREPARE, STATE_DIR, Output, claim
+from pipeline.storage import is_url, store_for
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ FORMATS = ("auto", "text", "prompt-response", "chat")
 @dataclass
 class PrepareConfig:
     """Settings of `kdcache prepare`."""
+
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("out",)  # may be an fsspec URL (pipeline.storage, pipeline.data.remote)
 
     data: str = ""  # file, directory of files, `load_from_disk` directory, or a datasets hub name
     tokenizer: str = ""  # local directory or hub id
@@ -185,9 +188,18 @@ def tokenize_records(ds: Any, tokenizer: Any, fmt: str, cfg: PrepareConfig,
         yield ids[: cfg.max_length], mask, truncated
 
 
+def local_path(path: str | Path) -> Path:
+    """A prepared directory: `path` itself, or for a URL its checked local copy (`pipeline.data.remote`)."""
+    if is_url(path):
+        from pipeline.data.remote import local_prepared
+
+        return local_prepared(str(path), META_FILENAME)
+    return Path(path)
+
+
 def prepared_meta(path: str | Path) -> dict[str, Any]:
-    """The `kdcache_prepare.json` of a prepared directory (a `KdError` if it is not one)."""
-    p = Path(path)
+    """The `kdcache_prepare.json` of a prepared directory or URL (a `KdError` if it is not one)."""
+    p = local_path(path)
     if not p.is_dir():
         raise KdError(f"prepared data not found: {p} (run `kdcache prepare` first)")
     return read_json(p / META_FILENAME, "prepared-data record (kdcache_prepare.json)")
@@ -202,7 +214,7 @@ def load_prepared(path: str | Path) -> Any:
     if meta.get("examples") == 0:
         raise KdError(f"prepared data {path} is empty (0 examples): nothing to do")
     try:
-        return datasets.load_from_disk(str(path))
+        return datasets.load_from_disk(str(local_path(path)))
     except Exception as e:  # an empty or damaged Arrow directory fails deep inside datasets
         msg = str(e).splitlines()[0] if str(e) else ""
         raise KdError(f"cannot load prepared data {path}: {type(e).__name__}: {msg}") from None
@@ -216,23 +228,58 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
     """
     if not cfg.out:
         raise KdError("no output directory given (--out DIR)")
-    out = Path(cfg.out)
     if not cfg.data:
         raise KdError("no input data given (--data FILE_OR_DIR_OR_NAME)")
     source = source_sha256(cfg.data)
+    if is_url(cfg.out):
+        return _prepare_to_url(cfg, progress, source)
+    out = Path(cfg.out)
     # The lock, then every file in OUT checked against prepare's records: anything else refuses, first.
     with claim(out, PREPARE) as own:
-        return _prepare(cfg, progress, source, own)
+        return _prepare(cfg, progress, source, own, out)
 
 
-def _prepare(cfg: PrepareConfig, progress: bool, source: str | None, own: Output) -> dict[str, Any]:
-    out = Path(cfg.out)
+def _prepare_to_url(cfg: PrepareConfig, progress: bool, source: str | None) -> dict[str, Any]:
+    """`prepare --out URL`: prepared in a local staging directory, then uploaded, the record last."""
+    from pipeline.cache.remote import staging_dir
+    from pipeline.data import remote
+
+    store = store_for(cfg.out)
+    alien = remote.foreign(store)
+    if alien:
+        raise KdError(f"{store.uri(alien[0])} is not a file `kdcache prepare` writes: --out must be a new prefix or "
+                      "one prepare wrote (nothing is deleted that kdcache did not write); choose another --out")
+    old = remote.read_record(store, META_FILENAME)
+    if old is not None and not cfg.overwrite:
+        diff = _differences(old, cfg, source)
+        if diff:
+            raise StaleOutput(f"{cfg.out} holds data prepared with other settings ({', '.join(diff)}); "
+                              "pass --overwrite to replace it", diff)
+        old["skipped"] = True
+        return old
+    staging = staging_dir("prepare")
+    try:
+        with claim(staging, PREPARE) as own:
+            meta = _prepare(cfg, progress, source, own, staging)
+        remote.upload_prepared(staging, store, META_FILENAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _differences(meta: dict[str, Any], cfg: PrepareConfig, source: str | None) -> list[str]:
+    diff = changes(meta.get("config_identity") or {}, cfg.identity())
+    if meta.get("source_sha256") != source:
+        diff.append(f"input changed: {cfg.data}")
+    return diff
+
+
+def _prepare(cfg: PrepareConfig, progress: bool, source: str | None, own: Output, out: Path) -> dict[str, Any]:
+    """Prepare into the directory `out` (cfg.out, or a staging directory for a URL)."""
     meta_path = out / META_FILENAME
     if meta_path.exists():
         meta = read_json(meta_path, "prepared-data record")
-        diff = changes(meta.get("config_identity") or {}, cfg.identity())
-        if meta.get("source_sha256") != source:
-            diff.append(f"input changed: {cfg.data}")
+        diff = _differences(meta, cfg, source)
         if not cfg.overwrite:
             if diff:
                 raise StaleOutput(f"{out} holds data prepared with other settings ({', '.join(diff)}); "

@@ -46,7 +46,7 @@ EVAL_FILENAME = "eval.json"
 class EvalConfig:
     """Settings of `kdcache eval`."""
 
-    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache",)  # may be an fsspec URL (pipeline.storage)
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "data")  # may be an fsspec URL (pipeline.storage)
 
     model: str = ""  # model directory (a run directory means its final/), or hub id
     data: str = ""  # prepared data; may be omitted when the cache records where it lives

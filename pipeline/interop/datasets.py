@@ -49,15 +49,16 @@ def open_inputs(data: Any, cache: Any) -> tuple[Any, Any]:
     from pipeline.cache import Cache, open_cache
     from pipeline.identity import same_tokenizer
     from pipeline.data.prepare import load_prepared, prepared_meta
+    from pipeline.storage import is_url
 
     c = cache if isinstance(cache, Cache) else open_cache(cache)
     if not c.complete:
         missing = sum(1 for ok in c.committed() if not ok)
-        raise KdError(f"cache {c.path} is incomplete ({missing} shard(s) not committed); finish `kdcache teacher` first")
+        raise KdError(f"cache {c.where} is incomplete ({missing} shard(s) not committed); finish `kdcache teacher` first")
     c.check_consistent()
     if data is None or data == "":
         data = (c.meta.get("data") or {}).get("path", "")
-        if not data or not Path(data).is_dir():
+        if not data or not (is_url(data) or Path(data).is_dir()):
             raise KdError(f"the cache's prepared data {data or '(unrecorded)'} is gone; pass the prepared data it "
                           "was made from")
     if isinstance(data, (str, Path)):
@@ -66,7 +67,7 @@ def open_inputs(data: Any, cache: Any) -> tuple[Any, Any]:
             raise KdError(f"tokenizer mismatch: the cache was made with {c.meta['tokenizer']['name']}, the data "
                           f"{data} with {meta['tokenizer']['name']}")
         if c.meta["data"]["fingerprint"] != meta["fingerprint"]:
-            raise KdError(f"the cache {c.path} was made from other data than {data} (fingerprints differ)")
+            raise KdError(f"the cache {c.where} was made from other data than {data} (fingerprints differ)")
         data = load_prepared(data)
     if len(c.index) != len(data):
         raise KdError(f"the cache indexes {len(c.index)} examples but the data has {len(data)}")

@@ -59,7 +59,7 @@ FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "target_logprobs", "targe
 class ExportConfig:
     """Settings of `kdcache export`."""
 
-    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache",)  # may be an fsspec URL (pipeline.storage)
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "data")  # may be an fsspec URL (pipeline.storage)
 
     cache: str = ""
     format: str = "hf-datasets"  # hf-datasets | distillkit | axolotl

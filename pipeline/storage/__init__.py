@@ -5,8 +5,9 @@
     s = store_for("s3://bucket/cache")    # one `Store` per (URL, options) in a process
     s.write_bytes("_COMMIT.json", data)   # one PUT: visible whole or not at all
 
-Only the cache is stored remotely (`kdcache teacher --out URL`; `train`, `eval`, `inspect`, `export`,
-`report` read `--cache URL`); the cache package decides what goes where (`pipeline.cache.remote`).
+Prepared data and caches may be stored remotely (`kdcache prepare --out URL`, `kdcache teacher --out URL`;
+`teacher`, `train`, `eval`, `inspect`, `export`, `report` read `--data URL` and `--cache URL`); the data and
+cache packages decide what goes where (`pipeline.data.remote`, `pipeline.cache.remote`).
 Storage options (credentials, endpoints) come from the provider's usual places (environment variables,
 ~/.aws, gcloud's application credentials) and from `--storage-option key=value` or the environment variable
 KDCACHE_STORAGE_OPTIONS (a JSON object); they are held in this process only, never written to a config,

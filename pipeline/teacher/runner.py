@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 class TeacherConfig:
     """Settings of `kdcache teacher`."""
 
-    URL_FIELDS: ClassVar[tuple[str, ...]] = ("out",)  # may be an fsspec URL (pipeline.storage)
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("out", "data")  # may be an fsspec URL (pipeline.storage)
 
     data: str = ""  # a `kdcache prepare` output directory
     model: str = ""  # local directory or hub id of any causal LM
@@ -260,7 +260,8 @@ def build_meta(cfg: TeacherConfig) -> tuple[dict[str, Any], np.ndarray, Any]:
         # distribution (log p renormalised over the tokenizer's ids).
         "masked_model_ids": masked,
         "teacher": tid, "tokenizer": pmeta["tokenizer"],
-        "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": pmeta["fingerprint"]},
+        "data": {"path": cfg.data if is_url(cfg.data) else str(Path(cfg.data).resolve()),
+                 "fingerprint": pmeta["fingerprint"]},
         "config_identity": cfg.identity(), "shards": shards,
     }
     return meta, counts, ds

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import KdError
+from pipeline.storage import is_url
 from pipeline.training.config import TrainConfig
 
 
@@ -16,7 +17,7 @@ def data_path(cfg: TrainConfig, cache: Any | None) -> str:
     data = cfg.data or (cache.meta["data"]["path"] if cache else "")
     if not data:
         raise KdError("no training data: pass --data DIR (a `kdcache prepare` output)")
-    if not cfg.data and not Path(data).is_dir():
+    if not cfg.data and not is_url(data) and not Path(data).is_dir():
         raise KdError(f"the cache's prepared data {data} is gone; pass --data DIR with the same prepared data")
     return data
 

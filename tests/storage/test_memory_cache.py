@@ -173,16 +173,17 @@ def test_foreign_objects_and_live_leases_refuse_the_teacher(teacher_args, mem_ur
 
 
 @pytest.mark.parametrize("cmd", [
-    ["prepare", "--data", "x.jsonl", "--tokenizer", "t", "--out", "s3://bucket/prep"],
+    ["prepare", "--data", "s3://bucket/corpus.jsonl", "--tokenizer", "t", "--out", "prep"],
     ["train", "--cache", "memory://kdtest/nothing", "--out", "gs://bucket/run", "--student", "s"],
-    ["teacher", "--data", "memory://kdtest/prep", "--model", "m", "--out", "memory://kdtest/c"],
+    ["eval", "--model", "m", "--data", "memory://kdtest/prep", "--out", "memory://kdtest/eval"],
+    ["report", "memory://kdtest/run", "--out", "rep"],
 ])
 def test_urls_where_only_local_paths_work_are_refused_at_once(cmd, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(main, cmd)
     assert res.exit_code == 1, res.output
     line = one_line_error(res)
-    assert "object-store URLs are read and written only for teacher caches" in line
+    assert "object-store URLs are read and written only for prepared data and teacher caches" in line
     assert list(tmp_path.iterdir()) == []  # no local folder named after the URL
 
 

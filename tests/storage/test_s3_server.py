@@ -145,38 +145,50 @@ def test_s3_kill_9_rerun_follow_verify_eval(s3, tmp_path, teacher_args, llama_ca
     assert res.exit_code != 0 and "shard_00002: file head_gaps/c/0/0 checksum mismatch" in res.output
 
 
-def test_s3_existing_dask_cluster_gets_the_launchers_options(s3, tmp_path, teacher_args, llama_cache):
+def test_s3_existing_dask_cluster_gets_the_launchers_options(s3, tmp_path, teacher_args, llama_cache, data_file,
+                                                             tokenizer_dir):
     """`--scheduler ADDRESS`: the workers of a cluster started elsewhere (here: a process with no storage options
-    and no AWS keys in its environment, as on another machine) write their shards straight to the URL with the
-    options given to the launcher on its command line; the cache is the local one's, byte for byte, and the
-    secret is in no file the teacher wrote."""
+    and no AWS keys in its environment, as on another machine, and a local disk of its own) read the prepared
+    data from S3 and write their shards straight to the URL, with the options given to the launcher on its
+    command line; the cache is the local one's, byte for byte, and the secret is in no file kdcache wrote."""
     fs, opts = s3
     bare = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KDCACHE_"))}
     bare["OMP_NUM_THREADS"] = "1"
+    secret = "s3cr3t-" + os.urandom(4).hex()  # moto accepts any key; this one must leak nowhere
+    options = ["--storage-option", f"endpoint_url={opts['endpoint_url']}", "--storage-option", "key=testing",
+               "--storage-option", f"secret={secret}"]
+    data_url = f"s3://{BUCKET}/cluster/prepared"
+    prep = subprocess.run([*_kdcache(), "prepare", "--data", str(data_file), "--tokenizer", str(tokenizer_dir),
+                           "--out", data_url, "--max-length", "64", *options],
+                          env={**bare, "KDCACHE_LOCAL_CACHE": str(tmp_path / "launcher")}, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    args = list(teacher_args)
+    args[args.index("--data") + 1] = data_url
     script = ("import time; from distributed import LocalCluster\n"
               "c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host='127.0.0.1', "
               "dashboard_address=None)\n"
               "print(c.scheduler_address, flush=True)\n"
               "time.sleep(600)\n")
-    cluster = subprocess.Popen([sys.executable, "-c", script], env=bare, stdout=subprocess.PIPE,
+    cluster = subprocess.Popen([sys.executable, "-c", script], env={**bare, "KDCACHE_LOCAL_CACHE": str(tmp_path / "w")},
+                               stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
         address = cluster.stdout.readline().strip()
         assert address.startswith("tcp://127.0.0.1:"), address
         url = f"s3://{BUCKET}/cluster/cache"
-        secret = "s3cr3t-" + os.urandom(4).hex()  # moto accepts any key; this one must leak nowhere
-        cmd = [*_kdcache(), "teacher", *teacher_args, "--out", url, "--scheduler", address,
-               "--storage-option", f"endpoint_url={opts['endpoint_url']}", "--storage-option", "key=testing",
-               "--storage-option", f"secret={secret}"]
-        proc = subprocess.run(cmd, env=bare, capture_output=True, text=True, timeout=300, check=False)
+        cmd = [*_kdcache(), "teacher", *args, "--out", url, "--scheduler", address, *options]
+        proc = subprocess.run(cmd, env={**bare, "KDCACHE_LOCAL_CACHE": str(tmp_path / "launcher")},
+                              capture_output=True, text=True, timeout=300, check=False)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert secret not in proc.stdout + proc.stderr
     finally:
         os.killpg(cluster.pid, signal.SIGKILL)
         cluster.wait()
     assert _sums(url) == _sums(llama_cache)
+    assert list((tmp_path / "w" / "prepared").glob("*/kdcache_prepare.json"))  # the workers' own copy of the data
     fs.invalidate_cache()
-    for path in fs.find(f"{BUCKET}/cluster/cache"):
+    for path in fs.find(f"{BUCKET}/cluster"):
         if "/c/" not in path:  # every file but the array chunks: metadata, records, config, the index
             assert secret.encode() not in fs.cat_file(path), path
 
