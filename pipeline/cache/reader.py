@@ -300,10 +300,11 @@ class Cache:
         return total
 
     # ---- rows -----------------------------------------------------------------------------
-    def _group(self, i: int) -> Any:
+    def _group(self, i: int, local: bool = False) -> Any:
+        """Shard `i`'s open arrays; `local`: the caller made sure a remote cache's shard is local (`reading`)."""
         import zarr
 
-        if self.mirror is not None:  # downloaded (and checked) first; touches its LRU entry
+        if self.mirror is not None and not local:  # downloaded (and checked) first; touches its LRU entry
             self.mirror.ensure(i)
         with self._lock:
             g = self._groups.get(i)
@@ -356,7 +357,7 @@ class Cache:
         """Rows [a, b) of shard `i` (shard-relative), as stored."""
         out = {}
         with self.mirror.reading(i) if self.mirror is not None else contextlib.nullcontext():
-            g = self._group(i)  # a remote cache's shard: local, checked, and not evicted while read
+            g = self._group(i, local=True)  # a remote cache's shard: local, checked, not evicted while read
             for n in names:
                 try:
                     out[n] = np.asarray(g[n][a:b])
