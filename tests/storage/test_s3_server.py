@@ -2,9 +2,11 @@
 test suite does; nothing reaches another address), reached through s3fs with an endpoint and keys in
 KDCACHE_STORAGE_OPTIONS, the way a user points kdcache at MinIO or S3.
 
-teacher (2 Dask workers) -> kill -9 of the whole launch mid-run -> the command again, while a student
+prepare -> teacher -> kill -9 of the whole launch mid-run -> the command again, while a student
 trains with --follow from s3:// -> inspect --verify -> eval; the cache equals the one written to local disk
-byte for byte, and the student's weights equal those of the same run on the local cache.
+byte for byte, and the student's weights equal those of the same run on the local cache. The re-run goes to an
+existing Dask cluster (`--scheduler`) whose workers have no options or keys of their own, reading the prepared
+data `prepare` uploaded.
 """
 
 from __future__ import annotations
@@ -78,49 +80,93 @@ def _sums(cache) -> dict[str, str]:
             for rel, d in layout.read_commit(cache, i)["files"].items()}
 
 
-def test_s3_kill_9_rerun_follow_verify_eval(s3, tmp_path, teacher_args, llama_cache, prepared_dir, vocab_size):
-    fs, _ = s3
-    url = f"s3://{BUCKET}/e2e/cache"
-    cmd = [*_kdcache(), "teacher", *teacher_args, "--out", url, "--workers", "2", "--threads", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group: the kill takes the workers too
-    deadline = time.monotonic() + 240
-    try:
-        while not _commits(fs, f"{BUCKET}/e2e/cache"):
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            assert time.monotonic() < deadline, "no shard committed in time"
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the machine dies: launcher, scheduler and workers at once
-    finally:
-        proc.wait()
-    planned = len(json.loads(fs.cat_file(f"{BUCKET}/e2e/cache/kdcache.json"))["shards"])
-    killed = _commits(fs, f"{BUCKET}/e2e/cache")
-    assert 1 <= len(killed) < planned, "the kill did not land mid-run"
-    # What a kill inside an upload leaves: a shard's files without its commit record (replaced on re-run).
-    last = layout.shard_name(planned - 1)
-    fs.pipe_file(f"{BUCKET}/e2e/cache/shards/{last}/topk_ids/zarr.json", b"{half")
+def _bare_cluster(tmp_path):
+    """A Dask cluster (2 worker processes) started as on another machine: no storage options, no AWS keys in
+    its environment, a local disk of its own. -> (process, scheduler address, its environment)."""
+    bare = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KDCACHE_"))}
+    bare["OMP_NUM_THREADS"] = "1"
+    script = ("import time; from distributed import LocalCluster\n"
+              "c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host='127.0.0.1', "
+              "dashboard_address=None)\n"
+              "print(c.scheduler_address, flush=True)\n"
+              "time.sleep(900)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**bare, "KDCACHE_LOCAL_CACHE": str(tmp_path / "w")},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    return proc, bare
 
-    # The same command again, while a student follows the cache on S3.
-    # (in one process this time: the cache does not depend on how shards were spread over workers)
-    rerun = subprocess.Popen(cmd[:cmd.index("--workers")], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    student = tmp_path / "student.json"
-    student.write_text(json.dumps({**STUDENT, "vocab_size": vocab_size}))
-    # follow in both runs: its epoch 0 reads shard by shard, a plan of its own (pipeline/data/stream.py)
-    common = dict(student_config=str(student), batch_tokens=120, seed=3, device="cpu", data=str(prepared_dir),
-                  follow=True)
+
+def test_s3_prepare_kill_9_rerun_on_a_cluster_follow_verify_eval(s3, tmp_path, teacher_args, llama_cache,
+                                                                 prepared_dir, data_file, tokenizer_dir):
+    """prepare to S3 -> teacher killed (-9, its whole process group) after its first commit, a half-upload
+    planted -> the same teacher re-run on an existing cluster of 2 Dask workers whose workers have no
+    storage options or keys of their own (as on other machines: the launcher's --storage-option reach them),
+    while a student trains with --follow from S3 -> the cache equals the local one byte for byte, the student's
+    weights equal the same run's on the local cache -> inspect --verify, eval -> a flipped byte is named. The
+    secret given on the command line is in no object kdcache wrote."""
+    fs, opts = s3
+    cluster, bare = _bare_cluster(tmp_path)  # starts while the data is prepared and the first launch runs
     try:
-        t = Trainer(TrainConfig(out=str(tmp_path / "remote"), cache=url, follow_timeout=240,
-                                local_cache=str(tmp_path / "mirror"), prefetch_shards=2, **common))
-        t.stream.poll_seconds = 0.05
-        summary = t.run()
-        assert summary["finished"]
+        data_url = f"s3://{BUCKET}/e2e/prepared"
+        res = CliRunner().invoke(main, ["prepare", "--data", str(data_file), "--tokenizer", str(tokenizer_dir),
+                                        "--out", data_url, "--max-length", "64"])
+        assert res.exit_code == 0, res.output
+        args = list(teacher_args)
+        args[args.index("--data") + 1] = data_url
+        url = f"s3://{BUCKET}/e2e/cache"
+        cmd = [*_kdcache(), "teacher", *args, "--out", url]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "KDCACHE_LOCAL_CACHE": str(tmp_path / "launcher")}
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # its own process group: the kill takes the workers too
+        deadline = time.monotonic() + 240
+        try:
+            while not _commits(fs, f"{BUCKET}/e2e/cache"):
+                assert proc.poll() is None, proc.stderr.read()[-2000:]
+                assert time.monotonic() < deadline, "no shard committed in time"
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)  # the machine dies
+        finally:
+            proc.wait()
+        planned = len(json.loads(fs.cat_file(f"{BUCKET}/e2e/cache/kdcache.json"))["shards"])
+        killed = _commits(fs, f"{BUCKET}/e2e/cache")
+        assert 1 <= len(killed) < planned, "the kill did not land mid-run"
+        # What a kill inside an upload leaves: a shard's files without its commit record (replaced on re-run).
+        last = layout.shard_name(planned - 1)
+        fs.pipe_file(f"{BUCKET}/e2e/cache/shards/{last}/topk_ids/zarr.json", b"{half")
+
+        # The same command again, on the cluster, with the options on its command line only.
+        address = cluster.stdout.readline().strip()
+        assert address.startswith("tcp://127.0.0.1:"), address
+        secret = "s3cr3t-" + os.urandom(4).hex()  # moto accepts any key; this one must leak nowhere
+        options = ["--storage-option", f"endpoint_url={opts['endpoint_url']}", "--storage-option", "key=testing",
+                   "--storage-option", f"secret={secret}"]
+        rerun = subprocess.Popen([*cmd, "--scheduler", address, *options],
+                                 env={**bare, "KDCACHE_LOCAL_CACHE": str(tmp_path / "launcher")},
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        student = tmp_path / "student.json"
+        student.write_text(json.dumps({**STUDENT, "vocab_size": vocab_size_of(prepared_dir)}))
+        # follow in both runs: its epoch 0 reads shard by shard, a plan of its own (pipeline/data/stream.py)
+        common = dict(student_config=str(student), batch_tokens=120, seed=3, device="cpu", data=str(prepared_dir),
+                      follow=True)
+        try:
+            t = Trainer(TrainConfig(out=str(tmp_path / "remote"), cache=url, follow_timeout=240,
+                                    local_cache=str(tmp_path / "mirror"), prefetch_shards=2, **common))
+            t.stream.poll_seconds = 0.05
+            summary = t.run()
+            assert summary["finished"]
+        finally:
+            out, err = rerun.communicate(timeout=300)
+        assert rerun.returncode == 0, err[-2000:]
+        assert f"{len(killed)} already committed" in out and secret not in out + err
     finally:
-        out, err = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, err[-2000:]
-    assert f"{len(killed)} already committed" in out
+        os.killpg(cluster.pid, signal.SIGKILL)
+        cluster.wait()
     assert _sums(url) == _sums(llama_cache)  # byte-identical to the uninterrupted local run
+    assert list((tmp_path / "w" / "prepared").glob("*/kdcache_prepare.json"))  # the workers' own copy of the data
+    fs.invalidate_cache()
+    for path in fs.find(f"{BUCKET}/e2e"):
+        if "/c/" not in path:  # every file but the array chunks: metadata, records, config, the index, the data
+            assert secret.encode() not in fs.cat_file(path), path
 
     local = Trainer(TrainConfig(out=str(tmp_path / "local"), cache=str(llama_cache), **common))
     local.run()
@@ -145,52 +191,10 @@ def test_s3_kill_9_rerun_follow_verify_eval(s3, tmp_path, teacher_args, llama_ca
     assert res.exit_code != 0 and "shard_00002: file head_gaps/c/0/0 checksum mismatch" in res.output
 
 
-def test_s3_existing_dask_cluster_gets_the_launchers_options(s3, tmp_path, teacher_args, llama_cache, data_file,
-                                                             tokenizer_dir):
-    """`--scheduler ADDRESS`: the workers of a cluster started elsewhere (here: a process with no storage options
-    and no AWS keys in its environment, as on another machine, and a local disk of its own) read the prepared
-    data from S3 and write their shards straight to the URL, with the options given to the launcher on its
-    command line; the cache is the local one's, byte for byte, and the secret is in no file kdcache wrote."""
-    fs, opts = s3
-    bare = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "KDCACHE_"))}
-    bare["OMP_NUM_THREADS"] = "1"
-    secret = "s3cr3t-" + os.urandom(4).hex()  # moto accepts any key; this one must leak nowhere
-    options = ["--storage-option", f"endpoint_url={opts['endpoint_url']}", "--storage-option", "key=testing",
-               "--storage-option", f"secret={secret}"]
-    data_url = f"s3://{BUCKET}/cluster/prepared"
-    prep = subprocess.run([*_kdcache(), "prepare", "--data", str(data_file), "--tokenizer", str(tokenizer_dir),
-                           "--out", data_url, "--max-length", "64", *options],
-                          env={**bare, "KDCACHE_LOCAL_CACHE": str(tmp_path / "launcher")}, capture_output=True,
-                          text=True, timeout=120, check=False)
-    assert prep.returncode == 0, prep.stderr[-2000:]
-    args = list(teacher_args)
-    args[args.index("--data") + 1] = data_url
-    script = ("import time; from distributed import LocalCluster\n"
-              "c = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host='127.0.0.1', "
-              "dashboard_address=None)\n"
-              "print(c.scheduler_address, flush=True)\n"
-              "time.sleep(600)\n")
-    cluster = subprocess.Popen([sys.executable, "-c", script], env={**bare, "KDCACHE_LOCAL_CACHE": str(tmp_path / "w")},
-                               stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
-    try:
-        address = cluster.stdout.readline().strip()
-        assert address.startswith("tcp://127.0.0.1:"), address
-        url = f"s3://{BUCKET}/cluster/cache"
-        cmd = [*_kdcache(), "teacher", *args, "--out", url, "--scheduler", address, *options]
-        proc = subprocess.run(cmd, env={**bare, "KDCACHE_LOCAL_CACHE": str(tmp_path / "launcher")},
-                              capture_output=True, text=True, timeout=300, check=False)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert secret not in proc.stdout + proc.stderr
-    finally:
-        os.killpg(cluster.pid, signal.SIGKILL)
-        cluster.wait()
-    assert _sums(url) == _sums(llama_cache)
-    assert list((tmp_path / "w" / "prepared").glob("*/kdcache_prepare.json"))  # the workers' own copy of the data
-    fs.invalidate_cache()
-    for path in fs.find(f"{BUCKET}/cluster"):
-        if "/c/" not in path:  # every file but the array chunks: metadata, records, config, the index
-            assert secret.encode() not in fs.cat_file(path), path
+def vocab_size_of(prepared_dir) -> int:
+    from pipeline.data.prepare import prepared_meta
+
+    return int(prepared_meta(prepared_dir)["tokenizer"]["vocab_size"])
 
 
 def test_s3_missing_bucket_is_one_line(s3, teacher_args):
