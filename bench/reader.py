@@ -145,13 +145,24 @@ def time_stream(data, cache, threads: int, batch_tokens: int, batch_size: int) -
     return rows / dt, 1.0 - real / slots, n
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cache_args(ap: argparse.ArgumentParser) -> None:
+    """The synthetic cache's settings (bench/remote.py reuses them, and the cache they build)."""
     ap.add_argument("--rows", type=int, default=280_000)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--chunk-rows", type=int, default=8192)
     ap.add_argument("--shard-rows", type=int, default=65536)
+
+
+def work_dir(args: argparse.Namespace) -> Path:
+    """Where the synthetic cache of these settings is built: --workdir, else runs/bench-reader/<settings hash>."""
+    key = hashlib.sha256(json.dumps([args.rows, args.top_k, args.vocab, args.chunk_rows, args.shard_rows]).encode())
+    return Path(args.workdir or REPO / "runs" / "bench-reader" / key.hexdigest()[:12])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cache_args(ap)
     ap.add_argument("--threads", default="1,2", help="decode threads of the stream, comma-separated")
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=30, help="sequences per micro-batch with --batch-tokens 0 or "
@@ -169,8 +180,7 @@ def main() -> None:
     if args.cache:
         cache_dir, data_dir = Path(args.cache), Path(args.data or open_cache(args.cache).meta["data"]["path"])
     else:
-        key = hashlib.sha256(json.dumps([args.rows, args.top_k, args.vocab, args.chunk_rows, args.shard_rows]).encode())
-        work = Path(args.workdir or REPO / "runs" / "bench-reader" / key.hexdigest()[:12])
+        work = work_dir(args)
         if not (work / "cache" / "kdcache.json").is_file():
             t0 = time.perf_counter()
             build(work, args.rows, args.top_k, args.vocab, args.chunk_rows, args.shard_rows)

@@ -31,7 +31,6 @@ Prints a markdown table; `--out FILE` writes the figures as JSON.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -207,12 +206,10 @@ def time_upload(cache: Any, url: str, scratch: Path, shards: list[int], repeats:
 
 # ---- the run --------------------------------------------------------------------------------------
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    import reader as bench_reader  # bench/reader.py: the synthetic cache's settings, shared with it
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=280_000)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=16384)
-    ap.add_argument("--chunk-rows", type=int, default=8192)
-    ap.add_argument("--shard-rows", type=int, default=65536)
+    bench_reader.add_cache_args(ap)
     ap.add_argument("--threads", type=int, default=2, help="read threads of the stream (the trainer's default, 2)")
     ap.add_argument("--batch-tokens", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=30)
@@ -239,8 +236,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.storage import configure
     from pipeline.storage.urls import ENV_OPTIONS
 
-    key = hashlib.sha256(json.dumps([args.rows, args.top_k, args.vocab, args.chunk_rows, args.shard_rows]).encode())
-    work = Path(args.workdir or REPO / "runs" / "bench-reader" / key.hexdigest()[:12])  # bench/reader.py's
+    work = bench_reader.work_dir(args)  # bench/reader.py's
     built_s = 0.0
     if not (work / "cache" / "kdcache.json").is_file():
         t0 = time.perf_counter()
