@@ -100,10 +100,7 @@ class Mirror:
             self._held[i] = size
             self._committed.add(i)
         (self.dir / "locks").mkdir(exist_ok=True)
-        tmp = self.dir / layout.TMP_DIR
-        for d in tmp.iterdir() if tmp.is_dir() else ():  # downloads and evictions a killed process left
-            if not remote.entry_alive(d.name):
-                shutil.rmtree(d, ignore_errors=True)
+        remote.remove_dead_entries(self.dir / layout.TMP_DIR)  # downloads and evictions a killed process left
         return self.dir
 
     def committed(self, i: int) -> bool:

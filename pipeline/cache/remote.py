@@ -110,10 +110,15 @@ def staging_dir(what: str) -> Path:
 
     root = Path(os.environ.get("KDCACHE_STAGING") or tempfile.gettempdir()) / "kdcache-staging"
     root.mkdir(parents=True, exist_ok=True)
-    for d in root.iterdir():
+    remove_dead_entries(root)
+    return Path(tempfile.mkdtemp(prefix=f"{what}.{os.getpid()}.", dir=root))
+
+
+def remove_dead_entries(root: Path) -> None:
+    """Delete the `WHAT.PID.RANDOM` entries of `root` whose process is gone (what a kill -9 left)."""
+    for d in root.iterdir() if root.is_dir() else ():
         if not entry_alive(d.name):
             shutil.rmtree(d, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{what}.{os.getpid()}.", dir=root))
 
 
 def entry_alive(name: str) -> bool:

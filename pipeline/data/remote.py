@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline.cache.mirror import default_root
-from pipeline.cache.remote import entry_alive
+from pipeline.cache.remote import remove_dead_entries
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256
 from pipeline.ownership import MANIFEST_FILENAME, STATE_DIR
@@ -80,9 +80,7 @@ def local_prepared(url: str, marker: str) -> Path:
 def _download(store: Store, files: dict[str, str], record: bytes, marker: str, root: Path, final: Path) -> None:
     tmp_root = root / "tmp"
     tmp_root.mkdir(exist_ok=True)
-    for d in tmp_root.iterdir():  # what killed downloads left
-        if not entry_alive(d.name):
-            shutil.rmtree(d, ignore_errors=True)
+    remove_dead_entries(tmp_root)  # what killed downloads left
     tmp = tmp_root / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     try:
         for rel, digest in sorted(files.items()):
