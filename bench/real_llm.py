@@ -144,6 +144,8 @@ def main() -> None:
                     help="cache figures on the doc texts: bytes/row per array and preset, teacher-stage speed "
                          "against a bare forward, every cached quantity against float64 (bench/real_llm_measure.py)")
     ap.add_argument("--records", type=int, default=64, help="doc texts for --measure")
+    ap.add_argument("--settings", nargs="*", default=None,
+                    help="--measure only the settings whose labels start with these (bench/real_llm_measure.py SETTINGS)")
     a = ap.parse_args()
     teacher = ensure_teacher(a.root)
     print(teacher)
@@ -152,7 +154,7 @@ def main() -> None:
     if a.measure:
         import real_llm_measure
 
-        real_llm_measure.main(Path(a.root), teacher, a.records)
+        real_llm_measure.main(Path(a.root), teacher, a.records, a.settings)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SETTINGS = (  # (label, TeacherConfig overrides)
-    ("default (K=8)", {"preset": "default"}),
-    ("K=16", {"preset": "default", "top_k": 16}),
-    ("hifi (K=16)", {"preset": "hifi"}),
-    ("hifi K=32", {"preset": "hifi", "top_k": 32}),
-    ("default + 8 draws", {"preset": "default", "tail_samples": 8}),
+SETTINGS = (  # (label, TeacherConfig overrides): draws given explicitly, so a label means the same whatever the presets
+    ("compact (K=8)", {"preset": "compact"}),
+    ("K=8 + 4 draws (default)", {"preset": "default", "tail_samples": 4}),
+    ("K=6 + 4 draws", {"preset": "default", "top_k": 6, "tail_samples": 4}),
+    ("K=8 + 8 draws", {"preset": "default", "tail_samples": 8}),
+    ("K=16", {"preset": "compact", "top_k": 16}),
+    ("hifi (K=16 + 8 draws)", {"preset": "hifi", "tail_samples": 8}),
+    ("hifi K=32, no draws", {"preset": "hifi", "top_k": 32, "tail_samples": 0}),
 )
 
 
@@ -114,7 +116,8 @@ class Errors:
         return out
 
 
-def main(root: Path, teacher: Path, records: int) -> dict[str, Any]:
+def main(root: Path, teacher: Path, records: int, only: list[str] | None = None) -> dict[str, Any]:
+    """Measure SETTINGS (or those whose labels start with one of `only`) and write ROOT/measure.json."""
     import real_llm
     from transformers import AutoModelForCausalLM
 
@@ -135,7 +138,10 @@ def main(root: Path, teacher: Path, records: int) -> dict[str, Any]:
     bare = bare_forward_seconds(model, ids)
     out["bare_forward_s"] = bare
     caches = {}
-    for label, over in SETTINGS:
+    chosen = [(lab, over) for lab, over in SETTINGS if not only or any(lab.startswith(o) for o in only)]
+    if not chosen:
+        raise SystemExit(f"no setting starts with {only}; settings: {[lab for lab, _ in SETTINGS]}")
+    for label, over in chosen:
         cdir = root / "caches" / label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "p")
         shutil.rmtree(cdir, ignore_errors=True)  # timed from nothing: a resumed cache would skip its shards
         cfg = TeacherConfig(data=str(prepared), model=str(teacher), out=str(cdir), device="cpu", dtype="float32",

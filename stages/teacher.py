@@ -15,11 +15,13 @@ T = TeacherConfig
 @setting(T, "--model", show="required", help="Teacher: local directory, .gguf file (pip install 'kdcache[gguf]') or hub id of a causal LM.")
 @setting(T, "--out", type=click.Path(file_okay=False), show="required", help="Cache directory.")
 @setting(T, "--revision", show="latest", help="Hub revision of the model to pin (recorded in the cache).")
-@setting(T, "--preset", type=click.Choice(["default", "hifi"]),
-         help="Codec preset: K and precisions (pipeline/cache/schema.py PRESETS, docs/cache-format.md).")
+@setting(T, "--preset", type=click.Choice(["default", "compact", "hifi"]),
+         help="Codec preset: K, precisions and tail draws (default: K = 8 + 4 draws; compact: K = 8, no draws; "
+              "hifi: K = 16, finer codes, 8 draws; docs/cache-format.md).")
 @setting(T, "--top-k", type=int, help="Cached support size K (0: the preset's).")
 @setting(T, "--temperatures", help="Comma-separated temperature grid for the log-partition.")
-@setting(T, "--tail-samples", type=int, help="Draws per row from the teacher outside its top-K (0: off).")
+@setting(T, "--tail-samples", type=int,
+         help="Draws per row from the teacher outside its top-K (-1: the preset's; 0: none).")
 @setting(T, "--batch-tokens", type=int, help="Padded tokens per forward pass.")
 @setting(T, "--shard-rows", type=int, help="Target rows per shard (unit of work and restart).")
 @setting(T, "--chunk-rows", type=int, help="Rows per Zarr chunk (the student reads whole chunks).")

@@ -27,9 +27,10 @@ T = TrainConfig
 @setting(T, "--out", type=click.Path(file_okay=False), show="required", help="Run directory.")
 @setting(T, "--loss", type=click.Choice(LOSSES), help="Divergence to the teacher (none: cross-entropy only).")
 @setting(T, "--tail", type=click.Choice(TAILS),
-         help="What the loss does with the mass outside the cached top-K: bucket (one bucket), renorm, ignore, or "
-              "sampled (estimated from the cache's tail draws, `kdcache teacher --tail-samples S`: unbiased at any "
-              "temperature and with IDTS for fkl, jsd, tvd, skl, srkl; not rkl or akl).")
+         help="What the loss does with the mass outside the cached top-K: auto (sampled when the cache has tail "
+              "draws that serve the loss, else bucket), bucket (one bucket), renorm, ignore, or sampled (estimated "
+              "from the cache's tail draws, `kdcache teacher --tail-samples S`: unbiased at any temperature and with "
+              "IDTS for fkl, jsd, tvd, skl, srkl; not rkl or akl).")
 @setting(T, "--gate", type=click.Choice(GATES), help="SpecKD rule deciding which positions the teacher accepts.")
 @setting(T, "--proposal", type=click.Choice(PROPOSALS), help="SpecKD: how the student proposes a token.")
 @setting(T, "--gate-k", type=int, help="topk rule: accept when the proposal is among the teacher's top k.")

@@ -61,9 +61,16 @@ def id_dtype(vocab_size: int) -> np.dtype:
 # count loses precision as V grows (8 bits: up to 0.021 nats of entropy at V = 49,152, measured 0.016 on
 # SmolLM2); the default keeps r H(pi) within ENTROPY_ERROR at any V.
 PRESETS: dict[str, dict[str, Any]] = {
+    "compact": {"top_k": 8, "head_step": 0.04, "entropy_bits": 0, "shape_bits": 8},
     "default": {"top_k": 8, "head_step": 0.04, "entropy_bits": 0, "shape_bits": 8},
     "hifi": {"top_k": 16, "head_step": 0.02, "entropy_bits": 12, "shape_bits": 10},
 }
+# Tail draws per row of each preset (`kdcache teacher --tail-samples`, -1 = these), chosen by the students they
+# give (configs/bench-online.yaml, docs/benchmarks.md "What the cache costs a student"): on K + 1 buckets alone the
+# tail's gradient follows the student's own tail shape, 1.40 nats of held-out CE behind online KD on a soft teacher;
+# 4 draws are within the seed noise of online KD, 8 closer still. `compact` (the default of caches made before
+# 2026-12-07) keeps the least disk for confident teachers.
+PRESET_TAIL_SAMPLES: dict[str, int] = {"compact": 0, "default": 4, "hifi": 8}
 
 ENTROPY_ERROR = 0.005  # nats: the most the coded tail entropy moves a row's entropy (r H(pi), r <= 1)
 

@@ -138,7 +138,8 @@ def collect_run(path: str, teachers: dict[str, list[str]] | None = None,
     distills = bool(cfg and (cfg.get("cache") or online) and cfg.get("loss", "fkl") != "none")
     teacher = (online_teacher_name(cfg["online_teacher"], teachers or {}) if online
                else run_teacher(cfg["cache"], teachers or {}, caches or {})) if distills else None
-    return {"name": run.name or str(run), "path": str(run), "config": cfg, "method": method_name(cfg),
+    named = {**cfg, "tail": summary["tail"]} if cfg and summary.get("tail") else cfg  # --tail auto, as resolved
+    return {"name": run.name or str(run), "path": str(run), "config": cfg, "method": method_name(named),
             "distills": distills, "teacher": teacher,
             "eval": read_eval(run), "metrics": metrics, "final_tar": float(tar[-1]) if len(tar) else None,
             "final_focus_ratio": float(focus[-1]) if len(focus) else None,

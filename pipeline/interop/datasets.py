@@ -13,8 +13,8 @@ An *example* (what both datasets yield) is a dict:
     target_positions  [n] int64, the targets t >= 1 with loss_mask[t] != 0, ascending
     cache             dict of the n cache rows of those targets, in the same order: `KD_FIELDS`
                       (topk_ids [n, K] int64, topk_logprobs [n, K], tail_logprob [n], tail_entropy [n],
-                      tail_log_partition [n, G], target_rank [n] int64), plus tail_ids/tail_counts [n, S]
-                      when asked for with `fields`
+                      tail_log_partition [n, G], target_rank [n] int64), plus, when the cache has tail
+                      draws (unless `fields` says otherwise), tail_ids/tail_counts [n, S] and tail_logprobs [n, S]
 
 Examples without a target position are left out (as `kdcache train` leaves them out): `ds.examples`
 maps a dataset index to its prepared-data index. Every read checks, per shard, the cache's hash of
@@ -34,7 +34,7 @@ import torch
 from pipeline.cache.rows import target_positions
 from pipeline.data.batching import pad_right
 from pipeline.errors import KdError
-from pipeline.losses.objective import KD_FIELDS
+from pipeline.losses.objective import KD_FIELDS, kd_fields
 
 IGNORE_INDEX = -100  # label of a position that is not a target (PyTorch's and Hugging Face's default)
 
@@ -104,9 +104,13 @@ def make_example(example: int, ids: np.ndarray, mask: np.ndarray, rows: dict[str
             "cache": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in rows.items()}}
 
 
-def _fields(fields: Sequence[str] | None) -> tuple[str, ...]:
+def _fields(fields: Sequence[str] | None, cache: Any) -> tuple[str, ...]:
+    """The cache fields each example carries: `fields`, by default what a default `KDLoss` of this cache reads
+    (with the tail draws when the cache has them: `--tail auto` trains on them)."""
+    if not fields:
+        fields = kd_fields("sampled", cache.params.draw_logprobs) if cache.tail_samples else KD_FIELDS
     # target_rank is always read: it is how every row is checked against the data's token.
-    return tuple(dict.fromkeys(tuple(fields or KD_FIELDS) + ("target_rank",)))
+    return tuple(dict.fromkeys(tuple(fields) + ("target_rank",)))
 
 
 class KDExampleDataset(torch.utils.data.Dataset):
@@ -119,7 +123,7 @@ class KDExampleDataset(torch.utils.data.Dataset):
 
     def __init__(self, data: Any, cache: Any, fields: Sequence[str] | None = None, keep_chunks: int = 4):
         self.data, self.cache = open_inputs(data, cache)
-        self.fields = _fields(fields)
+        self.fields = _fields(fields, self.cache)
         idx = self.cache.index
         self.row_start = np.asarray(idx.column("row_start"), dtype=np.int64)
         self.row_count = np.asarray(idx.column("row_count"), dtype=np.int64)
@@ -182,7 +186,7 @@ class KDIterableDataset(torch.utils.data.IterableDataset):
         self.data, self.cache = open_inputs(data, cache)
         # batch_size 1: the stream's per-rank example count is then exactly what every rank may yield.
         self.stream = CacheStream(self.data, self.cache, batch_size=1, seed=seed, shuffle=shuffle,
-                                  buffer_blocks=buffer_blocks, rank=rank, world=world, fields=_fields(fields))
+                                  buffer_blocks=buffer_blocks, rank=rank, world=world, fields=_fields(fields, self.cache))
         self.ids_col = self.data.data.column("input_ids")
         self.mask_col = self.data.data.column("loss_mask")
         self.epoch = 0

@@ -34,7 +34,7 @@ from torch import Tensor
 from pipeline.head import HeadSpec
 from pipeline.losses.adakd import LATF
 from pipeline.losses.divergences import closed_form_grad, divergence, teacher_log_buckets
-from pipeline.losses.objective import KdPlan, RowSignals, divergence_of_rows, plan_kd, sampled_teacher_of
+from pipeline.losses.objective import KdPlan, RowSignals, divergence_of_rows, for_batch, plan_kd, sampled_teacher_of
 from pipeline.losses.options import KdOptions
 from pipeline.losses.sampled import check_sampled, sampled_kd_grad
 
@@ -244,6 +244,7 @@ def chunked_loss(hidden: Tensor, head: HeadSpec, target_ids: Tensor, cache: dict
     over all its Vs rows, plan from `plan_rows`. Σ CE is NaN when ce_scale = 0 (it was not recomputed:
     `plan.ce_rows` has it).
     """
-    spec = _LossSpec(head, target_ids, cache, plan, s, vocab_size, float(ce_scale), float(kd_scale), chunk_rows)
+    spec = _LossSpec(head, target_ids, cache, plan, for_batch(s, cache), vocab_size, float(ce_scale), float(kd_scale),
+                     chunk_rows)
     weight = head.weight  # all Vs rows: the student's padded ids are in its CE, never in its KD buckets
     return _ChunkedLoss.apply(hidden, weight, head.bias, spec)

@@ -17,7 +17,7 @@ temperatures are computed without gradient, at temperature 1 for the gate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -58,6 +58,16 @@ def kd_fields(tail: str, draw_logprobs: bool = True) -> tuple[str, ...]:
     if tail != "sampled":
         return KD_FIELDS
     return KD_FIELDS + (SAMPLED_FIELDS if draw_logprobs else SAMPLED_FIELDS[:2])
+
+
+def for_batch(s: KdOptions | None, cache: dict[str, Tensor] | None) -> KdOptions | None:
+    """`s` with `--tail auto` resolved for these cache rows: sampled when they carry draws with log-probs and the
+    loss admits them (`KdOptions.resolved_tail`), else bucket. The trainer and `KDLoss` resolve it once from the
+    cache's record; this serves a caller that builds the objective from options alone."""
+    if s is None or s.tail != "auto" or cache is None:
+        return s
+    draws = "tail_ids" in cache and "tail_logprobs" in cache
+    return replace(s, tail=s.resolved_tail(int(draws), draws))
 
 
 def gate_generator(seed: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -218,6 +228,7 @@ def kd_terms(logits: torch.Tensor, cache: dict[str, torch.Tensor], s: KdOptions,
     tail_ids/tail_counts/tail_logprobs [N, S] (`SAMPLED_FIELDS`); grid_betas [G] = 1 / cache temperatures;
     vocab_size: the teacher's V; groups [N] the sequence of each row (SE-KD selects per sequence; None = one sequence).
     """
+    s = for_batch(s, cache)
     n = logits.shape[0]
     sig = RowSignals(n, s, logits.device)
     sig.add(0, logits.detach().float(), cache, vocab_size, generator)

@@ -16,7 +16,9 @@ from pipeline.losses.temperature import grid_range
 
 # The choices each option takes, from the modules that own them ("none": the option is off).
 LOSSES = ("none", *DIVERGENCES)
-TAILS = (*TAIL_POLICIES, "sampled")  # sampled: the tail estimated from the cached draws (losses/sampled.py)
+# sampled: the tail estimated from the cached draws (losses/sampled.py); auto: sampled when the cache's draws can
+# serve the loss, else bucket (`KdOptions.resolved_tail`).
+TAILS = ("auto", *TAIL_POLICIES, "sampled")
 GATES = ("none", *RULES)
 __all__ = ["GATES", "LOSSES", "PROPOSALS", "TAILS", "KdOptions", "method_name"]
 
@@ -26,7 +28,7 @@ class KdOptions:
     """What the student's loss does with the cached teacher; `check_kd()` validates them."""
 
     loss: str = "fkl"  # none (cross-entropy only) | fkl | rkl | jsd | tvd | skl | srkl | akl
-    tail: str = "bucket"  # bucket | renorm | ignore | sampled (the tail estimated from cached draws)
+    tail: str = "auto"  # auto | bucket | renorm | ignore | sampled (the tail estimated from cached draws)
     gate: str = "none"  # SpecKD verification rule: none | topk | spec | threshold
     proposal: str = "greedy"  # greedy | sample
     gate_k: int = 5  # topk rule: accept when the proposal is among the teacher's top gate_k
@@ -63,6 +65,17 @@ class KdOptions:
             raise KdError(f"gate_k must be at least 1, got {self.gate_k}")
         if self.tail == "sampled" and self.loss in REFUSED:
             raise KdError(f"tail 'sampled' cannot serve loss {self.loss}: {REFUSED[self.loss]}")
+
+    def resolved_tail(self, tail_samples: int, draw_logprobs: bool) -> str:
+        """The tail policy the loss uses with a cache of `tail_samples` draws per row: `tail` as given, or for
+        auto, sampled when the draws can serve this loss (they carry log-probs, and the loss is not one the
+        sampled tail refuses) and bucket otherwise. Why sampled: on K + 1 buckets the tail's gradient follows the
+        student's own tail shape (1.40 nats of held-out CE behind online KD on a soft teacher; the draws are
+        within the seed noise of it: docs/benchmarks.md)."""
+        if self.tail != "auto":
+            return self.tail
+        ok = tail_samples > 0 and draw_logprobs and self.loss not in REFUSED and self.loss != "none"
+        return "sampled" if ok else "bucket"
 
     def check_tail_draws(self, tail_samples: int, draw_logprobs: bool, cache: str = "the cache") -> None:
         """One-line `KdError` when --tail sampled asks more of the cache's draws than they hold: none at all, or

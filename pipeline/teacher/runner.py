@@ -56,13 +56,13 @@ class TeacherConfig:
     model: str = ""  # local directory or hub id of any causal LM
     out: str = ""
     revision: str = ""  # hub revision to pin (recorded in the cache)
-    preset: str = "default"  # codec preset (pipeline/cache/schema.py PRESETS): default | hifi
+    preset: str = "default"  # codec preset (pipeline/cache/schema.py PRESETS): default | compact | hifi
     top_k: int = 0  # cached support K; 0 = the preset's
     head_step: float = 0.0  # nats per head-gap code; 0 = the preset's
     shape_bits: int = 0  # bits per tail temperature statistic; 0 = the preset's
     entropy_bits: int = 0  # bits of the tail entropy; 0 = the preset's
     temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_GRID_TEMPERATURES))
-    tail_samples: int = 0  # S draws outside the top-K per row (methods.md §2); 0 = off
+    tail_samples: int = -1  # S draws outside the top-K per row (methods.md §2); -1 = the preset's; 0 = off
     batch_tokens: int = 8192  # padded tokens per forward pass
     shard_rows: int = 65536  # target rows per shard: the unit of work and restart
     chunk_rows: int = 8192  # rows per Zarr chunk (the student reads whole chunks)
@@ -97,8 +97,8 @@ class TeacherConfig:
         for name in ("batch_tokens", "shard_rows", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise KdError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.tail_samples < 0 or self.tail_samples > 65535:
-            raise KdError(f"tail_samples must be in [0, 65535], got {self.tail_samples}")
+        if self.tail_samples < -1 or self.tail_samples > 65535:
+            raise KdError(f"tail_samples must be in [0, 65535] (-1: the preset's), got {self.tail_samples}")
         if self.workers and self.scheduler:
             raise KdError("give either workers or scheduler, not both")
         if self.workers < 0 or self.threads < 0:
@@ -115,15 +115,20 @@ class TeacherConfig:
             raise KdError("--parallel tp runs under torchrun (one process per GPU of the group), not on Dask workers")
 
     def codec_params(self, vocab_size: int) -> "CodecParams":
-        """The row codec's parameters: the preset, with any explicitly set value on top."""
-        from pipeline.cache.schema import PRESETS, CodecParams
+        """The row codec's parameters: the preset, with any explicitly set value on top. The preset's tail draws
+        are dropped when the head is the whole vocabulary (K = V: no tail to draw from); asked for explicitly,
+        that is an error (`run_teacher`)."""
+        from pipeline.cache.schema import PRESET_TAIL_SAMPLES, PRESETS, CodecParams
 
         chosen = dict(PRESETS[self.preset])
         for key in ("top_k", "head_step", "shape_bits", "entropy_bits"):
             if getattr(self, key):
                 chosen[key] = getattr(self, key)
+        draws = self.tail_samples
+        if draws < 0:
+            draws = PRESET_TAIL_SAMPLES[self.preset] if chosen["top_k"] < vocab_size else 0
         return CodecParams(vocab_size=vocab_size, temperatures=tuple(self.temperatures),
-                           tail_samples=self.tail_samples, clevel=self.clevel, **chosen)
+                           tail_samples=draws, clevel=self.clevel, **chosen)
 
     def identity(self) -> dict[str, Any]:
         """Settings that change the cache's bytes (not where or how many processes compute it)."""
@@ -134,6 +139,14 @@ class TeacherConfig:
                   "replica", "replicas", "compile"):
             d.pop(k)
         return d
+
+
+def resume_hint(cfg: TeacherConfig, diff: list[str]) -> str:
+    """What resumes a cache made before the default preset cached tail draws (2026-12-07): its codec has no draws,
+    the preset's now has some; the same settings with --tail-samples 0 resume it unchanged."""
+    if cfg.tail_samples == -1 and any(d.startswith("tail_samples 0 ->") for d in diff):
+        return "it has no tail draws (the default preset before 2026-12-07): add --tail-samples 0 to resume it, or "
+    return ""
 
 
 def plan_shards(row_counts: np.ndarray, shard_rows: int) -> list[dict[str, int]]:
@@ -245,7 +258,7 @@ def build_meta(cfg: TeacherConfig) -> tuple[dict[str, Any], np.ndarray, Any]:
                       f"re-run `kdcache prepare` with --max-length {ctx}")
     check_model_tokenizer(cfg.model, local_model_dir(cfg.model), pmeta["tokenizer"], tid["model_vocab_size"])
     params = cfg.codec_params(tok_vocab)
-    if cfg.tail_samples and params.top_k >= tok_vocab:
+    if cfg.tail_samples > 0 and params.top_k >= tok_vocab:
         raise KdError(f"tail_samples needs ids outside the top-K, but top_k {params.top_k} covers the whole vocabulary")
     masked = tid["model_vocab_size"] - tok_vocab
     if masked:
@@ -325,7 +338,7 @@ def init_cache(cfg: TeacherConfig, own: Output | None = None) -> tuple[Path, dic
             diff = writer.mismatch()
             if diff and not cfg.overwrite:
                 raise StaleOutput(f"{cache} holds a cache made with other settings ({', '.join(diff)}); "
-                                  "pass --overwrite to replace it", diff)
+                                  f"{resume_hint(cfg, diff)}pass --overwrite to replace it", diff)
             if diff:  # same settings with --overwrite: keep the committed shards (they would be identical)
                 own.remove_owned()
     if not writer.planned:
@@ -358,7 +371,7 @@ def _init_remote(cfg: TeacherConfig) -> tuple[str, dict[str, Any]]:
         diff = writer.mismatch()
         if diff and not cfg.overwrite:
             raise StaleOutput(f"{url} holds a cache made with other settings ({', '.join(diff)}); "
-                              "pass --overwrite to replace it", diff)
+                              f"{resume_hint(cfg, diff)}pass --overwrite to replace it", diff)
         if diff:
             remote.remove_owned(store)
     if not writer.planned:

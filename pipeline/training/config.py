@@ -114,7 +114,7 @@ class TrainConfig(KdOptions):
             return
         shaping = [name for name, on in (("--gate", self.gate != "none"), ("--latf", self.latf), ("--idts", self.idts),
                                          ("--select", self.select != "none"), ("--temperature", self.temperature != 1.0),
-                                         ("--tail", self.tail != "bucket"), ("--ce-weight", self.ce_weight != 0.0))
+                                         ("--tail", self.tail not in ("auto", "bucket")), ("--ce-weight", self.ce_weight != 0.0))
                    if on]
         if shaping:
             raise KdError(f"{', '.join(shaping)} shape{'s' if len(shaping) == 1 else ''} the distillation loss, "

@@ -50,6 +50,7 @@ def card_record(cfg: Any, ignored: tuple[str, ...], steps: int, tokens_seen: int
     config = {k: v for k, v in to_dict(cfg).items() if k not in (*ignored, "out")}
     info = None
     if cache is not None:
+        config["tail"] = cfg.resolved_tail(cache.tail_samples, cache.params.draw_logprobs)  # what `auto` trained with
         m = cache.meta
         info = {"path": str(cfg.cache), "format_version": m.get("format_version"), "top_k": cache.k,
                 "codec": (m.get("codec") or {}).get("name"), "vocab_size": cache.vocab_size,

@@ -139,9 +139,13 @@ class Trainer:
         """The reader of the micro-batches with their cache rows (first: can the cache serve this objective?),
         and the run's length in optimizer steps."""
         cfg = self.cfg
+        # --tail auto: sampled when the cache's draws serve the loss (KdOptions.resolved_tail); the online teacher
+        # has no tail (K = V), any policy gives the same loss there.
+        self.tail = (cfg.resolved_tail(self.cache.tail_samples, self.cache.params.draw_logprobs)
+                     if self.cache is not None else cfg.resolved_tail(0, False))
         if cfg.distills and self.cache is not None:
-            check_cache_serves(cfg, self.cache)
-        fields = kd_fields(cfg.tail, self.cache.params.draw_logprobs if self.cache is not None else True)
+            check_cache_serves(cfg, self.cache, self.tail)
+        fields = kd_fields(self.tail, self.cache.params.draw_logprobs if self.cache is not None else True)
         self.stream = CacheStream(self.ds, self.cache if cfg.distills else None, cfg.batch_size, seed=cfg.seed,
                                   shuffle=cfg.shuffle, threads=cfg.read_threads, rank=self.rank, world=self.world,
                                   fields=fields, batch_tokens=cfg.batch_tokens, follow=cfg.follow,
@@ -156,7 +160,8 @@ class Trainer:
                           epsilon=cfg.latf_epsilon, sigma=cfg.latf_sigma, min_ratio=cfg.latf_min_ratio)
                      if cfg.distills and cfg.latf else None)
         self.gen = gate_generator(cfg.seed, self.rank, self.device)
-        self.kd = KdOptions(**cfg.kd_options())  # a snapshot of the KD options (KdOptions is their one owner)
+        # a snapshot of the KD options (KdOptions is their one owner), with the tail policy resolved for this cache
+        self.kd = KdOptions(**{**cfg.kd_options(), "tail": self.tail})
         source = self.cache if self.cache is not None else self.online  # where the teacher's rows come from
         if source is not None:
             self.grid_betas = torch.tensor([1.0 / t for t in source.temperatures], dtype=torch.float32)
@@ -366,6 +371,8 @@ class Trainer:
             raise Interrupted(_stopped(self.out, self.step, self.total, checkpointed=keep))
         summary = {"out": str(self.out), "steps": self.step, "total_steps": self.total,
                    "finished": self.step >= self.total, "last": last, **self.tracker.totals()}
+        if cfg.distills:
+            summary["tail"] = self.tail  # the policy --tail auto resolved to (the report names the method with it)
         if self.rank == 0:
             write_json(self.out / SUMMARY_FILENAME, summary)  # the report's throughput, among others
             if summary["finished"] and cfg.push_to_hub:

@@ -17,6 +17,7 @@ from pipeline.api import (KD_FIELDS, KDCollator, KDExampleDataset, KDIterableDat
                           as_microbatch, gather_target_logits, open_cache, student_target_logits)
 from pipeline.data.prepare import load_prepared
 from pipeline.data.stream import CacheStream
+from pipeline.losses.objective import kd_fields
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -60,7 +61,8 @@ def test_examples_are_the_data_joined_to_their_cache_rows(prepared_dir, cache_di
         assert ex["input_ids"].tolist() == ids
         assert ex["target_positions"].tolist() == pos
         assert ex["labels"].tolist() == [ids[t] if t in pos else -100 for t in range(len(ids))]
-        want = cache.read(starts[e], starts[e] + counts[e], KD_FIELDS)
+        # the default fields: what a default KDLoss of this cache reads (it has draws: the sampled tail's too)
+        want = cache.read(starts[e], starts[e] + counts[e], KD_FIELDS + ("tail_ids", "tail_counts", "tail_logprobs"))
         assert set(ex["cache"]) == set(want)
         for k, v in want.items():
             np.testing.assert_array_equal(ex["cache"][k].numpy(), v, err_msg=k)
@@ -74,7 +76,9 @@ def test_examples_are_the_data_joined_to_their_cache_rows(prepared_dir, cache_di
 
 def test_collated_batch_is_the_trainer_microbatch(prepared_dir, cache_dir, dataset):
     """KDCollator over the dataset's examples gives exactly what `kdcache train` streams."""
-    stream = CacheStream(load_prepared(prepared_dir), open_cache(cache_dir), batch_size=5, seed=3)
+    # the fields the trainer streams under --tail auto from a cache with draws (the dataset's default)
+    stream = CacheStream(load_prepared(prepared_dir), open_cache(cache_dir), batch_size=5, seed=3,
+                         fields=kd_fields("sampled"))
     where = {int(e): i for i, e in enumerate(dataset.examples)}
     it = iter(stream)
     for _ in range(4):
@@ -143,7 +147,7 @@ def test_kdloss_equals_a_dense_reference(cache_dir, dataset, alpha):
     batch = KDCollator()([dataset[i] for i in range(6)])
     n, vocab = batch["target_ids"].shape[0], cache.vocab_size
     logits = (torch.randn(n, vocab + 3, generator=torch.Generator().manual_seed(0)) * 2).requires_grad_()
-    kd = KDLoss.from_cache(cache, KDLossConfig(ce_weight=alpha))
+    kd = KDLoss.from_cache(cache, KDLossConfig(ce_weight=alpha, tail="bucket"))  # the reference's K + 1 buckets
     out = kd(logits, batch)
     # the padded head's 3 extra ids belong to no distribution in the KD term (they do in CE, as in training)
     ref_kd, ref_ce, ref_loss = dense_reference(logits.detach(), batch["cache"], batch["target_ids"], vocab, alpha)
@@ -155,10 +159,11 @@ def test_kdloss_equals_a_dense_reference(cache_dir, dataset, alpha):
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
-API_REFERENCE_SETTINGS = [
+API_REFERENCE_SETTINGS = [  # on K + 1 buckets, the reference's teacher (the sampled tail: tests/losses/test_sampled*)
     dict(loss="akl", gate="topk", gate_k=4, reject_weight=0.25, select="student_entropy", select_ratio=0.5,
-         latf=True, idts=True, temperature=1.2, ce_weight=0.25),
-    dict(loss="srkl", gate="threshold", gate_threshold=0.01, reject_weight=0.5, latf=True, idts=True, idts_c=0.6),
+         latf=True, idts=True, temperature=1.2, ce_weight=0.25, tail="bucket"),
+    dict(loss="srkl", gate="threshold", gate_threshold=0.01, reject_weight=0.5, latf=True, idts=True, idts_c=0.6,
+         tail="bucket"),
 ]
 
 

@@ -88,7 +88,7 @@ def test_card_front_matter_and_what_it_states(run, setup):
                  f"| top-K | {cache_meta['codec']['top_k']} |", f"| codec | {cache_meta['codec']['name']} |",
                  cache_meta["data"]["fingerprint"], "proposal in the teacher's top 4",
                  "rejected positions weighted 0.25", "on: warm-up 0.05, EMA decay 0.99", "on: c = 0.3",
-                 "| temperature T_base | 1.2 |", "| 0.1 |", "| tail policy | bucket |", "| loss (divergence) | fkl |"):
+                 "| temperature T_base | 1.2 |", "| 0.1 |", "| tail policy | sampled |", "| loss (divergence) | fkl |"):
         assert fact in text, fact
     # One epoch without shuffling sees every token of the prepared data once.
     steps = -(-pmeta["examples"] // 8)
