@@ -27,13 +27,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SETTINGS = (  # (label, TeacherConfig overrides): draws given explicitly, so a label means the same whatever the presets
+SETTINGS = (  # (label, TeacherConfig overrides): the named presets, and settings spelled out from compact's precisions
     ("compact (K=8)", {"preset": "compact"}),
-    ("K=8 + 4 draws (default)", {"preset": "default", "tail_samples": 4}),
-    ("K=6 + 4 draws", {"preset": "default", "top_k": 6, "tail_samples": 4}),
-    ("K=8 + 8 draws", {"preset": "default", "tail_samples": 8}),
+    ("default (K=6 + 4 draws)", {"preset": "default"}),
+    ("K=8 + 4 draws", {"preset": "compact", "tail_samples": 4}),
+    ("K=6 + 4 draws, draw step 2^-6", {"preset": "compact", "top_k": 6, "tail_samples": 4}),
+    ("K=8 + 8 draws", {"preset": "compact", "tail_samples": 8}),
     ("K=16", {"preset": "compact", "top_k": 16}),
-    ("hifi (K=16 + 8 draws)", {"preset": "hifi", "tail_samples": 8}),
+    ("hifi (K=16 + 8 draws)", {"preset": "hifi"}),
     ("hifi K=32, no draws", {"preset": "hifi", "top_k": 32, "tail_samples": 0}),
 )
 
@@ -164,6 +165,12 @@ def main(root: Path, teacher: Path, records: int, only: list[str] | None = None)
             e.add(ref)
     for label, e in errs.items():
         out["settings"][label]["errors"] = e.summary()
+    # settings measured by earlier runs are kept (each carries its own date and command)
+    for label, st in out["settings"].items():
+        st.update(date=out["date"], command=out["command"])
+    old = root / "measure.json"
+    if old.is_file():
+        out["settings"] = {**json.loads(old.read_text()).get("settings", {}), **out["settings"]}
     (root / "measure.json").write_text(json.dumps(out, indent=1) + "\n")
     print(markdown(out))
     return out

@@ -62,14 +62,17 @@ def id_dtype(vocab_size: int) -> np.dtype:
 # SmolLM2); the default keeps r H(pi) within ENTROPY_ERROR at any V.
 PRESETS: dict[str, dict[str, Any]] = {
     "compact": {"top_k": 8, "head_step": 0.04, "entropy_bits": 0, "shape_bits": 8},
-    "default": {"top_k": 8, "head_step": 0.04, "entropy_bits": 0, "shape_bits": 8},
+    "default": {"top_k": 6, "head_step": 0.04, "entropy_bits": 0, "shape_bits": 8, "draw_step": 2.0**-5},
     "hifi": {"top_k": 16, "head_step": 0.02, "entropy_bits": 12, "shape_bits": 10},
 }
 # Tail draws per row of each preset (`kdcache teacher --tail-samples`, -1 = these), chosen by the students they
-# give (configs/bench-online.yaml, docs/benchmarks.md "What the cache costs a student"): on K + 1 buckets alone the
-# tail's gradient follows the student's own tail shape, 1.40 nats of held-out CE behind online KD on a soft teacher;
-# 4 draws are within the seed noise of online KD, 8 closer still. `compact` (the default of caches made before
-# 2026-12-07) keeps the least disk for confident teachers.
+# give and their bytes (configs/bench-online.yaml, bench/real_llm.py --measure; docs/benchmarks.md "What the cache
+# costs a student"): on K + 1 buckets alone the tail's gradient follows the student's own tail shape, 1.40 nats of
+# held-out CE behind online KD on a soft teacher; K = 6 with 4 draws is within the seed noise of online KD at
+# 25.9 bytes/row there and under 32 at SmolLM2's V = 49,152 (K = 8 with 4 draws: 35.9), its draws' log-probs
+# coded at 2^-5 nats (half a byte a row less than 2^-6; no effect at T = 1, a draw's weight within 1.6% at
+# T = 0.5). hifi's 8 draws gave the closest students. `compact` (the default of caches made before 2026-12-07)
+# keeps the least disk for confident teachers.
 PRESET_TAIL_SAMPLES: dict[str, int] = {"compact": 0, "default": 4, "hifi": 8}
 
 ENTROPY_ERROR = 0.005  # nats: the most the coded tail entropy moves a row's entropy (r H(pi), r <= 1)

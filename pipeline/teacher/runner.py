@@ -142,10 +142,10 @@ class TeacherConfig:
 
 
 def resume_hint(cfg: TeacherConfig, diff: list[str]) -> str:
-    """What resumes a cache made before the default preset cached tail draws (2026-12-07): its codec has no draws,
-    the preset's now has some; the same settings with --tail-samples 0 resume it unchanged."""
-    if cfg.tail_samples == -1 and any(d.startswith("tail_samples 0 ->") for d in diff):
-        return "it has no tail draws (the default preset before 2026-12-07): add --tail-samples 0 to resume it, or "
+    """What resumes a cache made with the default preset of before 2026-12-07 (K = 8 and the compact preset's
+    precisions, draws only when asked for): `--preset compact`, which is that preset under its new name."""
+    if cfg.preset == "default" and not cfg.top_k and "top_k 8 -> 6" in diff:
+        return "it was made with the default preset of before 2026-12-07 (K = 8): add --preset compact to resume it, or "
     return ""
 
 

@@ -214,7 +214,7 @@ def student_config(tmp_path: Path, vocab_size: int) -> str:
 METHODS = [
     {"loss": "fkl", "gate": "spec", "proposal": "sample", "latf": True, "latf_warmup": 0.25, "latf_epsilon": 0.0,
      "idts": True, "ce_weight": 0.3},
-    {"loss": "jsd", "gate": "topk", "gate_k": 8, "reject_weight": 0.1},
+    {"loss": "jsd", "gate": "topk", "gate_k": 6, "reject_weight": 0.1},
     {"loss": "akl", "gate": "threshold", "gate_threshold": 0.02, "reject_weight": 0.25, "ce_weight": 0.5,
      "temperature": 1.5},
     {"loss": "fkl", "tail": "sampled"},
@@ -280,7 +280,8 @@ def test_full_logits_and_target_logits_agree(cache_dir, dataset, llama_dir):
 
 
 def test_state_dict_resumes_latf_and_the_gate_stream(cache_dir, dataset):
-    cfg = KDLossConfig(gate="spec", proposal="sample", latf=True, latf_warmup=0.1, latf_epsilon=0.0, total_steps=20)
+    cfg = KDLossConfig(gate="spec", proposal="sample", latf=True, latf_warmup=0.1, latf_epsilon=0.0, total_steps=20,
+                       tail="bucket")
     batches = [KDCollator()([dataset[i] for i in range(j, j + 4)]) for j in range(0, 24, 4)]
     logits = [torch.randn(b["target_ids"].shape[0], 400, generator=torch.Generator().manual_seed(j))
               for j, b in enumerate(batches)]
@@ -374,7 +375,7 @@ def test_from_hidden_equals_forward_on_logits(tmp_path, cache_dir, dataset, voca
     got = kd_b.from_hidden(hidden, model, batch, chunk_rows=7)
     g_got = torch.autograd.grad(got.loss, [p for p in model.parameters()], allow_unused=True)
     assert float(got.loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-5)
-    assert want.metrics["kd_loss"] > 0.1  # a real distance to the teacher, not float noise
+    assert want.metrics["kd_loss"] > 0.05  # a real distance to the teacher, not float noise
     for key in ("kd_loss", "ce_loss", "tar", "kept_fraction"):
         assert got.metrics[key] == pytest.approx(want.metrics[key], rel=1e-5, abs=1e-7), key
     for a, b in zip(g_got, g_want):

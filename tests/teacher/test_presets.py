@@ -19,15 +19,15 @@ def _teacher(prepared_dir, llama_dir, out, *extra):
 
 
 def test_each_preset_caches_its_draws(tmp_path, prepared_dir, llama_dir, vocab_size):
-    """default: K = 8 and 4 tail draws with their log-probs; compact: K = 8, no draws; hifi: K = 16, finer codes,
-    8 draws; --tail-samples overrides a preset either way; with K = V there is no tail, so the preset's draws are
+    """default: K = 6 and 4 tail draws with their log-probs (2^-5 nats); compact: K = 8, no draws; hifi: K = 16,
+    finer codes, 8 draws; --tail-samples overrides a preset either way; with K = V there is no tail, so the preset's draws are
     dropped (asked for explicitly, that is one line)."""
-    want = {"default": (8, 4, 0.04), "compact": (8, 0, 0.04), "hifi": (16, 8, 0.02)}
-    for preset, (k, s, step) in want.items():
+    want = {"default": (6, 4, 0.04, 2**-5), "compact": (8, 0, 0.04, 0.0), "hifi": (16, 8, 0.02, 2**-6)}
+    for preset, (k, s, step, draw_step) in want.items():
         res = _teacher(prepared_dir, llama_dir, tmp_path / preset, "--preset", preset)
         assert res.exit_code == 0, res.output
         c = open_cache(tmp_path / preset)
-        assert (c.k, c.tail_samples, c.params.head_step) == (k, s, step)
+        assert (c.k, c.tail_samples, c.params.head_step, c.params.draw_step) == (k, s, step, draw_step)
         assert c.params.draw_logprobs == (s > 0)
         if s:
             rows = c.read(0, 50, ("tail_ids", "tail_counts", "tail_logprobs"))
@@ -41,15 +41,17 @@ def test_each_preset_caches_its_draws(tmp_path, prepared_dir, llama_dir, vocab_s
                    "tail_samples needs ids outside the top-K")
 
 
-def test_a_cache_of_the_old_default_resumes_with_tail_samples_0(tmp_path, prepared_dir, llama_dir):
-    """The default of before 2026-12-07 cached no draws (its record: the default preset, tail_samples 0). Re-run
-    with today's defaults it is refused in one line that says how to resume it, and nothing is deleted; with
-    --tail-samples 0 it resumes (here: is complete) unchanged."""
-    out = tmp_path / "old"
-    assert _teacher(prepared_dir, llama_dir, out, "--tail-samples", 0, "--shard-rows", 200).exit_code == 0
-    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    one_line_error(_teacher(prepared_dir, llama_dir, out, "--shard-rows", 200),
-                   "tail_samples 0 -> 4", "add --tail-samples 0 to resume it")
-    res = _teacher(prepared_dir, llama_dir, out, "--shard-rows", 200, "--tail-samples", 0)
-    assert res.exit_code == 0 and "already complete" in res.output, res.output
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+def test_a_cache_of_the_old_default_resumes_as_compact(tmp_path, prepared_dir, llama_dir):
+    """The default of before 2026-12-07 was K = 8 with the compact precisions and no draws unless asked for (its
+    record says preset default). Re-run with today's defaults it is refused in one line that says how to resume
+    it, and nothing is touched; with --preset compact (that preset under its new name) it resumes (here: is
+    complete) unchanged, with or without the draws it was made with."""
+    for extra in ((), ("--tail-samples", 8)):
+        out = tmp_path / f"old{len(extra)}"
+        # what the old default wrote: the same codec record as compact's (the preset's name is not compared)
+        assert _teacher(prepared_dir, llama_dir, out, "--preset", "compact", *extra).exit_code == 0
+        before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        one_line_error(_teacher(prepared_dir, llama_dir, out, *extra), "top_k 8 -> 6", "add --preset compact")
+        res = _teacher(prepared_dir, llama_dir, out, "--preset", "compact", *extra)
+        assert res.exit_code == 0 and "already complete" in res.output, res.output
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

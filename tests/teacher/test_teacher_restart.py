@@ -104,7 +104,7 @@ def test_other_settings_refused_unless_overwrite(tmp_path, teacher_args, llama_c
     res = invoke(*teacher_args, "--out", out, "--top-k", 5)
     assert res.exit_code == 1 and "Traceback" not in res.output
     errs = [ln for ln in res.output.splitlines() if "error:" in ln]
-    assert len(errs) == 1 and "top_k 8 -> 5" in errs[0] and "--overwrite" in errs[0]
+    assert len(errs) == 1 and "top_k 6 -> 5" in errs[0] and "--overwrite" in errs[0]
     args = list(teacher_args)
     args[args.index("--model") + 1] = str(gpt2_dir)
     res = invoke(*args, "--out", out)
