@@ -113,6 +113,30 @@ def _last_step(metrics: Path) -> int:
     return step
 
 
+def effective(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings as they act on the weights: `tail` dropped where nothing is distilled (CE only), and `auto`
+    resolved against the cache it reads (`KdOptions.resolved_tail`). So a run saved before `--tail auto` was the
+    default (tail: bucket) is the same run as today's default wherever auto picks bucket (a cache without draws,
+    CE only, rkl), and a changed run where it picks the draws."""
+    from pipeline.cache import layout
+    from pipeline.losses.options import KdOptions
+
+    d = dict(settings)
+    loss = d.get("loss", "fkl")
+    if not (d.get("cache") or d.get("online_teacher")) or loss == "none":
+        d.pop("tail", None)
+    elif d.get("tail") == "auto":
+        codec = {}
+        if d.get("cache"):
+            try:
+                codec = layout.read_meta(d["cache"]).get("codec") or {}
+            except (KdError, OSError):  # no cache yet (a run planned before its teacher): compared as given
+                return d
+        d["tail"] = KdOptions(loss=loss, tail="auto").resolved_tail(int(codec.get("tail_samples", 0)),
+                                                                    bool(codec.get("draw_step", 0)))
+    return d
+
+
 def read_state(out: Path, cfg: Any) -> TrainState:
     """Classify `out` against the run `cfg` describes (reads small files only; never writes)."""
     out = Path(out)
@@ -127,7 +151,7 @@ def read_state(out: Path, cfg: Any) -> TrainState:
         raise KdError(f"{cfg_file} is not a training config (expected a mapping)")
     # A key added to the config after this run was made counts as unchanged while it keeps its default.
     saved = {**_defaults(type(cfg)), **saved}
-    diff = changes(saved, to_dict(cfg), (*IGNORED_KEYS, "out"))
+    diff = changes(effective(saved), effective(to_dict(cfg)), (*IGNORED_KEYS, "out"))
     inputs = []
     if (out / RECORD).is_file():  # runs made before the record existed are compared on settings alone
         old = read_json(out / RECORD, "training run record").get("inputs") or {}

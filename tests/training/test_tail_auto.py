@@ -85,3 +85,23 @@ def test_the_run_records_the_tail_it_used(tmp_path, prepared_dir, llama_cache, v
     again = train(TrainConfig(data=str(prepared_dir), cache=str(llama_cache), student_config=scfg, out=str(out),
                               batch_size=4, max_steps=2))
     assert again.get("skipped")
+
+
+def test_a_run_saved_with_the_old_default_tail_is_the_same_run_where_auto_picks_buckets(
+        tmp_path, prepared_dir, llama_cache, compact_cache, vocab_size):
+    """Runs made before --tail auto was the default saved `tail: bucket`. Under today's default (auto) such a run
+    is unchanged (kept, not retrained) on a cache without draws and when nothing is distilled, and changed, named
+    as such, on a cache with draws (where auto trains otherwise)."""
+    from pipeline.training.state import read_state
+
+    scfg = student_config(tmp_path, vocab_size, STUDENT_LLAMA)
+    common = dict(data=str(prepared_dir), student_config=scfg, batch_size=4, max_steps=1)
+    for name, over, kind in (("compact", dict(cache=str(compact_cache)), "final"),
+                             ("ce", dict(cache=str(llama_cache), loss="none"), "final"),
+                             ("draws", dict(cache=str(llama_cache)), "changed")):
+        out = tmp_path / name
+        train(TrainConfig(out=str(out), tail="bucket", **common, **over))  # what the old default saved
+        state = read_state(out, TrainConfig(out=str(out), **common, **over))
+        assert state.kind == kind, (name, state.changes)
+        if kind == "changed":
+            assert state.changes == ["tail 'bucket' -> 'sampled'"]
