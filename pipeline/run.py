@@ -279,15 +279,18 @@ class Pipeline:
             try:
                 s = run_teacher(tc)
             except StaleOutput as e:
-                if not train_section:
+                # A teacher this run trains is this run's own: when its weights changed (it was retrained), its
+                # cache follows it, as a student follows its base. Any other difference (the cache's settings,
+                # edited or changed by a kdcache upgrade's defaults) is refused with the cache kept, as for a
+                # teacher given as `model`: a teacher pass can take hours.
+                retrained = any(c.startswith("teacher weights_sha256") for c in e.changes)
+                if not (train_section and retrained):
                     key = "teacher" if slot.name == "teacher" else f"teachers.{slot.name}"
                     raise KdError(f"{label}[{name}]: {cache} holds a cache made with other settings "
                                   f"({', '.join(e.changes)}); it is kept (a teacher pass can take hours): re-run "
                                   f"with --set {key}.overwrite=true to replace it") from None
-                # A teacher this run trains is this run's own: its cache follows it, as a student follows
-                # its base. (A cache of a teacher given as `model` is never replaced unasked.)
                 self.echo(f"{label}[{name}]: {cache} was made with other settings ({', '.join(e.changes)}); "
-                          "this run trains that teacher, so its cache is made again")
+                          "this run retrained that teacher, so its cache is made again")
                 tc.overwrite = True
                 s = run_teacher(tc)
             if s["done"] == 0 and s["skipped"] == s["shards"]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
+from conftest import one_line_error
+
 from stages.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,3 +79,10 @@ def test_bench_quality_reduced_runs_end_to_end(tmp_path, monkeypatch):
     assert "retraining from scratch" in res.output and "so its cache is made again" in res.output
     after = json.loads((out / "caches" / "small" / "kdcache.json").read_text())["teacher"]
     assert after != before and "large[train]: cache" in res.output  # the large teacher's caches are kept
+    # Other cache settings for the same weights (an edited config, or a kdcache upgrade's new default preset):
+    # refused in one line, the cache kept, even for a teacher the run trains.
+    meta = (out / "caches" / "small" / "kdcache.json").read_bytes()
+    res = CliRunner().invoke(main, ["run", str(config), "--config", str(override), "--only", "teacher",
+                                    "--set", "teachers.small.top_k=4", "--set", "teachers.small.train.max_steps=4"])
+    assert one_line_error(res, "top_k", "it is kept", "overwrite=true")
+    assert (out / "caches" / "small" / "kdcache.json").read_bytes() == meta
