@@ -123,6 +123,9 @@ def count_flops_per_token(cfg, seq_len: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--preset-codec", default="compact", help="the cache's codec preset (compact: K = 8, no draws, "
+                                                             "as the documented figures were measured)")
+    ap.add_argument("--tail-samples", type=int, default=-1, help="tail draws per row (-1: the codec preset's)")
     for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab"):
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None)
     ap.add_argument("--rows", type=int, default=6000, help="target rows (tokens - 1 per sequence)")
@@ -183,7 +186,7 @@ def main() -> None:
 
     cfg = TeacherConfig(data=str(work / "prepared"), model=str(work / "model"), out=str(work / "cache"),
                         top_k=args.top_k, batch_tokens=args.batch_tokens, device=args.device, dtype=args.dtype,
-                        overwrite=True)
+                        preset=args.preset_codec, tail_samples=args.tail_samples, overwrite=True)
     model, dev, _ = get_model(cfg.model, cfg.device, cfg.dtype)  # loaded once; run_teacher reuses it
     batches = token_budget_batches([args.seq_len] * n_seq, args.batch_tokens)
     n_tokens = n_seq * args.seq_len

@@ -107,7 +107,7 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, spec: _LossSpec):  # noqa: D401
         n = hidden.shape[0]
-        plan, head, cache, s = spec.plan, spec.head, spec.cache, spec.s
+        plan, head, s = spec.plan, spec.head, spec.s
         grad_h = torch.zeros_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None else None

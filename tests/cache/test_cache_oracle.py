@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cache import open_cache
+from pipeline.cache.schema import PRESETS
 from pipeline.data.prepare import load_prepared
 from pipeline.teacher.runner import TeacherConfig, run_teacher
 from stages.cli import main
@@ -232,7 +233,7 @@ def test_tail_samples(caches, tmp_path, prepared_dir, llama_dir):
     # error of the float64 oracle; -inf at pads
     lps = c.read(0, c.num_rows, fields=("tail_logprobs",))["tail_logprobs"]
     want = np.take_along_axis(ref["logp"], np.where(pad, 0, ids), axis=1)
-    assert c.params.draw_step == 2.0**-6 and np.all(np.isneginf(lps[pad]))
+    assert c.params.draw_step == PRESETS["default"]["draw_step"] and np.all(np.isneginf(lps[pad]))
     assert np.abs(lps[~pad] - want[~pad]).max() <= c.params.draw_step / 2 + 1e-3
     # deterministic for a seed (a fresh run, other batch/chunk sizes), different for another seed
     again = make_cache(tmp_path / "again", llama_dir, prepared_dir, head_chunk_rows=7)

@@ -32,7 +32,7 @@ def test_head_mass_of_flat_rows_against_float64():
     head_from_r = -torch.expm1(st["tail_logprob"].double())
     assert float(((head_from_r - head_true) / head_true).abs().max()) < 1e-5
     # Through the real codec (the tail mass stored on its own, the head as gaps): documented <= 4.9e-4.
-    params = CodecParams(vocab_size=V, temperatures=DEFAULT_GRID_TEMPERATURES, **PRESETS["default"])
+    params = CodecParams(vocab_size=V, temperatures=DEFAULT_GRID_TEMPERATURES, **{**PRESETS["default"], "top_k": K})
     codec = RowCodec(params)
     dec = codec.decode(codec.encode({k: x.numpy() for k, x in st.items()}, tgt.numpy()))
     head_dec = torch.from_numpy(dec["topk_logprobs"]).double().exp().sum(-1)
