@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import re
 import time
 from pathlib import Path
 
@@ -203,3 +204,21 @@ def test_s3_missing_bucket_is_one_line(s3, teacher_args):
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert "s3://no-such-bucket-kd/cache" in lines[-1] and "does not exist" in lines[-1], res.output
     assert "Traceback" not in res.output
+
+
+def test_torchrun_ranks_write_one_cache_to_s3(s3, tmp_path, teacher_args, llama_cache):
+    """Two torchrun ranks (gloo) of one launch take the shards round-robin and commit them straight to the S3 URL:
+    one lease for the launch (not a refusal of the second rank), and the cache equals the local one's bytes."""
+    fs, opts = s3
+    url = f"s3://{BUCKET}/torchrun"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), *_kdcache(),
+                           "teacher", *teacher_args, "--out", url], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    written = [int(n) for n in re.findall(r"teacher: (\d+) shard\(s\) written", proc.stdout)]
+    assert len(written) == 2 and all(n >= 1 for n in written), proc.stdout
+    assert _sums(url) == _sums(llama_cache)
+    fs.invalidate_cache()
+    assert not fs.glob(f"{BUCKET}/torchrun/.kdcache/lease*.json")  # the launch's lease is released when it ends
