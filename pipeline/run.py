@@ -255,7 +255,7 @@ class Pipeline:
             self._teacher(slot)
 
     def _teacher(self, slot: TeacherSlot) -> None:
-        from pipeline.teacher.runner import TeacherConfig, run_teacher
+        from pipeline.teacher.runner import TeacherConfig, resume_hint, run_teacher
 
         section = dict(slot.section)
         train_section = section.pop("train", None)
@@ -286,9 +286,11 @@ class Pipeline:
                 retrained = any(c.startswith("teacher weights_sha256") for c in e.changes)
                 if not (train_section and retrained):
                     key = "teacher" if slot.name == "teacher" else f"teachers.{slot.name}"
+                    keep = (f"--set {key}.preset=compact to use it (the default preset before 2026-12-07), or "
+                            if resume_hint(tc, e.changes) else "")
                     raise KdError(f"{label}[{name}]: {cache} holds a cache made with other settings "
                                   f"({', '.join(e.changes)}); it is kept (a teacher pass can take hours): re-run "
-                                  f"with --set {key}.overwrite=true to replace it") from None
+                                  f"with {keep}--set {key}.overwrite=true to replace it") from None
                 self.echo(f"{label}[{name}]: {cache} was made with other settings ({', '.join(e.changes)}); "
                           "this run retrained that teacher, so its cache is made again")
                 tc.overwrite = True

@@ -164,6 +164,15 @@ def test_run_says_what_it_redoes_and_why(tmp_path, data_file, heldout_file, toke
     out = run(*six, *longer, "--set", "teacher.overwrite=true")
     assert "train[kd]: inputs changed (prepared data, teacher cache): retraining from scratch" in out
     assert "run: prepare, teacher, train, eval done" in out
+    # A cache made with the default preset of before 2026-12-07 (K = 8, no draws: `compact` today) is kept under
+    # today's default, and the error says how to go on using it.
+    compact = ("--set", "teacher.preset=compact", "--set", "teacher.overwrite=true")
+    run(*six, *longer, *compact, "--only", "teacher")
+    out = run(*six, *longer, "--only", "teacher", code=1)
+    errors = [ln for ln in out.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "tail_samples 0 -> 4" in errors[0] and "--set teacher.preset=compact to use it" in errors[0]
+    out = run(*six, *longer, "--only", "teacher", "--set", "teacher.preset=compact")
+    assert "already complete; skipped" in out
 
 
 def test_run_takes_its_config_from_config_option_too(tmp_path):

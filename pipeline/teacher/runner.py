@@ -142,10 +142,14 @@ class TeacherConfig:
 
 
 def resume_hint(cfg: TeacherConfig, diff: list[str]) -> str:
-    """What resumes a cache made with the default preset of before 2026-12-07 (K = 8 and the compact preset's
-    precisions, draws only when asked for): `--preset compact`, which is that preset under its new name."""
-    if cfg.preset == "default" and not cfg.top_k and "top_k 8 -> 6" in diff:
-        return "it was made with the default preset of before 2026-12-07 (K = 8): add --preset compact to resume it, or "
+    """What resumes a cache made with the default preset of before 2026-12-07 (K = 8 unless set, no tail draws
+    unless asked for, today's `compact` precisions): `--preset compact`, which is that preset under its new name."""
+    if cfg.preset != "default":
+        return ""
+    if ("top_k 8 -> 6" in diff and not cfg.top_k) or \
+            (cfg.tail_samples == -1 and any(d.startswith("tail_samples 0 ->") for d in diff)):
+        return ("it looks made with the default preset of before 2026-12-07 (K = 8 unless set, no tail draws): add "
+                "--preset compact to resume it, or ")
     return ""
 
 
