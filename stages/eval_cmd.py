@@ -15,7 +15,7 @@ E = EvalConfig
 @setting(E, "--data", show="the data the cache records", help="Prepared data to score.")
 @setting(E, "--cache", show="none", help="Teacher cache of the same data: adds teacher top-1 agreement and FKL.")
 @setting(E, "--out", type=click.Path(file_okay=False), show="required",
-         help="Output directory (eval.json, config.yaml; a previous eval there is replaced).")
+         help="Output directory or fsspec URL (eval.json, config.yaml; a previous eval there is replaced).")
 @setting(E, "--generate", type=int, help="Greedy generations on the first N examples (prompt-response or chat "
                                          "data; chat: the last assistant turn is the reference).")
 @setting(E, "--extra-new-tokens", type=int, help="Generation budget beyond the reference's length.")

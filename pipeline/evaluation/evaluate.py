@@ -36,6 +36,7 @@ from pipeline.errors import KdError
 from pipeline.identity import write_json
 from pipeline.models import resolve_model_path
 from pipeline.ownership import EVAL, Output, amend, claim
+from pipeline.storage import is_url, join, store_for
 from pipeline.training.held_out import EVAL_FIELDS, ROW_CHUNK_ELEMENTS, Totals, bucket_fkl, score  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ EVAL_FILENAME = "eval.json"
 class EvalConfig:
     """Settings of `kdcache eval`."""
 
-    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "data")  # may be an fsspec URL (pipeline.storage)
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "data", "out")  # may be an fsspec URL (pipeline.storage)
 
     model: str = ""  # model directory (a run directory means its final/), or hub id
     data: str = ""  # prepared data; may be omitted when the cache records where it lives
@@ -149,18 +150,47 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict[str, Any]:
         raise KdError("no output directory given (--out DIR)")
     if not cfg.model:
         raise KdError("no model given (--model PATH_OR_ID)")
+    if is_url(cfg.out):
+        return _evaluate_to_url(cfg, progress)
     # Before any work: the lock, and every file in OUT checked to be eval's (a re-run replaces only its own).
     with claim(cfg.out, EVAL) as own:
         return _evaluate(cfg, progress, own)
 
 
-def _evaluate(cfg: EvalConfig, progress: bool, own: Output) -> dict[str, Any]:
+EVAL_FILES = ("config.yaml", EVAL_FILENAME)  # what an evaluation writes, eval.json last
+
+
+def _evaluate_to_url(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
+    """--out at an fsspec URL: anything under it but an evaluation's own files refuses before any work (nothing
+    kdcache did not write is replaced); the evaluation is written to a local staging directory, then uploaded
+    with eval.json last, so a URL holding eval.json holds a whole evaluation."""
+    from pipeline.cache import remote
+
+    store = store_for(cfg.out)
+    alien = sorted(rel for rel in store.sizes() if rel not in EVAL_FILES)
+    if alien:
+        raise KdError(f"{store.uri(alien[0])} is not a file `kdcache eval` writes: --out must be a new prefix or "
+                      "an evaluation's (nothing is replaced that kdcache did not write); choose another --out")
+    local = remote.staging_dir("eval") / "eval"
+    try:
+        with claim(str(local), EVAL) as own:
+            result = _evaluate(cfg, progress, own, local)
+        for name in EVAL_FILES:
+            store.put_file(local / name, name)
+    finally:
+        remote.rmtree_quiet(local.parent)
+    return result
+
+
+def _evaluate(cfg: EvalConfig, progress: bool, own: Output, write_to: Path | None = None) -> dict[str, Any]:
+    """The evaluation, written to `write_to` (default: --out; a staging directory when --out is a URL, while
+    config.yaml and the model card name --out)."""
     from pipeline.cache import open_cache
     from pipeline.models import context_length, load_causal_lm, pick_device, pick_dtype
     from pipeline.data.prepare import load_prepared, prepared_meta
     from pipeline.training.student import check_inputs
 
-    out = Path(cfg.out)
+    out = Path(write_to or cfg.out)
     t0 = time.perf_counter()
     cache = open_cache(cfg.cache) if cfg.cache else None
     data = cfg.data or (cache.meta["data"]["path"] if cache is not None else "")
@@ -198,7 +228,7 @@ def _evaluate(cfg: EvalConfig, progress: bool, own: Output) -> dict[str, Any]:
     write_json(out / EVAL_FILENAME, result)
     from pipeline.training.model_card import CARD_FILENAME, refresh_card
 
-    if refresh_card(model_path, {**result, "eval_json": str(out / EVAL_FILENAME)}):  # a kdcache-trained model only
+    if refresh_card(model_path, {**result, "eval_json": eval_json(cfg.out)}):  # a kdcache-trained model only
         amend(Path(model_path) / CARD_FILENAME)  # the run's record of its card follows the new figures
         log.info("eval: added these figures to the model card %s", Path(model_path) / "README.md")
     return result
@@ -243,6 +273,11 @@ def _matching_tokenizer(model_path: str, pmeta: dict[str, Any], needed: bool) ->
         raise KdError(f"--generate needs a tokenizer to decode with: {e}") from None
 
 
+def eval_json(out: str) -> str:
+    """Where an evaluation at --out `out` (a directory or a URL) keeps its eval.json."""
+    return join(out, EVAL_FILENAME) if is_url(out) else str(Path(out) / EVAL_FILENAME)
+
+
 def summary_line(r: dict[str, Any], out: str) -> str:
     """One line for the end of `kdcache eval`."""
     parts = [f"eval: {r['targets']:,} targets, ce {r['ce']:.4f} (ppl {r['ppl']:.2f})"]
@@ -250,4 +285,4 @@ def summary_line(r: dict[str, Any], out: str) -> str:
         parts.append(f"teacher top-1 agreement {r['teacher_top1_agreement']:.3f}, fkl {r['fkl_to_teacher']:.4f}")
     if "exact_match" in r:
         parts.append(f"exact match {r['exact_match']:.3f}, ROUGE-L {r['rouge_l']:.3f} on {r['generated']}")
-    return ", ".join(parts) + f" in {r['seconds']:.1f}s -> {Path(out) / EVAL_FILENAME}"
+    return ", ".join(parts) + f" in {r['seconds']:.1f}s -> {eval_json(out)}"

@@ -5,7 +5,8 @@
     s = store_for("s3://bucket/cache")    # one `Store` per (URL, options) in a process
     s.write_bytes("_COMMIT.json", data)   # one PUT: visible whole or not at all
 
-Prepared data and caches may be stored remotely (`kdcache prepare --out URL`, `kdcache teacher --out URL`;
+Prepared data, caches and evaluations may be stored remotely (`kdcache prepare --out URL`, `kdcache teacher
+--out URL`, `kdcache eval --out URL`;
 `teacher`, `train`, `eval`, `inspect`, `export`, `report` read `--data URL` and `--cache URL`); the data and
 cache packages decide what goes where (`pipeline.data.remote`, `pipeline.cache.remote`).
 Storage options (credentials, endpoints) come from the provider's usual places (environment variables,

@@ -69,6 +69,21 @@ def test_prepare_to_a_url_then_teacher_and_train_read_it(mem, data_file, tokeniz
     res = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "run"), "--data", data_url, "--out",
                                     str(tmp_path / "eval"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
+    # the same evaluation written to a URL: the same figures, config.yaml naming the URL, eval.json last; a prefix holding anything else refuses in one line before any work
+    evals = f"{mem}/evals/run"
+    res = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "run"), "--data", data_url, "--cache", cache,
+                                    "--out", evals, "--device", "cpu"])
+    assert res.exit_code == 0 and f"-> {evals}/eval.json" in res.output, res.output
+    got = json.loads(store_for(evals).read_bytes("eval.json"))
+    local = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert got["ce"] == local["ce"] and "teacher_top1_agreement" in got
+    assert sorted(store_for(evals).sizes()) == ["config.yaml", "eval.json"]
+    assert f"out: {evals}" in store_for(evals).read_bytes("config.yaml").decode()
+    store_for(f"{mem}/evals/other").write_bytes("notes.txt", b"mine")
+    res = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "run"), "--data", data_url,
+                                    "--out", f"{mem}/evals/other", "--device", "cpu"])
+    assert "notes.txt is not a file `kdcache eval` writes" in one_line_error(res)
+    assert sorted(store_for(f"{mem}/evals/other").sizes()) == ["notes.txt"]
     # export and inspect read both from the store (the data from the URL the cache records)
     res = CliRunner().invoke(main, ["export", cache, "--format", "distillkit", "--out", str(tmp_path / "dk")])
     assert res.exit_code == 0, res.output
