@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Iterator
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,27 +242,32 @@ def _child(mutant: Mutant | None, tests: list[str], stop_first: bool, tmp: Path,
     return 0
 
 
-def run_one(mutant: Mutant | None, tests: list[str], stop_first: bool, limit_s: int = 900,
-            keep_log: Path | None = None) -> dict:
-    """Run `tests` against pipeline/ with `mutant` planted (None: the baseline) in a forked child; keep_log: copy
-    pytest's output there."""
-    with tempfile.TemporaryDirectory(prefix="kdcache-mutant-") as d:
-        tmp = Path(d)
+def start(mutant: Mutant | None, tests: list[str], stop_first: bool, limit_s: int = 900) -> tuple[int, Path, float]:
+    """Fork a child that runs `tests` against pipeline/ with `mutant` planted (None: the baseline), in a temporary
+    directory of its own. -> (pid, that directory, start time); `collect` reads its result."""
+    tmp = Path(tempfile.mkdtemp(prefix="kdcache-mutant-"))
+    out, log = tmp / "result.json", tmp / "pytest.log"
+    t0 = time.perf_counter()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child never returns
+        code = 70
+        try:
+            code = _child(mutant, tests, stop_first, tmp, out, log, limit_s)
+        except BaseException:
+            with open(tmp / "error.txt", "w") as f:
+                traceback.print_exc(file=f)
+        finally:
+            os._exit(code)
+    return pid, tmp, t0
+
+
+def collect(tmp: Path, status: int, t0: float, keep_log: Path | None = None) -> dict:
+    """The result of a finished child (`status` from wait), its directory removed; keep_log: copy pytest's output
+    there."""
+    try:
         out, log = tmp / "result.json", tmp / "pytest.log"
-        t0 = time.perf_counter()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child never returns
-            code = 70
-            try:
-                code = _child(mutant, tests, stop_first, tmp, out, log, limit_s)
-            except BaseException:
-                with open(tmp / "error.txt", "w") as f:
-                    traceback.print_exc(file=f)
-            finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
         seconds = time.perf_counter() - t0
         if out.exists():
             res = json.loads(out.read_text())
@@ -276,6 +282,33 @@ def run_one(mutant: Mutant | None, tests: list[str], stop_first: bool, limit_s: 
         if "outcomes" in res and res.get("exit") not in (0, 1):  # 2 interrupted, 3 internal, 4 usage, 5 no tests
             res["error"] = f"pytest exit code {res['exit']}: {log.read_text()[-3000:] if log.exists() else ''}"
         return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_one(mutant: Mutant | None, tests: list[str], stop_first: bool, limit_s: int = 900,
+            keep_log: Path | None = None) -> dict:
+    """`start` then wait for that child and `collect` it."""
+    pid, tmp, t0 = start(mutant, tests, stop_first, limit_s)
+    _, status = os.waitpid(pid, 0)
+    return collect(tmp, status, t0, keep_log)
+
+
+def run_many(mutants: list[Mutant], tests: list[str], stop_first: bool, jobs: int,
+             logs: Path | None = None) -> Iterator[tuple[Mutant, dict]]:
+    """Each mutant's result as its child finishes, `jobs` children at a time (each child is one process on one
+    thread: OMP_NUM_THREADS=1)."""
+    pending, running = list(mutants), {}
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            m = pending.pop(0)
+            pid, tmp, t0 = start(m, tests, stop_first)
+            running[pid] = (m, tmp, t0)
+        pid, status = os.wait()
+        if pid not in running:
+            continue
+        m, tmp, t0 = running.pop(pid)
+        yield m, collect(tmp, status, t0, logs / f"{m.name}.log" if logs else None)
 
 
 def verdict(mutant: Mutant, res: dict) -> str:
@@ -328,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
     ap.add_argument("--logs", help="keep each run's pytest output in this directory")
+    ap.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                    help="mutants run at once, one single-threaded process each (default: the usable cores)")
     a = ap.parse_args(argv)
     if a.list:
         for m in MUTANTS:
@@ -356,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print("baseline fails; no mutant can be judged:", bad or base.get("error"), file=sys.stderr)
             return 2
         results["(baseline)"] = base
-    for m in mutants:
-        res = run_one(m, tests, stop_first=a.fast, keep_log=Path(a.logs) / f"{m.name}.log" if a.logs else None)
+    for m, res in run_many(mutants, tests, a.fast, a.jobs, Path(a.logs) if a.logs else None):
         v = verdict(m, res)
         results[m.name] = {**res, "verdict": v, "what": m.what, "survives": m.survives, "fast": m.fast}
         ok &= v in ("killed", "survived (documented)")

@@ -168,8 +168,11 @@ def test_thread_count_does_not_change_bytes(tmp_path, teacher_args, llama_cache)
     assert worker_threads(TeacherConfig(workers=2, threads=3)) == 3 and worker_threads(TeacherConfig()) == 0
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_identical(tmp_path, teacher_args, llama_cache):
-    """Under torchrun (two gloo ranks), ranks take shards round-robin and the cache equals one process's."""
+    """Under torchrun (two gloo ranks), ranks take shards round-robin and the cache equals one process's. Slow
+    (--runslow): the default run covers the same round-robin under torchrun writing to S3
+    (tests/storage/test_s3_server.py) and torchrun's shared local lock in tests/teacher/test_teacher_parallel.py."""
     import os
     import subprocess
     import sys
