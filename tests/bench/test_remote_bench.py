@@ -3,7 +3,7 @@ server on 127.0.0.1, a tiny synthetic cache uploaded, streamed from local disk a
 teacher's shard commit timed both ways. Checks the JSON it writes: every figure is there, the first epoch
 downloads the cache's bytes once (a few percent of slack), the second downloads nothing.
 
-    .venv/bin/python -m pytest tests/bench/test_remote_bench.py -q
+    .venv/bin/python -m pytest tests/bench/test_remote_bench.py -q --runslow
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 
+@pytest.mark.slow  # --runslow: a smoke of the benchmark script; what it measures is tested in tests/storage
 def test_remote_bench_quick(tmp_path):
     out = tmp_path / "remote.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

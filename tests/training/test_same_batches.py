@@ -159,7 +159,7 @@ def test_blocks_across_cache_shards_read_and_check_every_shard(tmp_path, tokeniz
     from pipeline.losses.objective import KD_FIELDS
 
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(400, seed=5)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(200, seed=5)))
     prepare(PrepareConfig(data=str(data), tokenizer=str(tokenizer_dir), out=str(tmp_path / "prep"), max_length=64))
     cache = open_cache(make_cache(tmp_path / "cache", tmp_path / "prep", llama_dir, shard_rows=45, chunk_rows=16,
                                  tail_samples=0))  # no draws: the rows it compares are the K + 1 buckets
