@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.cache.schema import PRESETS
 from pipeline.teacher.runner import TeacherConfig
 from stages.common import config_options, given, setting, user_errors
 
@@ -15,8 +16,8 @@ T = TeacherConfig
 @setting(T, "--model", show="required", help="Teacher: local directory, .gguf file (pip install 'kdcache[gguf]') or hub id of a causal LM.")
 @setting(T, "--out", type=click.Path(file_okay=False), show="required", help="Cache directory.")
 @setting(T, "--revision", show="latest", help="Hub revision of the model to pin (recorded in the cache).")
-@setting(T, "--preset", type=click.Choice(["default", "compact", "hifi"]),
-         help="Codec preset: K, precisions and tail draws (default: K = 8 + 4 draws; compact: K = 8, no draws; "
+@setting(T, "--preset", type=click.Choice(list(PRESETS)),
+         help="Codec preset: K, precisions and tail draws (default: K = 6 + 4 draws; compact: K = 8, no draws; "
               "hifi: K = 16, finer codes, 8 draws; docs/cache-format.md).")
 @setting(T, "--top-k", type=int, help="Cached support size K (0: the preset's).")
 @setting(T, "--temperatures", help="Comma-separated temperature grid for the log-partition.")

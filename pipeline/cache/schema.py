@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # give and their bytes (configs/bench-online.yaml, bench/real_llm.py --measure; docs/benchmarks.md "What the cache
 # costs a student"): on K + 1 buckets alone the tail's gradient follows the student's own tail shape, 1.40 nats of
 # held-out CE behind online KD on a soft teacher; K = 6 with 4 draws is within the seed noise of online KD at
-# 25.9 bytes/row there and under 32 at SmolLM2's V = 49,152 (K = 8 with 4 draws: 35.9), its draws' log-probs
+# 25.6 bytes/row there and under 32 at SmolLM2's V = 49,152 (K = 8 with 4 draws: 35.9), its draws' log-probs
 # coded at 2^-5 nats (half a byte a row less than 2^-6; no effect at T = 1, a draw's weight within 1.6% at
 # T = 0.5). hifi's 8 draws gave the closest students. `compact` (the default of caches made before 2026-12-07)
 # keeps the least disk for confident teachers.

@@ -92,7 +92,7 @@ class KDLoss(torch.nn.Module):
                           f"against cached ids")
         config.check_grid(self.temperatures)
         # a snapshot (later edits of `config` change nothing), its tail policy resolved for this cache (auto)
-        self.settings = KdOptions(**{**config.kd_options(), "tail": config.resolved_tail(tail_samples, draw_logprobs)})
+        self.settings = config.for_cache(tail_samples, draw_logprobs)
         self.settings.check_tail_draws(tail_samples, draw_logprobs)
         self.fields = kd_fields(self.settings.tail, draw_logprobs)  # what each batch's cache rows must hold
         self.register_buffer("grid_betas", torch.tensor([1.0 / t for t in self.temperatures], dtype=torch.float32),

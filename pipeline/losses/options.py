@@ -77,6 +77,11 @@ class KdOptions:
         ok = tail_samples > 0 and draw_logprobs and self.loss not in REFUSED and self.loss != "none"
         return "sampled" if ok else "bucket"
 
+    def for_cache(self, tail_samples: int, draw_logprobs: bool) -> "KdOptions":
+        """A snapshot of these options (a `KdOptions`, whatever subclass `self` is) with the tail policy resolved
+        for a cache of `tail_samples` draws per row (`resolved_tail`): what a loss runs with."""
+        return KdOptions(**{**self.kd_options(), "tail": self.resolved_tail(tail_samples, draw_logprobs)})
+
     def check_tail_draws(self, tail_samples: int, draw_logprobs: bool, cache: str = "the cache") -> None:
         """One-line `KdError` when --tail sampled asks more of the cache's draws than they hold: none at all, or
         draws without their log-probs (caches made before they were stored: fkl at T = 1 only)."""

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import KdError
-from pipeline.losses.options import KdOptions
 from pipeline.storage import is_url
 from pipeline.training.config import TrainConfig
 
@@ -23,14 +22,14 @@ def data_path(cfg: TrainConfig, cache: Any | None) -> str:
     return data
 
 
-def check_cache_serves(cfg: TrainConfig, cache: Any, tail: str) -> None:
-    """Refuse a gate or tail (`tail`: the policy resolved for this cache) the cache cannot serve (distilling;
-    checked before the stream is opened)."""
+def check_cache_serves(cfg: TrainConfig, cache: Any) -> None:
+    """Refuse a gate or tail (the policy resolved for this cache: `--tail auto`) the cache cannot serve
+    (distilling; checked before the stream is opened)."""
     if cfg.gate == "topk" and cfg.gate_k > cache.k:
         raise KdError(f"gate_k {cfg.gate_k} exceeds the cache's K = {cache.k}: the gate can only verify "
                       f"against cached ids (use --gate-k <= {cache.k} or a cache with a larger --top-k)")
-    KdOptions(**{**cfg.kd_options(), "tail": tail}).check_tail_draws(cache.tail_samples, cache.params.draw_logprobs,
-                                                                       str(cfg.cache))
+    draws, logprobs = cache.tail_samples, cache.params.draw_logprobs
+    cfg.for_cache(draws, logprobs).check_tail_draws(draws, logprobs, str(cfg.cache))
 
 
 def check_temperatures(cfg: TrainConfig, grid: list[float]) -> None:

@@ -47,7 +47,6 @@ from pipeline.losses.chunked import RowPlan
 from pipeline.training.student import StudentObjective
 from pipeline.identity import write_json
 from pipeline.losses.objective import gate_generator, kd_fields
-from pipeline.losses.options import KdOptions
 from pipeline.training.metrics import MetricsLog, check_reporters, step_row
 from pipeline.models import load_causal_lm, model_vocab_size, pick_device, set_special_token_ids
 from pipeline.ownership import TRAIN, Output, claim
@@ -135,16 +134,19 @@ class Trainer:
         self.tracker = RunTracker(held_out, cfg.best_metric, cfg.eval_every, cfg.eval_cache)
         self.step = 0
 
+    def _draws(self) -> tuple[int, bool]:
+        """(tail draws per row, whether they carry log-probs) of the teacher's rows: none from the online teacher."""
+        return (self.cache.tail_samples, self.cache.params.draw_logprobs) if self.cache is not None else (0, False)
+
     def _setup_stream(self) -> None:
         """The reader of the micro-batches with their cache rows (first: can the cache serve this objective?),
         and the run's length in optimizer steps."""
         cfg = self.cfg
         # --tail auto: sampled when the cache's draws serve the loss (KdOptions.resolved_tail); the online teacher
         # has no tail (K = V), any policy gives the same loss there.
-        self.tail = (cfg.resolved_tail(self.cache.tail_samples, self.cache.params.draw_logprobs)
-                     if self.cache is not None else cfg.resolved_tail(0, False))
+        self.tail = cfg.resolved_tail(*self._draws())
         if cfg.distills and self.cache is not None:
-            check_cache_serves(cfg, self.cache, self.tail)
+            check_cache_serves(cfg, self.cache)
         fields = kd_fields(self.tail, self.cache.params.draw_logprobs if self.cache is not None else True)
         self.stream = CacheStream(self.ds, self.cache if cfg.distills else None, cfg.batch_size, seed=cfg.seed,
                                   shuffle=cfg.shuffle, threads=cfg.read_threads, rank=self.rank, world=self.world,
@@ -161,7 +163,7 @@ class Trainer:
                      if cfg.distills and cfg.latf else None)
         self.gen = gate_generator(cfg.seed, self.rank, self.device)
         # a snapshot of the KD options (KdOptions is their one owner), with the tail policy resolved for this cache
-        self.kd = KdOptions(**{**cfg.kd_options(), "tail": self.tail})
+        self.kd = cfg.for_cache(*self._draws())
         source = self.cache if self.cache is not None else self.online  # where the teacher's rows come from
         if source is not None:
             self.grid_betas = torch.tensor([1.0 / t for t in source.temperatures], dtype=torch.float32)
