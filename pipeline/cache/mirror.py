@@ -39,10 +39,11 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
-from pipeline.cache import layout, remote
+from pipeline.cache import layout
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256
 from pipeline.storage import store_for
+from pipeline.storage.staging import remove_dead_entries
 
 ENV_ROOT = "KDCACHE_LOCAL_CACHE"
 PLAN_FILES = (layout.CHECKSUMS_FILENAME, layout.INDEX_FILENAME, layout.CONFIG_FILENAME)
@@ -100,7 +101,7 @@ class Mirror:
             self._held[i] = size
             self._committed.add(i)
         (self.dir / "locks").mkdir(exist_ok=True)
-        remote.remove_dead_entries(self.dir / layout.TMP_DIR)  # downloads and evictions a killed process left
+        remove_dead_entries(self.dir / layout.TMP_DIR)  # downloads and evictions a killed process left
         return self.dir
 
     def committed(self, i: int) -> bool:

@@ -76,13 +76,14 @@ class CacheWriter:
             raise ValueError("planning a cache needs the target rows per example (counts)")
         if self.url is not None:  # written locally, then uploaded with kdcache.json last
             from pipeline.cache import remote
+            from pipeline.storage.staging import rmtree_quiet, staging_dir
 
-            local = remote.staging_dir("plan")
+            local = staging_dir("plan")
             try:
                 self._plan(local, config, None)
                 remote.upload_plan(store_for(self.url), local)
             finally:
-                remote.rmtree_quiet(local)
+                rmtree_quiet(local)
             return
         self._plan(self.path, config, on_file)
 
@@ -180,8 +181,9 @@ def write_shard(cache: str | Path, index: int, arrays: dict[str, np.ndarray], in
     url = str(cache) if is_url(cache) else None
     if url is not None:
         from pipeline.cache import remote
+        from pipeline.storage.staging import staging_dir
 
-        tmp = remote.staging_dir(layout.shard_name(index))
+        tmp = staging_dir(layout.shard_name(index))
     else:
         tmp = layout.tmp_shard_dir(Path(cache), index, uuid.uuid4().hex[:8])
         tmp.mkdir(parents=True)

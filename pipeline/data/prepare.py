@@ -241,7 +241,7 @@ def prepare(cfg: PrepareConfig, progress: bool = False) -> dict[str, Any]:
 
 def _prepare_to_url(cfg: PrepareConfig, progress: bool, source: str | None) -> dict[str, Any]:
     """`prepare --out URL`: prepared in a local staging directory, then uploaded, the record last."""
-    from pipeline.cache.remote import staging_dir
+    from pipeline.storage.staging import staging_dir
     from pipeline.data import remote
 
     store = store_for(cfg.out)

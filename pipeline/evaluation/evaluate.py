@@ -164,21 +164,21 @@ def _evaluate_to_url(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
     """--out at an fsspec URL: anything under it but an evaluation's own files refuses before any work (nothing
     kdcache did not write is replaced); the evaluation is written to a local staging directory, then uploaded
     with eval.json last, so a URL holding eval.json holds a whole evaluation."""
-    from pipeline.cache import remote
+    from pipeline.storage.staging import rmtree_quiet, staging_dir
 
     store = store_for(cfg.out)
     alien = sorted(rel for rel in store.sizes() if rel not in EVAL_FILES)
     if alien:
         raise KdError(f"{store.uri(alien[0])} is not a file `kdcache eval` writes: --out must be a new prefix or "
                       "an evaluation's (nothing is replaced that kdcache did not write); choose another --out")
-    local = remote.staging_dir("eval") / "eval"
+    local = staging_dir("eval") / "eval"
     try:
         with claim(str(local), EVAL) as own:
             result = _evaluate(cfg, progress, own, local)
         for name in EVAL_FILES:
             store.put_file(local / name, name)
     finally:
-        remote.rmtree_quiet(local.parent)
+        rmtree_quiet(local.parent)
     return result
 
 

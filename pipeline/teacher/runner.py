@@ -289,13 +289,13 @@ def teacher_claim(cfg: TeacherConfig) -> Any:
     replica launches (`--replica r --replicas R`) each hold lock.replica-r.json, so several replicas run
     together while a second launch of the same index, one with another replica count, or a plain launch
     beside replicas is refused. On an object store the same rules hold for lease objects
-    (`pipeline.cache.remote.Lease`: .kdcache/lease.json, lease.replica-r.json)."""
+    (`pipeline.storage.lease.Lease`: .kdcache/lease.json, lease.replica-r.json)."""
     if is_url(cfg.out):
-        from pipeline.cache.remote import Lease
+        from pipeline.storage.lease import Lease
 
         if cfg.replicas == 1:
-            return Lease(cfg.out, conflicts=lambda name, holder: name.startswith("lease.replica-"))
-        return Lease(cfg.out, f"lease.replica-{cfg.replica}.json", {"replica": cfg.replica, "replicas": cfg.replicas},
+            return Lease(cfg.out, "teacher", conflicts=lambda name, holder: name.startswith("lease.replica-"))
+        return Lease(cfg.out, "teacher", f"lease.replica-{cfg.replica}.json", {"replica": cfg.replica, "replicas": cfg.replicas},
                      conflicts=lambda name, holder: name == "lease.json" or (
                          name.startswith("lease.replica-") and holder.get("replicas") != cfg.replicas))
     if cfg.replicas == 1:

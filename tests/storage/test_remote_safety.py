@@ -21,6 +21,8 @@ from pipeline.cache import layout, open_cache, remote
 from pipeline.cache.mirror import Mirror
 from pipeline.errors import CorruptionError, KdError
 from pipeline.storage import Store, parse_storage_options, store_for
+from pipeline.storage import lease as lease_mod
+from pipeline.storage.lease import Lease
 from stages.cli import main
 
 
@@ -167,10 +169,10 @@ def _holder(**kw):
 
 
 def test_of_two_conflicting_launches_created_together_the_later_gives_way(monkeypatch):
-    monkeypatch.setattr(remote, "SETTLE_S", 0.0)
+    monkeypatch.setattr(lease_mod, "SETTLE_S", 0.0)
     url = "memory://kdtest-safety/race"
     store = store_for(url)
-    lease = remote.Lease(url, conflicts=lambda name, holder: name.startswith("lease.replica-"))
+    lease = Lease(url, "teacher", conflicts=lambda name, holder: name.startswith("lease.replica-"))
     real_write = store.write_bytes
 
     def write(rel, data, create=False):  # a replica launch's lease lands at the same moment as ours
@@ -186,10 +188,10 @@ def test_of_two_conflicting_launches_created_together_the_later_gives_way(monkey
 
 
 def test_a_lease_created_meanwhile_is_never_overwritten(monkeypatch):
-    monkeypatch.setattr(remote, "SETTLE_S", 0.0)
+    monkeypatch.setattr(lease_mod, "SETTLE_S", 0.0)
     url = "memory://kdtest-safety/create"
     store = store_for(url)
-    lease = remote.Lease(url)
+    lease = Lease(url, "teacher")
     real_list = store.listdir
     # The other launch writes its lease between our look and our write.
     monkeypatch.setattr(lease.store, "listdir", lambda rel="": (
@@ -201,11 +203,11 @@ def test_a_lease_created_meanwhile_is_never_overwritten(monkeypatch):
 
 
 def test_a_lease_lost_to_another_launch_stops_the_run(monkeypatch):
-    monkeypatch.setattr(remote, "SETTLE_S", 0.0)
-    monkeypatch.setattr(remote, "HEARTBEAT_S", 0.02)
+    monkeypatch.setattr(lease_mod, "SETTLE_S", 0.0)
+    monkeypatch.setattr(lease_mod, "HEARTBEAT_S", 0.02)
     url = "memory://kdtest-safety/lost"
     store = store_for(url)
-    with remote.Lease(url) as lease:
+    with Lease(url, "teacher") as lease:
         lease.check()
         store.write_bytes(".kdcache/lease.json", json.dumps(_holder()).encode())  # taken over meanwhile
         deadline = time.monotonic() + 5
@@ -218,13 +220,13 @@ def test_a_lease_lost_to_another_launch_stops_the_run(monkeypatch):
 
 
 def test_a_same_host_lease_whose_pid_was_reused_is_taken_over(monkeypatch):
-    monkeypatch.setattr(remote, "SETTLE_S", 0.0)
+    monkeypatch.setattr(lease_mod, "SETTLE_S", 0.0)
     url = "memory://kdtest-safety/reused"
     store = store_for(url)
     # this very process's pid, but another start time: the launch that held it is gone
     store.write_bytes(".kdcache/lease.json", json.dumps(_holder(host=socket.gethostname(), pid=os.getpid(),
                                                                  pid_start="1")).encode())
-    with remote.Lease(url) as lease:
+    with Lease(url, "teacher") as lease:
         assert json.loads(store.read_bytes(".kdcache/lease.json"))["run_id"] == lease.body["run_id"]
     _rm("reused")
 
