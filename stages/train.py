@@ -24,7 +24,9 @@ T = TrainConfig
          help="A URL --cache: shards downloaded ahead of the reader, in the epoch's order.")
 @setting(T, "--student", show="one of the two is required", help="Student model directory, .gguf file or hub id to start from.")
 @setting(T, "--student-config", show="one of the two is required", help="transformers config.json: build the student from scratch.")
-@setting(T, "--out", type=click.Path(file_okay=False), show="required", help="Run directory.")
+@setting(T, "--out", type=click.Path(file_okay=False), show="required",
+         help="Run directory, or an fsspec URL (s3://, gs://, az://): trained in a local copy, each checkpoint "
+              "uploaded as it is written; re-running the same command anywhere continues from the newest one.")
 @setting(T, "--loss", type=click.Choice(LOSSES), help="Divergence to the teacher (none: cross-entropy only).")
 @setting(T, "--tail", type=click.Choice(TAILS),
          help="What the loss does with the mass outside the cached top-K: auto (sampled when the cache has tail "

@@ -33,8 +33,11 @@ class Store:
 
         self.url = str(url).rstrip("/")
         self.retries, self.backoff = retries, backoff
+        opts = dict(options if options is not None else storage_options())
+        if self.url.startswith("file://"):  # object stores have no directories; a local file system needs them made
+            opts.setdefault("auto_mkdir", True)
         try:
-            self.fs, self.root = url_to_fs(self.url, **(options if options is not None else storage_options()))
+            self.fs, self.root = url_to_fs(self.url, **opts)
         except ImportError as e:  # s3fs, gcsfs, adlfs: the protocol's package
             raise KdError(f"{self.url}: this URL needs a package that is not installed ({e}); "
                           "pip install s3fs (s3://), gcsfs (gs://) or adlfs (az://)") from None

@@ -127,5 +127,6 @@ def refuse_url(value: Any, what: str) -> None:
     """A `KdError` when `value` is a URL where only a local path works (`what`: "prepare --out")."""
     if isinstance(value, str) and is_url(value):
         raise KdError(f"{what} {value}: object-store URLs are read and written only for prepared data, "
-                      "teacher caches and evaluations (`prepare --out`, `teacher --out`, `eval --out`, and --data "
-                      "and --cache of teacher, train, eval, inspect, export and report); give a local path here")
+                      "teacher caches, training runs and evaluations (`prepare --out`, `teacher --out`, "
+                      "`train --out`, `eval --out`, and --data and --cache of teacher, train, eval, inspect, export "
+                      "and report); give a local path here")

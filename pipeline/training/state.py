@@ -184,7 +184,7 @@ def continuing(state: TrainState, total: int) -> str:
     return f"continuing from checkpoint step {c} of {total}{redone}"
 
 
-def refused(out: Path, state: TrainState) -> KdError:
+def refused(out: str | Path, state: TrainState) -> KdError:
     """The error for a run with other settings, naming them and both ways on."""
     return KdError(f"{out} holds a training run made differently: {state.why()}; pass --overwrite to retrain "
                    "from scratch, or --resume to continue from its checkpoint with these settings")

@@ -11,7 +11,7 @@ from pipeline.training.state import TrainState
 SUMMARY_FILENAME = "train_summary.json"  # the end-of-run summary, read by `kdcache report`
 
 
-def skipped_summary(out: Path, state: TrainState) -> dict[str, Any]:
+def skipped_summary(out: str | Path, state: TrainState) -> dict[str, Any]:
     """The summary of a run that had nothing to do (OUT/final is complete for its settings)."""
     steps = state.final_steps or state.reached_step
     return {"out": str(out), "steps": steps, "total_steps": steps, "finished": True, "skipped": True,

@@ -50,6 +50,7 @@ from pipeline.losses.objective import gate_generator, kd_fields
 from pipeline.training.metrics import MetricsLog, check_reporters, step_row
 from pipeline.models import load_causal_lm, model_vocab_size, pick_device, set_special_token_ids
 from pipeline.ownership import TRAIN, Output, claim
+from pipeline.storage import is_url
 from pipeline.data.prepare import load_prepared, prepared_meta
 from pipeline.data.stream import CacheStream, MicroBatch
 from pipeline.training.student import build_student, check_inputs, student_tokenizer
@@ -75,11 +76,14 @@ WRITES = ("kdcache_train.json", "config.yaml", "metrics.jsonl", "train_summary.j
 class Trainer:
     """One training run; `run()` trains to the end (or `stop_after`) and returns a summary."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, workdir: Path | None = None, on_save: Callable[[], None] | None = None):
+        """`workdir`: where the run's files are written when it is not --out (a local working copy of an --out
+        URL, `pipeline.training.remote`); `on_save`: called on rank 0 after each checkpoint is written."""
         self.cfg = cfg
         if not cfg.out:
             raise KdError("no output directory given (--out DIR)")
-        self.out = Path(cfg.out)
+        self.out = Path(workdir or cfg.out)
+        self.on_save = on_save
         cfg.check_cache_given()
         self.rank, self.world = init_dist()
         check_reporters(cfg.report_to)  # before anything is loaded: a missing tracker is a one-line error
@@ -371,7 +375,7 @@ class Trainer:
                            cache=self.cache, held_out_last=self.tracker.held_out_last, weights=weights)
         if interrupted:
             raise Interrupted(_stopped(self.out, self.step, self.total, checkpointed=keep))
-        summary = {"out": str(self.out), "steps": self.step, "total_steps": self.total,
+        summary = {"out": str(self.cfg.out), "steps": self.step, "total_steps": self.total,
                    "finished": self.step >= self.total, "last": last, **self.tracker.totals()}
         if cfg.distills:
             summary["tail"] = self.tail  # the policy --tail auto resolved to (the report names the method with it)
@@ -388,6 +392,8 @@ class Trainer:
         state = self.state() if (self.world > 1 or self.rank == 0) else None  # collective with several ranks
         if self.rank == 0:
             save_checkpoint(self.out, self.step, self.model, state, state_dict=weights)
+            if self.on_save is not None:
+                self.on_save()
         return weights
 
     def _prepare_out(self, fresh: bool, own: Output | None = None) -> None:
@@ -410,7 +416,7 @@ def _start(out: Path, cfg: TrainConfig, state: TrainState, total: int) -> tuple[
     """How a run starts from what OUT holds (`pipeline.training.state`): (the checkpoint it continues from,
     None for a fresh start; the line saying so, if any). Other settings need --overwrite or --resume."""
     if state.kind == "changed" and not (cfg.overwrite or cfg.resume):
-        raise refused(out, state)
+        raise refused(cfg.out, state)
     continues = cfg.resume or (state.kind == "partial" and not cfg.overwrite)
     ckpt = latest_checkpoint(out) if continues else None
     if ckpt is not None:
@@ -533,6 +539,11 @@ def train(cfg: TrainConfig, progress: bool = False, echo: Callable[[str], None] 
     """
     if not cfg.out:
         raise KdError("no output directory given (--out DIR)")
+    if is_url(cfg.out):
+        from pipeline.training.remote import train_at_url
+
+        return train_at_url(cfg, WRITES, lambda local, state, own, on_save: Trainer(cfg, local, on_save).run(
+            progress=progress, echo=echo, state=state, own=own))
     # Rank 0 holds OUT (the lock; every file in it checked to be train's) before anything in it is read.
     with claim(cfg.out, TRAIN) if int(os.environ.get("RANK", "0")) == 0 else nullcontext(None) as own:
         state = read_state(Path(cfg.out), cfg)
