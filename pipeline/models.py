@@ -119,9 +119,25 @@ def load_error(what: str, name: str, e: BaseException) -> KdError:
                    f"loaded ({first})")
 
 
+def local_model(model: str) -> str:
+    """A `kdcache train --out URL` run (or its final/) -> the local, checked copy of its final/ model
+    (`pipeline.storage.synced.local_unit`: downloaded once per machine); anything else as given."""
+    from pipeline.storage import is_url
+
+    if not is_url(model):
+        return model
+    from pipeline.storage.synced import local_unit
+
+    url = str(model).rstrip("/")
+    return str(local_unit(url[: -len("/final")] if url.endswith("/final") else url, "final"))
+
+
 def resolve_model_path(model: str) -> str:
-    """A `kdcache train` run directory stands for its final/ model (what eval and teacher load); anything else is
-    used as given."""
+    """A `kdcache train` run directory stands for its final/ model (what eval loads), also at a URL
+    (`local_model`); anything else is used as given."""
+    local = local_model(model)
+    if local != model:
+        return local
     p = Path(model).expanduser()
     if p.is_dir() and not (p / "config.json").exists() and (p / "final" / "config.json").exists():
         return str(p / "final")

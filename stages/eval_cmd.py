@@ -11,7 +11,7 @@ E = EvalConfig
 
 
 @click.command("eval")
-@setting(E, "--model", show="required", help="Model directory (a training run directory means its final/), .gguf file or hub id.")
+@setting(E, "--model", show="required", help="Model directory (a training run directory means its final/, also at a URL: `train --out URL`), .gguf file or hub id.")
 @setting(E, "--data", show="the data the cache records", help="Prepared data to score.")
 @setting(E, "--cache", show="none", help="Teacher cache of the same data: adds teacher top-1 agreement and FKL.")
 @setting(E, "--out", type=click.Path(file_okay=False), show="required",

@@ -22,7 +22,8 @@ T = TrainConfig
                                                  "used evicted; 0: no bound).")
 @setting(T, "--prefetch", field="prefetch_shards", type=int,
          help="A URL --cache: shards downloaded ahead of the reader, in the epoch's order.")
-@setting(T, "--student", show="one of the two is required", help="Student model directory, .gguf file or hub id to start from.")
+@setting(T, "--student", show="one of the two is required",
+         help="Student model directory, .gguf file or hub id to start from (or the final/ of a `train --out URL` run).")
 @setting(T, "--student-config", show="one of the two is required", help="transformers config.json: build the student from scratch.")
 @setting(T, "--out", type=click.Path(file_okay=False), show="required",
          help="Run directory, or an fsspec URL (s3://, gs://, az://): trained in a local copy, each checkpoint "

@@ -43,16 +43,10 @@ from pipeline.cache import layout
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256
 from pipeline.storage import store_for
-from pipeline.storage.staging import remove_dead_entries
+from pipeline.storage.staging import default_root, remove_dead_entries
 
-ENV_ROOT = "KDCACHE_LOCAL_CACHE"
 PLAN_FILES = (layout.CHECKSUMS_FILENAME, layout.INDEX_FILENAME, layout.CONFIG_FILENAME)
 DOWNLOAD_THREADS = 4  # files of one shard fetched at once
-
-
-def default_root() -> Path:
-    """Where mirrors live without --local-cache: $KDCACHE_LOCAL_CACHE, else ~/.cache/kdcache/remote."""
-    return Path(os.environ.get(ENV_ROOT) or Path.home() / ".cache" / "kdcache" / "remote")
 
 
 class Mirror:

@@ -26,12 +26,11 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pipeline.cache.mirror import default_root
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256
 from pipeline.ownership import MANIFEST_FILENAME, STATE_DIR
 from pipeline.storage import Store, store_for
-from pipeline.storage.staging import remove_dead_entries
+from pipeline.storage.staging import default_root, remove_dead_entries
 
 MANIFEST = f"{STATE_DIR}/{MANIFEST_FILENAME}"
 # What `prepare` writes (a `datasets` directory, its record and config, the manifest): nothing else is its own.

@@ -47,7 +47,7 @@ EVAL_FILENAME = "eval.json"
 class EvalConfig:
     """Settings of `kdcache eval`."""
 
-    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "data", "out")  # may be an fsspec URL (pipeline.storage)
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "data", "out", "model")  # may be an fsspec URL (pipeline.storage)
 
     model: str = ""  # model directory (a run directory means its final/), or hub id
     data: str = ""  # prepared data; may be omitted when the cache records where it lives
@@ -228,7 +228,7 @@ def _evaluate(cfg: EvalConfig, progress: bool, own: Output, write_to: Path | Non
     write_json(out / EVAL_FILENAME, result)
     from pipeline.training.model_card import CARD_FILENAME, refresh_card
 
-    if refresh_card(model_path, {**result, "eval_json": eval_json(cfg.out)}):  # a kdcache-trained model only
+    if not is_url(cfg.model) and refresh_card(model_path, {**result, "eval_json": eval_json(cfg.out)}):  # a kdcache-trained model only
         amend(Path(model_path) / CARD_FILENAME)  # the run's record of its card follows the new figures
         log.info("eval: added these figures to the model card %s", Path(model_path) / "README.md")
     return result

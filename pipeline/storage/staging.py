@@ -1,4 +1,5 @@
-"""Local staging directories: where files are written before they are uploaded to a store.
+"""Local directories of remote outputs: staging directories (files on their way to a store) and the root of
+local copies (files on their way from one).
 
 Each is `KDCACHE_STAGING (or the temp dir)/kdcache-staging/WHAT.PID.RANDOM`; an entry whose process is gone
 (what a kill -9 left) is removed the next time one is made.
@@ -12,6 +13,15 @@ import socket
 from pathlib import Path
 
 from pipeline import records
+
+
+ENV_ROOT = "KDCACHE_LOCAL_CACHE"
+
+
+def default_root() -> Path:
+    """Where local copies of remote things live (a cache's shards, prepared data, a run's model; `--local-cache`
+    overrides it for a cache): $KDCACHE_LOCAL_CACHE, else ~/.cache/kdcache/remote."""
+    return Path(os.environ.get(ENV_ROOT) or Path.home() / ".cache" / "kdcache" / "remote")
 
 
 def staging_dir(what: str) -> Path:

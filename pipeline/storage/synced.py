@@ -126,34 +126,11 @@ class SyncedDir:
             return None
 
     def _read_commit(self, unit: str) -> dict[str, Any]:
-        raw = self._read(f"{unit}/{COMMIT}")
-        try:
-            files = json.loads(raw or b"")["files"]
-            if not isinstance(files, dict) or not all(
-                    isinstance(r, dict) and isinstance(r.get("sha256"), str) for r in files.values()):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            raise CorruptionError(f"{self.store.uri(f'{unit}/{COMMIT}')} is damaged; delete {unit}/ to continue "
-                                  "without it") from None
-        for rel in files:
-            parts = PurePosixPath(rel).parts
-            if not parts or rel.startswith("/") or ".." in parts:
-                raise CorruptionError(f"{self.store.uri(f'{unit}/{COMMIT}')} names a file outside {unit}/ ({rel!r})")
-        return files
+        return _parse_commit(self.store, unit, self._read(f"{unit}/{COMMIT}"))
 
     def _download_unit(self, unit: str, files: dict[str, Any], local: Path) -> None:
         tmp = local / (unit + ".tmp")  # the name the stage itself writes a unit under
-        for rel, rec in sorted(files.items()):
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self.store.get_file(f"{unit}/{rel}", dst)
-            except FileNotFoundError:
-                raise CorruptionError(f"{self.store.uri(f'{unit}/{rel}')} is missing (its unit's {COMMIT} lists "
-                                      f"it); delete {unit}/ to continue without it") from None
-            if file_sha256(dst) != rec["sha256"]:
-                raise CorruptionError(f"{self.store.uri(f'{unit}/{rel}')}: checksum mismatch on arrival (the "
-                                      f"stored copy is damaged); not used: delete {unit}/ to continue without it")
+        _fetch_unit(self.store, unit, files, tmp)
         os.replace(tmp, local / unit)
 
     # ---- up --------------------------------------------------------------------------------
@@ -243,3 +220,77 @@ def refuse_foreign(synced: SyncedDir, what: str) -> None:
         raise KdError(f"{synced.store.uri(alien[0])} is not a file `kdcache {what}` writes: --out must be a new "
                       f"prefix or a `kdcache {what}` output (nothing is replaced that kdcache did not write); "
                       "choose another --out")
+
+
+def _parse_commit(store: Store, unit: str, raw: bytes | None) -> dict[str, Any]:
+    """A unit's commit record's files ({rel: {"size", "sha256"}}), checked to be one."""
+    try:
+        files = json.loads(raw or b"")["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(r, dict) and isinstance(r.get("sha256"), str) for r in files.values()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise CorruptionError(f"{store.uri(f'{unit}/{COMMIT}')} is damaged; delete {unit}/ to continue "
+                              "without it") from None
+    for rel in files:
+        parts = PurePosixPath(rel).parts
+        if not parts or rel.startswith("/") or ".." in parts:
+            raise CorruptionError(f"{store.uri(f'{unit}/{COMMIT}')} names a file outside {unit}/ ({rel!r})")
+    return files
+
+
+def _fetch_unit(store: Store, unit: str, files: dict[str, Any], dest: Path) -> None:
+    """Download the committed unit's `files` into the local directory `dest`, each checked on arrival."""
+    for rel, rec in sorted(files.items()):
+        dst = dest / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            store.get_file(f"{unit}/{rel}", dst)
+        except FileNotFoundError:
+            raise CorruptionError(f"{store.uri(f'{unit}/{rel}')} is missing (its unit's {COMMIT} lists "
+                                  f"it); delete {unit}/ to continue without it") from None
+        if file_sha256(dst) != rec["sha256"]:
+            raise CorruptionError(f"{store.uri(f'{unit}/{rel}')}: checksum mismatch on arrival (the "
+                                  f"stored copy is damaged); not used: delete {unit}/ to continue without it")
+
+
+def local_unit(url: str, unit: str) -> Path:
+    """The local, checked copy of the committed unit `unit` of the output at `url` (a training run's final/:
+    what `eval --model URL`, `teacher --model URL` and `train --student URL` load), downloaded once per machine
+    under the local-copy root (`pipeline.storage.staging.default_root`), keyed by the URL and its commit
+    record's bytes, so a unit committed again is downloaded again. Processes of one machine share it (flock)."""
+    import fcntl
+    import hashlib
+    import shutil
+    import uuid
+
+    from pipeline.storage.staging import default_root, remove_dead_entries
+    from pipeline.storage.store import store_for
+
+    store = store_for(url)
+    try:
+        raw = store.read_bytes(f"{unit}/{COMMIT}")
+    except FileNotFoundError:
+        raise KdError(f"{store.uri(unit)}: no committed model there (no {COMMIT}: a `kdcache train --out URL` "
+                      "run has one once it finished)") from None
+    files = _parse_commit(store, unit, raw)
+    key = hashlib.sha256(store.url.encode() + b"\0" + unit.encode() + b"\0" + raw).hexdigest()[:16]
+    root = default_root() / "units"
+    final = root / key / PurePosixPath(unit).name
+    if final.is_dir():
+        return final
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process of this machine may be downloading it
+        if not final.is_dir():
+            remove_dead_entries(root / "tmp")  # what killed downloads left
+            tmp = root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            try:
+                _fetch_unit(store, unit, files, tmp / final.name)
+                os.replace(tmp, root / key)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return final

@@ -18,7 +18,7 @@ class TrainConfig(KdOptions):
     """Settings of `kdcache train`: the distillation options (`KdOptions`: loss, gate, LATF, IDTS, SE-KD, ...)
     and the ones below. Without `cache` this is plain causal-LM training on the targets."""
 
-    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "eval_cache", "data", "eval_data", "out")  # may be fsspec URLs
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "eval_cache", "data", "eval_data", "out", "student")  # may be fsspec URLs
 
     data: str = ""  # prepared data; may be omitted when the cache records where it lives
     cache: str = ""

@@ -72,10 +72,11 @@ def train_inputs(cfg: Any) -> dict[str, str | None]:
     """
     from pipeline.cache import layout
     from pipeline.data.prepare import prepared_meta
+    from pipeline.models import local_model
 
     cache_meta = layout.read_meta(cfg.cache) if cfg.cache else None
     data = cfg.data or (cache_meta or {}).get("data", {}).get("path", "")
-    record = Path(cfg.student) / RECORD if cfg.student else None
+    record = Path(local_model(cfg.student)) / RECORD if cfg.student else None
     return {"data": prepared_meta(data)["fingerprint"] if data else None,
             "cache": digest(cache_meta) if cache_meta is not None else None,
             "student": digest(json.loads(record.read_text())) if record is not None and record.is_file() else None}

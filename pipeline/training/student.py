@@ -11,7 +11,8 @@ from torch import Tensor
 
 from pipeline.errors import KdError
 from pipeline.identity import describe_tokenizer, same_tokenizer, tokenizer_identity
-from pipeline.models import input_device, load_causal_lm, load_tokenizer, model_vocab_size, own_tokenizer
+from pipeline.models import (input_device, load_causal_lm, load_tokenizer, local_model, model_vocab_size,
+                             own_tokenizer)
 from pipeline.head import check_head, head_spec
 from pipeline.losses.adakd import LATF
 from pipeline.losses.chunked import RowPlan, auto_chunk_rows, chunked_loss, plan_rows
@@ -25,7 +26,7 @@ def build_student(student: str, student_config: str, device: torch.device, seed:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if student:
-        model = load_causal_lm(student, device, torch.float32)
+        model = load_causal_lm(local_model(student), device, torch.float32)
     elif student_config:
         p = Path(student_config)
         if not p.exists():
@@ -51,6 +52,7 @@ def student_tokenizer(student: str, data_tok: dict[str, Any]) -> Any | None:
     without one (logged).
     """
     if student:
+        student = local_model(student)
         try:
             own = own_tokenizer(student)
         except KdError as e:

@@ -229,3 +229,33 @@ def test_a_second_launch_on_the_same_url_is_refused(common):
     res = CliRunner().invoke(main, ["train", "--out", url, *_args(common)])
     assert res.exit_code != 0 and "another `kdcache train` (run ffffffff, other-node pid 4242)" in res.output
     assert sorted(s.sizes()) == [".kdcache/lease.json"] and "Traceback" not in res.output
+
+
+def test_a_finished_run_at_a_url_is_evaluated_and_trained_on_from_there(tmp_path, monkeypatch, common,
+                                                                        prepared_dir, cache_dir, straight):
+    """`eval --model URL` and `train --student URL` load the run's final/ through a checked local copy: the
+    scores of the same model on a local disk; a flipped byte in final/ is named, never loaded."""
+    monkeypatch.setenv("KDCACHE_LOCAL_CACHE", str(tmp_path / "copies"))
+    url = _url()
+    assert train(TrainConfig(out=url, **common))["finished"]
+    scores = {}
+    for name, model in (("url", url), ("local", str(straight))):
+        res = CliRunner().invoke(main, ["eval", "--model", model, "--data", str(prepared_dir), "--cache",
+                                        str(cache_dir), "--out", str(tmp_path / name), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        scores[name] = {k: v for k, v in json.loads((tmp_path / name / "eval.json").read_text()).items()
+                        if k not in ("model", "seconds", "tokens_per_s")}
+    assert scores["url"] == scores["local"]
+    follow = {**common, "student_config": "", "max_steps": 2, "eval_every": 0}
+    assert train(TrainConfig(out=str(tmp_path / "next"), student=f"{url}/final", **follow))["finished"]
+    record = json.loads((tmp_path / "next" / "kdcache_train.json").read_text())
+    assert record["inputs"]["student"] is not None  # a retrained base retrains this student
+    s = store_for(url)
+    data = bytearray(s.read_bytes("final/model.safetensors"))
+    data[100] ^= 0x01
+    s.write_bytes("final/model.safetensors", bytes(data))
+    s.write_bytes("final/_COMMIT.json", s.read_bytes("final/_COMMIT.json") + b" ")  # a new commit: fetched again
+    res = CliRunner().invoke(main, ["eval", "--model", url, "--data", str(prepared_dir), "--out",
+                                    str(tmp_path / "bad"), "--device", "cpu"])
+    assert res.exit_code != 0 and "final/model.safetensors: checksum mismatch on arrival" in res.output
+    assert "Traceback" not in res.output
