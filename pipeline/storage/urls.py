@@ -13,7 +13,7 @@ from pipeline.errors import KdError
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 ENV_OPTIONS = "KDCACHE_STORAGE_OPTIONS"  # a JSON object of storage options, e.g. {"endpoint_url": "..."}
 # Option names whose values are secrets: never shown (`redact` replaces their values in any text).
-_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|sas|signature)", re.I)
+_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|key|credential|sas|signature|connection_string)", re.I)
 
 _options: dict[str, Any] = {}
 _OWN_ENV = os.environ.get(ENV_OPTIONS)  # the process's own, before any `configure`

@@ -78,6 +78,7 @@ def test_two_fsdp_ranks_equal_one_process_accumulating_their_batches(tmp_path, c
         torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # --runslow: three 2-rank launches (42 s); exact resume is tested in one process by default
 def test_fsdp_resume_is_exact_and_final_is_a_normal_model(tmp_path, prepared_dir, cache_dir, student_cfg):
     args = ["train", "--cache", str(cache_dir), "--student-config", student_cfg, "--max-steps", "4",
             "--batch-size", "4", "--fsdp", "--activation-checkpointing", "--gate", "spec", "--proposal", "sample",
