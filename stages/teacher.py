@@ -13,7 +13,9 @@ T = TeacherConfig
 
 @click.command()
 @setting(T, "--data", show="required", help="A `kdcache prepare` output directory.")
-@setting(T, "--model", show="required", help="Teacher: local directory, .gguf file (pip install 'kdcache[gguf]') or hub id of a causal LM.")
+@setting(T, "--model", show="required",
+         help="Teacher: local directory, .gguf file (pip install 'kdcache[gguf]'), hub id of a causal LM, or a "
+              "`train --out URL` run (its final/).")
 @setting(T, "--out", type=click.Path(file_okay=False), show="required", help="Cache directory.")
 @setting(T, "--revision", show="latest", help="Hub revision of the model to pin (recorded in the cache).")
 @setting(T, "--preset", type=click.Choice(list(PRESETS)),

@@ -37,7 +37,8 @@ class Lease:
     launches racing for one object the overwritten one gives way, and of two conflicting objects created at
     once the later-started one (then the larger run id) gives way. While held it is renewed every
     `HEARTBEAT_S`, after reading it back: if another launch has taken it (this one's renewals failed for
-    longer than `LEASE_TTL_S`), `check()` stops the run with one line before its next unit of work (a shard, a checkpoint).
+    longer than `LEASE_TTL_S`), `check()` stops the run with one line before its next unit of work (a shard, a
+    checkpoint).
     """
 
     def __init__(self, url: str, stage: str, name: str = "lease.json", extra: dict[str, Any] | None = None,
@@ -98,7 +99,8 @@ class Lease:
         time.sleep(SETTLE_S)
         back = self._read() or {}
         if back.get("run_id") != self.body["run_id"]:
-            raise KdError(f"{self.store.uri(self.rel)}: another `kdcache {self.stage}` took this output at the same moment "
+            raise KdError(f"{self.store.uri(self.rel)}: another `kdcache {self.stage}` took this output at the same "
+                          "moment "
                           f"(run {str(back.get('run_id', '?'))[:8]}, {back.get('host')}); one launch per output")
         block = self._blocking(self._holders())
         if block is not None and (block[1].get("started_s", 0), str(block[1].get("run_id"))) < (

@@ -45,7 +45,8 @@ class SyncLayout:
     """What a stage's output holds.
 
     `files`: loose files, in upload order (the last one makes a directory an output of the stage); `marker`
-    (one of them): the record of what the output was made with: other bytes mean the stage started over. `units`: the unit directories (a regex on the relative path).
+    (one of them): the record of what the output was made with: other bytes mean the stage started over.
+    `units`: the unit directories (a regex on the relative path).
     `series`: units of which a pull takes only the newest (by name: checkpoints). `last`: units uploaded after
     the loose files. `nested`: other stages' files kept inside (eval/), left alone except by a start-over."""
 

@@ -129,5 +129,5 @@ def refuse_url(value: Any, what: str) -> None:
         raise KdError(f"{what} {value}: object-store URLs are read and written only for prepared data, "
                       "teacher caches, training runs and evaluations (`prepare --out`, `teacher --out`, "
                       "`train --out`, `eval --out`, --data and --cache of teacher, train, eval, inspect, export "
-                      "and report, and a run at a URL as `eval --model` or `train --student`); give a local path "
-                      "here")
+                      "and report, and a run at a URL as --model of eval and teacher or as `train --student`); "
+                      "give a local path here")

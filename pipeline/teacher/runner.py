@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 class TeacherConfig:
     """Settings of `kdcache teacher`."""
 
-    URL_FIELDS: ClassVar[tuple[str, ...]] = ("out", "data")  # may be an fsspec URL (pipeline.storage)
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("out", "data", "model")  # may be an fsspec URL (pipeline.storage)
 
     data: str = ""  # a `kdcache prepare` output directory
     model: str = ""  # local directory or hub id of any causal LM
@@ -86,7 +86,8 @@ class TeacherConfig:
         from pipeline.cache.schema import PRESETS
         from pipeline.models import resolve_model_path
 
-        self.model = resolve_model_path(self.model)  # a training run directory: its final/ model, as eval takes it
+        if not is_url(self.model):  # a URL stays one (recorded as given; each machine loads its own local copy)
+            self.model = resolve_model_path(self.model)  # a training run directory: its final/ model, as eval takes it
         if self.preset not in PRESETS:
             raise KdError(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.top_k < 0 or self.head_step < 0 or self.shape_bits < 0 or self.entropy_bits < 0:
@@ -172,9 +173,9 @@ def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
     """Model id/path, revision, weights hash, dtype and vocabulary of the teacher (config only: no weights loaded)."""
     from transformers import AutoConfig
 
-    from pipeline.models import check_gguf, gguf_error, is_gguf
+    from pipeline.models import check_gguf, gguf_error, is_gguf, local_model
 
-    local = Path(cfg.model).expanduser()
+    local = Path(local_model(cfg.model)).expanduser()  # a run at a URL: this machine's checked copy of its final/
     if is_gguf(cfg.model):  # the config is read from the file's metadata
         gguf = check_gguf("model", cfg.model, model=True)
         try:
@@ -209,10 +210,11 @@ def teacher_identity(cfg: TeacherConfig) -> dict[str, Any]:
 
 
 def local_model_dir(model: str) -> Path | None:
-    """The model's local directory (or `.gguf` file, which carries its tokenizer), or None for a hub id."""
-    from pipeline.models import is_gguf
+    """The model's local directory (or `.gguf` file, which carries its tokenizer; for a run at a URL, this
+    machine's copy of its final/), or None for a hub id."""
+    from pipeline.models import is_gguf, local_model
 
-    p = Path(model).expanduser()
+    p = Path(local_model(model)).expanduser()
     return p if p.is_dir() or (is_gguf(p) and p.is_file()) else None
 
 

@@ -21,7 +21,7 @@ from pipeline.cache.rows import target_positions, targets_sha256
 from pipeline.cache.schema import CodecParams, RowCodec
 from pipeline.cache.writer import CacheWriter
 from pipeline.errors import KdError
-from pipeline.models import input_device, load_causal_lm, model_vocab_size, pick_device, pick_dtype
+from pipeline.models import input_device, load_causal_lm, local_model, model_vocab_size, pick_device, pick_dtype
 from pipeline.head import HeadSpec, check_head, head_spec
 from pipeline.storage import is_url, use_job_options
 from pipeline.teacher.stats import auto_chunk_rows, rows_from_hidden
@@ -83,7 +83,8 @@ def get_model(model: str, device: str, dtype: str, revision: str | None = None,
     if key not in _MODEL:
         _MODEL.clear()
         dev = pick_device(_device_for_worker(device))
-        m = load_causal_lm(model, dev, pick_dtype(dtype, dev), revision, parallel)
+        m = load_causal_lm(local_model(model), dev, pick_dtype(dtype, dev), revision, parallel)  # a URL: this
+        # machine's checked copy of the run's final/
         head = head_spec(m, model_vocab_size(m))
         head.weight, head.bias = _full(head.weight), _full(head.bias)
         check_head(m, head, input_device(m))

@@ -233,8 +233,9 @@ def test_a_second_launch_on_the_same_url_is_refused(common):
 
 def test_a_finished_run_at_a_url_is_evaluated_and_trained_on_from_there(tmp_path, monkeypatch, common,
                                                                         prepared_dir, cache_dir, straight):
-    """`eval --model URL` and `train --student URL` load the run's final/ through a checked local copy: the
-    scores of the same model on a local disk; a flipped byte in final/ is named, never loaded."""
+    """`eval --model URL`, `teacher --model URL` and `train --student URL` load the run's final/ through a
+    checked local copy: the scores and cache of the same model on a local disk; a flipped byte in final/ is
+    named, never loaded."""
     monkeypatch.setenv("KDCACHE_LOCAL_CACHE", str(tmp_path / "copies"))
     url = _url()
     assert train(TrainConfig(out=url, **common))["finished"]
@@ -246,6 +247,18 @@ def test_a_finished_run_at_a_url_is_evaluated_and_trained_on_from_there(tmp_path
         scores[name] = {k: v for k, v in json.loads((tmp_path / name / "eval.json").read_text()).items()
                         if k not in ("model", "seconds", "tokens_per_s")}
     assert scores["url"] == scores["local"]
+    # As a teacher: the cache records the URL, and holds the bytes the same model on a local disk gives.
+    from pipeline.cache import layout
+
+    sums = {}
+    for name, model in (("url", url), ("local", str(straight))):
+        res = CliRunner().invoke(main, ["teacher", "--data", str(prepared_dir), "--model", model, "--out",
+                                        str(tmp_path / f"cache-{name}"), "--shard-rows", "400", "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        c = tmp_path / f"cache-{name}"
+        sums[name] = {i: layout.read_commit(c, i)["files"] for i in layout.committed_shards(c)}
+    assert sums["url"] == sums["local"]
+    assert layout.read_meta(tmp_path / "cache-url")["teacher"]["model"] == url
     follow = {**common, "student_config": "", "max_steps": 2, "eval_every": 0}
     assert train(TrainConfig(out=str(tmp_path / "next"), student=f"{url}/final", **follow))["finished"]
     record = json.loads((tmp_path / "next" / "kdcache_train.json").read_text())
