@@ -16,6 +16,10 @@ Layout under `out` (the run owns every path, so sections only hold settings):
     students/<name>/eval/ `kdcache eval` on prepared/<eval.split> (+ teacher/eval for the teacher)
     report/               `kdcache report` over all students
 
+`out` may be an fsspec URL (s3://bucket/runs/x): every output above is then written there by its stage's own
+remote path (prepared data, caches, training runs, evaluations, the report), except corpus/, the local text
+`prepare` reads, which is built under $KDCACHE_LOCAL_CACHE/runs/<key>/corpus on the machine that runs `prepare`.
+
 Each stage ends with a line of its wall time (`stage train: 73.2 s`), through the same echo as its other lines.
 
 Several teachers (`teachers: {name: section, ...}` instead of `teacher`): each has teachers/<name>/ (its
@@ -45,12 +49,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
-import yaml
 
 from pipeline.config import changes, from_dict, load_yaml, merge, parse_sets, to_dict
 from pipeline.errors import Interrupted, KdError, StaleOutput
+from pipeline.storage import is_url, join, store_for
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ STAGES = ("prepare", "teacher", "train", "eval", "report")
 @dataclass
 class RunConfig:
     """Settings of `kdcache run`: shared layout plus one section per stage."""
+
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("out",)  # may be an fsspec URL: every stage's output goes under it
 
     out: str = "runs/demo"
     stages: list[str] = field(default_factory=lambda: list(STAGES))
@@ -111,16 +117,38 @@ def select_stages(cfg: RunConfig, only: str | None, start: str | None) -> list[s
     return chosen
 
 
+class RemoteDir(str):
+    """A directory of the run at a URL (`out: s3://bucket/runs/x`), used where a `Path` is for a local run:
+    `/`, `.name`, `.with_name`."""
+
+    def __truediv__(self, part: str) -> "RemoteDir":
+        return RemoteDir(join(self, part))
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    def with_name(self, name: str) -> "RemoteDir":
+        return RemoteDir(self.rstrip("/").rsplit("/", 1)[0] + "/" + name)
+
+
+def has_file(base: Path | str, rel: str) -> bool:
+    """Is there a file `rel` under the run's directory `base` (local, or at a URL)?"""
+    if isinstance(base, RemoteDir):
+        return store_for(str(base)).exists(rel)
+    return (Path(base) / rel).is_file()
+
+
 @dataclass
 class TeacherSlot:
     """One teacher of a run: its section and where its model, caches and eval live."""
 
     name: str
     section: dict[str, Any]
-    root: Path  # its run directory (trained model, eval/): out/teacher or out/teachers/<name>
-    cache: Path  # the cache of prepared/train: out/cache or out/caches/<name>
+    root: Path | RemoteDir  # its run directory (trained model, eval/): out/teacher or out/teachers/<name>
+    cache: Path | RemoteDir  # the cache of prepared/train: out/cache or out/caches/<name>
 
-    def cache_of(self, split: str) -> Path:
+    def cache_of(self, split: str) -> Path | RemoteDir:
         """The cache of another prepared split, beside the train cache: cache_<split> or <name>_<split>."""
         return self.cache.with_name(f"{self.cache.name}_{split}")
 
@@ -154,7 +182,7 @@ class Pipeline:
 
     def __init__(self, cfg: RunConfig, echo: Callable[[str], None] = print, progress: bool = True):
         self.cfg, self.echo, self.progress = cfg, echo, progress
-        self.out = Path(cfg.out)
+        self.out: Path | RemoteDir = RemoteDir(cfg.out.rstrip("/")) if is_url(cfg.out) else Path(cfg.out)
         if cfg.teachers:
             self.teachers = [TeacherSlot(n, dict(sec or {}), self.out / "teachers" / n, self.out / "caches" / n)
                              for n, sec in cfg.teachers.items()]
@@ -165,11 +193,19 @@ class Pipeline:
         self.students = expand_seeds(cfg.students, cfg.seeds)
 
     # ---- paths ----------------------------------------------------------------------------
-    def prepared(self, split: str) -> Path:
+    def prepared(self, split: str) -> Path | RemoteDir:
         return self.out / "prepared" / split
 
     @property
     def corpus_dir(self) -> Path:
+        """out/corpus; for a run at a URL a local directory (the corpus is this machine's text, the input of
+        `prepare`, which uploads what it prepares): under $KDCACHE_LOCAL_CACHE, one per run URL."""
+        if isinstance(self.out, RemoteDir):
+            import hashlib
+
+            from pipeline.storage.staging import default_root
+
+            return default_root() / "runs" / hashlib.sha256(self.out.encode()).hexdigest()[:16] / "corpus"
         return self.out / "corpus"
 
     def teacher_slot(self, name: str | None) -> TeacherSlot:
@@ -198,7 +234,7 @@ class Pipeline:
     def eval_split(self) -> str:
         return str(self.cfg.eval.get("split", "heldout"))
 
-    def student_dir(self, name: str) -> Path:
+    def student_dir(self, name: str) -> Path | RemoteDir:
         return self.out / "students" / name
 
     def evaluated_slot(self, slot: TeacherSlot) -> TeacherSlot:
@@ -327,17 +363,22 @@ class Pipeline:
         if keys.pop("cache", True) is not False and teacher is not None and keys.get("loss", "fkl") != "none":
             keys["online_teacher" if online else "cache"] = teacher.model if online else str(teacher.cache)
         tc = from_dict(TrainConfig, keys)
-        state = read_state(out, tc)
-        if state.kind == "final" and not tc.overwrite:
-            self.echo(f"train[{name}]: {out}/final is complete for this config; skipped")
-            return
-        # The run owns students/<name>: other settings retrain it (the trainer says which keys changed);
-        # the same settings continue from the newest checkpoint.
-        tc.overwrite = tc.overwrite or state.kind == "changed"
+        if not isinstance(out, RemoteDir):  # at a URL the trainer reads the state from its pulled copy
+            state = read_state(out, tc)
+            if state.kind == "final" and not tc.overwrite:
+                self.echo(f"train[{name}]: {out}/final is complete for this config; skipped")
+                return
+            # The run owns students/<name>: other settings retrain it (the trainer says which keys changed);
+            # the same settings continue from the newest checkpoint.
+            tc.overwrite = tc.overwrite or state.kind == "changed"
         try:
-            s = train(tc, progress=self.progress, echo=lambda m: self.echo(f"train[{name}]: {m}"))
+            s = train(tc, progress=self.progress, echo=lambda m: self.echo(f"train[{name}]: {m}"),
+                      retrain_if_changed=True)
         except Interrupted as e:  # say which student the checkpoint belongs to
             raise Interrupted(f"train[{name}]: {e}") from None
+        if s.get("skipped"):
+            self.echo(f"train[{name}]: {out}/final is complete for this config; skipped")
+            return
         self.echo(f"train[{name}]: " + summary_line(s).removeprefix("train: "))
 
     def stage_eval(self) -> None:
@@ -359,11 +400,12 @@ class Pipeline:
             models.append((name, None, self.student_dir(name), teacher))
         for name, model, run_dir, teacher in models:
             model = model or str(run_dir / "final")
-            if not name.startswith("teacher") and not Path(model).is_dir():  # e.g. trained with stop_after
+            if not name.startswith("teacher") and not (has_file(run_dir, "final/_COMMIT.json") if isinstance(
+                    run_dir, RemoteDir) else Path(model).is_dir()):  # e.g. trained with stop_after
                 self.echo(f"eval[{name}]: {model} is not written yet (training unfinished); skipped")
                 continue
             keys = {**section, "model": model, "data": str(data), "out": str(run_dir / "eval")}
-            if teacher is not None and (teacher.cache_of(self.eval_split) / "kdcache.json").exists():
+            if teacher is not None and has_file(teacher.cache_of(self.eval_split), "kdcache.json"):
                 keys.setdefault("cache", str(teacher.cache_of(self.eval_split)))
             ec = from_dict(EvalConfig, keys)
             if eval_done(ec):
@@ -382,7 +424,8 @@ class Pipeline:
         runs = [str(self.student_dir(n)) for n in self.students]
         # One reference row per teacher model (its eval/), and every slot by name: each student's teacher is
         # the slot whose cache it read, also when two slots share one model.
-        teachers = [str(t.root) for t in self.teachers if self.evaluated_slot(t) is t and (t.root / "eval").exists()]
+        teachers = [str(t.root) for t in self.teachers
+                    if self.evaluated_slot(t) is t and has_file(t.root, "eval/eval.json")]
         slots = {t.name: {"cache": str(t.cache), "teacher": str(self.evaluated_slot(t).root)} for t in self.teachers}
         rc = from_dict(ReportConfig, {**self.cfg.report, "runs": runs, "teachers": teachers,
                                       "teacher_slots": slots, "out": str(self.out / "report"),
@@ -430,17 +473,22 @@ def student_order(students: dict[str, Any]) -> list[str]:
     return order
 
 
+def _eval_config(ec: Any) -> dict[str, Any] | None:
+    """The config of the eval.json in `ec.out` (a directory or a URL), None when there is none."""
+    from pipeline.evaluation.report import read_run_config, read_text
+
+    if read_text(ec.out, "eval.json") is None:
+        return None
+    return read_run_config(ec.out)  # None without a config.yaml too
+
+
 def eval_done(ec: Any) -> bool:
     """True when `ec.out` holds an eval.json made with the same resolved settings."""
-    out = Path(ec.out)
-    if not (out / "eval.json").is_file() or not (out / "config.yaml").is_file():
-        return False
-    return (yaml.safe_load((out / "config.yaml").read_text()) or {}) == to_dict(ec)
+    saved = _eval_config(ec)
+    return saved is not None and saved == to_dict(ec)
 
 
 def eval_changes(ec: Any) -> list[str]:
     """The settings that differ from those of the eval.json in `ec.out` ([] when there is none)."""
-    out = Path(ec.out)
-    if not (out / "eval.json").is_file() or not (out / "config.yaml").is_file():
-        return []
-    return changes(yaml.safe_load((out / "config.yaml").read_text()) or {}, to_dict(ec))
+    saved = _eval_config(ec)
+    return [] if saved is None else changes(saved, to_dict(ec))

@@ -245,3 +245,42 @@ def test_online_reference_arm(tmp_path, data_file, heldout_file, tokenizer_dir, 
     report = (out / "report" / "report.md").read_text()
     assert "| kd_online_s0 | KD fkl online | teacher |" in report, report
     assert "Against online KD from the same teacher (kd_online" in report
+
+
+def test_a_run_at_a_url_keeps_every_output_there_then_skips_everything(tmp_path, monkeypatch, data_file,
+                                                                          heldout_file, tokenizer_dir, llama_dir,
+                                                                          vocab_size):
+    """`out: memory://...`: prepared data, a teacher the run trains (then caches from its URL), its caches, a
+    student started from another's final/ at the URL, evaluations and the report all land under the URL; only
+    the corpus (none here) would be local. The same config again skips every stage's work."""
+    import uuid
+
+    from pipeline.storage import store_for
+
+    monkeypatch.setenv("KDCACHE_LOCAL_CACHE", str(tmp_path / "copies"))
+    cfg_path = write_config(tmp_path, data_file, heldout_file, tokenizer_dir, llama_dir, vocab_size)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    url = f"memory://kdrun-{uuid.uuid4().hex[:8]}/runs/x"
+    student = cfg["train_defaults"]["student_config"]
+    cfg.update(out=url, teacher={"train": {"student_config": student, "max_steps": 3, "batch_size": 8},
+                                 "top_k": 8, "shard_rows": 200},
+               students={"ce": {"loss": "none"}, "kd": {"loss": "fkl", "init_from": "ce"}})
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    res = CliRunner().invoke(main, ["run", str(cfg_path)])
+    assert res.exit_code == 0, res.output
+    assert f"report: {url}/report/report.md" in res.output
+    names = set(store_for(url).sizes())
+    for rel in ("prepared/train/kdcache_prepare.json", "teacher/final/_COMMIT.json", "cache/kdcache.json",
+                "cache_heldout/kdcache.json", "students/ce/final/_COMMIT.json", "students/kd/final/_COMMIT.json",
+                "students/kd/eval/eval.json", "teacher/eval/eval.json", "report/report.md"):
+        assert rel in names, rel
+    assert not list(tmp_path.glob("memory*")) and not (Path.cwd() / "memory:").exists()  # nothing local by mistake
+    meta = json.loads(store_for(url).read_bytes("cache/kdcache.json"))
+    assert meta["teacher"]["model"] == f"{url}/teacher/final"  # the teacher it trained, by its URL
+    kd = yaml.safe_load(store_for(url).read_bytes("students/kd/config.yaml"))
+    assert kd["student"] == f"{url}/students/ce/final"
+    report = store_for(url).read_bytes("report/report.md").decode()
+    assert "| kd |" in report or "kd" in report
+    res = CliRunner().invoke(main, ["run", str(cfg_path)])
+    assert res.exit_code == 0, res.output
+    assert "train[ce]" in res.output and res.output.count("skipped") >= 2 + 3, res.output

@@ -34,7 +34,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import numpy as np
@@ -46,6 +46,7 @@ from pipeline.config import save_config
 from pipeline.errors import KdError
 from pipeline.losses.options import method_name
 from pipeline.ownership import REPORT, REPORT_PLOTS, Output, claim
+from pipeline.storage import is_url, join, store_for
 from pipeline.evaluation.plots import (assign_styles, plot_heldout, plot_histogram, plot_losses, plot_metric,
                                    plot_temperatures, series)
 
@@ -63,7 +64,7 @@ EVAL_COLUMNS = (("ce", "CE (nats)", "{:.4f}"), ("ppl", "PPL", "{:.2f}"),
 class ReportConfig:
     """Settings of `kdcache report`."""
 
-    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache",)  # may be an fsspec URL (pipeline.storage)
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "runs", "teachers", "out")  # may be fsspec URLs
 
     runs: list[str] = field(default_factory=list)  # training run directories
     out: str = ""
@@ -80,12 +81,24 @@ class ReportConfig:
 
 
 # ---- reading runs --------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a missing file is empty and a torn last line (a live run) is skipped."""
-    if not path.is_file():
+def read_text(run: str | Path, rel: str) -> str | None:
+    """RUN/rel as text, for a run directory or a run at a URL (`train --out URL`); None when there is none."""
+    if is_url(run):
+        try:
+            return store_for(str(run)).read_bytes(rel).decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+    p = Path(run) / rel
+    return p.read_text() if p.is_file() else None
+
+
+def read_jsonl(run: str | Path, rel: str) -> list[dict[str, Any]]:
+    """Rows of RUN/rel, a JSONL file; a missing file is empty and a torn last line (a live run) is skipped."""
+    text = read_text(run, rel)
+    if text is None:
         return []
     rows = []
-    for ln in path.read_text().splitlines():
+    for ln in text.splitlines():
         try:
             row = json.loads(ln)
         except json.JSONDecodeError:
@@ -95,26 +108,27 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_eval(run: Path) -> dict[str, Any]:
+def read_eval(run: str | Path) -> dict[str, Any]:
     """RUN/eval/eval.json, else RUN/eval.json, else {}."""
-    for p in (run / "eval" / "eval.json", run / "eval.json"):
-        if p.is_file():
+    for rel in ("eval/eval.json", "eval.json"):
+        text = read_text(run, rel)
+        if text is not None:
             try:
-                data = json.loads(p.read_text())
+                data = json.loads(text)
             except json.JSONDecodeError:
-                log.warning("%s is not valid JSON; its run is reported without eval figures", p)
+                log.warning("%s/%s is not valid JSON; its run is reported without eval figures", run, rel)
                 return {}
             return data if isinstance(data, dict) else {}
     return {}
 
 
-def read_run_config(run: Path) -> dict[str, Any] | None:
-    """The run's config.yaml as a plain mapping (None when missing or unreadable)."""
-    p = run / "config.yaml"
-    if not p.is_file():
+def read_run_config(run: str | Path, rel: str = "config.yaml") -> dict[str, Any] | None:
+    """The run's config.yaml (or another YAML file of it) as a plain mapping (None when missing or unreadable)."""
+    text = read_text(run, rel)
+    if text is None:
         return None
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError:
         return None
     return data if isinstance(data, dict) else None
@@ -125,11 +139,13 @@ def collect_run(path: str, teachers: dict[str, list[str]] | None = None,
     """Everything the report shows about one run directory. `caches`: resolved cache path -> teacher slot name;
     `teachers`: resolved teacher model path -> teacher names, to name the teacher of a distilled run whose
     cache is not in `caches` from its cache's record."""
-    run = Path(path)
-    if not run.is_dir():
+    run: str | Path = path if is_url(path) else Path(path)
+    if is_url(run) and read_text(run, "config.yaml") is None and read_text(run, "eval/eval.json") is None:
+        raise KdError(f"run not found: {run} (no config.yaml or eval/eval.json there)")
+    if not is_url(run) and not Path(run).is_dir():
         raise KdError(f"run directory not found: {run}")
     cfg = read_run_config(run)
-    metrics = read_jsonl(run / "metrics.jsonl")
+    metrics = read_jsonl(run, "metrics.jsonl")
     _, tar = series(metrics, "tar")
     _, focus = series(metrics, "focus_ratio")
     summary = read_summary(run)
@@ -139,7 +155,7 @@ def collect_run(path: str, teachers: dict[str, list[str]] | None = None,
     teacher = (online_teacher_name(cfg["online_teacher"], teachers or {}) if online
                else run_teacher(cfg["cache"], teachers or {}, caches or {})) if distills else None
     named = {**cfg, "tail": summary["tail"]} if cfg and summary.get("tail") else cfg  # --tail auto, as resolved
-    return {"name": run.name or str(run), "path": str(run), "config": cfg, "method": method_name(named),
+    return {"name": PurePosixPath(str(run).rstrip("/")).name or str(run), "path": str(run), "config": cfg, "method": method_name(named),
             "distills": distills, "teacher": teacher,
             "eval": read_eval(run), "metrics": metrics, "final_tar": float(tar[-1]) if len(tar) else None,
             "final_focus_ratio": float(focus[-1]) if len(focus) else None,
@@ -180,11 +196,11 @@ def teacher_name(path: str) -> str:
     return Path(path).name
 
 
-def read_summary(run: Path) -> dict[str, Any]:
+def read_summary(run: str | Path) -> dict[str, Any]:
     """RUN/train_summary.json (written by `kdcache train` at its end), or {}."""
-    p = run / "train_summary.json"
+    text = read_text(run, "train_summary.json")
     try:
-        data = json.loads(p.read_text()) if p.is_file() else {}
+        data = json.loads(text) if text is not None else {}
     except json.JSONDecodeError:
         return {}
     return data if isinstance(data, dict) else {}
@@ -307,18 +323,46 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         raise KdError("no output directory given (--out DIR)")
     if not cfg.runs:
         raise KdError("no run directories given")
+    if is_url(cfg.out):
+        return _report_to_url(cfg)
     # The lock, and every file in OUT checked to be report's: a re-run replaces only its own; anything else
     # refuses, first.
     with claim(cfg.out, REPORT) as own:
         return _build_report(cfg, own)
 
 
-def _build_report(cfg: ReportConfig, own: Output) -> dict[str, Any]:
-    out = Path(cfg.out)
+REPORT_FILES = ("config.yaml", REPORT_FILENAME, *REPORT_PLOTS)
+
+
+def _report_to_url(cfg: ReportConfig) -> dict[str, Any]:
+    """--out at a URL: anything there but a report's own files refuses first; the report is made in a local
+    staging directory and uploaded, report.md last (an earlier report's plots not redrawn are deleted)."""
+    from pipeline.storage.staging import rmtree_quiet, staging_dir
+
+    store = store_for(cfg.out)
+    there = store.sizes()
+    alien = sorted(rel for rel in there if rel not in REPORT_FILES)
+    if alien:
+        raise KdError(f"{store.uri(alien[0])} is not a file `kdcache report` writes: --out must be a new prefix or "
+                      "a report's (nothing is replaced that kdcache did not write); choose another --out")
+    local = staging_dir("report") / "report"
+    try:
+        with claim(str(local), REPORT) as own:
+            res = _build_report(cfg, own, local)
+        made = [name for name in REPORT_FILES if (local / name).is_file()]
+        for name in sorted(made, key=lambda n: n == REPORT_FILENAME):
+            store.put_file(local / name, name)
+        store.delete(sorted(rel for rel in there if rel not in made))
+    finally:
+        rmtree_quiet(local.parent)
+    return {**res, "path": join(cfg.out, REPORT_FILENAME)}
+
+
+def _build_report(cfg: ReportConfig, own: Output, write_to: Path | None = None) -> dict[str, Any]:
+    out = Path(write_to or cfg.out)
     models: dict[str, list[str]] = {}
     for t in cfg.teachers:  # its trained model, or one given by path (recorded by its eval config)
-        ev = Path(t) / "eval" / "config.yaml"
-        model = (yaml.safe_load(ev.read_text()) or {}).get("model") if ev.is_file() else None
+        model = (read_run_config(t, "eval/config.yaml") or {}).get("model")
         for m in {str((Path(t) / "final").resolve()), *([str(Path(model).resolve())] if model else [])}:
             models.setdefault(m, []).append(teacher_name(t))
     caches, slots_of = slot_maps(cfg.teacher_slots)
@@ -379,7 +423,7 @@ def _build_report(cfg: ReportConfig, own: Output) -> dict[str, Any]:
     hist = None
     if not cache_path:
         notes.append("No cache given or recorded in the runs' configs: no cache histograms.")
-    elif not Path(cache_path).is_dir():
+    elif not is_url(cache_path) and not Path(cache_path).is_dir():
         notes.append(f"Cache {cache_path} not found: no cache histograms.")
     else:
         try:

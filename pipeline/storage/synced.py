@@ -89,9 +89,10 @@ class SyncedDir:
         return sorted(rel for rel in self.store.sizes() if not self.layout.is_ours(rel))
 
     # ---- down ------------------------------------------------------------------------------
-    def pull(self, local: Path) -> None:
+    def pull(self, local: Path, units: bool = True) -> None:
         """Fill the empty local directory `local` with what the URL holds: every loose file, every committed
-        unit (of a series, the newest only), each file checked against its commit record's sha256."""
+        unit (of a series, the newest only), each file checked against its commit record's sha256. `units`
+        False: the loose files only (what a stage needs to decide whether there is work; `pull_units` then)."""
         self.local = local
         names = self.store.sizes()
         lay = self.layout
@@ -99,17 +100,11 @@ class SyncedDir:
             unit = lay.unit_of(rel)
             if unit is not None:
                 self.units.setdefault(unit, {})
-        committed = {}
         for unit in sorted(self.units):
             if f"{unit}/{COMMIT}" in names:
-                record = self._read_commit(unit)
-                self.units[unit] = committed[unit] = record
-        pulled = set(committed)
-        if lay.series is not None:
-            series = sorted(u for u in committed if lay.series.fullmatch(u))
-            pulled -= set(series[:-1])
-        for unit in sorted(pulled):
-            self._download_unit(unit, committed[unit], local)
+                self.units[unit] = self._read_commit(unit)
+        if units:
+            self.pull_units()
         for name in lay.files:
             if name in names:
                 data = self._read(name)
@@ -119,6 +114,28 @@ class SyncedDir:
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(data)
                 self.files[name] = _sha_bytes(data)
+
+    def pull_units(self) -> None:
+        """Download the committed units `pull` found (of a series, the newest only) into the local directory."""
+        assert self.local is not None
+        committed = {u: files for u, files in self.units.items() if files}
+        pulled = set(committed)
+        if self.layout.series is not None:
+            series = sorted(u for u in committed if self.layout.series.fullmatch(u))
+            pulled -= set(series[:-1])
+        for unit in sorted(pulled):
+            self._download_unit(unit, committed[unit], self.local)
+
+    def unit_file(self, unit: str, rel: str) -> bytes | None:
+        """One file of a committed unit, checked against its record (None when the unit or file is not there)."""
+        rec = self.units.get(unit, {}).get(rel)
+        if rec is None:
+            return None
+        data = self._read(f"{unit}/{rel}")
+        if data is None or _sha_bytes(data) != rec["sha256"]:
+            raise CorruptionError(f"{self.store.uri(f'{unit}/{rel}')}: missing or damaged (its {COMMIT} says "
+                                  f"otherwise); delete {unit}/ to continue without it")
+        return data
 
     def _read(self, rel: str) -> bytes | None:
         try:

@@ -61,8 +61,17 @@ def train_at_url(cfg: TrainConfig, writes: tuple[str, ...], run: Callable[..., d
             if own is not None:
                 own.writing(*writes)  # what the pull brings is the run's, as if this run had written it
             local.mkdir(parents=True, exist_ok=True)
-            synced.pull(local)
+            synced.pull(local, units=False)  # first the small files: a finished run downloads no weights
+            record = synced.unit_file(FINAL_DIR, RECORD)
+            if record is not None:  # what read_state needs to tell a finished run
+                (local / FINAL_DIR).mkdir()
+                (local / FINAL_DIR / RECORD).write_bytes(record)
             state = read_state(local, cfg)
+            if state.kind == "final" and not (cfg.overwrite or cfg.resume) and not cfg.push_to_hub:
+                return skipped_summary(cfg.out, state)
+            rmtree_quiet(local / FINAL_DIR)
+            synced.pull_units()
+            state = read_state(local, cfg)  # with the checkpoints
             if state.kind == "final" and not (cfg.overwrite or cfg.resume):
                 summary = skipped_summary(cfg.out, state)
                 if cfg.push_to_hub and rank == 0:

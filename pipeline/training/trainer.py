@@ -531,22 +531,28 @@ def _ranges(ids: list[int]) -> str:
     return text + (" ..." if len(runs) > 6 else "")
 
 
-def train(cfg: TrainConfig, progress: bool = False, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, progress: bool = False, echo: Callable[[str], None] | None = None,
+          retrain_if_changed: bool = False) -> dict[str, Any]:
     """Train a student per `cfg`; returns a summary dict (`skipped` when OUT/final is already done).
 
     A finished run is recognised before the model and data are loaded, so re-running a finished
     command costs nothing (with --push-to-hub it pushes final/: the way to retry a failed upload).
+    `retrain_if_changed`: a run made with other settings or inputs is retrained, not refused (`kdcache run`,
+    which owns its students' directories).
     """
     if not cfg.out:
         raise KdError("no output directory given (--out DIR)")
     if is_url(cfg.out):
         from pipeline.training.remote import train_at_url
 
-        return train_at_url(cfg, WRITES, lambda local, state, own, on_save: Trainer(cfg, local, on_save).run(
-            progress=progress, echo=echo, state=state, own=own))
+        return train_at_url(cfg, WRITES, lambda local, state, own, on_save: Trainer(
+            replace(cfg, overwrite=True) if retrain_if_changed and state.kind == "changed" else cfg, local,
+            on_save).run(progress=progress, echo=echo, state=state, own=own))
     # Rank 0 holds OUT (the lock; every file in it checked to be train's) before anything in it is read.
     with claim(cfg.out, TRAIN) if int(os.environ.get("RANK", "0")) == 0 else nullcontext(None) as own:
         state = read_state(Path(cfg.out), cfg)
+        if retrain_if_changed and state.kind == "changed":
+            cfg = replace(cfg, overwrite=True)
         if state.kind == "final" and not (cfg.overwrite or cfg.resume):
             summary = skipped_summary(Path(cfg.out), state)
             if cfg.push_to_hub:

@@ -134,9 +134,13 @@ def test_a_url_run_interrupted_anywhere_in_its_uploads_ends_as_the_uninterrupted
         store_for(cut).delete([".kdcache/lease.json"])
         assert train(TrainConfig(out=cut, **common))["finished"], writes[n]
         _same_run(cut, straight)
-    # Finished: the same command has nothing to do, and says where the run is.
+    # Finished: the same command has nothing to do, says where the run is, and downloads no weights.
+    fetched = []
+    real_get = Store.get_file
+    monkeypatch.setattr(Store, "get_file", lambda self, rel, local: (fetched.append(rel), real_get(self, rel, local)))
     res = CliRunner().invoke(main, ["train", "--out", url, *_args(common)])
     assert res.exit_code == 0 and f"train: {url}/final is complete for these settings (6 steps)" in res.output
+    assert fetched == []
 
 
 def _args(common: dict) -> list[str]:
