@@ -15,7 +15,7 @@ E = ExportConfig
 @click.argument("cache", required=False, type=click.Path())
 @setting(E, "--format", type=click.Choice(FORMATS), help="Column layout: hf-datasets (kdcache's own, with the tail "
                                                          "mass), axolotl (KD plugin) or distillkit (raw top-k rows).")
-@setting(E, "--out", type=click.Path(file_okay=False), show="required", help="Output directory (load_from_disk-able).")
+@setting(E, "--out", type=click.Path(file_okay=False), show="required", help="Output directory, or an fsspec URL (load_from_disk-able).")
 @setting(E, "--data", show="the data the cache records", help="Prepared data the cache was made from.")
 @setting(E, "--batch-examples", type=int, help="Examples decoded and written at a time (bounds memory).")
 @setting(E, "--overwrite", is_flag=True, help="Replace an earlier export in --out (only the files export wrote; "

@@ -13,7 +13,7 @@ R = ReportConfig
 @click.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path())
 @setting(R, "--out", type=click.Path(file_okay=False), show="required",
-         help="Report directory (report.md and PNGs; a previous report there is replaced).")
+         help="Report directory or fsspec URL (report.md and PNGs; a previous report there is replaced).")
 @setting(R, "--teacher", field="teachers", show="none",
          help="Teacher directories (with their eval/), comma-separated: references in the table and chart, not "
               "ranked among the students.")

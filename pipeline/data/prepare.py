@@ -261,7 +261,7 @@ def _prepare_to_url(cfg: PrepareConfig, progress: bool, source: str | None) -> d
     try:
         with claim(staging, PREPARE) as own:
             meta = _prepare(cfg, progress, source, own, staging)
-        remote.upload_prepared(staging, store, META_FILENAME)
+        remote.upload_dataset_dir(staging, store, META_FILENAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta

@@ -112,10 +112,11 @@ def foreign(store: Store) -> list[str]:
     return sorted(rel for rel in store.sizes() if not is_ours(rel))
 
 
-def upload_prepared(local: Path, store: Store, marker: str) -> None:
-    """Replace what an earlier `prepare` uploaded to `store` with the prepared directory `local`: the old
-    marker deleted first, the other files and the manifest uploaded, the marker last."""
-    old = sorted(rel for rel in store.sizes() if is_ours(rel))
+def upload_dataset_dir(local: Path, store: Store, marker: str, ours: Any = is_ours) -> None:
+    """Replace what an earlier upload put at `store` with the local directory `local` (a `save_to_disk` directory
+    with its record `marker` and its manifest: prepared data, or an export, whose names `ours(rel)` tells): the
+    old marker deleted first, the other files and the manifest uploaded, the marker last."""
+    old = sorted(rel for rel in store.sizes() if ours(rel))
     store.delete(sorted(old, key=lambda rel: rel != marker))  # the marker first: never a half-replaced set
     manifest = json.loads((local / MANIFEST).read_text())
     names = sorted(manifest["files"], key=lambda rel: (rel == marker, rel))

@@ -33,6 +33,7 @@ kdcache_export.json last; `--overwrite` replaces only what an earlier export wro
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ from pipeline.config import save_config, to_dict
 from pipeline.errors import KdError
 from pipeline.interop.export_layouts import LAYOUTS, LOGPROB_TEMPERATURE, columns_of
 from pipeline.identity import write_json
-from pipeline.ownership import EXPORT, Output, claim
+from pipeline.ownership import EXPORT, MANIFEST_FILENAME, STATE_DIR, Output, claim
+from pipeline.storage import is_url, store_for
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ FIELDS = ("topk_ids", "topk_logprobs", "tail_logprob", "target_logprobs", "targe
 class ExportConfig:
     """Settings of `kdcache export`."""
 
-    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "data")  # may be an fsspec URL (pipeline.storage)
+    URL_FIELDS: ClassVar[tuple[str, ...]] = ("cache", "data", "out")  # may be an fsspec URL (pipeline.storage)
 
     cache: str = ""
     format: str = "hf-datasets"  # hf-datasets | distillkit | axolotl
@@ -86,19 +88,53 @@ def export(cfg: ExportConfig, on_examples: Callable[[int], None] | None = None,
         raise KdError("no cache given (kdcache export CACHE)")
     if not cfg.out:
         raise KdError("no output directory given (--out DIR)")
-    out = Path(cfg.out)
+    if is_url(cfg.out):
+        return _export_to_url(cfg, on_examples, on_plan)
     # Before any work: the lock, and every file in OUT checked to be export's (never replace anything else).
-    with claim(out, EXPORT) as own:
+    with claim(cfg.out, EXPORT) as own:
         return _export(cfg, own, on_examples, on_plan)
 
 
+# What an export uploads: the dataset's files, its config and record, its manifest (nothing else is its own).
+_OURS = re.compile(r"data-\d{5}-of-\d{5}\.arrow|dataset_info\.json|state\.json|config\.yaml|"
+                   + re.escape(META_FILENAME) + "|" + re.escape(f"{STATE_DIR}/{MANIFEST_FILENAME}"))
+
+
+def _export_to_url(cfg: ExportConfig, on_examples: Callable[[int], None] | None,
+                   on_plan: Callable[[int], None] | None) -> dict[str, Any]:
+    """--out at a URL: anything there but an export's own files refuses first; the export is written in a local
+    staging directory, then uploaded with its manifest before and kdcache_export.json last (the old record
+    deleted first), as prepared data is: `datasets.load_from_disk(URL, storage_options=...)` reads it."""
+    from pipeline.data.remote import upload_dataset_dir
+    from pipeline.storage.staging import rmtree_quiet, staging_dir
+
+    store = store_for(cfg.out)
+    there = store.sizes()
+    alien = sorted(rel for rel in there if not _OURS.fullmatch(rel))
+    if alien:
+        raise KdError(f"{store.uri(alien[0])} is not a file `kdcache export` writes: --out must be a new prefix or "
+                      "an export's (nothing is replaced that kdcache did not write); choose another --out")
+    if META_FILENAME in there and not cfg.overwrite:
+        raise KdError(f"{cfg.out} already holds an export; pass --overwrite to replace it")
+    local = staging_dir("export") / "export"
+    try:
+        with claim(str(local), EXPORT) as own:
+            summary = _export(cfg, own, on_examples, on_plan, local)
+        upload_dataset_dir(local, store, META_FILENAME, lambda rel: bool(_OURS.fullmatch(rel)))
+    finally:
+        rmtree_quiet(local.parent)
+    return summary
+
+
 def _export(cfg: ExportConfig, own: Output, on_examples: Callable[[int], None] | None,
-            on_plan: Callable[[int], None] | None) -> dict[str, Any]:
+            on_plan: Callable[[int], None] | None, write_to: Path | None = None) -> dict[str, Any]:
+    """The export, written to `write_to` (default --out; a staging directory for a URL, while the record and
+    config.yaml name --out)."""
     import datasets
 
     from pipeline.interop.datasets import check_alignment, open_inputs
 
-    out = Path(cfg.out)
+    out = Path(write_to or cfg.out)
     if (out / META_FILENAME).exists() and not cfg.overwrite:
         raise KdError(f"{out} already holds an export; pass --overwrite to replace it")
     data, cache = open_inputs(cfg.data or None, cfg.cache)
@@ -143,7 +179,7 @@ def _export(cfg: ExportConfig, own: Output, on_examples: Callable[[int], None] |
         del ds
         rows_file.unlink()
         data_bytes = sum(p.stat().st_size for p in tmp.glob("data-*.arrow"))
-        summary = {"kind": "kdcache-export", "format": cfg.format, "out": str(out), "cache": str(cache.path),
+        summary = {"kind": "kdcache-export", "format": cfg.format, "out": str(cfg.out), "cache": str(cache.path),
                    "data": cfg.data or str(cache.meta["data"]["path"]),
                    **stats, "top_k": cache.k, "vocab_size": cache.vocab_size,
                    "logprob_temperature": LOGPROB_TEMPERATURE,

@@ -127,7 +127,6 @@ def refuse_url(value: Any, what: str) -> None:
     """A `KdError` when `value` is a URL where only a local path works (`what`: "prepare --out")."""
     if isinstance(value, str) and is_url(value):
         raise KdError(f"{what} {value}: object-store URLs are read and written only for prepared data, "
-                      "teacher caches, training runs, evaluations and reports (--out of prepare, teacher, train, "
-                      "eval and report, `kdcache run`'s out, --data and --cache of teacher, train, eval, inspect, "
-                      "export and report, and a run at a URL as --model of eval and teacher or as `train "
-                      "--student`); give a local path here")
+                      "teacher caches, training runs, evaluations, reports and exports (--out of every stage and "
+                      "`kdcache run`'s out, --data and --cache, a run at a URL as --model of eval and teacher or "
+                      "as `train --student`); this field needs a local path")

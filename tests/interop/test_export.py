@@ -352,3 +352,33 @@ def test_metadata_and_summary_say_t1_and_name_every_dropped_field(exports, refer
         line = OUTPUT[fmt].strip().splitlines()[-1]
         assert "log-probs at T = 1)" in line
         assert line.endswith("; dropped: " + ", ".join(meta["dropped"]))
+
+
+def test_an_export_at_a_url_is_what_load_from_disk_reads_there(exports, tmp_path):
+    """--out memory://...: the same rows as the local export, read by `datasets.load_from_disk(URL)`; a second
+    export there is refused without --overwrite, and with it replaces only its own objects."""
+    import uuid
+
+    import datasets
+
+    from pipeline.storage import store_for
+
+    url = f"memory://kdexport-{uuid.uuid4().hex[:8]}/axolotl"
+    cache = json.loads((exports["axolotl"] / "kdcache_export.json").read_text())["cache"]
+    res = invoke("export", cache, "--format", "axolotl", "--out", url, "--batch-examples", 7)
+    assert res.exit_code == 0, res.output
+    remote, local = datasets.load_from_disk(url), load(exports["axolotl"])
+    assert remote.column_names == local.column_names and remote.to_dict() == local.to_dict()
+    s = store_for(url)
+    assert json.loads(s.read_bytes("kdcache_export.json"))["out"] == url
+    res = invoke("export", cache, "--format", "distillkit", "--out", url)
+    assert res.exit_code == 1 and "--overwrite" in res.output
+    s.write_bytes("notes.txt", b"mine")
+    res = invoke("export", cache, "--format", "distillkit", "--out", url, "--overwrite")
+    assert res.exit_code == 1 and "notes.txt is not a file `kdcache export` writes" in res.output
+    s.delete(["notes.txt"])
+    res = invoke("export", cache, "--format", "distillkit", "--out", url, "--overwrite")
+    assert res.exit_code == 0, res.output
+    # (load_from_disk copies a URL into one temporary directory per URL and process: read the schema here)
+    assert '"token_ids"' in s.read_bytes("dataset_info.json").decode()
+    assert json.loads(s.read_bytes("kdcache_export.json"))["format"] == "distillkit"
