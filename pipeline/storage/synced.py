@@ -18,7 +18,8 @@ Order makes every instant safe to resume from: changed units, then the loose fil
 (final/: its presence ends a run), then stale units (older checkpoints). When the bytes of `layout.marker`
 (the record of the settings and inputs) differ from what the URL held, the stage started over: everything of
 the old output under the URL goes first, the loose files first of all, so no old checkpoint is ever found
-beside the new settings.
+beside the new settings; units found under a URL without that record (a killed first upload's, perhaps of other
+settings) are deleted before anything is uploaded.
 """
 
 from __future__ import annotations
@@ -161,6 +162,9 @@ class SyncedDir:
         files = {name: self._hash(local / name) for name in lay.files if (local / name).is_file()}
         if lay.marker in files and self.files.get(lay.marker) not in (None, files[lay.marker]):
             self._start_over()
+        elif self.files.get(lay.marker) is None:  # no record there yet: what is there is a killed first upload's,
+            for unit in sorted(u for u in self.units if u not in units):  # maybe of other settings: gone first
+                self._delete_unit(unit)
         for unit in sorted(u for u in units if u not in lay.last):
             self._push_unit(unit, units[unit])
         for name in lay.files:

@@ -117,9 +117,8 @@ def test_a_url_run_interrupted_anywhere_in_its_uploads_ends_as_the_uninterrupted
     assert [n for n in listing if n.startswith("checkpoints/")] and ".kdcache/lease.json" not in listing
     assert sorted({n.split("/")[1] for n in listing if n.startswith("checkpoints/")}) == ["step_000004",
                                                                                       "step_000006"]  # keep 2
-    # Cut points: the first checkpoint's commit, a file of the second, config.yaml, final/'s record, a deletion.
-    marks = [next(i for i, w in enumerate(writes) if w.startswith("write_bytes checkpoints/step_000002/_COMMIT")),
-             next(i for i, w in enumerate(writes) if w.startswith("put_file checkpoints/step_000004/")),
+    # Cut points: inside the second checkpoint's files, config.yaml, final/'s record, a pruning deletion.
+    marks = [next(i for i, w in enumerate(writes) if w.startswith("put_file checkpoints/step_000004/")),
              next(i for i, w in enumerate(writes) if w == "put_file config.yaml"),
              next(i for i, w in enumerate(writes) if w.startswith("write_bytes final/_COMMIT")),
              next(i for i, w in enumerate(writes) if w.startswith("delete") and "step_000002" in w)]
@@ -218,7 +217,7 @@ def test_kill_9_of_a_run_at_a_file_url_then_the_same_command(tmp_path, common, s
     assert not (tmp_path / "bucket" / "kd" / "final").exists()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "continuing from checkpoint step" in res.stdout + res.stderr
+    assert "continuing from checkpoint step" in res.stdout + res.stderr  # the dead launch's lease taken over
     _same_run(url, straight)
     assert not list((tmp_path / "staging" / "kdcache-staging").iterdir())  # the dead launch's copy went too
 
