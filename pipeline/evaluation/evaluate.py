@@ -36,7 +36,7 @@ from pipeline.errors import KdError
 from pipeline.identity import write_json
 from pipeline.models import resolve_model_path
 from pipeline.ownership import EVAL, Output, amend, claim
-from pipeline.storage import is_url, join, store_for
+from pipeline.storage import is_url, join
 from pipeline.training.held_out import EVAL_FIELDS, ROW_CHUNK_ELEMENTS, Totals, bucket_fkl, score  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -161,25 +161,15 @@ EVAL_FILES = ("config.yaml", EVAL_FILENAME)  # what an evaluation writes, eval.j
 
 
 def _evaluate_to_url(cfg: EvalConfig, progress: bool) -> dict[str, Any]:
-    """--out at an fsspec URL: anything under it but an evaluation's own files refuses before any work (nothing
-    kdcache did not write is replaced); the evaluation is written to a local staging directory, then uploaded
-    with eval.json last, so a URL holding eval.json holds a whole evaluation."""
-    from pipeline.storage.staging import rmtree_quiet, staging_dir
+    """--out at an fsspec URL: evaluated in a local staging directory, then uploaded with eval.json last, so a URL
+    holding eval.json holds a whole evaluation (`publish`: anything else there refuses before any work)."""
+    from pipeline.storage.staging import publish
 
-    store = store_for(cfg.out)
-    alien = sorted(rel for rel in store.sizes() if rel not in EVAL_FILES)
-    if alien:
-        raise KdError(f"{store.uri(alien[0])} is not a file `kdcache eval` writes: --out must be a new prefix or "
-                      "an evaluation's (nothing is replaced that kdcache did not write); choose another --out")
-    local = staging_dir("eval") / "eval"
-    try:
+    def make(local: Path) -> dict[str, Any]:
         with claim(str(local), EVAL) as own:
-            result = _evaluate(cfg, progress, own, local)
-        for name in EVAL_FILES:
-            store.put_file(local / name, name)
-    finally:
-        rmtree_quiet(local.parent)
-    return result
+            return _evaluate(cfg, progress, own, local)
+
+    return publish(cfg.out, "eval", EVAL_FILES, make)
 
 
 def _evaluate(cfg: EvalConfig, progress: bool, own: Output, write_to: Path | None = None) -> dict[str, Any]:

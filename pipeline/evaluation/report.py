@@ -331,30 +331,16 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         return _build_report(cfg, own)
 
 
-REPORT_FILES = ("config.yaml", REPORT_FILENAME, *REPORT_PLOTS)
-
-
 def _report_to_url(cfg: ReportConfig) -> dict[str, Any]:
-    """--out at a URL: anything there but a report's own files refuses first; the report is made in a local
-    staging directory and uploaded, report.md last (an earlier report's plots not redrawn are deleted)."""
-    from pipeline.storage.staging import rmtree_quiet, staging_dir
+    """--out at a URL: made in a local staging directory and uploaded, report.md last (`publish`: anything there
+    but a report's files refuses first; an earlier report's plots not redrawn are deleted)."""
+    from pipeline.storage.staging import publish
 
-    store = store_for(cfg.out)
-    there = store.sizes()
-    alien = sorted(rel for rel in there if rel not in REPORT_FILES)
-    if alien:
-        raise KdError(f"{store.uri(alien[0])} is not a file `kdcache report` writes: --out must be a new prefix or "
-                      "a report's (nothing is replaced that kdcache did not write); choose another --out")
-    local = staging_dir("report") / "report"
-    try:
+    def make(local: Path) -> dict[str, Any]:
         with claim(str(local), REPORT) as own:
-            res = _build_report(cfg, own, local)
-        made = [name for name in REPORT_FILES if (local / name).is_file()]
-        for name in sorted(made, key=lambda n: n == REPORT_FILENAME):
-            store.put_file(local / name, name)
-        store.delete(sorted(rel for rel in there if rel not in made))
-    finally:
-        rmtree_quiet(local.parent)
+            return _build_report(cfg, own, local)
+
+    res = publish(cfg.out, "report", (*REPORT_PLOTS, "config.yaml", REPORT_FILENAME), make)
     return {**res, "path": join(cfg.out, REPORT_FILENAME)}
 
 

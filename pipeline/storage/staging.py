@@ -10,7 +10,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Callable, TypeVar
+
+if TYPE_CHECKING:
+    from pipeline.errors import KdError
+
+R = TypeVar("R")
 
 from pipeline import records
 
@@ -53,3 +59,36 @@ def entry_alive(name: str) -> bool:
 
 def rmtree_quiet(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
+
+
+def foreign_error(url: str, rel: str, stage: str) -> "KdError":
+    """The one line refusing an --out URL that holds `rel`, an object the stage `stage` ("eval") does not write."""
+    from pipeline.errors import KdError
+    from pipeline.storage.urls import join
+
+    return KdError(f"{join(url, rel)} is not a file `kdcache {stage}` writes: --out must be a new prefix or a "
+                   f"`kdcache {stage}` output (nothing is replaced that kdcache did not write); choose another --out")
+
+
+def publish(url: str, stage: str, names: tuple[str, ...], make: Callable[[Path], R]) -> R:
+    """A small output of fixed file `names` at `url` (an evaluation, a report): anything else there refuses
+    first; `make(local)` writes it in a fresh local staging directory; every file it wrote is uploaded, the
+    last of `names` last (the stage's record: a URL holding it holds a whole output), and the stage's files
+    it did not write this time are deleted from the URL. Returns what `make` returned."""
+    from pipeline.storage.store import store_for
+
+    store = store_for(url)
+    there = store.sizes()
+    alien = sorted(rel for rel in there if rel not in names)
+    if alien:
+        raise foreign_error(store.url, alien[0], stage)
+    local = staging_dir(stage) / PurePosixPath(store.url).name
+    try:
+        result = make(local)
+        made = [n for n in names if (local / n).is_file()]
+        for n in sorted(made, key=lambda n: n == names[-1]):
+            store.put_file(local / n, n)
+        store.delete(sorted(rel for rel in there if rel not in made))
+    finally:
+        rmtree_quiet(local.parent)
+    return result

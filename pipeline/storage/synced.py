@@ -237,11 +237,11 @@ def _sha_bytes(data: bytes) -> str:
 
 def refuse_foreign(synced: SyncedDir, what: str) -> None:
     """One line naming the first object under the URL that the stage `what` ("train") does not write."""
+    from pipeline.storage.staging import foreign_error
+
     alien = synced.foreign()
     if alien:
-        raise KdError(f"{synced.store.uri(alien[0])} is not a file `kdcache {what}` writes: --out must be a new "
-                      f"prefix or a `kdcache {what}` output (nothing is replaced that kdcache did not write); "
-                      "choose another --out")
+        raise foreign_error(synced.store.url, alien[0], what)
 
 
 def _parse_commit(store: Store, unit: str, raw: bytes | None) -> dict[str, Any]:
