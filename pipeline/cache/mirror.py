@@ -179,7 +179,11 @@ class Mirror:
         import json
 
         try:
-            files = dict(json.loads(raw)["files"])
+            record = json.loads(raw)
+            files = dict(record["files"])
+            inline = record.get("inline") or {}  # small files carried by the record (writer.write_shard)
+            if not isinstance(inline, dict):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             raise CorruptionError(f"{name}: its commit record in {self.url} is damaged") from None
         for rel in files:  # the record names files inside the shard, nothing else
@@ -195,7 +199,10 @@ class Mirror:
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self.store.get_file(f"{prefix}/{rel}", dst)
+                if isinstance(inline.get(rel), str):
+                    dst.write_bytes(inline[rel].encode())  # checked below like a downloaded file
+                else:
+                    self.store.get_file(f"{prefix}/{rel}", dst)
             except FileNotFoundError:
                 raise CorruptionError(f"{name}: file {rel} is missing from {self.url} (its commit record "
                                       "lists it); rebuild the shard with `kdcache teacher`") from None

@@ -162,6 +162,9 @@ def _compressors(clevel: int, itemsize: int, shuffle: str) -> list[Any]:
     return [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle, typesize=itemsize), Crc32cCodec()]
 
 
+INLINE_MAX_BYTES = 4096  # a Zarr metadata file this small is copied into the shard's commit record
+
+
 def write_shard(cache: str | Path, index: int, arrays: dict[str, np.ndarray], info: dict[str, Any],
                 params: CodecParams, chunk_rows: int) -> dict[str, Any]:
     """Write `arrays` (encoded: `schema.RowCodec.encode`) as shard `index` and commit it.
@@ -207,7 +210,11 @@ def write_shard(cache: str | Path, index: int, arrays: dict[str, np.ndarray], in
                      for s in specs}
         record = {"format_version": FORMAT_VERSION, **info, "rows": n,
                   "files": {str(p.relative_to(tmp)): file_sha256(p) for p in files},
-                  "bytes": sum(p.stat().st_size for p in files), "array_bytes": per_array}
+                  "bytes": sum(p.stat().st_size for p in files), "array_bytes": per_array,
+                  # Zarr's small metadata files, also inside the record: a reader of a remote cache gets them
+                  # with it instead of one request each (checked against "files" all the same).
+                  "inline": {str(p.relative_to(tmp)): p.read_text() for p in files
+                             if p.name == "zarr.json" and p.stat().st_size <= INLINE_MAX_BYTES}}
         write_json(tmp / layout.COMMIT_FILENAME, record)
         if url is not None:  # uploaded, its commit record last; the staging copy goes
             remote.commit_shard(store_for(url), index, tmp, record)

@@ -263,3 +263,35 @@ def test_errors_no_retry_can_cure_are_not_retried(monkeypatch):
     with pytest.raises(KdError, match="unexpected keyword argument 'foo'") as e:
         s.read_bytes("x")
     assert calls["n"] == 1 and "tries" not in str(e.value)
+
+
+def test_metadata_carried_by_the_commit_record_saves_requests_and_is_checked(mem_cache, tmp_path, monkeypatch):
+    """A shard's small zarr.json files come inside its commit record: only its array data is requested, the
+    copy reads as the store's files do, and an inline text that does not match its sha256 is never used."""
+    rec = layout.read_commit(mem_cache, 2)
+    inline = rec["inline"]
+    assert inline and set(inline) == {r for r in rec["files"] if r.endswith("zarr.json")}
+    store = store_for(mem_cache)
+    for rel, text in inline.items():  # the store holds the same bytes: other readers need not know the record
+        assert store.read_bytes(f"shards/shard_00002/{rel}").decode() == text
+    fetched: list[str] = []
+    real = Store.get_file
+    monkeypatch.setattr(Store, "get_file", lambda self, rel, local: (fetched.append(rel), real(self, rel, local)))
+    cache = open_cache(mem_cache, local_cache=tmp_path / "m", prefetch=0)
+    s = cache.shards[2]
+    got = cache.read(s["row_start"], s["row_stop"])["topk_logprobs"]
+    assert sorted(r.split("shard_00002/")[1] for r in fetched if "shard_00002/" in r) == sorted(
+        set(rec["files"]) - set(inline))
+    np.testing.assert_array_equal(got, open_cache(mem_cache, local_cache=tmp_path / "m2").read(
+        s["row_start"], s["row_stop"])["topk_logprobs"])
+    # A record whose inline text was altered (its "files" digests kept): named, not read.
+    url = "memory://kdtest-safety/inline"
+    fs = fsspec.filesystem("memory")
+    fs.copy("/kdtest-safety/cache", "/kdtest-safety/inline", recursive=True)
+    bad = json.loads(fs.cat_file("/kdtest-safety/inline/shards/shard_00002/_COMMIT.json"))
+    key = sorted(bad["inline"])[0]
+    bad["inline"][key] = bad["inline"][key].replace('"', "'", 1)
+    fs.pipe_file("/kdtest-safety/inline/shards/shard_00002/_COMMIT.json", json.dumps(bad).encode())
+    c = open_cache(url, local_cache=tmp_path / "m3", prefetch=0)
+    with pytest.raises(CorruptionError, match=f"shard_00002: file {key} checksum mismatch on arrival"):
+        c.read(c.shards[2]["row_start"], c.shards[2]["row_stop"])
