@@ -5,7 +5,8 @@
 
 An S3-compatible server (moto) is started on 127.0.0.1 on a free port, in this process (`--server thread`,
 the default) or in a child process (`--server process`: its request handling then holds no lock the reader
-needs, though on a busy machine it still takes CPU time from it). The cache is bench/reader.py's synthetic
+needs, though on a busy machine it still takes CPU time from it). `--store gs` runs gcp-storage-emulator and
+`--store az` Azurite ($KDCACHE_AZURITE, the PATH or ~/.cache/kdcache/azurite), each in a child process. The cache is bench/reader.py's synthetic
 format-3 cache (`bench.reader.build`, the same work directory, so either script reuses the other's), copied
 file by file into s3://kdbench/cache with the teacher's order (each shard's files, then its _COMMIT.json;
 the plan's files, then kdcache.json last).
