@@ -196,6 +196,7 @@ def _kdcache() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-c", "from stages.cli import main; main()"]
 
 
+@pytest.mark.slow  # --runslow (22 s): two processes; the cut points above and the lease tests cover what it checks
 def test_kill_9_of_a_run_at_a_file_url_then_the_same_command(tmp_path, common, straight):
     """A real kill -9 of `kdcache train --out file://...` once a checkpoint is committed there (the lease and a
     staging directory are left behind), then the same command: the run continues and ends as `straight`."""
