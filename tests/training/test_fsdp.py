@@ -79,16 +79,20 @@ def test_two_fsdp_ranks_equal_one_process_accumulating_their_batches(tmp_path, c
 
 
 @pytest.mark.slow  # --runslow: three 2-rank launches (42 s); exact resume is tested in one process by default
+# (and at a URL in tests/storage/test_remote_train.py)
 def test_fsdp_resume_is_exact_and_final_is_a_normal_model(tmp_path, prepared_dir, cache_dir, student_cfg):
     args = ["train", "--cache", str(cache_dir), "--student-config", student_cfg, "--max-steps", "4",
             "--batch-size", "4", "--fsdp", "--activation-checkpointing", "--gate", "spec", "--proposal", "sample",
             "--latf", "--device", "cpu", "--seed", "3"]
     straight = torchrun(str(KDCACHE), *args, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = torchrun(str(KDCACHE), *args, "--out", str(tmp_path / "resumed"), "--stop-after", "2")
+    # The resumed run is kept at a file:// URL (`train --out URL`): each rank pulls its own copy, rank 0 uploads.
+    url = f"file://{tmp_path}/resumed"
+    first = torchrun(str(KDCACHE), *args, "--out", url, "--stop-after", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     assert not (tmp_path / "resumed" / "final").exists()
-    again = torchrun(str(KDCACHE), *args, "--out", str(tmp_path / "resumed"))
+    assert (tmp_path / "resumed" / "checkpoints" / "step_000002" / "_COMMIT.json").is_file()
+    again = torchrun(str(KDCACHE), *args, "--out", url)
     assert again.returncode == 0, again.stderr[-3000:]
     a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # bitwise: the reader, LATF, the gate
