@@ -91,6 +91,7 @@ def fig(res, part, key):
     return res["parts"][part]["figures"][key]
 
 
+@pytest.mark.slow  # --runslow (27 s): run it before a GPU session and whenever bench/ or a part's code changes
 def test_smoke_runs_every_part_and_records_every_figure(smoke):
     res, out, proc, wall = smoke
     parts, _ = dry_run()
@@ -115,6 +116,7 @@ def test_smoke_runs_every_part_and_records_every_figure(smoke):
     print(f"smoke wall time {wall:.1f} s")
 
 
+@pytest.mark.slow
 def test_smoke_figures_make_sense(smoke):
     res, _, _, _ = smoke
     z = res["sizes"]

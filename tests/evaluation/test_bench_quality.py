@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -28,6 +29,7 @@ def tiny(path: Path, hidden: int, layers: int) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # --runslow (38 s): configs/bench-quality.yaml end to end, and a train slot's cache kept
 def test_bench_quality_reduced_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     over = {
