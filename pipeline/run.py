@@ -354,7 +354,6 @@ class Pipeline:
         from pipeline.training.summary import summary_line
         from pipeline.training.trainer import train
         from pipeline.training.config import TrainConfig
-        from pipeline.training.state import read_state
 
         keys = {**section, "data": str(self.prepared(split)), "out": str(out)}
         # The run owns the cache path; `cache: false` in a section opts a student out of it. `online: true`: the
@@ -363,14 +362,8 @@ class Pipeline:
         if keys.pop("cache", True) is not False and teacher is not None and keys.get("loss", "fkl") != "none":
             keys["online_teacher" if online else "cache"] = teacher.model if online else str(teacher.cache)
         tc = from_dict(TrainConfig, keys)
-        if not isinstance(out, RemoteDir):  # at a URL the trainer reads the state from its pulled copy
-            state = read_state(out, tc)
-            if state.kind == "final" and not tc.overwrite:
-                self.echo(f"train[{name}]: {out}/final is complete for this config; skipped")
-                return
-            # The run owns students/<name>: other settings retrain it (the trainer says which keys changed);
-            # the same settings continue from the newest checkpoint.
-            tc.overwrite = tc.overwrite or state.kind == "changed"
+        # The run owns students/<name>: other settings retrain it (the trainer says which keys changed); the same
+        # settings continue from the newest checkpoint, or are skipped when final (decided before any loading).
         try:
             s = train(tc, progress=self.progress, echo=lambda m: self.echo(f"train[{name}]: {m}"),
                       retrain_if_changed=True)

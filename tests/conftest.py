@@ -153,6 +153,18 @@ def llama_cache(tmp_path_factory, teacher_args) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def student_cache(tmp_path_factory, prepared_dir, llama_dir) -> Path:
+    """A cache of the tiny llama over `prepared_dir` with 4 tail draws, in shards of 200 rows: what the student
+    stage's tests distil from (tests/training/test_train.py, tests/storage/test_remote_train.py)."""
+    from pipeline.teacher.runner import TeacherConfig, run_teacher
+
+    out = tmp_path_factory.mktemp("cache") / "cache"
+    run_teacher(TeacherConfig(data=str(prepared_dir), model=str(llama_dir), out=str(out), shard_rows=200,
+                              chunk_rows=64, tail_samples=4))
+    return out
+
+
 def reseal_cache(cache: Path) -> None:
     """Rewrite CACHE/kdcache.sha256 for kdcache.json, index.parquet and config.yaml as they are now: a test that
     edits kdcache.json to make a cache with other properties (another tokenizer, a moved data path) makes one

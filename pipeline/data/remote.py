@@ -16,13 +16,9 @@ manifest, so data prepared again under the same URL is downloaded again. Process
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 import re
-import shutil
-import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,7 +26,7 @@ from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256
 from pipeline.ownership import MANIFEST_FILENAME, STATE_DIR
 from pipeline.storage import Store, store_for
-from pipeline.storage.staging import default_root, remove_dead_entries
+from pipeline.storage.staging import default_root, local_copy
 
 MANIFEST = f"{STATE_DIR}/{MANIFEST_FILENAME}"
 # What `prepare` writes (a `datasets` directory, its record and config, the manifest): nothing else is its own.
@@ -61,50 +57,29 @@ def local_prepared(url: str, marker: str) -> Path:
     if marker not in files:
         raise CorruptionError(f"{url}: its {MANIFEST} does not list {marker}")
     key = hashlib.sha256(store.url.encode() + b"\0" + record + b"\0" + manifest_raw).hexdigest()[:16]
-    root = default_root() / "prepared"
-    final = root / key
-    if (final / marker).is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # another process of this machine may be downloading it
-        if not (final / marker).is_file():
-            _download(store, files, record, marker, root, final)
-    finally:
-        os.close(fd)
-    return final
+    return local_copy(default_root() / "prepared", key, lambda d: (d / marker).is_file(),
+                      lambda tmp: _download(store, files, record, marker, tmp))
 
 
-def _download(store: Store, files: dict[str, str], record: bytes, marker: str, root: Path, final: Path) -> None:
-    tmp_root = root / "tmp"
-    tmp_root.mkdir(exist_ok=True)
-    remove_dead_entries(tmp_root)  # what killed downloads left
-    tmp = tmp_root / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        for rel, digest in sorted(files.items()):
-            parts = PurePosixPath(rel).parts
-            if not parts or rel.startswith("/") or ".." in parts:
-                raise CorruptionError(f"{store.url}: its {MANIFEST} names a file outside the data ({rel!r})")
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if rel == marker:
-                dst.write_bytes(record)  # the one read first: the copy is of that upload
-            else:
-                try:
-                    store.get_file(rel, dst)
-                except FileNotFoundError:
-                    raise CorruptionError(f"{store.uri(rel)} is missing (the data's manifest lists it); "
-                                          "prepare the data again") from None
-            if file_sha256(dst) != digest:
-                raise CorruptionError(f"{store.uri(rel)}: checksum mismatch on arrival (the stored copy is damaged "
-                                      "or was replaced meanwhile); not used")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _download(store: Store, files: dict[str, str], record: bytes, marker: str, tmp: Path) -> None:
+    """Every file the manifest lists into `tmp`, each checked against its sha256 on arrival."""
+    for rel, digest in sorted(files.items()):
+        parts = PurePosixPath(rel).parts
+        if not parts or rel.startswith("/") or ".." in parts:
+            raise CorruptionError(f"{store.url}: its {MANIFEST} names a file outside the data ({rel!r})")
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if rel == marker:
+            dst.write_bytes(record)  # the one read first: the copy is of that upload
+        else:
+            try:
+                store.get_file(rel, dst)
+            except FileNotFoundError:
+                raise CorruptionError(f"{store.uri(rel)} is missing (the data's manifest lists it); "
+                                      "prepare the data again") from None
+        if file_sha256(dst) != digest:
+            raise CorruptionError(f"{store.uri(rel)}: checksum mismatch on arrival (the stored copy is damaged "
+                                  "or was replaced meanwhile); not used")
 
 
 def foreign(store: Store) -> list[str]:

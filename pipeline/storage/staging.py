@@ -92,3 +92,34 @@ def publish(url: str, stage: str, names: tuple[str, ...], make: Callable[[Path],
     finally:
         rmtree_quiet(local.parent)
     return result
+
+
+def local_copy(root: Path, key: str, done: Callable[[Path], bool], fill: Callable[[Path], None]) -> Path:
+    """`root/key`, a local copy of something remote made once per machine (prepared data, a run's model):
+    `fill(tmp)` writes it into an empty directory under root/tmp, which then becomes root/key whole, so
+    `done(root/key)` (its marker is there) never sees half a copy. Processes of one machine share it: one
+    fills it under an flock, the others wait and use it; what a killed fill left is removed by the next."""
+    import fcntl
+    import uuid
+
+    final = root / key
+    if done(final):
+        return final
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process of this machine may be filling it
+        if not done(final):
+            remove_dead_entries(root / "tmp")
+            tmp = root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                fill(tmp)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        os.close(fd)
+    return final

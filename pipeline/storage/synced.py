@@ -281,12 +281,9 @@ def local_unit(url: str, unit: str) -> Path:
     what `eval --model URL`, `teacher --model URL` and `train --student URL` load), downloaded once per machine
     under the local-copy root (`pipeline.storage.staging.default_root`), keyed by the URL and its commit
     record's bytes, so a unit committed again is downloaded again. Processes of one machine share it (flock)."""
-    import fcntl
     import hashlib
-    import shutil
-    import uuid
 
-    from pipeline.storage.staging import default_root, remove_dead_entries
+    from pipeline.storage.staging import default_root, local_copy
     from pipeline.storage.store import store_for
 
     store = store_for(url)
@@ -297,22 +294,7 @@ def local_unit(url: str, unit: str) -> Path:
                       "run has one once it finished)") from None
     files = _parse_commit(store, unit, raw)
     key = hashlib.sha256(store.url.encode() + b"\0" + unit.encode() + b"\0" + raw).hexdigest()[:16]
-    root = default_root() / "units"
-    final = root / key / PurePosixPath(unit).name
-    if final.is_dir():
-        return final
-    (root / "tmp").mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # another process of this machine may be downloading it
-        if not final.is_dir():
-            remove_dead_entries(root / "tmp")  # what killed downloads left
-            tmp = root / "tmp" / f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-            try:
-                _fetch_unit(store, unit, files, tmp / final.name)
-                os.replace(tmp, root / key)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        os.close(fd)
-    return final
+    name = PurePosixPath(unit).name
+    copy = local_copy(default_root() / "units", key, lambda d: (d / name).is_dir(),
+                      lambda tmp: _fetch_unit(store, unit, files, tmp / name))
+    return copy / name

@@ -35,13 +35,8 @@ STUDENT = {"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2, "n_pos
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, prepared_dir, llama_dir) -> Path:
-    from pipeline.teacher.runner import TeacherConfig, run_teacher
-
-    out = tmp_path_factory.mktemp("cache") / "cache"
-    run_teacher(TeacherConfig(data=str(prepared_dir), model=str(llama_dir), out=str(out), shard_rows=200,
-                              chunk_rows=64))
-    return out
+def cache_dir(student_cache) -> Path:
+    return student_cache
 
 
 @pytest.fixture(scope="module")

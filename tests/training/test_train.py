@@ -26,13 +26,8 @@ STUDENT_GPT2 = {"model_type": "gpt2", "n_embd": 24, "n_layer": 2, "n_head": 2, "
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory, prepared_dir, llama_dir) -> Path:
-    from pipeline.teacher.runner import TeacherConfig, run_teacher
-
-    out = tmp_path_factory.mktemp("cache") / "cache"
-    run_teacher(TeacherConfig(data=str(prepared_dir), model=str(llama_dir), out=str(out), shard_rows=200,
-                              chunk_rows=64, tail_samples=4))
-    return out
+def cache_dir(student_cache) -> Path:
+    return student_cache
 
 
 def student_config(tmp_path: Path, vocab_size: int, base: dict, name: str = "student.json", **over) -> str:
