@@ -7,9 +7,9 @@ An S3-compatible server (moto) is started on 127.0.0.1 on a free port, in this p
 the default) or in a child process (`--server process`: its request handling then holds no lock the reader
 needs, though on a busy machine it still takes CPU time from it). `--store gs` runs gcp-storage-emulator and
 `--store az` Azurite ($KDCACHE_AZURITE, the PATH or ~/.cache/kdcache/azurite), each in a child process. The cache is bench/reader.py's synthetic
-format-3 cache (`bench.reader.build`, the same work directory, so either script reuses the other's), copied
-file by file into s3://kdbench/cache with the teacher's order (each shard's files, then its _COMMIT.json;
-the plan's files, then kdcache.json last).
+format-3 cache (`bench.reader.build`, the same work directory, so either script reuses the other's), put
+into s3://kdbench/cache as the teacher puts a cache (each shard one zip, then its _COMMIT.json; the plan's
+files, then kdcache.json last).
 
 What is timed, all in this process (compare ratios within one run: this machine is shared and noisy):
   local    `CacheStream` (pipeline.data.stream, the trainer's reader: `--threads` read threads, micro-batches
@@ -180,22 +180,17 @@ class ChildServer:
 
 
 def upload_cache(local: Path, url: str) -> tuple[int, float]:
-    """Copy the cache directory `local` to `url` in the teacher's order (each shard's files, its commit record
-    last; then the plan, kdcache.json last). -> (bytes, seconds)."""
-    from pipeline.cache import layout
+    """Put the cache directory `local` at `url` as `kdcache teacher --out URL` leaves it: each shard as one
+    zip, then its commit record (`remote.commit_shard`); then the plan, kdcache.json last. -> (bytes, seconds)."""
+    from pipeline.cache import layout, remote
     from pipeline.storage import store_for
 
     store = store_for(url)
-    files = sorted(p for p in local.rglob("*") if p.is_file() and p.relative_to(local).parts[0] != layout.TMP_DIR)
-    shard_files = [p for p in files if p.relative_to(local).parts[0] == layout.SHARDS_DIR]
-    plan = [p for p in files if p not in shard_files]
-    # commit records after every other file of their shard; kdcache.json after every other file
-    shard_files.sort(key=lambda p: (p.relative_to(local).parts[1], p.name == layout.COMMIT_FILENAME, str(p)))
-    plan.sort(key=lambda p: (p.name == layout.META_FILENAME, str(p)))
     t0 = time.perf_counter()
-    for p in shard_files + plan:
-        store.put_file(p, p.relative_to(local).as_posix())
-    return sum(p.stat().st_size for p in files), time.perf_counter() - t0
+    for i in sorted(layout.committed_shards(local)):
+        remote.commit_shard(store, i, layout.shard_dir(local, i), layout.read_commit(local, i))
+    remote.upload_plan(store, local)
+    return sum(store.sizes().values()), time.perf_counter() - t0
 
 
 # ---- what is timed -------------------------------------------------------------------------------

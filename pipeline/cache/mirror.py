@@ -5,10 +5,11 @@
     m.hint([3, 0, 7, ...])  # the order shards will be first needed in (the epoch plan's)
     m.ensure(3)             # shard 3 is local, complete and checked; the next `prefetch` are on their way
 
-Whole shard files are downloaded (a shard is a handful of files, one per stored array), each checked
-against the sha256 its commit record lists as it arrives, under `tmp/` and renamed into `shards/` only
-once every file passed, with its `_COMMIT.json` copied last: a local shard directory is complete or
-absent, as on the teacher's side. Evicting renames the directory into `tmp/` before deleting it, so a
+A shard is downloaded whole: its one `shard.zip` object (`pipeline.cache.packing`), requested together with
+its commit record, unpacked under `tmp/` with every file checked against the sha256 the record lists (a
+shard stored file by file, as a cache copied with `aws s3 sync` is: its files, the small ones taken from the
+record's `inline`), and renamed into `shards/` only once every file passed, with its `_COMMIT.json` copied
+last: a local shard directory is complete or absent, as on the teacher's side. Evicting renames the directory into `tmp/` before deleting it, so a
 kill -9 at any point leaves a shard whole or gone.
 
 Several processes may share one copy (torchrun ranks, a held-out evaluation beside training): each shard has
@@ -39,14 +40,14 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
-from pipeline.cache import layout
+from pipeline.cache import layout, packing
 from pipeline.errors import CorruptionError, KdError
 from pipeline.identity import file_sha256
 from pipeline.storage import store_for
 from pipeline.storage.staging import default_root, remove_dead_entries
 
 PLAN_FILES = (layout.CHECKSUMS_FILENAME, layout.INDEX_FILENAME, layout.CONFIG_FILENAME)
-DOWNLOAD_THREADS = 4  # files of one shard fetched at once
+DOWNLOAD_THREADS = 4  # files of one shard fetched at once (a shard stored file by file)
 
 
 class Mirror:
@@ -61,6 +62,8 @@ class Mirror:
         self.prefetch = max(0, int(prefetch))
         self.on_evict = on_evict
         self.dir: Path | None = None
+        self._path_cache: dict[int, tuple[Path, str, str]] = {}
+        self._records: dict[int, bytes] = {}  # commit records read from the store, for shards not local yet
         self.bytes_downloaded = 0  # shard bytes fetched by this process (benchmarks: per epoch / cache size)
         self._lock = threading.Lock()
         self._shard_locks: dict[int, threading.Lock] = {}
@@ -80,6 +83,7 @@ class Mirror:
             raise KdError(f"cache metadata not found: {self.store.uri(layout.META_FILENAME)}") from None
         key = hashlib.sha256(self.url.encode() + b"\0" + meta).hexdigest()[:16]
         self.dir = self.root / key
+        self._path_cache.clear()
         (self.dir / layout.SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         _write(self.dir / layout.META_FILENAME, meta)
         for name in PLAN_FILES:  # small: fetched on every open, so they are the store's current ones
@@ -107,22 +111,62 @@ class Mirror:
             return True
         return False
 
+    def record(self, i: int) -> dict:
+        """Shard `i`'s commit record: the local copy's, else the store's (fetched once: a record never changes
+        once written, and the download of the shard uses the same bytes)."""
+        if self.has(i):
+            return layout.read_commit(self.dir, i)
+        import json
+
+        try:
+            rec = json.loads(self._record_bytes(i))
+        except ValueError:
+            raise CorruptionError(f"{layout.shard_name(i)}: its commit record in {self.url} is not valid JSON") from None
+        if not isinstance(rec, dict):
+            raise CorruptionError(f"{layout.shard_name(i)}: its commit record in {self.url} is not a JSON object")
+        return rec
+
+    def _record_bytes(self, i: int) -> bytes:
+        """Shard `i`'s commit record as stored (a `KdError` if it is not committed); kept in memory until the
+        shard is local."""
+        with self._lock:
+            raw = self._records.get(i)
+        if raw is None:
+            try:
+                raw = self.store.read_bytes(layout.commit_name(i))
+            except FileNotFoundError:
+                raise KdError(f"{self.url}: {layout.shard_name(i)} is not committed (the cache is incomplete; re-run "
+                              "`kdcache teacher` to finish it, or train with --follow)") from None
+            with self._lock:
+                self._records[i] = raw
+                self._committed.add(i)
+        return raw
+
     def committed_all(self, n: int) -> list[bool]:
         """Per planned shard (of `n`): committed? One listing of the store."""
         self._committed |= layout.listed_commits(self.store)
         return [i in self._committed for i in range(n)]
 
     # ---- shards -----------------------------------------------------------------------------
+    def _paths(self, i: int) -> tuple[Path, str, str]:
+        """Shard `i`'s local directory, its commit record and its lock file (strings: checked on every read)."""
+        got = self._path_cache.get(i)
+        if got is None:
+            d = self.dir / layout.SHARDS_DIR / layout.shard_name(i)
+            got = (d, str(d / layout.COMMIT_FILENAME), str(self.dir / "locks" / f"{layout.shard_name(i)}.lock"))
+            self._path_cache[i] = got
+        return got
+
     def local(self, i: int) -> Path:
-        return self.dir / layout.SHARDS_DIR / layout.shard_name(i)
+        return self._paths(i)[0]
 
     def has(self, i: int) -> bool:
-        return (self.local(i) / layout.COMMIT_FILENAME).is_file()
+        return os.path.isfile(self._paths(i)[1])
 
     @contextmanager
     def _flock(self, i: int, mode: int) -> Iterator[bool]:
         """Shard `i`'s lock file held in `mode` (fcntl.LOCK_SH / LOCK_EX, | LOCK_NB): yields whether it was got."""
-        fd = os.open(self.dir / "locks" / f"{layout.shard_name(i)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self._paths(i)[2], os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, mode)
@@ -136,18 +180,27 @@ class Mirror:
     @contextmanager
     def reading(self, i: int) -> Iterator[Path]:
         """Shard `i` local, checked, and kept (no process evicts it) while the block runs."""
-        while True:
+        while True:  # called for every read: the lock taken inline, not through _flock
             self.ensure(i)
-            with self._flock(i, fcntl.LOCK_SH):
-                if self.has(i):  # not evicted between the download and the lock
-                    yield self.local(i)
+            d, commit, lock = self._paths(i)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if os.path.isfile(commit):  # not evicted between the download and the lock
+                    yield d
                     return
+            finally:
+                os.close(fd)  # releases the lock
 
     def hint(self, order: list[int]) -> None:
-        """The order in which shards will first be needed: `ensure(i)` prefetches the ones after `i` in it."""
+        """The order in which shards will first be needed: the first `prefetch` of it start downloading now, and
+        `ensure(i)` prefetches the ones after `i` in it."""
         with self._lock:
             self._order = list(dict.fromkeys(order))
             self._position = {s: k for k, s in enumerate(self._order)}
+            first = self._order[: self.prefetch]
+        if self.prefetch:  # the first shards start now, while the reader sets up and waits for the first
+            self._submit(first)
 
     def ensure(self, i: int, fresh: bool = False) -> Path:
         """Shard `i`'s local directory, downloading and checking it first if needed; `fresh`: download it
@@ -171,11 +224,63 @@ class Mirror:
 
     def _download(self, i: int) -> None:
         name, prefix = layout.shard_name(i), f"{layout.SHARDS_DIR}/{layout.shard_name(i)}"
+        tmp = self.dir / layout.TMP_DIR / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        packed = tmp.with_name(f"{tmp.name}-zip")  # WHAT.PID.RANDOM-zip: removed with tmp/'s dead entries
         try:
-            raw = self.store.read_bytes(layout.commit_name(i))
+            # The zip is used only if every file in it matches the record.
+            with self._lock:
+                raw = self._records.get(i)
+            if raw is not None:  # read already (a prefetch, the reader's checks): the zip alone
+                found = self._get(f"{prefix}/{packing.PACK_FILENAME}", packed)
+            else:  # the record and the zip together: one round trip, not two
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    zip_job = pool.submit(self._get, f"{prefix}/{packing.PACK_FILENAME}", packed)
+                    try:
+                        raw = self._record_bytes(i)
+                    finally:
+                        found = zip_job.result() if zip_job.exception() is None else False
+                zip_job.result()  # a store that kept failing: its one line
+            files, inline = self._parse_record(name, raw)
+            if found:
+                try:
+                    packing.unpack(packed, files, tmp, name, self.url)
+                except CorruptionError:
+                    # Fetched before its record was read: maybe a killed upload's leftover, replaced since.
+                    shutil.rmtree(tmp)
+                    tmp.mkdir()
+                    self.store.get_file(f"{prefix}/{packing.PACK_FILENAME}", packed)
+                    packing.unpack(packed, files, tmp, name, self.url)
+                size = packed.stat().st_size
+            else:  # stored file by file (a cache copied so, or a shard of an earlier writer beside packed ones)
+                with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
+                    size = sum(pool.map(lambda item: self._fetch_file(name, prefix, tmp, inline, *item),
+                                        sorted(files.items())))
+            packed.unlink(missing_ok=True)
+            _write(tmp / layout.COMMIT_FILENAME, raw)
+            final = self.local(i)
+            if final.exists():  # a leftover without a commit record (the shard's lock is held: no one reads it)
+                self._discard(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            packed.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            self.bytes_downloaded += size
+            self._committed.add(i)
+            self._records.pop(i, None)  # the local copy holds it now
+
+    def _get(self, rel: str, dst: Path) -> bool:
+        """Download object `rel` to `dst` -> whether it exists."""
+        try:
+            self.store.get_file(rel, dst)
+            return True
         except FileNotFoundError:
-            raise KdError(f"{self.url}: {name} is not committed (the cache is incomplete; re-run `kdcache "
-                          "teacher` to finish it, or train with --follow)") from None
+            return False
+
+    def _parse_record(self, name: str, raw: bytes) -> tuple[dict[str, str], dict[str, str]]:
+        """A shard's commit record -> (files: rel -> sha256, inline: rel -> text), its names checked."""
         import json
 
         try:
@@ -191,41 +296,25 @@ class Mirror:
             if not parts or rel.startswith("/") or ".." in parts or "\\" in rel:
                 raise CorruptionError(f"{name}: its commit record in {self.url} names a file outside the shard "
                                       f"({rel!r}); not downloaded")
-        tmp = self.dir / layout.TMP_DIR / f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
+        return files, inline
 
-        def fetch(item: tuple[str, str]) -> int:
-            rel, digest = item
-            dst = tmp / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                if isinstance(inline.get(rel), str):
-                    dst.write_bytes(inline[rel].encode())  # checked below like a downloaded file
-                else:
-                    self.store.get_file(f"{prefix}/{rel}", dst)
-            except FileNotFoundError:
-                raise CorruptionError(f"{name}: file {rel} is missing from {self.url} (its commit record "
-                                      "lists it); rebuild the shard with `kdcache teacher`") from None
-            if file_sha256(dst) != digest:
-                raise CorruptionError(f"{name}: file {rel} checksum mismatch on arrival from {self.url}: the stored "
-                                      "copy is damaged and was not read; delete the shard's objects and re-run "
-                                      "`kdcache teacher` to rewrite it")
-            return dst.stat().st_size
-
+    def _fetch_file(self, name: str, prefix: str, tmp: Path, inline: dict[str, str], rel: str, digest: str) -> int:
+        """One file of a shard stored file by file, into `tmp`, checked (-> its size)."""
+        dst = tmp / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
-                size = sum(pool.map(fetch, sorted(files.items())))
-            _write(tmp / layout.COMMIT_FILENAME, raw)
-            final = self.local(i)
-            if final.exists():  # a leftover without a commit record (the shard's lock is held: no one reads it)
-                self._discard(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        with self._lock:
-            self.bytes_downloaded += size
-            self._committed.add(i)
+            if isinstance(inline.get(rel), str):
+                dst.write_bytes(inline[rel].encode())  # checked below like a downloaded file
+            else:
+                self.store.get_file(f"{prefix}/{rel}", dst)
+        except FileNotFoundError:
+            raise CorruptionError(f"{name}: file {rel} is missing from {self.url} (its commit record "
+                                  "lists it); rebuild the shard with `kdcache teacher`") from None
+        if file_sha256(dst) != digest:
+            raise CorruptionError(f"{name}: file {rel} checksum mismatch on arrival from {self.url}: the stored "
+                                  "copy is damaged and was not read; delete the shard's objects and re-run "
+                                  "`kdcache teacher` to rewrite it")
+        return dst.stat().st_size
 
     def _ahead(self, i: int) -> None:
         if not self.prefetch:
@@ -236,7 +325,12 @@ class Mirror:
                 nxt = self._order[k + 1: k + 1 + self.prefetch] if k >= 0 else []
             else:
                 nxt = list(range(i + 1, i + 1 + self.prefetch))
-            nxt = [j for j in nxt if j not in self._inflight and j not in self._held]
+        self._submit(nxt)
+
+    def _submit(self, shards: list[int]) -> None:
+        """Download `shards` in the background (those not held or on their way already)."""
+        with self._lock:
+            nxt = [j for j in shards if j not in self._inflight and j not in self._held]
             if not nxt:
                 return
             if self._pool is None:
@@ -247,8 +341,10 @@ class Mirror:
 
     def _prefetch_one(self, j: int) -> None:
         try:
-            if self.committed(j):  # under --follow a later shard may not exist yet: not an error here
-                self.ensure_quiet(j)
+            # Its record first (what the download and the reader's checks use): under --follow a later shard
+            # may not be committed yet, which is not an error here.
+            self._record_bytes(j)
+            self.ensure_quiet(j)
         except Exception:  # the reader meets the same error, with its message, when it needs the shard
             pass
         finally:

@@ -168,9 +168,7 @@ class Cache:
     def _commit(self, i: int) -> dict[str, Any]:
         """Shard `i`'s commit record (from the store for a remote cache)."""
         if self.mirror is not None:
-            if self.mirror.has(i):
-                return layout.read_commit(self.path, i)
-            return layout.read_commit(self.url, i)
+            return self.mirror.record(i)
         return layout.read_commit(self.path, i)
 
     def prefetch_order(self, shards: list[int]) -> None:
@@ -539,6 +537,7 @@ class Cache:
     def _unknown_objects(self, ignore: tuple[str, ...], planned: dict[str, int]) -> list[str]:
         """`unknown_files` of a remote cache: objects the teacher did not write, or a shard's files its commit
         record does not list."""
+        from pipeline.cache import packing
         from pipeline.cache.remote import is_ours
 
         out, listed = [], {}
@@ -553,7 +552,7 @@ class Cache:
                 i = planned[parts[1]]
                 if i not in listed:
                     try:
-                        listed[i] = set(self._commit(i).get("files") or ())
+                        listed[i] = set(self._commit(i).get("files") or ()) | {packing.PACK_FILENAME}
                     except KdError:
                         listed[i] = None  # uncommitted or damaged: the shard's own problem line says so
                 if listed[i] is not None and "/".join(parts[2:]) not in listed[i]:

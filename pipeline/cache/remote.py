@@ -1,8 +1,9 @@
 """A cache on an object store: commit without rename, the teacher's lease, what in a prefix is the cache's.
 
-Object stores have no directory rename, so a remote shard is committed by content order instead: its array
-files are uploaded first, then its `_COMMIT.json` (rows, sha256 of every file) as ONE single-object write,
-which readers see whole or not at all. A shard prefix without a commit record is never read; the next
+Object stores have no directory rename, so a remote shard is committed by content order instead: its files
+are uploaded first, as one object (`shard.zip`: `pipeline.cache.packing`, one request for a reader instead of
+one per file), then its `_COMMIT.json` (rows, sha256 of every file) as ONE single-object write, which readers
+see whole or not at all. A shard prefix without a commit record is never read; the next
 teacher run deletes what is there (only files named as the writer names them) and uploads the shard again,
 so a run killed mid-upload and re-run leaves the same bytes as an uninterrupted run. Planning uploads
 index.parquet, config.yaml and kdcache.sha256 before kdcache.json, as on local disks.
@@ -14,20 +15,21 @@ One teacher launch per cache: the launcher holds `.kdcache/lease.json` (`lease.r
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
+import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import layout
+from pipeline.cache import layout, packing
 from pipeline.errors import KdError
 from pipeline.storage import Store
 from pipeline.storage.lease import LEASE_FILE
-
-UPLOAD_THREADS = 4  # a shard's files are uploaded in parallel (one per stored array)
+from pipeline.storage.staging import staging_dir
 
 # What the teacher writes under a remote cache: the plan's files, shards' Zarr files and commit records, leases.
 _PLAN_FILES = (layout.META_FILENAME, layout.CHECKSUMS_FILENAME, layout.INDEX_FILENAME, layout.CONFIG_FILENAME)
-_SHARD_FILE = re.compile(r"shards/shard_\d{5,}/(_COMMIT\.json|zarr\.json|[a-z_]+/zarr\.json|[a-z_]+/c(/0)+)")
+# A shard's files: its pack and record; the per-file layout of earlier writers (still read, and replaced).
+_SHARD_FILE = re.compile(r"shards/shard_\d{5,}/(_COMMIT\.json|" + re.escape(packing.PACK_FILENAME)
+                         + r"|zarr\.json|[a-z_]+/zarr\.json|[a-z_]+/c(/0)+)")
 
 
 def is_ours(rel: str) -> bool:
@@ -54,9 +56,9 @@ def shard_prefix(i: int) -> str:
 
 
 def commit_shard(store: Store, index: int, local: Path, record: dict[str, Any]) -> None:
-    """Upload the shard written in the local directory `local` (its files, listed in `record`), then its
-    commit record last. Leftovers of a killed upload of this shard are overwritten; files of the shard that
-    the record does not list are deleted once it is committed."""
+    """Upload the shard written in the local directory `local` (its files, listed in `record`) as one
+    `shard.zip`, then its commit record last. A leftover of a killed upload of this shard is overwritten;
+    other files of the shard (an earlier writer's per-file layout) are deleted once it is committed."""
     prefix = shard_prefix(index)
     there = store.sizes(prefix)
     mine = (local / layout.COMMIT_FILENAME).read_bytes()
@@ -72,14 +74,18 @@ def commit_shard(store: Store, index: int, local: Path, record: dict[str, Any]) 
     if odd:
         raise KdError(f"{store.uri(odd[0])}: not a file kdcache teacher writes, inside {layout.shard_name(index)}; "
                       "remove it, or choose another --out")
-    files = sorted(record["files"])
-    # Leftovers are written over, not deleted first: an orphaned worker of a dead launch may be committing this
-    # same shard (the same bytes), and must not find files gone under its commit record.
-    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
-        list(pool.map(lambda rel: store.put_file(local / rel, f"{prefix}/{rel}"), files))
+    packed = staging_dir(f"{layout.shard_name(index)}-pack")  # never beside `local`: it may be a cache's shard
+    zip_path = packed / packing.PACK_FILENAME
+    try:
+        packing.pack(local, sorted(record["files"]), zip_path)
+        # A leftover is written over, not deleted first: an orphaned worker of a dead launch may be committing
+        # this same shard (the same bytes: packing is deterministic), and must not find it gone under its record.
+        store.put_file(zip_path, f"{prefix}/{packing.PACK_FILENAME}")
+    finally:
+        shutil.rmtree(packed, ignore_errors=True)
     store.write_bytes(f"{prefix}/{layout.COMMIT_FILENAME}", mine)
-    listed = {f"{prefix}/{rel}" for rel in files}
-    store.delete(sorted(rel for rel in stale if rel not in listed and not rel.endswith(layout.COMMIT_FILENAME)))
+    keep = {f"{prefix}/{packing.PACK_FILENAME}", f"{prefix}/{layout.COMMIT_FILENAME}"}
+    store.delete(sorted(rel for rel in stale if rel not in keep))
 
 
 def upload_plan(store: Store, local: Path) -> None:

@@ -211,8 +211,9 @@ def write_shard(cache: str | Path, index: int, arrays: dict[str, np.ndarray], in
         record = {"format_version": FORMAT_VERSION, **info, "rows": n,
                   "files": {str(p.relative_to(tmp)): file_sha256(p) for p in files},
                   "bytes": sum(p.stat().st_size for p in files), "array_bytes": per_array,
-                  # Zarr's small metadata files, also inside the record: a reader of a remote cache gets them
-                  # with it instead of one request each (checked against "files" all the same).
+                  # Zarr's small metadata files, also inside the record: a reader of a remote cache stored file
+                  # by file (copied there by a sync tool) gets them with it instead of one request each (checked
+                  # against "files" all the same). kdcache's own uploads pack the shard (cache.packing).
                   "inline": {str(p.relative_to(tmp)): p.read_text() for p in files
                              if p.name == "zarr.json" and p.stat().st_size <= INLINE_MAX_BYTES}}
         write_json(tmp / layout.COMMIT_FILENAME, record)

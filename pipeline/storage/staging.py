@@ -45,7 +45,10 @@ def remove_dead_entries(root: Path) -> None:
     """Delete the `WHAT.PID.RANDOM` entries of `root` whose process is gone (what a kill -9 left)."""
     for d in root.iterdir() if root.is_dir() else ():
         if not entry_alive(d.name):
-            shutil.rmtree(d, ignore_errors=True)
+            if d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
+            else:
+                d.unlink(missing_ok=True)
 
 
 def entry_alive(name: str) -> bool:

@@ -16,6 +16,7 @@ from pipeline.cache import layout, open_cache
 from pipeline.errors import CorruptionError, KdError
 from pipeline.storage import Store, store_for
 from stages.cli import main
+from tests.storage.packed import flip_member_byte, pack_key, stored_sums
 
 
 @pytest.fixture
@@ -28,15 +29,6 @@ def mem_url(request):
         fs.rm(f"/kdtest/{request.node.name}", recursive=True)
 
 
-def _sums(cache) -> dict[str, str]:
-    """{shard file: sha256} over every committed shard, from the commit records (local dir or URL)."""
-    out = {}
-    for i in layout.committed_shards(cache):
-        for rel, digest in layout.read_commit(cache, i)["files"].items():
-            out[f"{layout.shard_name(i)}/{rel}"] = digest
-    return out
-
-
 def _teacher(args, out):
     return CliRunner().invoke(main, ["teacher", *args, "--out", str(out)])
 
@@ -45,7 +37,7 @@ def test_remote_cache_equals_local_and_reads_the_same_rows(teacher_args, llama_c
                                                           torch_one_thread):
     res = _teacher(teacher_args, mem_url)
     assert res.exit_code == 0, res.output
-    assert _sums(mem_url) == _sums(llama_cache)  # the same bytes, shard by shard
+    assert stored_sums(mem_url) == stored_sums(llama_cache)  # the same bytes, shard by shard
     store = store_for(mem_url)
     assert json.loads(store.read_bytes("kdcache.json"))["shards"] == json.loads(
         (llama_cache / "kdcache.json").read_text())["shards"]
@@ -67,43 +59,40 @@ def test_kill_mid_upload_then_rerun_gives_the_same_cache(teacher_args, llama_cac
     """A run stopped half-way through uploading a shard leaves its files without a commit record: never read,
     and replaced by the re-run, whose cache is byte-identical to an uninterrupted one."""
     calls = {"n": 0}
-    real = Store.put_file
+    real = Store.write_bytes
 
-    def dying_put(self, local, rel):
-        calls["n"] += 1
-        if calls["n"] == 10:  # inside the second shard's upload
-            raise KeyboardInterrupt
-        return real(self, local, rel)
+    def dying_write(self, rel, data, create=False):
+        if rel.endswith(layout.COMMIT_FILENAME):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second shard's zip is up, its commit record not yet
+                raise KeyboardInterrupt
+        return real(self, rel, data, create=create)
 
-    monkeypatch.setattr(Store, "put_file", dying_put)
+    monkeypatch.setattr(Store, "write_bytes", dying_write)
     res = _teacher(teacher_args, mem_url)
     assert res.exit_code == 130, res.output
-    monkeypatch.setattr(Store, "put_file", real)
+    monkeypatch.setattr(Store, "write_bytes", real)
     store = store_for(mem_url)
-    half = [rel for rel in store.sizes("shards") if not rel.endswith("_COMMIT.json")]
     committed = layout.committed_shards(mem_url)
+    half = [rel for rel in store.sizes("shards") if rel.endswith("shard.zip")
+            and int(rel.split("/")[1][len("shard_"):]) not in committed]
     assert half and len(committed) < 3  # some shard's files are there without its commit record
     cache = open_cache(mem_url, local_cache=store.url.replace("memory://", "/tmp/") + "-mirror-unused")
     assert sum(cache.committed()) == len(committed)
     res = _teacher(teacher_args, mem_url)
     assert res.exit_code == 0, res.output
-    assert _sums(mem_url) == _sums(llama_cache)
-    assert sorted(store.sizes()) == sorted(
-        f"{layout.SHARDS_DIR}/{rel}" if rel.startswith("shard_") else rel
-        for rel in [*(f"{k.split('/')[0]}/{'/'.join(k.split('/')[1:])}" for k in _sums(llama_cache)),
-                    *(f"{layout.shard_name(i)}/_COMMIT.json" for i in layout.committed_shards(llama_cache)),
-                    "kdcache.json", "kdcache.sha256", "index.parquet", "config.yaml"])
+    assert stored_sums(mem_url) == stored_sums(llama_cache)
+    assert sorted(store.sizes()) == sorted(  # one zip and one record per shard, the plan: nothing else
+        [*(f"{layout.SHARDS_DIR}/{layout.shard_name(i)}/{name}" for i in layout.committed_shards(llama_cache)
+           for name in ("shard.zip", "_COMMIT.json")),
+         "kdcache.json", "kdcache.sha256", "index.parquet", "config.yaml"])
 
 
 def test_flipped_byte_is_found_by_verify_and_by_the_reader(teacher_args, mem_url, tmp_path, torch_one_thread):
     assert _teacher(teacher_args, mem_url).exit_code == 0
     store = store_for(mem_url)
-    rel = next(r for r in store.sizes(f"{layout.SHARDS_DIR}/{layout.shard_name(3)}")
-               if r.split("/")[2] == "head_gaps" and "/c/" in r)
-    file = rel.split("/", 2)[2]
-    data = bytearray(store.read_bytes(rel))
-    data[len(data) // 2] ^= 0x40
-    store.write_bytes(rel, bytes(data))
+    file = next(r for r in layout.read_commit(mem_url, 3)["files"] if r.startswith("head_gaps/c/"))
+    store.write_bytes(pack_key(3), flip_member_byte(store.read_bytes(pack_key(3)), file))
     res = CliRunner().invoke(main, ["inspect", mem_url, "--verify"])
     assert res.exit_code != 0
     assert f"shard_00003: file {file} checksum mismatch" in res.output
@@ -119,7 +108,9 @@ def test_mirror_downloads_each_shard_once_and_evicts_least_recently_used(teacher
                                                                          torch_one_thread):
     assert _teacher(teacher_args, mem_url).exit_code == 0
     cache = open_cache(mem_url, local_cache=tmp_path / "m", prefetch=0)
-    total = sum(r["bytes"] for r in cache.commit_records().values())
+    total = sum(size for rel, size in store_for(mem_url).sizes().items() if rel.endswith("shard.zip"))
+    recs = cache.commit_records().values()  # zip adds only its headers: about 100 bytes per member
+    assert 0 < total - sum(r["bytes"] for r in recs) <= 128 * sum(len(r["files"]) for r in recs)
     cache.read(0, cache.num_rows)
     cache.read(0, cache.num_rows)  # a second epoch: nothing remote
     assert cache.mirror.bytes_downloaded == total
@@ -137,7 +128,7 @@ def test_mirror_downloads_each_shard_once_and_evicts_least_recently_used(teacher
     assert held == list(range(len(small.shards)))[-len(held):] and len(held) < len(small.shards)
     s0 = small.shards[0]
     small.read(s0["row_start"], s0["row_stop"])  # evicted earlier: fetched again, and right
-    assert small.mirror.bytes_downloaded == total + cache.commit_records()[0]["bytes"]
+    assert small.mirror.bytes_downloaded == total + store_for(mem_url).sizes()[pack_key(0)]
 
 
 def test_prefetch_fetches_ahead_in_the_hinted_order(teacher_args, mem_url, tmp_path, torch_one_thread):

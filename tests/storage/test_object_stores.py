@@ -28,8 +28,8 @@ import torch
 from click.testing import CliRunner
 
 from conftest import free_port
-from pipeline.cache import layout
 from stages.cli import main
+from tests.storage.packed import flip_member_byte, pack_key, stored_sums
 
 # gcsfs >= 2025.x asks GCS's gRPC control API what kind each bucket is (60 s timeout against an emulator, which
 # serves only the JSON API): off here, as for any endpoint other than Google's.
@@ -114,11 +114,6 @@ def endpoint(request):
         stop()
 
 
-def _sums(cache) -> dict[str, str]:
-    return {f"{layout.shard_name(i)}/{rel}": d for i in layout.committed_shards(cache)
-            for rel, d in layout.read_commit(cache, i)["files"].items()}
-
-
 def test_prepare_teacher_verify_train_eval(endpoint, tmp_path, monkeypatch, teacher_args, llama_cache, data_file,
                                                tokenizer_dir, prepared_dir):
     scheme, fs, _ = endpoint
@@ -133,7 +128,7 @@ def test_prepare_teacher_verify_train_eval(endpoint, tmp_path, monkeypatch, teac
     cache = f"{scheme}://{BUCKET}/cache"
     res = run(main, ["teacher", *args, "--out", cache])
     assert res.exit_code == 0, res.output
-    assert _sums(cache) == _sums(llama_cache)  # the same bytes as the cache written to a local disk
+    assert stored_sums(cache) == stored_sums(llama_cache)  # the same bytes as the cache written to a local disk
     res = run(main, ["inspect", cache, "--verify"])
     assert res.exit_code == 0, res.output
 
@@ -163,9 +158,7 @@ def test_prepare_teacher_verify_train_eval(endpoint, tmp_path, monkeypatch, teac
     assert res.exit_code == 0, res.output
     assert "teacher_top1_agreement" in json.loads(fs.cat_file(f"{BUCKET}/runs/kd/eval/eval.json"))
 
-    rel = sorted(p for p in fs.find(f"{BUCKET}/cache/shards/shard_00001") if "/head_gaps/c/" in p)[0]
-    flipped = bytearray(fs.cat_file(rel))
-    flipped[len(flipped) // 2] ^= 0x01
-    fs.pipe_file(rel, bytes(flipped))
+    rel = f"{BUCKET}/cache/{pack_key(1)}"
+    fs.pipe_file(rel, flip_member_byte(fs.cat_file(rel), "head_gaps/c/0/0", 0x01))
     res = run(main, ["inspect", cache, "--verify"])
     assert res.exit_code != 0 and "shard_00001: file head_gaps/c/0/0 checksum mismatch" in res.output

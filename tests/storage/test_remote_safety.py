@@ -6,11 +6,14 @@ shard locks are `flock`s on separately opened files, which exclude each other ex
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import socket
 import threading
 import time
+import zipfile
 
 import fsspec
 import numpy as np
@@ -19,11 +22,14 @@ from click.testing import CliRunner
 
 from pipeline.cache import layout, open_cache, remote
 from pipeline.cache.mirror import Mirror
+from pipeline.data.prepare import load_prepared
+from pipeline.data.stream import CacheStream
 from pipeline.errors import CorruptionError, KdError
 from pipeline.storage import Store, parse_storage_options, store_for
 from pipeline.storage import lease as lease_mod
 from pipeline.storage.lease import Lease
 from stages.cli import main
+from tests.storage.packed import member_sums, pack_key
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +61,9 @@ def test_mirrors_sharing_a_directory_download_each_shard_once(mem_cache, tmp_pat
     for t in threads:
         t.join()
     assert not errors, errors
+    sizes = store_for(mem_cache).sizes()
     assert sum(m.bytes_downloaded for m in mirrors) == sum(
-        layout.read_commit(mem_cache, i)["bytes"] for i in (0, 1, 2))  # once each, whoever fetched it
+        sizes[pack_key(i)] for i in (0, 1, 2))  # once each, whoever fetched it
     late = Mirror(mem_cache, tmp_path, prefetch=0)
     late.open()  # another process opening the copy keeps what the others hold, and their downloads
     assert all(late.has(i) for i in (0, 1, 2))
@@ -107,7 +114,7 @@ def test_a_damaged_local_copy_is_fetched_again_and_a_damaged_store_copy_is_named
     chunk.write_bytes(bytes(raw))
     fresh = open_cache(mem_cache, local_cache=tmp_path / "m", prefetch=0)  # a later run on the damaged copy
     np.testing.assert_array_equal(fresh.read(s["row_start"], s["row_stop"])["topk_logprobs"], want)
-    assert fresh.mirror.bytes_downloaded == layout.read_commit(mem_cache, 1)["bytes"]
+    assert fresh.mirror.bytes_downloaded == store_for(mem_cache).sizes()[pack_key(1)]
 
 
 def test_a_commit_record_naming_files_outside_the_shard_is_refused(mem_cache, tmp_path):
@@ -125,7 +132,8 @@ def test_a_commit_record_naming_files_outside_the_shard_is_refused(mem_cache, tm
 
 
 def test_an_interrupted_upload_is_completed_without_deleting_first(mem_cache, tmp_path):
-    """A re-upload writes over the leftovers and commits; stray files of the shard go only after the commit."""
+    """A re-upload writes over the leftovers and commits; stray files of the shard (an earlier writer's per-file
+    layout) go only after the commit."""
     url = "memory://kdtest-safety/reupload"
     store = store_for(url)
     local = open_cache(mem_cache, local_cache=tmp_path / "m", prefetch=0)
@@ -133,7 +141,8 @@ def test_an_interrupted_upload_is_completed_without_deleting_first(mem_cache, tm
     rec = layout.read_commit(mem_cache, 0)
     prefix = remote.shard_prefix(0)
     part = next(rel for rel in sorted(rec["files"]) if "/c/" in rel)
-    store.write_bytes(f"{prefix}/{part}", b"half")  # a killed upload's partial file
+    store.write_bytes(pack_key(0), b"half")  # a killed upload's partial zip
+    store.write_bytes(f"{prefix}/{part}", b"half")  # an earlier writer's per-file leftover
     store.write_bytes(f"{prefix}/old_array/zarr.json", b"{}")  # a teacher-named file the record does not list
     deleted: list[str] = []
     real_delete = store.delete
@@ -151,8 +160,8 @@ def test_an_interrupted_upload_is_completed_without_deleting_first(mem_cache, tm
         remote.commit_shard(store, 0, local.mirror.local(0), rec)
     finally:
         del store.delete, store.write_bytes
-    assert committed_before_delete == [True] and deleted == [f"{prefix}/old_array/zarr.json"]
-    assert layout.read_commit(url, 0) == rec and store.read_bytes(f"{prefix}/{part}") != b"half"
+    assert committed_before_delete == [True] and deleted == sorted([f"{prefix}/{part}", f"{prefix}/old_array/zarr.json"])
+    assert layout.read_commit(url, 0) == rec and member_sums(store.read_bytes(pack_key(0))) == rec["files"]
     _rm("reupload")
 
 
@@ -265,33 +274,50 @@ def test_errors_no_retry_can_cure_are_not_retried(monkeypatch):
     assert calls["n"] == 1 and "tries" not in str(e.value)
 
 
-def test_metadata_carried_by_the_commit_record_saves_requests_and_is_checked(mem_cache, tmp_path, monkeypatch):
-    """A shard's small zarr.json files come inside its commit record: only its array data is requested, the
-    copy reads as the store's files do, and an inline text that does not match its sha256 is never used."""
+def test_one_request_per_shard_and_the_per_file_layout_still_reads(mem_cache, prepared_dir, tmp_path, monkeypatch):
+    """A remote shard is one object (its zip): a reader makes one request for it beside the commit record, whoever
+    needs the record first (the prefetch, the stream's checks of the rows' targets). A cache
+    copied to the store file by file (`aws s3 sync` of a local cache) reads the same, its small zarr.json files
+    taken from the commit record instead of one request each, and an inline text that does not match its sha256
+    is never used."""
     rec = layout.read_commit(mem_cache, 2)
     inline = rec["inline"]
     assert inline and set(inline) == {r for r in rec["files"] if r.endswith("zarr.json")}
-    store = store_for(mem_cache)
-    for rel, text in inline.items():  # the store holds the same bytes: other readers need not know the record
-        assert store.read_bytes(f"shards/shard_00002/{rel}").decode() == text
     fetched: list[str] = []
-    real = Store.get_file
-    monkeypatch.setattr(Store, "get_file", lambda self, rel, local: (fetched.append(rel), real(self, rel, local)))
+    real = Store._call
+    monkeypatch.setattr(Store, "_call", lambda self, rel, fn: (fetched.append(rel), real(self, rel, fn))[1])
     cache = open_cache(mem_cache, local_cache=tmp_path / "m", prefetch=0)
     s = cache.shards[2]
-    got = cache.read(s["row_start"], s["row_stop"])["topk_logprobs"]
-    assert sorted(r.split("shard_00002/")[1] for r in fetched if "shard_00002/" in r) == sorted(
-        set(rec["files"]) - set(inline))
-    np.testing.assert_array_equal(got, open_cache(mem_cache, local_cache=tmp_path / "m2").read(
-        s["row_start"], s["row_stop"])["topk_logprobs"])
-    # A record whose inline text was altered (its "files" digests kept): named, not read.
-    url = "memory://kdtest-safety/inline"
+    want = cache.read(s["row_start"], s["row_stop"])["topk_logprobs"]
+    assert sorted(r for r in fetched if "shard_00002" in r) == [layout.commit_name(2), pack_key(2)]  # once each
+    fetched.clear()
+    data = load_prepared(prepared_dir)  # the student's path: the rows' targets checked against the record first
+    cache = open_cache(mem_cache, data=data, local_cache=tmp_path / "m1", prefetch=1)
+    stream = CacheStream(data, cache, 4, seed=0, threads=1)
+    list(itertools.islice(iter(stream), stream.batches_in_epoch(0)))
+    for i in range(len(cache.shards)):
+        assert sorted(r for r in fetched if layout.shard_name(i) in r) == [layout.commit_name(i), pack_key(i)]
+
+    # The same shard stored file by file: the zip's members as objects, no zip.
+    url = "memory://kdtest-safety/perfile"
     fs = fsspec.filesystem("memory")
-    fs.copy("/kdtest-safety/cache", "/kdtest-safety/inline", recursive=True)
-    bad = json.loads(fs.cat_file("/kdtest-safety/inline/shards/shard_00002/_COMMIT.json"))
+    fs.copy("/kdtest-safety/cache", "/kdtest-safety/perfile", recursive=True)
+    store = store_for(url)
+    with zipfile.ZipFile(io.BytesIO(store.read_bytes(pack_key(2)))) as z:
+        for rel in z.namelist():
+            store.write_bytes(f"shards/shard_00002/{rel}", z.read(rel))
+    store.delete([pack_key(2)])
+    fetched.clear()
+    c = open_cache(url, local_cache=tmp_path / "m2", prefetch=0)
+    np.testing.assert_array_equal(c.read(s["row_start"], s["row_stop"])["topk_logprobs"], want)
+    assert sorted(r.split("shard_00002/")[1] for r in fetched if "shard_00002/" in r) == sorted(
+        ["_COMMIT.json", "shard.zip", *(set(rec["files"]) - set(inline))])  # no zip: the arrays alone
+    # A record whose inline text was altered (its "files" digests kept): named, not read.
+    bad = json.loads(store.read_bytes(layout.commit_name(2)))
     key = sorted(bad["inline"])[0]
     bad["inline"][key] = bad["inline"][key].replace('"', "'", 1)
-    fs.pipe_file("/kdtest-safety/inline/shards/shard_00002/_COMMIT.json", json.dumps(bad).encode())
+    store.write_bytes(layout.commit_name(2), json.dumps(bad).encode())
     c = open_cache(url, local_cache=tmp_path / "m3", prefetch=0)
     with pytest.raises(CorruptionError, match=f"shard_00002: file {key} checksum mismatch on arrival"):
         c.read(c.shards[2]["row_start"], c.shards[2]["row_stop"])
+    _rm("perfile")

@@ -25,10 +25,10 @@ import torch
 from click.testing import CliRunner
 
 from conftest import free_port
-from pipeline.cache import layout
 from pipeline.training.config import TrainConfig
 from pipeline.training.trainer import Trainer
 from stages.cli import main
+from tests.storage.packed import flip_member_byte, pack_key, stored_sums
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -74,11 +74,6 @@ def _commits(fs, prefix: str) -> set[str]:
 def _kdcache() -> list[str]:
     exe = Path(sys.executable).with_name("kdcache")
     return [str(exe)] if exe.exists() else [sys.executable, "-c", "from stages.cli import main; main()"]
-
-
-def _sums(cache) -> dict[str, str]:
-    return {f"{layout.shard_name(i)}/{rel}": d for i in layout.committed_shards(cache)
-            for rel, d in layout.read_commit(cache, i)["files"].items()}
 
 
 def _bare_cluster(tmp_path):
@@ -131,9 +126,8 @@ def test_s3_prepare_kill_9_rerun_on_a_cluster_follow_verify_eval(s3, tmp_path, t
         planned = len(json.loads(fs.cat_file(f"{BUCKET}/e2e/cache/kdcache.json"))["shards"])
         killed = _commits(fs, f"{BUCKET}/e2e/cache")
         assert 1 <= len(killed) < planned, "the kill did not land mid-run"
-        # What a kill inside an upload leaves: a shard's files without its commit record (replaced on re-run).
-        last = layout.shard_name(planned - 1)
-        fs.pipe_file(f"{BUCKET}/e2e/cache/shards/{last}/topk_ids/zarr.json", b"{half")
+        # What a kill inside an upload leaves: a shard's zip without its commit record (replaced on re-run).
+        fs.pipe_file(f"{BUCKET}/e2e/cache/{pack_key(planned - 1)}", b"PK\x03\x04half")
 
         # The same command again, on the cluster, with the options on its command line only.
         address = cluster.stdout.readline().strip()
@@ -162,7 +156,7 @@ def test_s3_prepare_kill_9_rerun_on_a_cluster_follow_verify_eval(s3, tmp_path, t
     finally:
         os.killpg(cluster.pid, signal.SIGKILL)
         cluster.wait()
-    assert _sums(url) == _sums(llama_cache)  # byte-identical to the uninterrupted local run
+    assert stored_sums(url) == stored_sums(llama_cache)  # byte-identical to the uninterrupted local run
     assert list((tmp_path / "w" / "prepared").glob("*/kdcache_prepare.json"))  # the workers' own copy of the data
     fs.invalidate_cache()
     for path in fs.find(f"{BUCKET}/e2e"):
@@ -184,10 +178,8 @@ def test_s3_prepare_kill_9_rerun_on_a_cluster_follow_verify_eval(s3, tmp_path, t
     assert "teacher_top1_agreement" in (tmp_path / "eval" / "eval.json").read_text()
 
     # A flipped byte in the store: named by --verify (the shard and file), never trained on.
-    rel = sorted(p for p in fs.find(f"{BUCKET}/e2e/cache/shards/shard_00002") if "/head_gaps/c/" in p)[0]
-    data = bytearray(fs.cat_file(rel))
-    data[len(data) // 3] ^= 0x01
-    fs.pipe_file(rel, bytes(data))
+    rel = f"{BUCKET}/e2e/cache/{pack_key(2)}"
+    fs.pipe_file(rel, flip_member_byte(fs.cat_file(rel), "head_gaps/c/0/0", 0x01))
     res = CliRunner().invoke(main, ["inspect", url, "--verify"])
     assert res.exit_code != 0 and "shard_00002: file head_gaps/c/0/0 checksum mismatch" in res.output
 
@@ -219,6 +211,6 @@ def test_torchrun_ranks_write_one_cache_to_s3(s3, tmp_path, teacher_args, llama_
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     written = [int(n) for n in re.findall(r"teacher: (\d+) shard\(s\) written", proc.stdout)]
     assert len(written) == 2 and all(n >= 1 for n in written), proc.stdout
-    assert _sums(url) == _sums(llama_cache)
+    assert stored_sums(url) == stored_sums(llama_cache)
     fs.invalidate_cache()
     assert not fs.glob(f"{BUCKET}/torchrun/.kdcache/lease*.json")  # the launch's lease is released when it ends

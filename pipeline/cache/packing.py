@@ -1,0 +1,91 @@
+"""A shard as one object: how a cache on an object store holds a shard's files.
+
+On a local disk a shard is a directory of small files (a Zarr v3 group: one `zarr.json` per array and
+one Zarr shard file per array, plus the commit record). On an object store every file is a request, and
+a request costs milliseconds of latency and of client CPU whatever its size, so a remote shard holds its
+files (all but the commit record) in ONE object, `shard.zip`:
+
+    CACHE/shards/shard_00012/shard.zip      the shard's files, uncompressed (ZIP_STORED: the arrays are
+                                            compressed already), in sorted order, with fixed timestamps
+                                            and modes, so the same shard always packs to the same bytes
+    CACHE/shards/shard_00012/_COMMIT.json   the commit record, unchanged (its "files" sha256 are of the
+                                            files inside the zip), uploaded after the zip
+
+A zip of a Zarr group is a Zarr store (`zarr.storage.ZipStore` opens it in place, and `unzip` restores
+the local layout), so the remote cache stays readable without kdcache. A reader downloads the zip in one
+request and `unpack` writes its members into a directory, each checked against the record's sha256 as it
+is written; a member the record does not list, or a listed file the zip lacks, is a `CorruptionError`
+naming the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from pipeline.errors import CorruptionError
+
+PACK_FILENAME = "shard.zip"
+_EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest timestamp: the packed bytes do not depend on when
+_MODE = 0o644 << 16  # a regular file, rw-r--r-- (external attributes)
+
+
+def pack(src: Path, files: list[str], dst: Path) -> int:
+    """Write the files `files` (POSIX paths relative to `src`) into the zip `dst`; -> its size in bytes.
+
+    Deterministic: the same files give the same bytes (sorted names, fixed timestamps and modes, no
+    compression), so a shard packed again after a kill is the object an uninterrupted run uploads."""
+    with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for rel in sorted(files):
+            info = zipfile.ZipInfo(rel, date_time=_EPOCH)
+            info.external_attr = _MODE
+            info.create_system = 3  # unix, whatever packs it
+            info.file_size = (src / rel).stat().st_size  # zipfile then adds zip64 fields only where needed
+            with open(src / rel, "rb") as f, z.open(info, "w") as out:
+                while block := f.read(1 << 20):
+                    out.write(block)
+    return dst.stat().st_size
+
+
+def unpack(zip_path: Path, digests: dict[str, str], dst: Path, shard: str, where: str,
+           skip: frozenset[str] = frozenset()) -> int:
+    """Write the members of `zip_path` under `dst`, each checked against `digests` (rel -> sha256, the commit
+    record's "files") as it is written; -> bytes written. `skip`: listed files the caller already has (and
+    checked). `shard`, `where` name the shard and its URL in errors."""
+    try:
+        z = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CorruptionError(f"{shard}: its {PACK_FILENAME} from {where} is damaged ({e}); delete the shard's "
+                              "objects and re-run `kdcache teacher` to rewrite it") from None
+    with z:
+        members = {i.filename: i for i in z.infolist() if not i.is_dir()}
+        extra = sorted(set(members) - set(digests))
+        if extra:
+            raise CorruptionError(f"{shard}: its {PACK_FILENAME} in {where} holds {extra[0]!r}, which its commit "
+                                  "record does not list; not read")
+        missing = sorted(set(digests) - set(members) - skip)
+        if missing:
+            raise CorruptionError(f"{shard}: file {missing[0]} is missing from {where} (its commit record lists "
+                                  "it); rebuild the shard with `kdcache teacher`")
+        total = 0
+        for rel in sorted(set(members) - skip):
+            parts = PurePosixPath(rel).parts  # the record's names were checked by the caller; this is the zip's
+            if rel.startswith("/") or ".." in parts or "\\" in rel:
+                raise CorruptionError(f"{shard}: its {PACK_FILENAME} names a file outside the shard ({rel!r})")
+            out = dst / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            try:
+                with z.open(members[rel]) as f, open(out, "wb") as w:
+                    while block := f.read(1 << 20):
+                        h.update(block)
+                        w.write(block)
+            except (zipfile.BadZipFile, EOFError):  # zip's own CRC-32 check fails on a flipped byte first
+                h = None
+            if h is None or h.hexdigest() != digests[rel]:
+                raise CorruptionError(f"{shard}: file {rel} checksum mismatch on arrival from {where}: the stored "
+                                      "copy is damaged and was not read; delete the shard's objects and re-run "
+                                      "`kdcache teacher` to rewrite it")
+            total += out.stat().st_size
+    return total
