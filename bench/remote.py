@@ -21,6 +21,8 @@ What is timed, all in this process (compare ratios within one run: this machine 
            medians of the per-repeat ratios (first epoch vs the local epoch 0, second vs the local epoch 1,
            and the first also vs the local epoch 1, the steady local speed)
   bytes    `cache.mirror.bytes_downloaded` per epoch / the cache's bytes (sum of the commit records' "bytes")
+  requests one download (`Store.get_file`) of a 1 KB and of a 1 MB object, 20 times each: wall time, this
+           process's CPU and the server's, per request
   upload   `pipeline.cache.writer.write_shard` of `--upload-shards` shards (their arrays read back with
            `Cache.read_raw`) to a fresh local directory vs to a fresh s3:// prefix, alternating: what the
            teacher's commit costs more on an object store (staging, listing, parallel PUTs, the commit record)
@@ -266,6 +268,31 @@ def time_upload(cache: Any, url: str, scratch: Path, shards: list[int], repeats:
             "upload_only_mb_s": nbytes / 1e6 / statistics.median(per_commit)}
 
 
+def time_requests(url: str, server: Any, n: int = 20) -> dict[str, dict[str, float]]:
+    """One request's cost, by object size: {"1KB"|"1MB": {wall_ms, client_cpu_ms, server_cpu_ms}} (medians are not
+    needed: each figure is the mean of `n` downloads of one object, after one untimed)."""
+    from pipeline.storage import store_for
+
+    store = store_for(url)
+    scratch = Path(tempfile.mkdtemp(prefix="kdcache-bench-requests."))
+    out = {}
+    try:
+        for label, size in (("1KB", 1000), ("1MB", 1_000_000)):
+            store.write_bytes(f"object-{label}", os.urandom(size))
+            store.get_file(f"object-{label}", scratch / label)
+            srv0, c0, t0 = server.cpu_s(), time.process_time(), time.perf_counter()
+            for _ in range(n):
+                store.get_file(f"object-{label}", scratch / label)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            srv = server.cpu_s() - srv0 if srv0 is not None else None
+            out[label] = {"wall_ms": wall / n * 1e3, "client_cpu_ms": cpu / n * 1e3,
+                          "server_cpu_ms": srv / n * 1e3 if srv is not None else None}
+        store.delete([f"object-{label}" for label in ("1KB", "1MB")])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
 # ---- the run --------------------------------------------------------------------------------------
 def parse(argv: list[str] | None) -> argparse.Namespace:
     import reader as bench_reader  # bench/reader.py: the synthetic cache's settings, shared with it
@@ -349,8 +376,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             runs.append(got)
             lo, re_ = got["local"], got["remote"]
             print(f"repeat {r}: local {lo[0]['rows_s']:,.0f} / {lo[1]['rows_s']:,.0f} rows/s, "
-                  f"s3 {re_[0]['rows_s']:,.0f} / {re_[1]['rows_s']:,.0f} rows/s (epoch 0 / 1)", file=sys.stderr)
+                  f"{server.scheme} {re_[0]['rows_s']:,.0f} / {re_[1]['rows_s']:,.0f} rows/s (epoch 0 / 1)", file=sys.stderr)
 
+        requests = time_requests(f"{server.scheme}://{BUCKET}/requests", server)
         shards = list(range(min(args.upload_shards, len(local.shards))))
         upload = time_upload(local, url, scratch, shards, min(3, args.repeats))
     finally:
@@ -389,7 +417,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_first_epoch": max(b1), "bytes_second_epoch": max(b2),
         "bytes_first_epoch_per_repeat": b1, "bytes_second_epoch_per_repeat": b2,
         "bytes_ratio_first_epoch": max(b1) / cache_bytes, "bytes_ratio_second_epoch": max(b2) / cache_bytes,
-        "upload": upload,
+        "upload": upload, "request_cost": requests,
     }
     res["goals"] = {"second_epoch_ge_0.9x": res["ratio_second_epoch"] >= 0.9,
                     "first_epoch_ge_0.5x": res["ratio_first_epoch"] >= 0.5,
@@ -406,6 +434,7 @@ def table(res: dict[str, Any]) -> str:
             f"thread(s), ~{s['batch_tokens']} tokens per micro-batch; prefetch {s['prefetch']}; "
             f"medians of {len(ep)} (ratios: medians of the per-repeat ratios)")
     first = (f"{res['ratio_first_epoch']:.2f}x ({res['ratio_first_epoch_vs_local_epoch1']:.2f}x of local epoch 1)")
+    sch = res["scheme"]
     shard_mb = up["bytes"] / up["shards"] / 1e6
     rows = [
         ("local disk, epoch 0 (fresh Cache)", f"{med(res['local_epoch0_rows_s']):,.0f}", "1.00x", ""),
@@ -419,14 +448,18 @@ def table(res: dict[str, Any]) -> str:
          f"{res['bytes_ratio_first_epoch']:.4f} ({res['bytes_first_epoch']:,} / {res['cache_bytes']:,})", "<= 1.05"),
         ("bytes downloaded, second epoch / cache bytes", f"{res['bytes_ratio_second_epoch']:.4f}", "0"),
         (f"write_shard x {up['shards']}, local dir (s, median)", f"{med(up['local_s']):.3f}", ""),
-        (f"write_shard x {up['shards']}, s3 (s, median)", f"{med(up['s3_s']):.3f}", ""),
-        ("teacher commit overhead: s3 / local",
+        (f"write_shard x {up['shards']}, {sch} (s, median)", f"{med(up['s3_s']):.3f}", ""),
+        (f"teacher commit overhead: {sch} / local",
          f"{up['ratio_s3_over_local']:.2f}x ({up['extra_s_per_shard'] * 1e3:+.0f} ms per {shard_mb:.2f} MB shard)", ""),
         (f"upload step alone, `remote.commit_shard` x {up['shards']} (s, median)",
          f"{med(up['s3_upload_only_s']):.3f} ({up['upload_only_mb_s']:.1f} MB/s)", ""),
+        *((f"one request for a {size} object: wall / client CPU / server CPU (ms)",
+           f"{c['wall_ms']:.1f} / {c['client_cpu_ms']:.1f} / "
+           + (f"{c['server_cpu_ms']:.1f}" if c['server_cpu_ms'] is not None else "-"), "")
+          for size, c in res["request_cost"].items()),
         ("store requests, first epoch (median)",
          f"{med(e['remote'][0]['requests'] for e in ep):.0f} ({res['shards']} shards)", ""),
-        ("CPU s of this process, local epoch 0 / s3 first epoch (median)",
+        (f"CPU s of this process, local epoch 0 / {sch} first epoch (median)",
          f"{med(e['local'][0]['cpu_s'] for e in ep):.2f} / {med(e['remote'][0]['cpu_s'] for e in ep):.2f}", ""),
     ]
     srv = [e["remote"][0]["server_cpu_s"] for e in ep if e["remote"][0]["server_cpu_s"] is not None]
