@@ -48,6 +48,7 @@ from pipeline.storage.staging import default_root, remove_dead_entries
 
 PLAN_FILES = (layout.CHECKSUMS_FILENAME, layout.INDEX_FILENAME, layout.CONFIG_FILENAME)
 DOWNLOAD_THREADS = 4  # files of one shard fetched at once (a shard stored file by file)
+RECORDS_KEPT = 64  # commit records kept in memory for shards about to be downloaded (a few KB each)
 
 
 class Mirror:
@@ -63,7 +64,8 @@ class Mirror:
         self.on_evict = on_evict
         self.dir: Path | None = None
         self._path_cache: dict[int, tuple[Path, str, str]] = {}
-        self._records: dict[int, bytes] = {}  # commit records read from the store, for shards not local yet
+        # Commit records read from the store for shards not local yet, the most recent RECORDS_KEPT.
+        self._records: OrderedDict[int, bytes] = OrderedDict()
         self.bytes_downloaded = 0  # shard bytes fetched by this process (benchmarks: per epoch / cache size)
         self._lock = threading.Lock()
         self._shard_locks: dict[int, threading.Lock] = {}
@@ -135,10 +137,13 @@ class Mirror:
             try:
                 raw = self.store.read_bytes(layout.commit_name(i))
             except FileNotFoundError:
-                raise KdError(f"{self.url}: {layout.shard_name(i)} is not committed (the cache is incomplete; re-run "
-                              "`kdcache teacher` to finish it, or train with --follow)") from None
+                raise KdError(f"{self.url}: {layout.shard_name(i)} is not committed (the cache is incomplete: re-run "
+                              "`kdcache teacher` to finish it; a student may train while it runs, with --follow)"
+                              ) from None
             with self._lock:
                 self._records[i] = raw
+                while len(self._records) > RECORDS_KEPT:
+                    self._records.popitem(last=False)
                 self._committed.add(i)
         return raw
 
@@ -242,20 +247,16 @@ class Mirror:
                         found = zip_job.result() if zip_job.exception() is None else False
                 zip_job.result()  # a store that kept failing: its one line
             files, inline = self._parse_record(name, raw)
+            size = 0
+            # A mismatch or a missing file is raised: the reader evicts and asks once more (Cache.read_raw), which
+            # also covers a zip asked for just before its shard was committed or replaced.
             if found:
-                try:
-                    packing.unpack(packed, files, tmp, name, self.url)
-                except CorruptionError:
-                    # Fetched before its record was read: maybe a killed upload's leftover, replaced since.
-                    shutil.rmtree(tmp)
-                    tmp.mkdir()
-                    self.store.get_file(f"{prefix}/{packing.PACK_FILENAME}", packed)
-                    packing.unpack(packed, files, tmp, name, self.url)
-                size = packed.stat().st_size
+                size += packed.stat().st_size
+                packing.unpack(packed, files, tmp, name, self.url)
             else:  # stored file by file (a cache copied so, or a shard of an earlier writer beside packed ones)
                 with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
-                    size = sum(pool.map(lambda item: self._fetch_file(name, prefix, tmp, inline, *item),
-                                        sorted(files.items())))
+                    size += sum(pool.map(lambda item: self._fetch_file(name, prefix, tmp, inline, *item),
+                                         sorted(files.items())))
             packed.unlink(missing_ok=True)
             _write(tmp / layout.COMMIT_FILENAME, raw)
             final = self.local(i)
@@ -343,7 +344,8 @@ class Mirror:
         try:
             # Its record first (what the download and the reader's checks use): under --follow a later shard
             # may not be committed yet, which is not an error here.
-            self._record_bytes(j)
+            if not self.has(j):  # (another process sharing the copy may have fetched it)
+                self._record_bytes(j)
             self.ensure_quiet(j)
         except Exception:  # the reader meets the same error, with its message, when it needs the shard
             pass
@@ -353,7 +355,11 @@ class Mirror:
 
     def ensure_quiet(self, j: int) -> None:
         """Download shard `j` if needed, without prefetching further or evicting (a prefetch task)."""
-        if self.has(j):
+        if self.has(j):  # (fetched by another process sharing the copy: counted as held here too)
+            size = _tree_bytes(self.local(j))
+            with self._lock:
+                self._held.setdefault(j, size)
+                self._records.pop(j, None)
             return
         with self._lock:
             lock = self._shard_locks.setdefault(j, threading.Lock())

@@ -48,44 +48,67 @@ def pack(src: Path, files: list[str], dst: Path) -> int:
     return dst.stat().st_size
 
 
-def unpack(zip_path: Path, digests: dict[str, str], dst: Path, shard: str, where: str,
-           skip: frozenset[str] = frozenset()) -> int:
+# What reading a damaged zip raises (a flipped bit in a header can make zipfile see another version, a
+# compression method or encryption, or seek outside the file): all of them mean "the stored bytes are bad".
+_READ_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, NotImplementedError,
+                RuntimeError, KeyError)
+
+
+def unpack(zip_path: Path, digests: dict[str, str], dst: Path, shard: str, where: str) -> int:
     """Write the members of `zip_path` under `dst`, each checked against `digests` (rel -> sha256, the commit
-    record's "files") as it is written; -> bytes written. `skip`: listed files the caller already has (and
-    checked). `shard`, `where` name the shard and its URL in errors."""
+    record's "files") as it is written; -> bytes written. `shard`, `where` name the shard and its URL in errors.
+    Whatever is wrong with the zip is a one-line `CorruptionError`; an error writing `dst` is not caught."""
+    def damaged(why: object) -> CorruptionError:
+        return CorruptionError(f"{shard}: its {PACK_FILENAME} from {where} is damaged ({why}); delete the shard's "
+                               "objects and re-run `kdcache teacher` to rewrite it")
+
+    def mismatch(rel: str) -> CorruptionError:
+        return CorruptionError(f"{shard}: file {rel} checksum mismatch on arrival from {where}: the stored copy is "
+                               "damaged and was not read; delete the shard's objects and re-run `kdcache teacher` "
+                               "to rewrite it")
+
     try:
         z = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CorruptionError(f"{shard}: its {PACK_FILENAME} from {where} is damaged ({e}); delete the shard's "
-                              "objects and re-run `kdcache teacher` to rewrite it") from None
+        infos = z.infolist()
+    except _READ_ERRORS as e:
+        raise damaged(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     with z:
-        members = {i.filename: i for i in z.infolist() if not i.is_dir()}
+        members = {i.filename: i for i in infos if not i.is_dir()}
         extra = sorted(set(members) - set(digests))
         if extra:
             raise CorruptionError(f"{shard}: its {PACK_FILENAME} in {where} holds {extra[0]!r}, which its commit "
                                   "record does not list; not read")
-        missing = sorted(set(digests) - set(members) - skip)
+        missing = sorted(set(digests) - set(members))
         if missing:
             raise CorruptionError(f"{shard}: file {missing[0]} is missing from {where} (its commit record lists "
                                   "it); rebuild the shard with `kdcache teacher`")
         total = 0
-        for rel in sorted(set(members) - skip):
-            parts = PurePosixPath(rel).parts  # the record's names were checked by the caller; this is the zip's
-            if rel.startswith("/") or ".." in parts or "\\" in rel:
+        for rel in sorted(members):
+            parts = PurePosixPath(rel).parts  # the record's names (the caller checked them too): never outside dst
+            if not parts or rel.startswith("/") or ".." in parts or "\\" in rel:
                 raise CorruptionError(f"{shard}: its {PACK_FILENAME} names a file outside the shard ({rel!r})")
+            info = members[rel]
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # never written so: a bit flipped
+                raise mismatch(rel)
             out = dst / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             h = hashlib.sha256()
-            try:
-                with z.open(members[rel]) as f, open(out, "wb") as w:
-                    while block := f.read(1 << 20):
+            with open(out, "wb") as w:
+                try:
+                    f = z.open(info)
+                except _READ_ERRORS:
+                    raise mismatch(rel) from None
+                with f:
+                    while True:
+                        try:
+                            block = f.read(1 << 20)  # zip's own CRC-32 check fails on a flipped byte first
+                        except _READ_ERRORS:
+                            raise mismatch(rel) from None
+                        if not block:
+                            break
                         h.update(block)
                         w.write(block)
-            except (zipfile.BadZipFile, EOFError):  # zip's own CRC-32 check fails on a flipped byte first
-                h = None
-            if h is None or h.hexdigest() != digests[rel]:
-                raise CorruptionError(f"{shard}: file {rel} checksum mismatch on arrival from {where}: the stored "
-                                      "copy is damaged and was not read; delete the shard's objects and re-run "
-                                      "`kdcache teacher` to rewrite it")
+            if h.hexdigest() != digests[rel]:
+                raise mismatch(rel)
             total += out.stat().st_size
     return total

@@ -3,9 +3,10 @@
 Object stores have no directory rename, so a remote shard is committed by content order instead: its files
 are uploaded first, as one object (`shard.zip`: `pipeline.cache.packing`, one request for a reader instead of
 one per file), then its `_COMMIT.json` (rows, sha256 of every file) as ONE single-object write, which readers
-see whole or not at all. A shard prefix without a commit record is never read; the next
-teacher run deletes what is there (only files named as the writer names them) and uploads the shard again,
-so a run killed mid-upload and re-run leaves the same bytes as an uninterrupted run. Planning uploads
+see whole or not at all. A shard prefix without a commit record is never read; the next teacher run
+uploads the shard again over what is there (the same zip bytes: packing is deterministic), then deletes any
+other teacher-named file of the shard, so a run killed mid-upload and re-run leaves the same objects as an
+uninterrupted run. Planning uploads
 index.parquet, config.yaml and kdcache.sha256 before kdcache.json, as on local disks.
 
 One teacher launch per cache: the launcher holds `.kdcache/lease.json` (`lease.replica-r.json` for

@@ -84,3 +84,37 @@ def test_unpack_checks_every_member_against_the_record(shard, tmp_path):
                 dst.writestr(name, src.read(name))
     assert f"file {member} is missing" in refused(buf.getvalue())
     assert "is damaged" in refused(z.read_bytes()[: z.stat().st_size // 2])
+
+
+def test_no_flipped_bit_anywhere_in_a_zip_gives_anything_but_the_files_or_one_line(tmp_path):
+    """Every bit of a small packed shard flipped in turn (headers, names, central directory, data): unpack writes the
+    very files the record lists, or raises a CorruptionError naming the shard, never another exception."""
+    import hashlib
+
+    src = tmp_path / "src"
+    files = {"zarr.json": b'{"zarr_format": 3}', "a/c/0": bytes(range(40)), "b/zarr.json": b"{}" * 9}
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    digests = {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
+    good = tmp_path / "good.zip"
+    packing.pack(src, list(files), good)
+    raw = good.read_bytes()
+    bad = tmp_path / "bad.zip"
+    outcomes = {"files": 0, "refused": 0}
+    for pos in range(len(raw)):
+        for bit in (0x01, 0x80):
+            flipped = bytearray(raw)
+            flipped[pos] ^= bit
+            bad.write_bytes(bytes(flipped))
+            out = tmp_path / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                packing.unpack(bad, digests, out, "shard_00007", "memory://c")
+            except CorruptionError as e:
+                assert str(e).startswith("shard_00007: ") and "\n" not in str(e)
+                outcomes["refused"] += 1
+                continue
+            assert {rel: (out / rel).read_bytes() for rel in files} == files, (pos, bit)
+            outcomes["files"] += 1
+    assert outcomes["refused"] > len(raw)  # most flips are caught; the rest (times, attributes) change no file

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import one_line_error
-from pipeline.cache import layout, open_cache
+from pipeline.cache import layout, open_cache, packing
 from pipeline.errors import CorruptionError, KdError
 from pipeline.storage import Store, store_for
 from stages.cli import main
@@ -54,7 +54,7 @@ def test_remote_cache_equals_local_and_reads_the_same_rows(teacher_args, llama_c
     assert res.exit_code == 0, res.output
 
 
-def test_kill_mid_upload_then_rerun_gives_the_same_cache(teacher_args, llama_cache, mem_url, monkeypatch,
+def test_kill_mid_upload_then_rerun_gives_the_same_cache(teacher_args, llama_cache, mem_url, monkeypatch, tmp_path,
                                                          torch_one_thread):
     """A run stopped half-way through uploading a shard leaves its files without a commit record: never read,
     and replaced by the re-run, whose cache is byte-identical to an uninterrupted one."""
@@ -86,6 +86,10 @@ def test_kill_mid_upload_then_rerun_gives_the_same_cache(teacher_args, llama_cac
         [*(f"{layout.SHARDS_DIR}/{layout.shard_name(i)}/{name}" for i in layout.committed_shards(llama_cache)
            for name in ("shard.zip", "_COMMIT.json")),
          "kdcache.json", "kdcache.sha256", "index.parquet", "config.yaml"])
+    for i in layout.committed_shards(llama_cache):  # each zip: the bytes an uninterrupted upload leaves
+        packing.pack(layout.shard_dir(llama_cache, i), list(layout.read_commit(llama_cache, i)["files"]),
+                     tmp_path / f"{i}.zip")
+        assert store.read_bytes(pack_key(i)) == (tmp_path / f"{i}.zip").read_bytes()
 
 
 def test_flipped_byte_is_found_by_verify_and_by_the_reader(teacher_args, mem_url, tmp_path, torch_one_thread):

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -163,6 +164,49 @@ def test_an_interrupted_upload_is_completed_without_deleting_first(mem_cache, tm
     assert committed_before_delete == [True] and deleted == sorted([f"{prefix}/{part}", f"{prefix}/old_array/zarr.json"])
     assert layout.read_commit(url, 0) == rec and member_sums(store.read_bytes(pack_key(0))) == rec["files"]
     _rm("reupload")
+
+
+def test_a_zip_asked_for_before_its_record_is_asked_for_again_once(mem_cache, tmp_path, monkeypatch):
+    """A shard's record and zip are requested together; a zip that does not match the record (a leftover replaced
+    between the two requests) or was not there yet is fetched once more (the reader's one retry), and read; one
+    that still does not match is refused and not kept."""
+    stale = store_for(mem_cache).read_bytes(pack_key(1))  # another zip: what a replaced leftover is to the checks
+    real = Store.get_file
+    asked: list[str] = []
+
+    def get_file(self, rel, local, always=False):
+        asked.append(rel)
+        if rel == pack_key(2) and (always or asked.count(rel) == 1):
+            Path(local).write_bytes(stale)
+            return
+        real(self, rel, local)
+
+    monkeypatch.setattr(Store, "get_file", get_file)
+    cache = open_cache(mem_cache, local_cache=tmp_path / "m", prefetch=0)
+    s = cache.shards[2]
+    got = cache.read(s["row_start"], s["row_stop"])["topk_logprobs"]
+    assert asked.count(pack_key(2)) == 2
+    monkeypatch.setattr(Store, "get_file", real)
+    want = open_cache(mem_cache, local_cache=tmp_path / "m2", prefetch=0).read(s["row_start"], s["row_stop"])
+    np.testing.assert_array_equal(got, want["topk_logprobs"])
+    # Not there yet when asked for (committed between the two requests), and no per-file objects: asked again.
+    asked.clear()
+
+    def not_yet(self, rel, local):
+        asked.append(rel)
+        if rel == pack_key(2) and asked.count(rel) == 1:
+            raise FileNotFoundError(rel)
+        real(self, rel, local)
+
+    monkeypatch.setattr(Store, "get_file", not_yet)
+    cache = open_cache(mem_cache, local_cache=tmp_path / "m4", prefetch=0)
+    np.testing.assert_array_equal(cache.read(s["row_start"], s["row_stop"])["topk_logprobs"], want["topk_logprobs"])
+    assert asked.count(pack_key(2)) == 2
+    monkeypatch.setattr(Store, "get_file", lambda self, rel, local: get_file(self, rel, local, always=True))
+    cache = open_cache(mem_cache, local_cache=tmp_path / "m3", prefetch=0)
+    with pytest.raises(CorruptionError, match="shard_00002: "):
+        cache.read(s["row_start"], s["row_stop"])
+    assert not list((tmp_path / "m3").glob("*/shards/shard_00002"))
 
 
 def _rm(name: str) -> None:
