@@ -319,7 +319,7 @@ class Pipeline:
                 # cache follows it, as a student follows its base. Any other difference (the cache's settings,
                 # edited or changed by a kdcache upgrade's defaults) is refused with the cache kept, as for a
                 # teacher given as `model`: a teacher pass can take hours.
-                retrained = any(c.startswith("teacher weights_sha256") for c in e.changes)
+                retrained = any(getattr(c, "key", None) == "teacher weights_sha256" for c in e.changes)
                 if not (train_section and retrained):
                     key = "teacher" if slot.name == "teacher" else f"teachers.{slot.name}"
                     keep = (f"--set {key}.preset=compact to use it (the default preset before 2026-12-07), or "

@@ -30,6 +30,7 @@ from pipeline.cache import layout
 from pipeline.cache.layout import read_meta
 from pipeline.cache.schema import FORMAT_VERSION, CodecParams, stored_arrays
 from pipeline.config import save_config
+from pipeline.errors import Change
 from pipeline.identity import file_sha256, json_text, write_json
 from pipeline.storage import is_url, store_for
 
@@ -132,27 +133,29 @@ def write_index(cache: Path, counts: np.ndarray, shards: list[dict[str, int]]) -
     tmp.replace(cache / layout.INDEX_FILENAME)
 
 
-def mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     """Name what differs between a stored cache's metadata and the requested one ([] if nothing)."""
     diffs = []
     # Codec settings are compared as resolved (a preset's K, not the 0 that asks for it).
     ok_, nk = old.get("codec") or {}, new["codec"]
     for key in sorted(set(ok_) | set(nk)):
         if ok_.get(key) != nk.get(key):
-            diffs.append(f"{key} {ok_.get(key)!r} -> {nk.get(key)!r}")
+            diffs.append(Change(key, ok_.get(key), nk.get(key)))
     codec_keys = set(nk) | {"preset"}
     oc, nc = old.get("config_identity") or {}, new["config_identity"]
     for key in sorted(set(oc) | set(nc)):
         if key not in codec_keys and oc.get(key) != nc.get(key):
-            diffs.append(f"{key} {oc.get(key)!r} -> {nc.get(key)!r}")
+            diffs.append(Change(key, oc.get(key), nc.get(key)))
     ot, nt = old.get("teacher") or {}, new["teacher"]
     for key in ("weights_sha256", "dtype", "revision", "model_vocab_size"):
         if ot.get(key) != nt.get(key):
-            diffs.append(f"teacher {key} {ot.get(key)!r} -> {nt.get(key)!r}")
+            diffs.append(Change(f"teacher {key}", ot.get(key), nt.get(key)))
     if (old.get("data") or {}).get("fingerprint") != new["data"]["fingerprint"]:
-        diffs.append("prepared data fingerprint")
+        diffs.append(Change("data fingerprint", (old.get("data") or {}).get("fingerprint"), new["data"]["fingerprint"],
+                            text="prepared data fingerprint"))
     if old.get("format_version") != new["format_version"]:  # a format-2 cache with the same settings
-        diffs.append(f"format version {old.get('format_version')} -> {new['format_version']}")
+        diffs.append(Change("format version", old.get("format_version"), new["format_version"],
+                            text=f"format version {old.get('format_version')} -> {new['format_version']}"))
     return diffs
 
 

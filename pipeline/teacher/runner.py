@@ -33,7 +33,7 @@ from pipeline.cache.schema import FORMAT_VERSION
 from pipeline.cache.layout import read_meta
 from pipeline.cache.writer import CacheWriter
 from pipeline.config import to_dict
-from pipeline.errors import KdError, StaleOutput
+from pipeline.errors import Change, KdError, StaleOutput
 from pipeline.identity import weights_hash
 from pipeline.losses.temperature import DEFAULT_GRID_TEMPERATURES
 from pipeline.ownership import LOCK_FILENAME, STATE_DIR, TEACHER, Output, claim
@@ -142,13 +142,15 @@ class TeacherConfig:
         return d
 
 
-def resume_hint(cfg: TeacherConfig, diff: list[str]) -> str:
+def resume_hint(cfg: TeacherConfig, diff: list[Change]) -> str:
     """What resumes a cache made with the default preset of before 2026-12-07 (K = 8 unless set, no tail draws
     unless asked for, today's `compact` precisions): `--preset compact`, which is that preset under its new name."""
     if cfg.preset != "default":
         return ""
-    if ("top_k 8 -> 6" in diff and not cfg.top_k) or \
-            (cfg.tail_samples == -1 and any(d.startswith("tail_samples 0 ->") for d in diff)):
+    changed = {c.key: c for c in diff if isinstance(c, Change)}
+    k, draws = changed.get("top_k"), changed.get("tail_samples")
+    if (k is not None and (k.old, k.new) == (8, 6) and not cfg.top_k) or \
+            (cfg.tail_samples == -1 and draws is not None and draws.old == 0):
         return ("it looks made with the default preset of before 2026-12-07 (K = 8 unless set, no tail draws): add "
                 "--preset compact to resume it, or ")
     return ""
