@@ -136,8 +136,8 @@ def read_run_config(run: str | Path, rel: str = "config.yaml") -> dict[str, Any]
 
 def collect_run(path: str, teachers: dict[str, list[str]] | None = None,
                 caches: dict[str, str] | None = None) -> dict[str, Any]:
-    """Everything the report shows about one run directory. `caches`: resolved cache path -> teacher slot name;
-    `teachers`: resolved teacher model path -> teacher names, to name the teacher of a distilled run whose
+    """Everything the report shows about one run directory. `caches`: `path_key` of a cache -> teacher slot name;
+    `teachers`: `path_key` of a teacher model -> teacher names, to name the teacher of a distilled run whose
     cache is not in `caches` from its cache's record."""
     run: str | Path = path if is_url(path) else Path(path)
     if is_url(run) and read_text(run, "config.yaml") is None and read_text(run, "eval/eval.json") is None:
@@ -162,28 +162,35 @@ def collect_run(path: str, teachers: dict[str, list[str]] | None = None,
             "tokens_per_s": float(tps) if isinstance(tps, (int, float)) and tps > 0 else None}
 
 
+def path_key(p: str | Path) -> str:
+    """One spelling of a model, cache or run location, to match them by: a local path resolved, a URL as written
+    without a trailing slash (a hub id resolves like a relative path, the same on both sides)."""
+    return str(p).rstrip("/") if is_url(p) else str(Path(p).resolve())
+
+
 def online_teacher_name(model: str, teachers: dict[str, list[str]]) -> str:
-    """The teacher slot an online arm ran (`teachers`: resolved model path -> slot names; the first of several
+    """The teacher slot an online arm ran (`teachers`: `path_key` of a model -> slot names; the first of several
     slots sharing the model), else the model directory's name (a run directory's final/ is named by its run)."""
-    p = Path(model).resolve()
-    names = teachers.get(str(p), [])
+    key = path_key(model)
+    names, p = teachers.get(key, []), PurePosixPath(key)
     return names[0] if names else (p.parent.name if p.name == "final" else p.name)
 
 
 def run_teacher(cache: str, teachers: dict[str, list[str]], caches: dict[str, str]) -> str:
-    """The teacher slot whose cache is `cache` (`caches`: resolved cache path -> name), else `cache_teacher`."""
-    return caches.get(str(Path(cache).resolve())) or cache_teacher(cache, teachers)
+    """The teacher slot whose cache is `cache` (`caches`: `path_key` of a cache -> name), else `cache_teacher`."""
+    return caches.get(path_key(cache)) or cache_teacher(cache, teachers)
 
 
 def cache_teacher(cache: str, teachers: dict[str, list[str]]) -> str:
-    """The name of the teacher whose model made `cache` (from the cache's kdcache.json; `teachers`: resolved
+    """The name of the teacher whose model made `cache` (from the cache's kdcache.json; `teachers`: `path_key` of a
     model path -> the names of the teachers with that model: of several, the one named like the cache's
     directory), else the cache's directory name."""
-    own = Path(cache).name
+    from pipeline.cache.layout import read_meta
+
+    own = PurePosixPath(path_key(cache)).name
     try:
-        meta = json.loads((Path(cache) / "kdcache.json").read_text())
-        model = str(Path(meta["teacher"]["model"]).resolve())
-    except (OSError, ValueError, KeyError, TypeError):
+        model = path_key(read_meta(cache)["teacher"]["model"])  # a local directory or a URL
+    except (KdError, OSError, KeyError, TypeError):
         return own
     names = teachers.get(model, [])
     if len(names) == 1:
@@ -349,7 +356,7 @@ def _build_report(cfg: ReportConfig, own: Output, write_to: Path | None = None) 
     models: dict[str, list[str]] = {}
     for t in cfg.teachers:  # its trained model, or one given by path (recorded by its eval config)
         model = (read_run_config(t, "eval/config.yaml") or {}).get("model")
-        for m in {str((Path(t) / "final").resolve()), *([str(Path(model).resolve())] if model else [])}:
+        for m in {path_key(join(t, "final")), *([path_key(model)] if model else [])}:
             models.setdefault(m, []).append(teacher_name(t))
     caches, slots_of = slot_maps(cfg.teacher_slots)
     runs = [collect_run(p, models, caches) for p in cfg.runs]
@@ -358,7 +365,7 @@ def _build_report(cfg: ReportConfig, own: Output, write_to: Path | None = None) 
         tr = collect_run(t)
         tr["method"] = "teacher (reference)"
         # the slots this model stands for, by name (two slots of one model: one row, named after both)
-        tr["slots"] = slots_of.get(str(Path(t).resolve())) or [teacher_name(t)]
+        tr["slots"] = slots_of.get(path_key(t)) or [teacher_name(t)]
         tr["name"] = " = ".join(tr["slots"])
         teachers.append(tr)
     groups = group_runs(runs)
@@ -451,16 +458,16 @@ def _build_report(cfg: ReportConfig, own: Output, write_to: Path | None = None) 
 
 
 def slot_maps(slots: dict[str, Any]) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """From `ReportConfig.teacher_slots`: (resolved cache path -> slot name, resolved teacher directory -> the
+    """From `ReportConfig.teacher_slots`: (`path_key` of a cache -> slot name, of a teacher directory -> the
     names of the slots whose model it evaluated, in order)."""
     caches: dict[str, str] = {}
     slots_of: dict[str, list[str]] = {}
     for name, slot in (slots or {}).items():
         slot = slot or {}
         if slot.get("cache"):
-            caches[str(Path(slot["cache"]).resolve())] = str(name)
+            caches[path_key(slot["cache"])] = str(name)
         if slot.get("teacher"):
-            slots_of.setdefault(str(Path(slot["teacher"]).resolve()), []).append(str(name))
+            slots_of.setdefault(path_key(slot["teacher"]), []).append(str(name))
     return caches, slots_of
 
 

@@ -446,3 +446,24 @@ def test_two_teachers_of_one_model_are_told_apart(tmp_path):
     assert "| kd_k32 | KD fkl/bucket | k32 | 2 |" in md  # the seed table's teacher column
     # both slots have the model's strength (2.000): the same method from each, side by side
     assert "k8 2.000" in md and "k32 2.000" in md
+
+
+def test_a_cache_and_teacher_at_urls_name_the_runs_teacher(tmp_path):
+    """Runs that read a cache on an object store are named after the teacher whose model made it, found from the
+    cache's kdcache.json at its URL (a trailing slash or none), as for local directories."""
+    import fsspec
+
+    from pipeline.storage import store_for
+
+    root = "memory://kdtest-report"
+    teacher = store_for(f"{root}/runs/big")
+    teacher.write_bytes("eval/eval.json", json.dumps({"ce": 2.0}).encode())
+    store_for(f"{root}/cache").write_bytes("kdcache.json", json.dumps(
+        {"teacher": {"model": f"{root}/runs/big/final/"}}).encode())
+    try:
+        runs = [str(write_run(tmp_path, f"kd_s{seed}", {"cache": f"{root}/cache", "loss": "fkl", "seed": seed},
+                              fake_metrics(3, True, seed), {"ce": 2.5})) for seed in (0, 1)]
+        r = build_report(ReportConfig(runs=runs, teachers=[f"{root}/runs/big/"], out=str(tmp_path / "report")))
+        assert {g.label: g.teacher for g in r["groups"]} == {"kd": "big"}
+    finally:
+        fsspec.filesystem("memory").rm("/kdtest-report", recursive=True)
