@@ -12,8 +12,9 @@ files (all but the commit record) in ONE object, `shard.zip`:
                                             files inside the zip), uploaded after the zip
 
 A zip of a Zarr group is a Zarr store (`zarr.storage.ZipStore` opens it in place, and `unzip` restores
-the local layout), so the remote cache stays readable without kdcache. A reader downloads the zip in one
-request and `unpack` writes its members into a directory, each checked against the record's sha256 as it
+the local layout), so the remote cache stays readable without kdcache; a local directory copied from a store
+(`aws s3 sync`) is read by `open_cache` as a store (`file://`), unpacked into its local copy. A reader
+downloads the zip in one request and `unpack` writes its members into a directory, each checked against the record's sha256 as it
 is written; a member the record does not list, or a listed file the zip lacks, is a `CorruptionError`
 naming the shard.
 """
@@ -29,6 +30,13 @@ from pipeline.errors import CorruptionError
 PACK_FILENAME = "shard.zip"
 _EPOCH = (1980, 1, 1, 0, 0, 0)  # zip's earliest timestamp: the packed bytes do not depend on when
 _MODE = 0o644 << 16  # a regular file, rw-r--r-- (external attributes)
+
+
+def holds_packed_shards(cache: Path) -> bool:
+    """Does the local directory `cache` hold shards as an object store does (a copy made with `aws s3 sync` or
+    `gsutil rsync`)? Such a directory is read as a store (`open_cache`), through a local copy."""
+    root = Path(cache) / "shards"
+    return root.is_dir() and next(root.glob(f"shard_*/{PACK_FILENAME}"), None) is not None
 
 
 def pack(src: Path, files: list[str], dst: Path) -> int:

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.cache import layout
+from pipeline.cache import layout, packing
 from pipeline.cache.chunks import open_array
 from pipeline.cache.rows import load_dataset_dir, target_ids_of, targets_sha256
 from pipeline.cache.schema import DECODED, FORMAT_VERSION, CodecParams, RowCodec, stored_arrays
@@ -537,7 +537,6 @@ class Cache:
     def _unknown_objects(self, ignore: tuple[str, ...], planned: dict[str, int]) -> list[str]:
         """`unknown_files` of a remote cache: objects the teacher did not write, or a shard's files its commit
         record does not list."""
-        from pipeline.cache import packing
         from pipeline.cache.remote import is_ours
 
         out, listed = [], {}
@@ -589,11 +588,15 @@ def open_cache(path: str | Path, data: Any = None, strict: bool = True, local_ca
     """Open a teacher cache directory or URL (a `KdError` if it is not one; a `CorruptionError` naming the file
     if kdcache.json or index.parquet fails its checksum). `data`: the prepared data (a directory or a
     `datasets.Dataset`) for target ids, when not at the path the cache records. `strict=False`: see `Cache`.
-    `local_cache`, `local_cache_gb`, `prefetch`: how a cache on an object store is read (`Cache`)."""
+    `local_cache`, `local_cache_gb`, `prefetch`: how a cache on an object store is read (`Cache`), and a local
+    directory copied from one as it is (its shards packed: `pipeline.cache.packing`)."""
     if is_url(path):
         return Cache(path, data, strict=strict, local_cache=local_cache, local_cache_gb=local_cache_gb,
                      prefetch=prefetch)
     p = Path(path)
     if not p.is_dir():
         raise KdError(f"cache not found: {p}")
+    if packing.holds_packed_shards(p):  # copied from an object store as it is: read as one, unpacked into a local copy
+        return Cache(p.resolve().as_uri(), data, strict=strict, local_cache=local_cache,
+                     local_cache_gb=local_cache_gb, prefetch=prefetch)
     return Cache(p, data, strict=strict)

@@ -30,7 +30,7 @@ from pipeline.storage import Store, parse_storage_options, store_for
 from pipeline.storage import lease as lease_mod
 from pipeline.storage.lease import Lease
 from stages.cli import main
-from tests.storage.packed import member_sums, pack_key
+from tests.storage.packed import flip_member_byte, member_sums, pack_key
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +207,23 @@ def test_a_zip_asked_for_before_its_record_is_asked_for_again_once(mem_cache, tm
     with pytest.raises(CorruptionError, match="shard_00002: "):
         cache.read(s["row_start"], s["row_stop"])
     assert not list((tmp_path / "m3").glob("*/shards/shard_00002"))
+
+
+def test_a_cache_copied_from_a_store_by_a_sync_tool_reads_as_the_store(mem_cache, tmp_path, monkeypatch):
+    """`aws s3 sync s3://bucket/cache DIR` copies the packed shards as they are: DIR opens (read as a file:// store,
+    through a local copy), reads the store's rows, verifies, and a flipped byte in a zip is named."""
+    monkeypatch.setenv("KDCACHE_LOCAL_CACHE", str(tmp_path / "copies"))
+    copy = tmp_path / "synced"
+    fsspec.filesystem("memory").get("/kdtest-safety/cache", str(copy), recursive=True)
+    assert not list(copy.glob("shards/*/*/zarr.json"))  # packed, as on the store
+    local, remote_ = open_cache(copy), open_cache(mem_cache, local_cache=tmp_path / "m")
+    for k, v in remote_.read(0, remote_.num_rows).items():
+        np.testing.assert_array_equal(local.read(0, local.num_rows)[k], v)
+    res = CliRunner().invoke(main, ["inspect", str(copy), "--verify"])
+    assert res.exit_code == 0, res.output
+    (copy / pack_key(1)).write_bytes(flip_member_byte((copy / pack_key(1)).read_bytes(), "head_gaps/c/0/0"))
+    res = CliRunner().invoke(main, ["inspect", str(copy), "--verify"])
+    assert res.exit_code != 0 and "shard_00001: file head_gaps/c/0/0 checksum mismatch" in res.output
 
 
 def _rm(name: str) -> None:
