@@ -507,7 +507,9 @@ class Cache:
         known = {layout.META_FILENAME, layout.CHECKSUMS_FILENAME, layout.INDEX_FILENAME, layout.CONFIG_FILENAME}
         planned = {layout.shard_name(i): i for i in range(len(self.shards))}
         if self.mirror is not None:
-            return self._unknown_objects(ignore, planned)
+            from pipeline.cache.remote import unknown_objects
+
+            return unknown_objects(self.mirror.store, planned, self._commit, ignore)
         out: list[str] = []
         for p in sorted(self.path.iterdir()):
             if p.name in ignore or (p.name in known and p.is_file() and not p.is_symlink()):
@@ -532,30 +534,6 @@ class Cache:
                         if not layout.is_tmp_shard(d.name)]
             else:
                 out.append(_first_file(p, p.name))
-        return out
-
-    def _unknown_objects(self, ignore: tuple[str, ...], planned: dict[str, int]) -> list[str]:
-        """`unknown_files` of a remote cache: objects the teacher did not write, or a shard's files its commit
-        record does not list."""
-        from pipeline.cache.remote import is_ours
-
-        out, listed = [], {}
-        for rel in sorted(self.mirror.store.sizes()):
-            parts = rel.split("/")
-            if parts[0] in ignore or (rel.startswith(layout.RECORDS_DIR + "/") and is_ours(rel)):
-                continue
-            if not is_ours(rel) or (parts[0] == layout.SHARDS_DIR and parts[1] not in planned):
-                out.append(rel)
-                continue
-            if parts[0] == layout.SHARDS_DIR and parts[2] != layout.COMMIT_FILENAME:
-                i = planned[parts[1]]
-                if i not in listed:
-                    try:
-                        listed[i] = set(self._commit(i).get("files") or ()) | {packing.PACK_FILENAME}
-                    except KdError:
-                        listed[i] = None  # uncommitted or damaged: the shard's own problem line says so
-                if listed[i] is not None and "/".join(parts[2:]) not in listed[i]:
-                    out.append(rel)
         return out
 
     def _relative(self, line: str) -> str:
@@ -590,13 +568,12 @@ def open_cache(path: str | Path, data: Any = None, strict: bool = True, local_ca
     `datasets.Dataset`) for target ids, when not at the path the cache records. `strict=False`: see `Cache`.
     `local_cache`, `local_cache_gb`, `prefetch`: how a cache on an object store is read (`Cache`), and a local
     directory copied from one as it is (its shards packed: `pipeline.cache.packing`)."""
+    remote = dict(local_cache=local_cache, local_cache_gb=local_cache_gb, prefetch=prefetch)
     if is_url(path):
-        return Cache(path, data, strict=strict, local_cache=local_cache, local_cache_gb=local_cache_gb,
-                     prefetch=prefetch)
+        return Cache(path, data, strict=strict, **remote)
     p = Path(path)
     if not p.is_dir():
         raise KdError(f"cache not found: {p}")
     if packing.holds_packed_shards(p):  # copied from an object store as it is: read as one, unpacked into a local copy
-        return Cache(p.resolve().as_uri(), data, strict=strict, local_cache=local_cache,
-                     local_cache_gb=local_cache_gb, prefetch=prefetch)
+        return Cache(p.resolve().as_uri(), data, strict=strict, **remote)
     return Cache(p, data, strict=strict)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.cache import layout, packing
 from pipeline.errors import KdError
@@ -41,6 +41,31 @@ def is_ours(rel: str) -> bool:
 def foreign(store: Store) -> list[str]:
     """Objects under the cache URL that `kdcache teacher` did not write (sorted)."""
     return sorted(rel for rel in store.sizes() if not is_ours(rel))
+
+
+def unknown_objects(store: Store, planned: dict[str, int], record: Callable[[int], dict[str, Any]],
+                    ignore: tuple[str, ...] = ()) -> list[str]:
+    """What under a remote cache is not its own (`Cache.unknown_files` of a URL): objects the teacher does not
+    write, shards outside the plan (`planned`: shard name -> index), a shard's files its commit record
+    (`record(i)`) does not list."""
+    out, listed = [], {}
+    for rel in sorted(store.sizes()):
+        parts = rel.split("/")
+        if parts[0] in ignore or (rel.startswith(layout.RECORDS_DIR + "/") and is_ours(rel)):
+            continue
+        if not is_ours(rel) or (parts[0] == layout.SHARDS_DIR and parts[1] not in planned):
+            out.append(rel)
+            continue
+        if parts[0] == layout.SHARDS_DIR and parts[2] != layout.COMMIT_FILENAME:
+            i = planned[parts[1]]
+            if i not in listed:
+                try:
+                    listed[i] = set(record(i).get("files") or ()) | {packing.PACK_FILENAME}
+                except KdError:
+                    listed[i] = None  # uncommitted or damaged: the shard's own problem line says so
+            if listed[i] is not None and "/".join(parts[2:]) not in listed[i]:
+                out.append(rel)
+    return out
 
 
 def remove_owned(store: Store, keep_leases: bool = True) -> None:
