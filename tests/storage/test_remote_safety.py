@@ -226,6 +226,24 @@ def test_a_cache_copied_from_a_store_by_a_sync_tool_reads_as_the_store(mem_cache
     assert res.exit_code != 0 and "shard_00001: file head_gaps/c/0/0 checksum mismatch" in res.output
 
 
+def test_verify_names_objects_a_remote_cache_does_not_know(mem_cache, tmp_path, monkeypatch):
+    """`inspect --verify` of a URL: every object is the teacher's (plan, packed shards, their records) or named:
+    a foreign object, a shard outside the plan, a teacher-named file its shard's record does not list."""
+    url = "memory://kdtest-safety/strays"
+    fsspec.filesystem("memory").copy("/kdtest-safety/cache", "/kdtest-safety/strays", recursive=True)
+    store = store_for(url)
+    n = len(json.loads(store.read_bytes("kdcache.json"))["shards"])
+    strays = ["notes.txt", f"shards/{layout.shard_name(n + 3)}/shard.zip", "shards/shard_00001/old_array/zarr.json"]
+    for rel in strays:
+        store.write_bytes(rel, b"x")
+    monkeypatch.setenv("KDCACHE_LOCAL_CACHE", str(tmp_path / "m"))
+    res = CliRunner().invoke(main, ["inspect", url, "--verify"])
+    assert res.exit_code == 1
+    named = sorted(line.split()[1].rstrip(":") for line in res.output.splitlines() if line.startswith("BAD "))
+    assert named == sorted(strays), res.output
+    _rm("strays")
+
+
 def _rm(name: str) -> None:
     fs = fsspec.filesystem("memory")
     if fs.exists(f"/kdtest-safety/{name}"):
