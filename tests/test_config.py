@@ -139,6 +139,7 @@ def test_a_change_reads_as_its_text_and_keeps_its_values_across_processes():
     from pipeline.errors import Change, StaleOutput
 
     c = Change("top_k", 8, 6)
-    assert c == "top_k 8 -> 6" and ", ".join([c, Change("data", 1, 2, text="prepared data")]) == "top_k 8 -> 6, prepared data"
+    assert c == "top_k 8 -> 6"
+    assert ", ".join([c, Change("data", 1, 2, text="prepared data")]) == "top_k 8 -> 6, prepared data"
     e = pickle.loads(pickle.dumps(StaleOutput("stale", [c])))
     assert (e.changes[0].key, e.changes[0].old, e.changes[0].new, str(e.changes[0])) == ("top_k", 8, 6, "top_k 8 -> 6")

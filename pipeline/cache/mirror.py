@@ -9,8 +9,8 @@ A shard is downloaded whole: its one `shard.zip` object (`pipeline.cache.packing
 its commit record, unpacked under `tmp/` with every file checked against the sha256 the record lists (a
 shard stored file by file, as a cache copied with `aws s3 sync` is: its files, the small ones taken from the
 record's `inline`), and renamed into `shards/` only once every file passed, with its `_COMMIT.json` copied
-last: a local shard directory is complete or absent, as on the teacher's side. Evicting renames the directory into `tmp/` before deleting it, so a
-kill -9 at any point leaves a shard whole or gone.
+last: a local shard directory is complete or absent, as on the teacher's side. Evicting renames the
+directory into `tmp/` before deleting it, so a kill -9 at any point leaves a shard whole or gone.
 
 Several processes may share one copy (torchrun ranks, a held-out evaluation beside training): each shard has
 a lock file (`locks/shard_NNNNN.lock`, `flock`), held exclusively to download or evict it and shared while it
@@ -123,7 +123,8 @@ class Mirror:
         try:
             rec = json.loads(self._record_bytes(i))
         except ValueError:
-            raise CorruptionError(f"{layout.shard_name(i)}: its commit record in {self.url} is not valid JSON") from None
+            raise CorruptionError(f"{layout.shard_name(i)}: its commit record in {self.url} is not valid JSON"
+                                  ) from None
         if not isinstance(rec, dict):
             raise CorruptionError(f"{layout.shard_name(i)}: its commit record in {self.url} is not a JSON object")
         return rec

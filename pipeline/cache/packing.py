@@ -14,9 +14,9 @@ files (all but the commit record) in ONE object, `shard.zip`:
 A zip of a Zarr group is a Zarr store (`zarr.storage.ZipStore` opens it in place, and `unzip` restores
 the local layout), so the remote cache stays readable without kdcache; a local directory copied from a store
 (`aws s3 sync`) is read by `open_cache` as a store (`file://`), unpacked into its local copy. A reader
-downloads the zip in one request and `unpack` writes its members into a directory, each checked against the record's sha256 as it
-is written; a member the record does not list, or a listed file the zip lacks, is a `CorruptionError`
-naming the shard.
+downloads the zip in one request and `unpack` writes its members into a directory, each checked against the
+record's sha256 as it is written; a member the record does not list, a listed file the zip lacks, or a damaged
+zip is a one-line `CorruptionError` naming the shard.
 """
 
 from __future__ import annotations

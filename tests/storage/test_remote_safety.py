@@ -161,7 +161,8 @@ def test_an_interrupted_upload_is_completed_without_deleting_first(mem_cache, tm
         remote.commit_shard(store, 0, local.mirror.local(0), rec)
     finally:
         del store.delete, store.write_bytes
-    assert committed_before_delete == [True] and deleted == sorted([f"{prefix}/{part}", f"{prefix}/old_array/zarr.json"])
+    assert committed_before_delete == [True]
+    assert deleted == sorted([f"{prefix}/{part}", f"{prefix}/old_array/zarr.json"])
     assert layout.read_commit(url, 0) == rec and member_sums(store.read_bytes(pack_key(0))) == rec["files"]
     _rm("reupload")
 
