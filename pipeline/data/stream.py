@@ -34,7 +34,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -259,7 +259,7 @@ class CacheStream:
         i = plan.batch_at(self.cursor)
         first, last = plan.spans[i][0], plan.spans[-1][1]
         if self.cache is not None:  # a remote cache downloads shards ahead in the order this epoch reads them
-            self.cache.prefetch_order(self._shard_order(plan, first, last))
+            self.cache.prefetch_order(self.shard_order(plan, range(first, last + 1)))
         ending: dict[int, list[int]] = {}  # window -> the batches (from i on) that end in it
         keep_rows = set()  # windows whose rows a batch ending in a later window needs
         for j in range(i, n):
@@ -284,10 +284,11 @@ class CacheStream:
             self.cursor = int(plan.starts[j + 1])
             yield batch
 
-    def _shard_order(self, plan: EpochPlan, first: int, last: int) -> list[int]:
-        """The cache shards windows first..last read, in order of first use."""
+    def shard_order(self, plan: EpochPlan, windows: Iterable[int]) -> list[int]:
+        """The cache shards the windows `windows` of `plan` read, in that order, in order of first use (what a
+        remote cache downloads ahead: `Cache.prefetch_order`)."""
         order: dict[int, None] = {}
-        for w in range(first, last + 1):
+        for w in windows:
             for block in plan.windows[w]:
                 a = int(self.row_start[block[0]])
                 b = int(self.row_start[block[-1]] + self.row_count[block[-1]])

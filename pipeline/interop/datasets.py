@@ -205,10 +205,10 @@ class KDIterableDataset(torch.utils.data.IterableDataset):
         ending: dict[int, list[np.ndarray]] = {}  # window -> the (one-example) batches whose rows it holds
         for batch, (_, last) in zip(plan.batches, plan.spans):
             ending.setdefault(last, []).append(batch)
-        for w, blocks in enumerate(plan.windows):
-            if w % workers != worker or w not in ending:
-                continue
-            rows = self.stream.read_examples(blocks)
+        mine = [w for w in range(len(plan.windows)) if w % workers == worker and w in ending]
+        self.cache.prefetch_order(self.stream.shard_order(plan, mine))  # a remote cache fetches ahead in this order
+        for w in mine:
+            rows = self.stream.read_examples(plan.windows[w])
             for batch in ending[w]:
                 for e in batch.tolist():
                     yield make_example(e, self.ids_col[e].values, self.mask_col[e].values, rows[e])

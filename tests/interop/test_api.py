@@ -381,3 +381,32 @@ def test_from_hidden_equals_forward_on_logits(tmp_path, cache_dir, dataset, voca
     for a, b in zip(g_got, g_want):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_iterable_dataset_on_a_remote_cache_fetches_ahead_in_the_order_it_reads(prepared_dir, cache_dir, tmp_path):
+    """A cache on an object store, read by the API's iterable dataset: the local copy is told the epoch's shard
+    order (shuffled blocks, not shard order), and that is the order the shards are first read in."""
+    import fsspec
+
+    from pipeline.cache import layout, remote
+    from pipeline.storage import store_for
+
+    url = "memory://kdtest-api/cache"
+    store = store_for(url)
+    for i in layout.committed_shards(cache_dir):
+        remote.commit_shard(store, i, layout.shard_dir(cache_dir, i), layout.read_commit(cache_dir, i))
+    remote.upload_plan(store, cache_dir)
+    try:
+        cache = open_cache(url, local_cache=tmp_path / "copy", prefetch=2)
+        hinted: list[list[int]] = []
+        read: list[int] = []
+        hint, reading = cache.mirror.hint, cache.mirror.reading
+        cache.mirror.hint = lambda order: (hinted.append(list(order)), hint(order))[1]
+        cache.mirror.reading = lambda i: (read.append(i), reading(i))[1]
+        got = [ex["example"] for ex in KDIterableDataset(prepared_dir, cache, seed=4)]
+        cache.mirror.close()
+        first_use = list(dict.fromkeys(read))
+        assert hinted and hinted[-1] == first_use and first_use != sorted(first_use)
+        assert len(got) == len(KDExampleDataset(prepared_dir, cache_dir))
+    finally:
+        fsspec.filesystem("memory").rm("/kdtest-api", recursive=True)
