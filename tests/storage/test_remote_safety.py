@@ -245,6 +245,33 @@ def test_verify_names_objects_a_remote_cache_does_not_know(mem_cache, tmp_path, 
     _rm("strays")
 
 
+def test_a_store_that_keeps_failing_mid_epoch_stops_the_read_with_one_line(mem_cache, tmp_path, monkeypatch):
+    """A shard's zip that cannot be fetched (connection reset, every try): one line naming its URL and the tries,
+    nothing half-downloaded left in the local copy, and the next read, the store back, gets the shard."""
+    cache = open_cache(mem_cache, local_cache=tmp_path / "m", prefetch=0)
+    store = cache.mirror.store
+    monkeypatch.setattr(store, "backoff", 0.001)
+    real = store.fs.get_file
+
+    def reset(rpath, lpath, **kw):
+        if rpath.endswith("shard.zip"):
+            raise ConnectionResetError("connection reset by peer")
+        return real(rpath, lpath, **kw)
+
+    monkeypatch.setattr(store.fs, "get_file", reset)
+    s = cache.shards[1]
+    with pytest.raises(KdError) as e:
+        cache.read(s["row_start"], s["row_stop"])
+    msg = str(e.value)
+    assert f"{mem_cache}/{pack_key(1)}" in msg and f"after {store.retries} tries" in msg and "\n" not in msg
+    assert not isinstance(e.value, CorruptionError)
+    assert not cache.mirror.has(1) and not list((cache.path / layout.TMP_DIR).iterdir())
+    monkeypatch.setattr(store.fs, "get_file", real)
+    np.testing.assert_array_equal(cache.read(s["row_start"], s["row_stop"])["topk_logprobs"],
+                                  open_cache(mem_cache, local_cache=tmp_path / "m2").read(
+                                      s["row_start"], s["row_stop"])["topk_logprobs"])
+
+
 def _rm(name: str) -> None:
     fs = fsspec.filesystem("memory")
     if fs.exists(f"/kdtest-safety/{name}"):
