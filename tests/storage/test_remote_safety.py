@@ -99,8 +99,12 @@ def test_what_a_killed_process_left_in_tmp_is_removed_once_it_is_gone(mem_cache,
     for x in (dead, live):
         (x / "topk_ids").mkdir(parents=True)
         (x / "topk_ids" / "zarr.json").write_text("{}")
+    dead_zip = d / "tmp" / f"shard_00001.{2**22 + 4321}.abcd1234-zip"  # a download's zip, killed before unpacking
+    live_zip = d / "tmp" / f"shard_00002.{os.getpid()}.abcd1234-zip"
+    for z in (dead_zip, live_zip):
+        z.write_bytes(b"PK")
     Mirror(mem_cache, tmp_path, prefetch=0).open()
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and not dead_zip.exists() and live_zip.exists()
 
 
 def test_a_damaged_local_copy_is_fetched_again_and_a_damaged_store_copy_is_named(mem_cache, tmp_path):
