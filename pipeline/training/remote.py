@@ -6,7 +6,8 @@ end) and the URL follows it unit by unit (`pipeline.storage.synced`): each check
 changed; final/ last. Every launch first pulls what the URL holds (the record, config, metrics, the newest
 committed checkpoint, best/, final/, each file checked against its commit record), so the same command re-run
 after a kill -9, here or on a fresh machine, continues from the newest checkpoint the URL holds, with the
-weights of an uninterrupted run; a finished run is skipped; other settings are refused, or start over with
+weights of an uninterrupted run; a finished run is skipped (told from its small files and final record alone,
+before the lease: nothing downloaded or written); other settings are refused, or start over with
 --overwrite (the old run's objects deleted first) or continue with --resume, as on a local disk.
 
 Before any work: anything under the URL that train does not write refuses the run (one line naming it), and
@@ -20,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 from contextlib import nullcontext
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 from pipeline.ownership import TRAIN, claim
@@ -30,7 +31,7 @@ from pipeline.storage.staging import rmtree_quiet, staging_dir
 from pipeline.storage.synced import SyncedDir, SyncLayout, refuse_foreign
 from pipeline.training.config import TrainConfig
 from pipeline.training.final import FINAL_DIR, check_push, push_final
-from pipeline.training.state import RECORD, read_state
+from pipeline.training.state import RECORD, TrainState, read_state
 from pipeline.training.summary import SUMMARY_FILENAME, skipped_summary
 
 # What a run keeps under its URL. config.yaml is uploaded last of the loose files: a URL without it holds no
@@ -45,6 +46,18 @@ LAYOUT = SyncLayout(
 )
 
 
+def _peek(synced: SyncedDir, local: Path, cfg: TrainConfig) -> TrainState:
+    """The run's state from its small files and final record, pulled into `local` (no weights, nothing written
+    to the store)."""
+    local.mkdir(parents=True, exist_ok=True)
+    synced.pull(local, units=False)
+    record = synced.unit_file(FINAL_DIR, RECORD)
+    if record is not None:  # what read_state needs to tell a finished run
+        (local / FINAL_DIR).mkdir()
+        (local / FINAL_DIR / RECORD).write_bytes(record)
+    return read_state(local, cfg)
+
+
 def train_at_url(cfg: TrainConfig, writes: tuple[str, ...], run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
     """`pipeline.training.trainer.train` for an --out URL (see the module docstring). `writes`: what a run
     writes in its directory; `run(local, state, own, on_save)` trains in the local directory `local` and
@@ -56,17 +69,17 @@ def train_at_url(cfg: TrainConfig, writes: tuple[str, ...], run: Callable[..., d
     root = staging_dir("train")
     local = root / (PurePosixPath(synced.store.url).name or "run")  # the model card names the run by it
     try:
+        if not (cfg.overwrite or cfg.resume or cfg.push_to_hub):
+            # A finished run is told without the lease (read only: final/ is uploaded last, so a run whose final
+            # record is there with these settings is done, whoever else looks at it): no lease's settling second.
+            state = _peek(synced, root / "peek", cfg)
+            if state.kind == "final":
+                return skipped_summary(cfg.out, state)
         with (Lease(cfg.out, "train") if rank == 0 else nullcontext()) as lease, \
                 (claim(local, TRAIN) if rank == 0 else nullcontext(None)) as own:
             if own is not None:
                 own.writing(*writes)  # what the pull brings is the run's, as if this run had written it
-            local.mkdir(parents=True, exist_ok=True)
-            synced.pull(local, units=False)  # first the small files: a finished run downloads no weights
-            record = synced.unit_file(FINAL_DIR, RECORD)
-            if record is not None:  # what read_state needs to tell a finished run
-                (local / FINAL_DIR).mkdir()
-                (local / FINAL_DIR / RECORD).write_bytes(record)
-            state = read_state(local, cfg)
+            state = _peek(synced, local, cfg)  # again, under the lease: first the small files
             if state.kind == "final" and not (cfg.overwrite or cfg.resume) and not cfg.push_to_hub:
                 return skipped_summary(cfg.out, state)
             rmtree_quiet(local / FINAL_DIR)

@@ -128,13 +128,16 @@ def test_a_url_run_interrupted_anywhere_in_its_uploads_ends_as_the_uninterrupted
         store_for(cut).delete([".kdcache/lease.json"])
         assert train(TrainConfig(out=cut, **common))["finished"], writes[n]
         _same_run(cut, straight)
-    # Finished: the same command has nothing to do, says where the run is, and downloads no weights.
-    fetched = []
-    real_get = Store.get_file
+    # Finished: the same command has nothing to do, says where the run is, downloads no weights and takes no
+    # lease (nothing is written: a finished run is told from what it uploaded last).
+    fetched, written = [], []
+    real_get, real_write = Store.get_file, Store.write_bytes
     monkeypatch.setattr(Store, "get_file", lambda self, rel, local: (fetched.append(rel), real_get(self, rel, local)))
+    monkeypatch.setattr(Store, "write_bytes", lambda self, rel, data, create=False: (
+        written.append(rel), real_write(self, rel, data, create=create)))
     res = CliRunner().invoke(main, ["train", "--out", url, *_args(common)])
     assert res.exit_code == 0 and f"train: {url}/final is complete for these settings (6 steps)" in res.output
-    assert fetched == []
+    assert fetched == [] and written == []
 
 
 def _args(common: dict) -> list[str]:
