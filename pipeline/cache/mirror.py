@@ -234,7 +234,6 @@ class Mirror:
         tmp.mkdir(parents=True)
         packed = tmp.with_name(f"{tmp.name}-zip")  # WHAT.PID.RANDOM-zip: removed with tmp/'s dead entries
         try:
-            # The zip is used only if every file in it matches the record.
             with self._lock:
                 raw = self._records.get(i)
             if raw is not None:  # read already (a prefetch, the reader's checks): the zip alone
@@ -249,8 +248,8 @@ class Mirror:
                 zip_job.result()  # a store that kept failing: its one line
             files, inline = self._parse_record(name, raw)
             size = 0
-            # A mismatch or a missing file is raised: the reader evicts and asks once more (Cache.read_raw), which
-            # also covers a zip asked for just before its shard was committed or replaced.
+            # Every file is checked against the record; a mismatch or a missing file is raised: the reader evicts and
+            # asks once more (Cache.read_raw), which also covers a zip asked for just before its shard was committed.
             if found:
                 size += packed.stat().st_size
                 packing.unpack(packed, files, tmp, name, self.url)

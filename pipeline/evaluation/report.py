@@ -140,11 +140,12 @@ def collect_run(path: str, teachers: dict[str, list[str]] | None = None,
     `teachers`: `path_key` of a teacher model -> teacher names, to name the teacher of a distilled run whose
     cache is not in `caches` from its cache's record."""
     run: str | Path = path if is_url(path) else Path(path)
-    if is_url(run) and read_text(run, "config.yaml") is None and read_text(run, "eval/eval.json") is None:
-        raise KdError(f"run not found: {run} (no config.yaml or eval/eval.json there)")
     if not is_url(run) and not Path(run).is_dir():
         raise KdError(f"run directory not found: {run}")
-    cfg = read_run_config(run)
+    cfg, ev = read_run_config(run), read_eval(run)
+    if is_url(run) and cfg is None and not ev and all(read_text(run, rel) is None  # (not merely unreadable)
+                                                      for rel in ("config.yaml", "eval/eval.json")):
+        raise KdError(f"run not found: {run} (no config.yaml or eval/eval.json there)")
     metrics = read_jsonl(run, "metrics.jsonl")
     _, tar = series(metrics, "tar")
     _, focus = series(metrics, "focus_ratio")
@@ -155,9 +156,9 @@ def collect_run(path: str, teachers: dict[str, list[str]] | None = None,
     teacher = (online_teacher_name(cfg["online_teacher"], teachers or {}) if online
                else run_teacher(cfg["cache"], teachers or {}, caches or {})) if distills else None
     named = {**cfg, "tail": summary["tail"]} if cfg and summary.get("tail") else cfg  # --tail auto, as resolved
-    return {"name": PurePosixPath(str(run).rstrip("/")).name or str(run), "path": str(run), "config": cfg, "method": method_name(named),
-            "distills": distills, "teacher": teacher,
-            "eval": read_eval(run), "metrics": metrics, "final_tar": float(tar[-1]) if len(tar) else None,
+    return {"name": PurePosixPath(str(run).rstrip("/")).name or str(run), "path": str(run), "config": cfg,
+            "method": method_name(named), "distills": distills, "teacher": teacher, "eval": ev, "metrics": metrics,
+            "final_tar": float(tar[-1]) if len(tar) else None,
             "final_focus_ratio": float(focus[-1]) if len(focus) else None,
             "tokens_per_s": float(tps) if isinstance(tps, (int, float)) and tps > 0 else None}
 

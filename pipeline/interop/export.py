@@ -106,13 +106,10 @@ def _export_to_url(cfg: ExportConfig, on_examples: Callable[[int], None] | None,
     staging directory, then uploaded with its manifest before and kdcache_export.json last (the old record
     deleted first), as prepared data is: `datasets.load_from_disk(URL, storage_options=...)` reads it."""
     from pipeline.data.remote import upload_dataset_dir
-    from pipeline.storage.staging import foreign_error, rmtree_quiet, staging_dir
+    from pipeline.storage.staging import refuse_foreign, rmtree_quiet, staging_dir
 
     store = store_for(cfg.out)
-    there = store.sizes()
-    alien = sorted(rel for rel in there if not _OURS.fullmatch(rel))
-    if alien:
-        raise foreign_error(store.url, alien[0], "export")
+    there = refuse_foreign(store, lambda rel: bool(_OURS.fullmatch(rel)), "export")
     if META_FILENAME in there and not cfg.overwrite:
         raise KdError(f"{cfg.out} already holds an export; pass --overwrite to replace it")
     local = staging_dir("export") / "export"

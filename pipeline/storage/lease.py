@@ -100,8 +100,7 @@ class Lease:
         back = self._read() or {}
         if back.get("run_id") != self.body["run_id"]:
             raise KdError(f"{self.store.uri(self.rel)}: another `kdcache {self.stage}` took this output at the same "
-                          "moment "
-                          f"(run {str(back.get('run_id', '?'))[:8]}, {back.get('host')}); one launch per output")
+                          f"moment (run {str(back.get('run_id', '?'))[:8]}, {back.get('host')}); one launch per output")
         block = self._blocking(self._holders())
         if block is not None and (block[1].get("started_s", 0), str(block[1].get("run_id"))) < (
                 self.body["started_s"], self.body["run_id"]):

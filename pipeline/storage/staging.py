@@ -13,12 +13,13 @@ import socket
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Callable, TypeVar
 
+from pipeline import records
+from pipeline.errors import KdError
+
 if TYPE_CHECKING:
-    from pipeline.errors import KdError
+    from pipeline.storage.store import Store
 
 R = TypeVar("R")
-
-from pipeline import records
 
 
 ENV_ROOT = "KDCACHE_LOCAL_CACHE"
@@ -64,13 +65,16 @@ def rmtree_quiet(p: Path) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
-def foreign_error(url: str, rel: str, stage: str) -> "KdError":
-    """The one line refusing an --out URL that holds `rel`, an object the stage `stage` ("eval") does not write."""
-    from pipeline.errors import KdError
-    from pipeline.storage.urls import join
-
-    return KdError(f"{join(url, rel)} is not a file `kdcache {stage}` writes: --out must be a new prefix or a "
-                   f"`kdcache {stage}` output (nothing is replaced that kdcache did not write); choose another --out")
+def refuse_foreign(store: "Store", ours: Callable[[str], bool], stage: str) -> dict[str, int]:
+    """What is under an --out URL (relative name -> size), after refusing with one line the first object the stage
+    `stage` ("eval") does not write (`ours`): nothing kdcache did not write is ever replaced."""
+    there = store.sizes()
+    alien = sorted(rel for rel in there if not ours(rel))
+    if alien:
+        raise KdError(f"{store.uri(alien[0])} is not a file `kdcache {stage}` writes: --out must be a new prefix or "
+                      f"a `kdcache {stage}` output (nothing is replaced that kdcache did not write); choose another "
+                      "--out")
+    return there
 
 
 def publish(url: str, stage: str, names: tuple[str, ...], make: Callable[[Path], R]) -> R:
@@ -81,10 +85,7 @@ def publish(url: str, stage: str, names: tuple[str, ...], make: Callable[[Path],
     from pipeline.storage.store import store_for
 
     store = store_for(url)
-    there = store.sizes()
-    alien = sorted(rel for rel in there if rel not in names)
-    if alien:
-        raise foreign_error(store.url, alien[0], stage)
+    there = refuse_foreign(store, lambda rel: rel in names, stage)
     local = staging_dir(stage) / PurePosixPath(store.url).name
     try:
         result = make(local)

@@ -85,10 +85,6 @@ class SyncedDir:
         self.files: dict[str, str] = {}
         self._sha: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256: hashed once
 
-    def foreign(self) -> list[str]:
-        """Objects under the URL that the stage does not write (sorted)."""
-        return sorted(rel for rel in self.store.sizes() if not self.layout.is_ours(rel))
-
     # ---- down ------------------------------------------------------------------------------
     def pull(self, local: Path, units: bool = True) -> None:
         """Fill the empty local directory `local` with what the URL holds: every loose file, every committed
@@ -233,15 +229,6 @@ def _sha_bytes(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-def refuse_foreign(synced: SyncedDir, what: str) -> None:
-    """One line naming the first object under the URL that the stage `what` ("train") does not write."""
-    from pipeline.storage.staging import foreign_error
-
-    alien = synced.foreign()
-    if alien:
-        raise foreign_error(synced.store.url, alien[0], what)
 
 
 def _parse_commit(store: Store, unit: str, raw: bytes | None) -> dict[str, Any]:

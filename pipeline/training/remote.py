@@ -27,8 +27,8 @@ from typing import Any, Callable
 from pipeline.ownership import TRAIN, claim
 from pipeline.storage import store_for
 from pipeline.storage.lease import Lease
-from pipeline.storage.staging import rmtree_quiet, staging_dir
-from pipeline.storage.synced import SyncedDir, SyncLayout, refuse_foreign
+from pipeline.storage.staging import refuse_foreign, rmtree_quiet, staging_dir
+from pipeline.storage.synced import SyncedDir, SyncLayout
 from pipeline.training.config import TrainConfig
 from pipeline.training.final import FINAL_DIR, check_push, push_final
 from pipeline.training.state import RECORD, TrainState, read_state
@@ -65,7 +65,7 @@ def train_at_url(cfg: TrainConfig, writes: tuple[str, ...], run: Callable[..., d
     rank = int(os.environ.get("RANK", "0"))
     synced = SyncedDir(store_for(cfg.out), LAYOUT)
     if rank == 0:
-        refuse_foreign(synced, "train")
+        refuse_foreign(synced.store, LAYOUT.is_ours, "train")
     root = staging_dir("train")
     local = root / (PurePosixPath(synced.store.url).name or "run")  # the model card names the run by it
     try:
